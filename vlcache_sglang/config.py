@@ -1,0 +1,98 @@
+"""VLCacheConfig: every option this project adds to SGLang, validated once at start-up.
+
+Config enters here (from the server's CLI namespace) and nowhere else: hot code reads this
+dataclass, never os.environ.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Optional
+
+from vlcache_sglang.recompute_policy import registered_recompute_policies
+
+# Attention backends whose extend path the selective prefill is written against.
+SUPPORTED_ATTENTION_BACKENDS = ("flashinfer", "triton")
+SUPPORTED_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
+RADIX_CACHE_BACKEND_NAME = "vlcache"
+
+
+@dataclass(frozen=True)
+class VLCacheConfig:
+    enabled: bool = False
+    policy: str = "first_k"
+    recompute_ratio: float = 0.05
+    first_k: int = 32
+    # KV tokens that multimodal nodes may hold; None = a quarter of the KV pool.
+    mm_store_tokens: Optional[int] = None
+    encoder_cache_mb: int = 2048
+
+    def __post_init__(self) -> None:
+        policies = registered_recompute_policies()
+        if self.policy not in policies:
+            raise ValueError(f"--vlcache-policy={self.policy!r} is unknown; choose one of {policies}")
+        if not 0.0 <= self.recompute_ratio <= 1.0:
+            raise ValueError(
+                f"--vlcache-recompute-ratio must lie in [0, 1], got {self.recompute_ratio}"
+            )
+        if self.first_k < 0:
+            raise ValueError(f"--vlcache-first-k must be >= 0, got {self.first_k}")
+        if self.mm_store_tokens is not None and self.mm_store_tokens <= 0:
+            raise ValueError(
+                f"--vlcache-mm-store-tokens must be > 0 (omit it for a quarter of the KV pool), "
+                f"got {self.mm_store_tokens}"
+            )
+        if self.encoder_cache_mb < 0:
+            raise ValueError(f"--vlcache-encoder-cache-mb must be >= 0, got {self.encoder_cache_mb}")
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("vlcache (position-independent image KV reuse)")
+        group.add_argument(
+            "--enable-vlcache",
+            action="store_true",
+            help="Reuse a recurring image's encoder output and KV at any position (Qwen2.5-VL; "
+            "--attention-backend flashinfer or triton). Off: SGLang runs exactly as stock.",
+        )
+        group.add_argument(
+            "--vlcache-policy",
+            default=VLCacheConfig.policy,
+            choices=registered_recompute_policies(),
+            help="Which reused image tokens each layer recomputes.",
+        )
+        group.add_argument(
+            "--vlcache-recompute-ratio",
+            type=float,
+            default=VLCacheConfig.recompute_ratio,
+            help="Fraction of reused image tokens a ratio-based policy recomputes (0..1).",
+        )
+        group.add_argument(
+            "--vlcache-first-k",
+            type=int,
+            default=VLCacheConfig.first_k,
+            help="Tokens at the start of each reused image that policy first_k recomputes.",
+        )
+        group.add_argument(
+            "--vlcache-mm-store-tokens",
+            type=int,
+            default=None,
+            help="Most KV tokens the multimodal image store may hold (default: a quarter of the KV pool).",
+        )
+        group.add_argument(
+            "--vlcache-encoder-cache-mb",
+            type=int,
+            default=VLCacheConfig.encoder_cache_mb,
+            help="Size of the vision-encoder output cache keyed by raw image bytes, in MiB.",
+        )
+
+    @classmethod
+    def from_cli_namespace(cls, ns: argparse.Namespace) -> "VLCacheConfig":
+        return cls(
+            enabled=bool(getattr(ns, "enable_vlcache", False)),
+            policy=getattr(ns, "vlcache_policy", cls.policy),
+            recompute_ratio=getattr(ns, "vlcache_recompute_ratio", cls.recompute_ratio),
+            first_k=getattr(ns, "vlcache_first_k", cls.first_k),
+            mm_store_tokens=getattr(ns, "vlcache_mm_store_tokens", None),
+            encoder_cache_mb=getattr(ns, "vlcache_encoder_cache_mb", cls.encoder_cache_mb),
+        )

@@ -1,0 +1,3 @@
+from vlcache_sglang.model_dir.cli import main
+
+main()

@@ -1,0 +1,62 @@
+"""SGLang plugin entry point (`sglang.srt.plugins` group): flags, start-up checks, cache backend.
+
+SGLang calls `register()` in every process (launcher, each scheduler) before anything else, so
+everything is registered here. Without --enable-vlcache the hooks only add the flags to the parser
+and leave the resolved ServerArgs untouched: SGLang runs exactly as stock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any, Callable
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from vlcache_sglang.config import RADIX_CACHE_BACKEND_NAME, VLCacheConfig
+from vlcache_sglang.setup_checks import check_server_args
+
+logger = logging.getLogger(__name__)
+
+_SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
+_registered = False
+
+
+def _after_add_cli_args(result: Any, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+    VLCacheConfig.add_cli_args(parser)
+
+
+def _around_from_cli_args(original: Callable[..., Any], cls: type, ns: argparse.Namespace) -> Any:
+    server_args = original(cls, ns)
+    config = VLCacheConfig.from_cli_namespace(ns)
+    if config.enabled:
+        apply_config(server_args, config)
+    return server_args
+
+
+def apply_config(server_args: Any, config: VLCacheConfig) -> None:
+    """Check the resolved server args and route the tree cache to the vlcache backend.
+
+    The config rides on the ServerArgs instance (an extra attribute survives the pickling that
+    hands server args to scheduler processes).
+    """
+    check_server_args(server_args)
+    server_args.radix_cache_backend = RADIX_CACHE_BACKEND_NAME
+    server_args.vlcache = config
+    logger.info("vlcache enabled: %s", config)
+
+
+def register() -> None:
+    """Plugin entry point. Idempotent within a process."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from sglang.srt.mem_cache.registry import register_radix_cache_backend, registered_radix_cache_backends
+
+    from vlcache_sglang.radix_mm_cache import vlcache_tree_cache_factory
+
+    HookRegistry.register(f"{_SERVER_ARGS}.add_cli_args", _after_add_cli_args, HookType.AFTER)
+    HookRegistry.register(f"{_SERVER_ARGS}.from_cli_args", _around_from_cli_args, HookType.AROUND)
+    if RADIX_CACHE_BACKEND_NAME not in registered_radix_cache_backends():
+        register_radix_cache_backend(RADIX_CACHE_BACKEND_NAME, vlcache_tree_cache_factory)

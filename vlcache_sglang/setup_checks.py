@@ -1,0 +1,63 @@
+"""Start-up checks for --enable-vlcache: an unsupported set-up stops the server with a message
+that names the problem and the fix. There is no silent fallback to stock behaviour."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from vlcache_sglang.config import (
+    RADIX_CACHE_BACKEND_NAME,
+    SUPPORTED_ARCHITECTURES,
+    SUPPORTED_ATTENTION_BACKENDS,
+)
+
+
+class VLCacheSetupError(ValueError):
+    """The server was started with --enable-vlcache in a set-up vlcache cannot serve."""
+
+
+def check_architecture(architectures: Optional[Sequence[str]]) -> None:
+    archs = list(architectures or [])
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise VLCacheSetupError(
+            f"--enable-vlcache supports {list(SUPPORTED_ARCHITECTURES)}; the model's architectures "
+            f"are {archs}. Serve a Qwen2.5-VL checkpoint or drop --enable-vlcache."
+        )
+
+
+def check_attention_backends(server_args: Any) -> None:
+    for flag, value in (
+        ("--attention-backend", server_args.attention_backend),
+        ("--prefill-attention-backend", server_args.prefill_attention_backend),
+        ("--decode-attention-backend", server_args.decode_attention_backend),
+    ):
+        if flag == "--attention-backend" or value is not None:
+            if value not in SUPPORTED_ATTENTION_BACKENDS:
+                raise VLCacheSetupError(
+                    f"--enable-vlcache needs {flag} in {list(SUPPORTED_ATTENTION_BACKENDS)}, got "
+                    f"{value!r}. Pass --attention-backend flashinfer (or triton)."
+                )
+
+
+def check_cache_flags(server_args: Any) -> None:
+    if server_args.disable_radix_cache:
+        raise VLCacheSetupError("--enable-vlcache extends the radix cache; drop --disable-radix-cache.")
+    if server_args.enable_hierarchical_cache:
+        raise VLCacheSetupError("--enable-vlcache does not support --enable-hierarchical-cache yet.")
+    if server_args.page_size not in (None, 1):
+        raise VLCacheSetupError(
+            f"--enable-vlcache copies KV slot by slot and needs --page-size 1, got {server_args.page_size}."
+        )
+    backend = server_args.radix_cache_backend
+    if backend not in (None, RADIX_CACHE_BACKEND_NAME):
+        raise VLCacheSetupError(
+            f"--enable-vlcache selects --radix-cache-backend {RADIX_CACHE_BACKEND_NAME}; "
+            f"it cannot be combined with --radix-cache-backend {backend!r}."
+        )
+
+
+def check_server_args(server_args: Any) -> None:
+    """All start-up checks, on a fully resolved ServerArgs."""
+    check_attention_backends(server_args)
+    check_cache_flags(server_args)
+    check_architecture(server_args.get_model_config().hf_config.architectures)
