@@ -1,0 +1,130 @@
+"""The plugin against the real SGLang 0.5.16: flags, start-up checks, cache-backend routing."""
+
+import dataclasses
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from sglang.srt.plugins import load_plugins
+
+load_plugins()  # as launch_server does, before any args are parsed
+
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams  # noqa: E402
+from sglang.srt.mem_cache.radix_cache import RadixCache  # noqa: E402
+from sglang.srt.mem_cache.registry import registered_radix_cache_backends  # noqa: E402
+from sglang.srt.server_args import prepare_server_args  # noqa: E402
+
+from vlcache_sglang.config import VLCacheConfig  # noqa: E402
+from vlcache_sglang.radix_mm_cache import vlcache_tree_cache_factory  # noqa: E402
+from vlcache_sglang.setup_checks import VLCacheSetupError  # noqa: E402
+
+FLAGS = ["--enable-vlcache", "--vlcache-policy", "--vlcache-recompute-ratio", "--vlcache-first-k",
+         "--vlcache-mm-store-tokens", "--vlcache-encoder-cache-mb"]
+
+
+def _argv(model_dir, *extra):
+    # --device cpu lets SGLang resolve its arguments on a machine without a GPU.
+    return ["--model-path", str(model_dir), "--load-format", "dummy", "--device", "cpu", *extra]
+
+
+def test_launch_server_help_lists_the_flags():
+    out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for flag in FLAGS:
+        assert flag in out.stdout, flag
+
+
+_DUMP_ARGS = """
+import dataclasses, json, sys
+from sglang.srt.plugins import load_plugins
+load_plugins()
+from sglang.srt.server_args import prepare_server_args
+args = prepare_server_args(sys.argv[1:])
+print("ARGS=" + json.dumps(dataclasses.asdict(args), sort_keys=True, default=str))
+print("EXTRA=" + json.dumps(sorted(set(vars(args)) - {f.name for f in dataclasses.fields(args)})))
+"""
+
+
+def _resolved_args(argv, plugins_env):
+    env = {**os.environ, "SGLANG_PLUGINS": plugins_env}
+    out = subprocess.run([sys.executable, "-c", _DUMP_ARGS, *argv], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.split("=", 1) for line in out.stdout.splitlines() if line[:5] in ("ARGS=", "EXTRA"))
+    return json.loads(lines["ARGS"]), json.loads(lines["EXTRA"])
+
+
+def test_without_the_flag_server_args_are_exactly_stock(qwen_model_dir):
+    argv = _argv(qwen_model_dir, "--attention-backend", "flashinfer", "--random-seed", "7")
+    ours, ours_extra = _resolved_args(argv, plugins_env="vlcache")
+    stock, stock_extra = _resolved_args(argv, plugins_env="no-such-plugin")  # our plugin not loaded
+    assert ours == stock
+    assert ours_extra == stock_extra
+
+
+def test_flag_routes_to_vlcache_backend_and_survives_pickling(qwen_model_dir):
+    args = prepare_server_args(_argv(qwen_model_dir, "--attention-backend", "triton", "--enable-vlcache",
+                                     "--vlcache-policy", "none", "--vlcache-mm-store-tokens", "50000"))
+    assert args.radix_cache_backend == "vlcache"
+    assert "vlcache" in registered_radix_cache_backends()
+    assert args.vlcache == VLCacheConfig(enabled=True, policy="none", mm_store_tokens=50000)
+    assert pickle.loads(pickle.dumps(args)).vlcache == args.vlcache  # how schedulers receive it
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--attention-backend", "fa3"], "--attention-backend flashinfer"),
+        ([], "--attention-backend in"),  # resolved default on this machine is unsupported
+        (["--attention-backend", "flashinfer", "--prefill-attention-backend", "fa3"], "--prefill-attention-backend"),
+        (["--attention-backend", "flashinfer", "--disable-radix-cache"], "--disable-radix-cache"),
+        (["--attention-backend", "flashinfer", "--page-size", "16"], "--page-size 1"),
+        (["--attention-backend", "flashinfer", "--vlcache-recompute-ratio", "1.5"], r"\[0, 1\]"),
+        (["--attention-backend", "flashinfer", "--vlcache-mm-store-tokens", "0"], "mm-store-tokens"),
+    ],
+)
+def test_unsupported_setups_fail_at_startup_naming_the_problem(qwen_model_dir, extra, match):
+    with pytest.raises(ValueError, match=match):
+        prepare_server_args(_argv(qwen_model_dir, "--enable-vlcache", *extra))
+
+
+def test_other_architecture_is_refused(qwen_model_dir, tmp_path):
+    other = tmp_path / "Qwen2-VL-7B-Instruct"
+    shutil.copytree(qwen_model_dir, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg.update(architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl")
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(VLCacheSetupError, match="Qwen2VLForConditionalGeneration"):
+        prepare_server_args(_argv(other, "--attention-backend", "flashinfer", "--enable-vlcache"))
+    # Without the flag the same model starts as stock.
+    assert prepare_server_args(_argv(other, "--attention-backend", "flashinfer")).radix_cache_backend is None
+
+
+def test_unknown_policy_is_rejected_with_the_choices(qwen_model_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        prepare_server_args(_argv(qwen_model_dir, "--enable-vlcache", "--vlcache-policy", "cacheblnd"))
+    assert e.value.code == 2
+    assert "first_k" in capsys.readouterr().err
+
+
+def _ctx(server_args, architectures):
+    params = CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=None, page_size=1)
+    return SimpleNamespace(server_args=server_args, params=params,
+                           model_config=SimpleNamespace(hf_config=SimpleNamespace(architectures=architectures)))
+
+
+def test_factory_builds_a_radix_cache_only_for_a_vlcache_server():
+    enabled = SimpleNamespace(vlcache=VLCacheConfig(enabled=True))
+    cache = vlcache_tree_cache_factory(_ctx(enabled, ["Qwen2_5_VLForConditionalGeneration"]))
+    assert isinstance(cache, RadixCache)
+    with pytest.raises(VLCacheSetupError, match="--enable-vlcache"):
+        vlcache_tree_cache_factory(_ctx(SimpleNamespace(), ["Qwen2_5_VLForConditionalGeneration"]))
+    with pytest.raises(VLCacheSetupError, match="LlamaForCausalLM"):
+        vlcache_tree_cache_factory(_ctx(enabled, ["LlamaForCausalLM"]))
