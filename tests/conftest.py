@@ -20,7 +20,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def qwen_model_dir(tmp_path_factory):
-    """A real Qwen2.5-VL-7B-Instruct directory written by the project's own writer."""
+    """A real Qwen2.5-VL-7B-Instruct directory written by the project's own writer.
+
+    VLCACHE_TEST_MODEL_DIR names one written beforehand (the GPU host has no dashscope wheel).
+    """
+    from pathlib import Path
+
+    if os.environ.get("VLCACHE_TEST_MODEL_DIR"):
+        return Path(os.environ["VLCACHE_TEST_MODEL_DIR"])
     from vlcache_sglang.model_dir import write_model_dir
 
     return write_model_dir(tmp_path_factory.mktemp("models") / "Qwen2.5-VL-7B-Instruct", "7B")
