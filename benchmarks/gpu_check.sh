@@ -25,7 +25,8 @@ export PYTHONPATH="$SITE"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 SERVER_FLAGS=(--model-path "$MODEL" --load-format dummy --attention-backend flashinfer
-  --mm-attention-backend triton_attn --grammar-backend none --mem-fraction-static 0.7 --port $PORT)
+  --mm-attention-backend triton_attn --grammar-backend none --mem-fraction-static 0.7 --port $PORT
+  --enable-cache-report)
 
 echo "== a refused set-up (fa3 backend) must fail at start-up, naming the problem"
 timeout 120 python3 -m sglang.launch_server "${SERVER_FLAGS[@]}" --enable-vlcache --attention-backend fa3 \
@@ -47,7 +48,7 @@ serve() {  # label, extra flags...
   python3 benchmarks/gpu_client.py --port $PORT --label "$label" --out "$OUT/probes.jsonl"
   curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && echo "$label: healthy after probes" || echo "$label: NOT healthy after probes"
   kill $pid; wait $pid 2>/dev/null
-  grep -m3 -i "vlcache" "$OUT/server_$label.log"
+  grep -m3 -E "vlcache (enabled|tree cache)" "$OUT/server_$label.log" | cut -c1-200
   return 0
 }
 
