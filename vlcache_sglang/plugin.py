@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Any, Callable
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
@@ -43,6 +44,9 @@ def apply_config(server_args: Any, config: VLCacheConfig) -> None:
     check_server_args(server_args)
     server_args.radix_cache_backend = RADIX_CACHE_BACKEND_NAME
     server_args.vlcache = config
+    # SGLang's own vision-encoder output cache (keyed by image hash) serves reused images; size it
+    # from our option unless the user sized it. Scheduler processes inherit the environment.
+    os.environ.setdefault("SGLANG_VLM_CACHE_SIZE_MB", str(config.encoder_cache_mb))
     logger.info("vlcache enabled: %s", config)
 
 

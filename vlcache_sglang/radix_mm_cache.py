@@ -1,32 +1,269 @@
-"""The `vlcache` radix-cache backend, selected by --enable-vlcache.
+"""MultimodalRadixCache: SGLang's RadixCache plus non-prefix image nodes keyed by image key.
 
-Foundation stage: the factory checks, inside every scheduler process, that the server was set up
-for vlcache (flag given, Qwen2.5-VL loaded) and serves with SGLang's RadixCache, so ordinary
-prefix hits stay zero-copy. Multimodal (non-prefix, image-keyed) nodes are added on top of this
-class in the next stage; until then no image KV is reused across positions.
+An image node holds its own copy of one image's KV slots (all layers), the M-RoPE start position
+the image had when that KV was computed, its grid and token count. It is an ordinary child of the
+root whose RadixKey lives in a private `extra_key` namespace (`ImageNodeKey`), so no request's
+prefix can ever match it, while everything RadixCache does for nodes applies to it unchanged:
+lock refs, `evictable_size`/`protected_size` (SGLang's idle invariant keeps holding), LRU eviction
+under memory pressure, and `reset()` on /flush_cache. Prefix hits stay zero-copy.
+
+Life of an image node:
+* stored (`store_image`) when a request that computed the image in full is cached: new slots are
+  allocated and the image's KV copied in (copy-rotate kernel with δ = 0);
+* looked up (`lookup_image`) when a later request holds the same image after its matched prefix;
+  a key whose grid or token count differs is a miss, counted;
+* locked from scheduling until that request's prefill is cached (`lock_for`/`release_for`);
+* evicted LRU-first, by SGLang's `evict()` under pressure or to keep the store under its bound.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import TYPE_CHECKING
+from array import array
+from typing import TYPE_CHECKING, Optional
 
-from sglang.srt.mem_cache.radix_cache import RadixCache
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
+from vlcache_sglang.config import VLCacheConfig
+from vlcache_sglang.recompute_policy import PolicyParams, get_recompute_policy
 from vlcache_sglang.setup_checks import VLCacheSetupError, check_architecture
+from vlcache_sglang.stats import VLCacheStats
 
 if TYPE_CHECKING:
+    from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.mem_cache.registry import TreeCacheBuildContext
 
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageNodeKey:
+    """`extra_key` of an image node: a namespace no request's extra_key (str or None) equals."""
+
+    image_key: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageEntry:
+    """What an image node knows about the KV it holds."""
+
+    image_key: int
+    start_pos: int  # M-RoPE start `st` of the image when its KV was computed
+    grid_thw: tuple[int, int, int]
+    num_tokens: int
+
+
+class MultimodalRadixCache(RadixCache):
+    def __init__(
+        self,
+        params: CacheInitParams,
+        config: VLCacheConfig,
+        max_store_tokens: int,
+        num_layers: int,
+        inv_freq: Optional[torch.Tensor] = None,
+    ) -> None:
+        self.config = config
+        self.max_store_tokens = max_store_tokens
+        self.num_layers = num_layers
+        self.inv_freq = inv_freq  # rotary inverse frequencies, for the copy-rotate kernel
+        self.policy = get_recompute_policy(
+            config.policy, PolicyParams(recompute_ratio=config.recompute_ratio, first_k=config.first_k)
+        )
+        self.stats = VLCacheStats()
+        self._image_nodes: dict[int, TreeNode] = {}
+        super().__init__(params)
+
+    # ----- image nodes -------------------------------------------------------------------------
+
+    def lookup_image(
+        self, image_key: int, grid_thw: tuple[int, int, int], num_tokens: int, count: bool = True
+    ) -> Optional[TreeNode]:
+        """The image node for `image_key` if its grid and token count match the request's.
+
+        `count=False` for the later chunks of an image split by chunked prefill (counted once)."""
+        node = self._image_nodes.get(image_key)
+        if node is None:
+            self.stats.key_misses += count
+            return None
+        entry: ImageEntry = node.vl_entry
+        if entry.grid_thw != tuple(grid_thw) or entry.num_tokens != num_tokens:
+            self.stats.key_mismatches += count
+            logger.warning("vlcache: key %032x found with grid %s/%d tokens, request has %s/%d: miss",
+                           image_key, entry.grid_thw, entry.num_tokens, tuple(grid_thw), num_tokens)
+            return None
+        self.stats.key_hits += count
+        node.last_access_time = _now()
+        return node
+
+    def has_image(self, image_key: int) -> bool:
+        return image_key in self._image_nodes
+
+    def store_image(self, entry: ImageEntry, src_slots: torch.Tensor) -> bool:
+        """Copy one image's KV (all layers) from `src_slots` into slots owned by a new image node."""
+        if self.disable or entry.image_key in self._image_nodes:
+            return False
+        n = entry.num_tokens
+        if src_slots.numel() != n:
+            raise ValueError(f"{src_slots.numel()=} != {entry.num_tokens=}")
+        if n > self.max_store_tokens or not self._make_store_room(n):
+            self.stats.store_skipped += 1
+            return False
+        slots = self._alloc_slots(n)
+        if slots is None:
+            self.stats.store_skipped += 1
+            return False
+        self._copy_kv(src_slots, slots, delta=0)
+        key = RadixKey(array("q", [_pad_value(entry.image_key)] * n), extra_key=ImageNodeKey(entry.image_key))
+        result = self.insert(InsertParams(key=key, value=slots))
+        node = result.last_device_node
+        assert result.prefix_len == 0 and len(node.key) == n, f"{result.prefix_len=}, {len(node.key)=}, {n=}"
+        node.vl_entry = entry
+        self._image_nodes[entry.image_key] = node
+        self.stats.stored_images += 1
+        self._account(n)
+        return True
+
+    def copy_image_into(self, node: TreeNode, src_offset: int, dst_slots: torch.Tensor, delta: int) -> None:
+        """Copy tokens [src_offset, src_offset + len(dst)) of an image node to dst, K rotated by δ."""
+        src = node.value[src_offset : src_offset + dst_slots.numel()]
+        self._copy_kv(src, dst_slots, delta)
+
+    @property
+    def image_store_tokens(self) -> int:
+        return self.stats.store_tokens
+
+    def image_nodes(self) -> list[TreeNode]:
+        return list(self._image_nodes.values())
+
+    # ----- RadixCache overrides ----------------------------------------------------------------
+
+    def cache_unfinished_req(self, req: "Req", chunked: bool = False) -> None:
+        self._after_prefill(req, kv_len=len(req.get_fill_ids()))
+        super().cache_unfinished_req(req, chunked=chunked)
+
+    def cache_finished_req(self, req: "Req", is_insert: bool = True, *, kv_len_to_handle: int) -> None:
+        self._after_prefill(req, kv_len=kv_len_to_handle if is_insert else 0)
+        super().cache_finished_req(req, is_insert, kv_len_to_handle=kv_len_to_handle)
+
+    def _after_prefill(self, req: "Req", kv_len: int) -> None:
+        """Release the request's image-node locks; store the images it computed in full.
+
+        Runs before RadixCache inserts the request (which frees slots the tree already holds), so
+        the request's own slots still carry its KV."""
+        from vlcache_sglang.reuse_planner import image_grid, image_items, image_start_pos, req_state
+
+        state = req_state(req)
+        for node in state.locked:
+            self.dec_lock_ref(node)
+        state.locked.clear()
+        mm = req.multimodal_inputs
+        if mm is None or req.req_pool_idx is None or self.disable:
+            return
+        for item, start, end in image_items(mm):
+            key = item.hash
+            if end > kv_len or key in state.reused_keys or key in state.stored_keys or self.has_image(key):
+                continue
+            state.stored_keys.add(key)
+            src = self.req_to_token_pool.req_to_token[req.req_pool_idx, start:end].to(torch.int64)
+            entry = ImageEntry(key, image_start_pos(mm, start), image_grid(item), end - start)
+            self.store_image(entry, src)
+
+    def reset(self) -> None:
+        super().reset()
+        self._image_nodes = {}
+        if hasattr(self, "stats"):
+            self.stats.store_tokens = self.stats.store_bytes = 0
+
+    def _delete_leaf(self, node: TreeNode) -> None:
+        super()._delete_leaf(node)
+        entry: Optional[ImageEntry] = getattr(node, "vl_entry", None)
+        if entry is not None and self._image_nodes.get(entry.image_key) is node:
+            del self._image_nodes[entry.image_key]
+            self.stats.evicted_images += 1
+            self._account(-entry.num_tokens)
+
+    # ----- internals ---------------------------------------------------------------------------
+
+    def _make_store_room(self, n: int) -> bool:
+        """Evict least recently used unlocked image nodes until n more tokens fit the bound."""
+        excess = self.stats.store_tokens + n - self.max_store_tokens
+        if excess <= 0:
+            return True
+        victims = sorted((nd for nd in self._image_nodes.values() if nd.lock_ref == 0 and not nd.children),
+                         key=lambda nd: nd.last_access_time)
+        for node in victims:
+            if excess <= 0:
+                break
+            excess -= len(node.value)
+            self.token_to_kv_pool_allocator.free(node.value)
+            self._delete_leaf(node)
+        return excess <= 0
+
+    def _alloc_slots(self, n: int) -> Optional[torch.Tensor]:
+        allocator = self.token_to_kv_pool_allocator
+        slots = allocator.alloc(n)
+        if slots is None:
+            self.evict(EvictParams(num_tokens=n))
+            slots = allocator.alloc(n)
+        return slots
+
+    def _copy_kv(self, src: torch.Tensor, dst: torch.Tensor, delta: int | torch.Tensor) -> None:
+        from vlcache_sglang.kernels import copy_rotate_kv
+
+        pool = self.token_to_kv_pool_allocator.get_kvcache()
+        if self.inv_freq is None:
+            raise RuntimeError("MultimodalRadixCache needs the model's rotary inv_freq to move KV")
+        copy_rotate_kv(pool.k_buffer, pool.v_buffer, src, dst, delta, self.inv_freq,
+                       k_ptrs=getattr(pool, "k_data_ptrs", None), v_ptrs=getattr(pool, "v_data_ptrs", None))
+
+    def _account(self, tokens: int) -> None:
+        self.stats.store_tokens += tokens
+        self.stats.store_bytes = self.stats.store_tokens * self._bytes_per_token()
+
+    def _bytes_per_token(self) -> int:
+        allocator = self.token_to_kv_pool_allocator
+        if allocator is None or not hasattr(allocator, "get_kvcache"):
+            return 0
+        pool = allocator.get_kvcache()
+        k, v = pool.k_buffer, pool.v_buffer
+        return sum(b[0].numel() * b.element_size() for b in (*k, *v))
+
+
+def _pad_value(image_key: int) -> int:
+    return 1_000_000 + image_key % (1 << 30)
+
+
+def _now() -> float:
+    import time
+
+    return time.monotonic()
+
+
 def vlcache_tree_cache_factory(ctx: "TreeCacheBuildContext") -> RadixCache:
-    config = getattr(ctx.server_args, "vlcache", None)
+    """Factory behind `--radix-cache-backend vlcache` (set by --enable-vlcache)."""
+    config: Optional[VLCacheConfig] = getattr(ctx.server_args, "vlcache", None)
     if config is None or not config.enabled:
         raise VLCacheSetupError(
             "--radix-cache-backend vlcache is set up by --enable-vlcache; pass that flag instead."
         )
     check_architecture(ctx.model_config.hf_config.architectures)
-    logger.info("vlcache tree cache: policy=%s (multimodal nodes: not in this release)", config.policy)
-    return RadixCache(ctx.params)
+    allocator = ctx.params.token_to_kv_pool_allocator
+    pool_tokens = allocator.size if allocator is not None else 0
+    max_store = config.mm_store_tokens or max(pool_tokens // 4, 1)
+    inv_freq = None
+    if ctx.tp_worker is not None:
+        from vlcache_sglang.model_patch import install
+        from vlcache_sglang.model_patch.rope_params import inv_freq_of, language_rotary_embedding
+
+        model = ctx.tp_worker.model_runner.model
+        inv_freq = inv_freq_of(language_rotary_embedding(model)).to(allocator.device)
+        install(config)
+    logger.info("vlcache tree cache: policy=%s, image store bound %d tokens of %d", config.policy, max_store,
+                pool_tokens)
+    num_layers = ctx.model_config.num_hidden_layers
+    return MultimodalRadixCache(ctx.params, config, max_store_tokens=max_store, num_layers=num_layers,
+                                inv_freq=inv_freq)

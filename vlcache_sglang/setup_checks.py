@@ -56,8 +56,21 @@ def check_cache_flags(server_args: Any) -> None:
         )
 
 
+def check_parallelism(server_args: Any) -> None:
+    for flag, value in (("--tp-size", server_args.tp_size), ("--pp-size", server_args.pp_size),
+                        ("--dp-size", server_args.dp_size)):
+        if value not in (None, 1):
+            raise VLCacheSetupError(f"--enable-vlcache runs on one GPU for now; got {flag} {value}.")
+    if server_args.speculative_algorithm is not None:
+        raise VLCacheSetupError(
+            f"--enable-vlcache does not support speculative decoding (--speculative-algorithm "
+            f"{server_args.speculative_algorithm}) yet."
+        )
+
+
 def check_server_args(server_args: Any) -> None:
     """All start-up checks, on a fully resolved ServerArgs."""
     check_attention_backends(server_args)
     check_cache_flags(server_args)
+    check_parallelism(server_args)
     check_architecture(server_args.get_model_config().hf_config.architectures)

@@ -1,1 +1,30 @@
-"""Qwen2.5-VL model-side pieces: rotary parameters now, the selective-prefill forward next."""
+"""Qwen2.5-VL model-side pieces: rotary parameters and the selective-prefill forward.
+
+`install()` is called by the vlcache cache factory inside each scheduler process, so the hooks
+exist only in servers started with --enable-vlcache.
+"""
+
+from __future__ import annotations
+
+from vlcache_sglang.config import VLCacheConfig
+
+_installed = False
+
+
+def install(config: VLCacheConfig) -> None:
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from vlcache_sglang.model_patch.selective_prefill import SelectivePrefill
+    from vlcache_sglang.reuse_planner import around_prepare_for_extend
+
+    prefill = SelectivePrefill()
+    HookRegistry.register("sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend",
+                          around_prepare_for_extend, HookType.AROUND)
+    HookRegistry.register("sglang.srt.models.qwen2_5_vl.Qwen2_5_VLForConditionalGeneration.forward",
+                          prefill.around_vl_forward, HookType.AROUND)
+    HookRegistry.register("sglang.srt.models.qwen2.Qwen2Model.forward", prefill.around_lm_forward, HookType.AROUND)
+    HookRegistry.apply_hooks()

@@ -1,0 +1,175 @@
+"""The patched Qwen2.5-VL prefill: copy reused image KV in, then compute only the active tokens.
+
+Two AROUND hooks, active only for batches that carry a vlcache plan (else stock code runs):
+
+* `Qwen2_5_VLForConditionalGeneration.forward`: takes the requests' RequestReuse plans off their
+  MultimodalInputs (SGLang clears `forward_batch.mm_inputs` during embedding), copies every reused
+  image's KV into the request's slots with K rotated by δ (one copy-rotate launch for the batch),
+  and builds the batch's per-layer active-token index sets;
+* `Qwen2Model.forward`: the decoder loop over active tokens only. At layer l it gathers the hidden
+  states of S_l (S_l ⊆ S_{l-1}), runs QKV/RoPE for them, writes their K/V into their own slots,
+  attends over each request's whole KV (SelectiveAttention), and runs the MLP for them alone.
+  The final hidden states are scattered back to the extend layout; the last prompt token of every
+  request is always active, so the logits processor reads what it always reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import torch
+
+from vlcache_sglang.kernels import copy_rotate_kv
+from vlcache_sglang.model_patch.selective_attention import RunLayout, SelectiveAttention, runs_of
+from vlcache_sglang.reuse_planner import PLANS_ATTR, RequestReuse
+
+SELECTIVE_ATTR = "vlcache_selective"  # on ForwardBatch while the model runs
+
+
+@dataclasses.dataclass
+class SelectiveBatch:
+    """Per-layer active tokens of a whole batch (indices into the extend token axis)."""
+
+    layer_rows: list[torch.Tensor]  # [L] device int64, sorted, S_l ⊆ S_{l-1}
+    layer_runs: list[RunLayout]  # [L] the runs of S_l (same object when S_l == S_{l-1})
+    num_extend_tokens: int
+
+
+def _take_plans(forward_batch: Any) -> Optional[list[Optional[RequestReuse]]]:
+    mm_inputs = getattr(forward_batch, "mm_inputs", None)
+    if not mm_inputs or not forward_batch.forward_mode.is_extend():
+        return None
+    plans: list[Optional[RequestReuse]] = []
+    for i, mm in enumerate(mm_inputs):
+        table = getattr(mm, PLANS_ATTR, None) if mm is not None else None
+        plans.append(table.pop(forward_batch.extend_prefix_lens_cpu[i], None) if table else None)
+    return plans if any(p is not None for p in plans) else None
+
+
+def _copy_reused_kv(plans: list[Optional[RequestReuse]], inv_freq: torch.Tensor) -> None:
+    from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
+
+    used = [p for p in plans if p is not None]
+    pool = get_token_to_kv_pool()
+    copy_rotate_kv(pool.k_buffer, pool.v_buffer, torch.cat([p.src_slots for p in used]),
+                   torch.cat([p.dst_slots for p in used]), torch.cat([p.delta for p in used]), inv_freq,
+                   k_ptrs=getattr(pool, "k_data_ptrs", None), v_ptrs=getattr(pool, "v_data_ptrs", None))
+
+
+def build_selective_batch(plans: list[Optional[RequestReuse]], forward_batch: Any, num_layers: int) -> SelectiveBatch:
+    """Batch-level S_l from the per-request plans; requests without a plan compute every token."""
+    prefix = forward_batch.extend_prefix_lens_cpu
+    extend = forward_batch.extend_seq_lens_cpu
+    req_rows = forward_batch.req_pool_indices.tolist()
+    offsets = [0]
+    for n in extend:
+        offsets.append(offsets[-1] + int(n))
+    layer_rows, layer_runs = [], []
+    prev_abs: Optional[list[torch.Tensor]] = None
+    for layer in range(num_layers):
+        abs_sets = [
+            p.layer_sets[layer] if p is not None else torch.arange(int(prefix[i]), int(prefix[i]) + int(extend[i]))
+            for i, p in enumerate(plans)
+        ]
+        if prev_abs is not None and all(torch.equal(a, b) for a, b in zip(abs_sets, prev_abs)):
+            layer_rows.append(layer_rows[-1])
+            layer_runs.append(layer_runs[-1])
+            continue
+        rows = torch.cat([offsets[i] + (s - int(prefix[i])) for i, s in enumerate(abs_sets)])
+        layer_rows.append(rows.to(forward_batch.out_cache_loc.device))
+        layer_runs.append(runs_of(abs_sets, req_rows))
+        prev_abs = abs_sets
+    return SelectiveBatch(layer_rows, layer_runs, offsets[-1])
+
+
+class SelectivePrefill:
+    """Holds what the hooks need across calls: the model's rotary frequencies and the attention."""
+
+    def __init__(self) -> None:
+        self._attention: Optional[SelectiveAttention] = None
+
+    def around_vl_forward(self, original: Callable[..., Any], model: Any, input_ids: Any, positions: Any,
+                          forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
+        plans = _take_plans(forward_batch)
+        if plans is None:
+            return original(model, input_ids, positions, forward_batch, *args, **kwargs)
+        from vlcache_sglang.model_patch.rope_params import inv_freq_of, language_rotary_embedding
+
+        inv_freq = getattr(model, "_vlcache_inv_freq", None)
+        if inv_freq is None:
+            inv_freq = inv_freq_of(language_rotary_embedding(model)).to(forward_batch.out_cache_loc.device)
+            model._vlcache_inv_freq = inv_freq
+        _copy_reused_kv(plans, inv_freq)
+        num_layers = len(model.model.layers)
+        setattr(forward_batch, SELECTIVE_ATTR, build_selective_batch(plans, forward_batch, num_layers))
+        try:
+            return original(model, input_ids, positions, forward_batch, *args, **kwargs)
+        finally:
+            setattr(forward_batch, SELECTIVE_ATTR, None)
+
+    def around_lm_forward(self, original: Callable[..., Any], lm: Any, input_ids: Any, positions: Any,
+                          forward_batch: Any, input_embeds: Any = None, pp_proxy_tensors: Any = None,
+                          **kwargs: Any) -> Any:
+        sel: Optional[SelectiveBatch] = getattr(forward_batch, SELECTIVE_ATTR, None)
+        if sel is None:
+            return original(lm, input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors, **kwargs)
+        return self._selective_forward(lm, input_ids, positions, forward_batch, input_embeds, sel)
+
+    def _selective_forward(self, lm: Any, input_ids: Any, positions: torch.Tensor, forward_batch: Any,
+                           input_embeds: Optional[torch.Tensor], sel: SelectiveBatch) -> torch.Tensor:
+        from sglang.srt.model_executor.forward_context import get_req_to_token_pool, get_token_to_kv_pool
+
+        pool = get_token_to_kv_pool()
+        req_to_token = get_req_to_token_pool().req_to_token
+        full = input_embeds if input_embeds is not None else lm.embed_tokens(input_ids)
+        rows = sel.layer_rows[0]
+        hidden, residual = full[rows], None
+        planned_runs: Optional[RunLayout] = None
+        for layer_id in range(lm.start_layer, lm.end_layer):
+            layer = lm.layers[layer_id]
+            new_rows = sel.layer_rows[layer_id]
+            if new_rows is not rows:  # S_l shrank: keep the rows of S_l among those of S_{l-1}
+                keep = torch.searchsorted(rows, new_rows)
+                hidden, residual = hidden[keep], residual[keep]
+                rows = new_rows
+            runs = sel.layer_runs[layer_id]
+            if runs is not planned_runs:
+                self._plan(runs, req_to_token, layer.self_attn, hidden.dtype, pool)
+                planned_runs = runs
+            hidden, residual = self._layer(layer, positions[:, rows].contiguous(), hidden, residual,
+                                           forward_batch.out_cache_loc[rows], pool)
+        hidden, _ = lm.norm(hidden, residual)
+        out = torch.zeros(sel.num_extend_tokens, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+        out[rows] = hidden
+        return out
+
+    def _plan(self, runs: RunLayout, req_to_token: torch.Tensor, attn: Any, dtype: torch.dtype, pool: Any) -> None:
+        if self._attention is None:
+            self._attention = SelectiveAttention(req_to_token.device)
+        radix = attn.attn
+        self._attention.plan(runs, req_to_token, radix.tp_q_head_num, radix.tp_k_head_num, radix.head_dim,
+                             radix.scaling, dtype, pool.k_buffer[0].dtype)
+
+    def _layer(self, layer: Any, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
+               out_loc: torch.Tensor, pool: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Qwen2DecoderLayer.forward for the active tokens (same ops, same order)."""
+        if residual is None:
+            residual = hidden
+            hidden = layer.input_layernorm(hidden)
+        else:
+            hidden, residual = layer.input_layernorm(hidden, residual)
+        attn = layer.self_attn
+        qkv, _ = attn.qkv_proj(hidden)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = attn.rotary_emb(positions, q, k)
+        radix = attn.attn
+        k = k.reshape(-1, radix.tp_k_head_num, radix.qk_head_dim)
+        v = v.reshape(-1, radix.tp_v_head_num, radix.v_head_dim)
+        pool.set_kv_buffer(radix, out_loc, k, v)
+        k_cache, v_cache = pool.get_kv_buffer(radix.layer_id)
+        o = self._attention.run(q.reshape(-1, radix.tp_q_head_num, radix.head_dim), k_cache, v_cache)
+        hidden, _ = attn.o_proj(o.reshape(-1, radix.tp_q_head_num * radix.head_dim))
+        hidden, residual = layer.post_attention_layernorm(hidden, residual)
+        hidden = layer.mlp(hidden)
+        return hidden, residual

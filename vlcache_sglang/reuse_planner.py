@@ -1,0 +1,173 @@
+"""Scheduler side of reuse: after SGLang allocates a prefill batch's KV slots, find the reused images.
+
+Runs inside `ScheduleBatch.prepare_for_extend` (AROUND hook), once per prefill batch (and per chunk of
+a chunked request). For each request it
+
+* looks up every image that lies (partly) in this chunk's extend range [prefix_len, seq_len) in the
+  image store (key = the image item's hash; grid and token count must match);
+* locks each hit node until the request's prefill is cached (so eviction can't free its slots
+  while the forward still reads them), and records the slot copy src -> dst with the position shift
+  δ = st_new − st_cached (st: the image's M-RoPE start);
+* asks the recompute policy for the per-layer token sets (plan once per batch, run every layer);
+* counts the reused tokens that are not recomputed as cached tokens (usage.cached_tokens).
+
+The result rides to the model forward on the request's MultimodalInputs, keyed by prefix length so a
+later chunk of the same request can never pick up a stale plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from vlcache_sglang.recompute_policy import ImageSpan, RecomputePolicy, TokenLayout
+
+if TYPE_CHECKING:
+    from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
+
+    from vlcache_sglang.radix_mm_cache import MultimodalRadixCache
+
+PLANS_ATTR = "vlcache_plans"  # on MultimodalInputs: {prefix_len: RequestReuse}
+
+
+@dataclasses.dataclass
+class RequestReuse:
+    """What one request's prefill chunk reuses, and what each layer computes."""
+
+    prefix_len: int
+    seq_len: int
+    layout: TokenLayout
+    layer_sets: list[torch.Tensor]  # S_l, absolute token indices (CPU int64)
+    src_slots: torch.Tensor  # [n] image-node slots to copy from (device)
+    dst_slots: torch.Tensor  # [n] this request's slots (device)
+    delta: torch.Tensor  # [n] position shift per token (device)
+
+    @property
+    def reused_tokens(self) -> int:
+        return int(self.src_slots.numel())
+
+
+@dataclasses.dataclass
+class ReqReuseState:
+    """Per-request bookkeeping kept on the Req between scheduling and caching."""
+
+    locked: list[Any] = dataclasses.field(default_factory=list)  # image nodes locked for this request
+    reused_keys: set[int] = dataclasses.field(default_factory=set)  # images taken from the store
+    stored_keys: set[int] = dataclasses.field(default_factory=set)  # images offered to the store
+
+
+def req_state(req: "Req") -> ReqReuseState:
+    state = getattr(req, "vlcache_state", None)
+    if state is None:
+        state = ReqReuseState()
+        req.vlcache_state = state
+    return state
+
+
+def image_items(mm_inputs: Any) -> list[tuple[Any, int, int]]:
+    """(item, start, end_exclusive) for each image item with a single run of pad tokens."""
+    out = []
+    for item in getattr(mm_inputs, "mm_items", None) or []:
+        if not item.is_image() or not item.offsets or len(item.offsets) != 1 or item.hash is None:
+            continue
+        start, end_incl = item.offsets[0]
+        out.append((item, int(start), int(end_incl) + 1))
+    return out
+
+
+def image_grid(item: Any) -> tuple[int, int, int]:
+    grid = item.model_specific_data.get("image_grid_thw")
+    return tuple(int(x) for x in torch.as_tensor(grid).reshape(-1)[:3].tolist())
+
+
+def image_start_pos(mm_inputs: Any, start: int) -> int:
+    """The image's M-RoPE start `st`: its first token sits at (0, 0, 0) + st on all three axes."""
+    pos = mm_inputs.mrope_positions[:, start]
+    st = int(pos[0])
+    if int(pos[1]) != st or int(pos[2]) != st:
+        raise ValueError(f"image first-token M-RoPE position {pos.tolist()} is not (st, st, st)")
+    return st
+
+
+def _eligible(req: "Req") -> bool:
+    # Input logprobs need every token's hidden state at the last layer.
+    return req.multimodal_inputs is not None and not req.return_logprob
+
+
+def plan_request(
+    req: "Req",
+    prefix_len: int,
+    seq_len: int,
+    out_loc: torch.Tensor,
+    cache: "MultimodalRadixCache",
+    policy: RecomputePolicy,
+    num_layers: int,
+) -> RequestReuse | None:
+    """Reuse plan of one request's chunk; `out_loc` are its new slots for [prefix_len, seq_len)."""
+    mm = req.multimodal_inputs
+    is_last_chunk = seq_len >= len(req.origin_input_ids)
+    spans, src, dst, delta = [], [], [], []
+    state = req_state(req)
+    for item, start, end in image_items(mm):
+        lo = max(start, prefix_len)
+        hi = min(end, seq_len - 1 if is_last_chunk else seq_len)  # the last prompt token is always computed
+        if lo >= hi:
+            continue
+        node = cache.lookup_image(item.hash, image_grid(item), end - start, count=start >= prefix_len)
+        if node is None:
+            continue
+        cache.inc_lock_ref(node)
+        state.locked.append(node)
+        state.reused_keys.add(item.hash)
+        shift = image_start_pos(mm, start) - node.vl_entry.start_pos
+        spans.append(ImageSpan(lo, hi - lo, reused=True))
+        src.append(node.value[lo - start : hi - start])
+        dst.append(out_loc[lo - prefix_len : hi - prefix_len])
+        delta.append(torch.full((hi - lo,), shift, dtype=torch.int64))
+    if not spans:
+        return None
+    layout = TokenLayout(seq_len=seq_len, prefix_len=prefix_len, images=tuple(spans))
+    device = out_loc.device
+    return RequestReuse(
+        prefix_len=prefix_len,
+        seq_len=seq_len,
+        layout=layout,
+        layer_sets=policy.plan(layout, num_layers),
+        src_slots=torch.cat(src).to(device),
+        dst_slots=torch.cat(dst).to(device),
+        delta=torch.cat(delta).to(device),
+    )
+
+
+def plan_batch(batch: "ScheduleBatch", cache: "MultimodalRadixCache") -> None:
+    """Attach a RequestReuse to each request of a freshly prepared extend batch that reuses images."""
+    pt = 0
+    for i, req in enumerate(batch.reqs):
+        prefix_len, extend_len = int(batch.prefix_lens[i]), int(batch.extend_lens[i])
+        if _eligible(req):
+            out_loc = batch.out_cache_loc[pt : pt + extend_len]
+            plan = plan_request(req, prefix_len, prefix_len + extend_len, out_loc, cache, cache.policy,
+                                cache.num_layers)
+            if plan is not None:
+                plans = getattr(req.multimodal_inputs, PLANS_ATTR, None)
+                if plans is None:
+                    plans = {}
+                    setattr(req.multimodal_inputs, PLANS_ATTR, plans)
+                plans[prefix_len] = plan
+                recomputed = int(torch.isin(plan.layer_sets[0], plan.layout.reused_tokens()).sum())
+                cache.stats.reused_tokens += plan.reused_tokens
+                cache.stats.recomputed_tokens += recomputed
+                req.cached_tokens += plan.reused_tokens - recomputed
+        pt += extend_len
+    cache.stats.maybe_log()
+
+
+def around_prepare_for_extend(original: Callable[..., Any], batch: "ScheduleBatch", *args: Any, **kwargs: Any) -> Any:
+    result = original(batch, *args, **kwargs)
+    from vlcache_sglang.radix_mm_cache import MultimodalRadixCache
+
+    if isinstance(batch.tree_cache, MultimodalRadixCache) and batch.forward_mode.is_extend():
+        plan_batch(batch, batch.tree_cache)
+    return result

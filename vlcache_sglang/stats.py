@@ -1,0 +1,45 @@
+"""Per-server vlcache counters: what was reused, recomputed, stored and evicted."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class VLCacheStats:
+    key_hits: int = 0  # images found in the store with matching grid and token count
+    key_misses: int = 0  # images not in the store (computed, then stored)
+    key_mismatches: int = 0  # key found, grid or token count differs: treated as a miss
+    reused_tokens: int = 0  # image tokens whose KV came from the store
+    recomputed_tokens: int = 0  # of those, tokens the policy recomputed anyway (layer 0)
+    stored_images: int = 0
+    store_skipped: int = 0  # images not stored: no room even after eviction
+    evicted_images: int = 0
+    store_tokens: int = 0  # KV tokens held by image nodes now
+    store_bytes: int = 0  # KV bytes held by image nodes now
+
+    _last_log: float = dataclasses.field(default=0.0, repr=False)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.key_hits + self.key_misses + self.key_mismatches
+        return self.key_hits / total if total else 0.0
+
+    @property
+    def recomputed_fraction(self) -> float:
+        return self.recomputed_tokens / self.reused_tokens if self.reused_tokens else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        d.update(hit_rate=round(self.hit_rate, 4), recomputed_fraction=round(self.recomputed_fraction, 4))
+        return d
+
+    def maybe_log(self, every_s: float = 30.0) -> None:
+        now = time.monotonic()
+        if now - self._last_log >= every_s:
+            self._last_log = now
+            logger.info("vlcache stats: %s", self.as_dict())
