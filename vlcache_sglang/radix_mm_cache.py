@@ -170,7 +170,9 @@ class MultimodalRadixCache(RadixCache):
             state.stored_keys.add(key)
             src = self.req_to_token_pool.req_to_token[req.req_pool_idx, start:end].to(torch.int64)
             entry = ImageEntry(key, image_start_pos(mm, start), image_grid(item), end - start)
-            self.store_image(entry, src)
+            stored = self.store_image(entry, src)
+            logger.info("vlcache: image %032x (%d tokens at %d) %s; store %d tokens", key, end - start,
+                        entry.start_pos, "stored" if stored else "not stored", self.image_store_tokens)
 
     def reset(self) -> None:
         super().reset()

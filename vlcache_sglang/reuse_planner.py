@@ -18,6 +18,7 @@ later chunk of the same request can never pick up a stale plan.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
 
     from vlcache_sglang.radix_mm_cache import MultimodalRadixCache
+
+logger = logging.getLogger(__name__)
 
 PLANS_ATTR = "vlcache_plans"  # on MultimodalInputs: {prefix_len: RequestReuse}
 
@@ -71,6 +74,8 @@ def image_items(mm_inputs: Any) -> list[tuple[Any, int, int]]:
     out = []
     for item in getattr(mm_inputs, "mm_items", None) or []:
         if not item.is_image() or not item.offsets or len(item.offsets) != 1 or item.hash is None:
+            logger.info("vlcache: image item not reusable: modality=%s offsets=%s hash=%s", item.modality,
+                        item.offsets, item.hash)
             continue
         start, end_incl = item.offsets[0]
         out.append((item, int(start), int(end_incl) + 1))
@@ -116,6 +121,8 @@ def plan_request(
         if lo >= hi:
             continue
         node = cache.lookup_image(item.hash, image_grid(item), end - start, count=start >= prefix_len)
+        logger.info("vlcache: req %s image %032x tokens [%d, %d) of chunk [%d, %d): %s", req.rid, item.hash,
+                    start, end, prefix_len, seq_len, "hit" if node is not None else "miss")
         if node is None:
             continue
         cache.inc_lock_ref(node)

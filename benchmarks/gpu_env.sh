@@ -1,0 +1,37 @@
+# Sourced by the GPU scripts: unpack the carried bundle and model once per machine, install this
+# package into the bundle's site folder, and provide start_server / stop_server.
+OUT=${OUT:-/tmp/vlcache_out}
+mkdir -p "$OUT"
+SITE=/tmp/site
+MODEL=/tmp/Qwen2.5-VL-7B-Instruct
+PORT=${PORT:-30000}
+export PYTHONUNBUFFERED=1
+if [ ! -d "$SITE/sglang" ]; then
+  mkdir -p "$SITE" && tar -C "$SITE" -xJf .gpu_bundle/site.tar.xz || exit 1
+fi
+[ -d "$MODEL" ] || tar -C /tmp -xJf .gpu_bundle/model.tar.xz || exit 1
+# Our package (with its entry point) goes into the bundle's site folder; nothing is fetched.
+python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --target "$SITE" . \
+  >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
+export PYTHONPATH="$SITE"
+SERVER_FLAGS=(--model-path "$MODEL" --load-format dummy --attention-backend flashinfer
+  --mm-attention-backend triton_attn --grammar-backend none --mem-fraction-static 0.7 --port "$PORT"
+  --enable-cache-report --cuda-graph-max-bs 8)
+
+start_server() {  # label, extra flags... ; sets SERVER_PID, returns 1 if it never gets healthy
+  local label=$1; shift
+  python3 -m sglang.launch_server "${SERVER_FLAGS[@]}" "$@" >"$OUT/server_$label.log" 2>&1 &
+  SERVER_PID=$!
+  local t0=$(date +%s)
+  until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then echo "server $label died"; tail -30 "$OUT/server_$label.log"; return 1; fi
+    if (( $(date +%s) - t0 > 300 )); then echo "server $label: no health after 300 s"; kill "$SERVER_PID"; return 1; fi
+    sleep 2
+  done
+  echo "server $label healthy after $(( $(date +%s) - t0 )) s"
+}
+
+stop_server() {
+  kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null
+  sleep 2
+}

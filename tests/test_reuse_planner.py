@@ -1,0 +1,115 @@
+"""Reuse planning and image storing with SGLang's real pools and multimodal input objects (CPU)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem, MultimodalInputs
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+from vlcache_sglang.config import VLCacheConfig
+from vlcache_sglang.kernels import rotate_neox
+from vlcache_sglang.radix_mm_cache import MultimodalRadixCache
+from vlcache_sglang.reuse_planner import plan_request
+
+POOL, LAYERS, HEADS, DIM = 512, 2, 2, 16
+INV_FREQ = 1.0 / (1e6 ** (torch.arange(0, DIM, 2, dtype=torch.float32) / DIM))
+IMAGE_KEY, GRID = 0x5EED, (1, 4, 12)  # 12 merged tokens
+N_IMG = 12
+
+
+@pytest.fixture
+def cache():
+    pool = MHATokenToKVPool(size=POOL, page_size=1, dtype=torch.float32, head_num=HEADS, head_dim=DIM,
+                            layer_num=LAYERS, device="cpu", enable_memory_saver=False, enable_alt_stream=False)
+    gen = torch.Generator().manual_seed(0)
+    for buf in (*pool.k_buffer, *pool.v_buffer):
+        buf.copy_(torch.randn(buf.shape, generator=gen))
+    allocator = TokenToKVPoolAllocator(POOL, torch.float32, "cpu", pool, need_sort=False)
+    req_pool = ReqToTokenPool(size=4, max_context_len=256, device="cpu", enable_memory_saver=False)
+    params = CacheInitParams(disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator,
+                             page_size=1)
+    return MultimodalRadixCache(params, VLCacheConfig(enabled=True, policy="first_k", first_k=2),
+                                max_store_tokens=200, num_layers=LAYERS, inv_freq=INV_FREQ)
+
+
+def _request(cache, text_before: int, text_after: int, row: int):
+    """A prefilled request: text, one image (pad tokens), text; slots allocated and written."""
+    pad = 1_000_000 + IMAGE_KEY % (1 << 30)
+    ids = list(range(100, 100 + text_before)) + [pad] * N_IMG + list(range(200, 200 + text_after))
+    start = text_before
+    item = MultimodalDataItem(modality=Modality.IMAGE, hash=IMAGE_KEY, pad_value=pad,
+                              offsets=[(start, start + N_IMG - 1)],
+                              model_specific_data={"image_grid_thw": torch.tensor([GRID])})
+    # Qwen2.5-VL M-RoPE: text t -> (t, t, t); image -> (0, h, w) + start; text after continues at max + 1.
+    pos = [[t] * 3 for t in range(start)]
+    pos += [[start, start + h, start + w] for h in range(2) for w in range(6)]
+    nxt = start + 6
+    pos += [[nxt + i] * 3 for i in range(text_after)]
+    mm = MultimodalInputs(mm_items=[item], mrope_positions=torch.tensor(pos).T.contiguous())
+    slots = cache.token_to_kv_pool_allocator.alloc(len(ids))
+    cache.req_to_token_pool.req_to_token[row, : len(ids)] = slots.to(torch.int32)
+    return SimpleNamespace(
+        rid=f"r{row}", multimodal_inputs=mm, req_pool_idx=row, origin_input_ids=ids, output_ids=[],
+        extra_key=None, cache_protected_len=0, last_node=cache.root_node, prefix_indices=torch.empty(0),
+        return_logprob=False, cached_tokens=0, priority=0, session_id=None, get_fill_ids=lambda: ids,
+    ), slots
+
+
+def test_a_computed_image_is_stored_when_its_request_is_cached(cache):
+    req, slots = _request(cache, text_before=5, text_after=3, row=0)
+    cache.cache_unfinished_req(req)
+    assert cache.has_image(IMAGE_KEY)
+    node = cache.lookup_image(IMAGE_KEY, GRID, N_IMG)
+    assert node.vl_entry.start_pos == 5
+    pool = cache.token_to_kv_pool_allocator.get_kvcache()
+    assert torch.equal(pool.k_buffer[1][node.value], pool.k_buffer[1][slots[5:17]])
+
+
+def test_plan_reuses_the_stored_image_at_a_new_position(cache):
+    first, first_slots = _request(cache, text_before=5, text_after=3, row=0)
+    cache.cache_unfinished_req(first)
+    node = cache.lookup_image(IMAGE_KEY, GRID, N_IMG)
+    second, second_slots = _request(cache, text_before=9, text_after=4, row=1)
+    seq_len = len(second.origin_input_ids)
+    plan = plan_request(second, 0, seq_len, second_slots, cache, cache.policy, LAYERS)
+    assert plan is not None and plan.reused_tokens == N_IMG
+    assert plan.src_slots.tolist() == node.value.tolist()
+    assert plan.dst_slots.tolist() == second_slots[9:21].tolist()
+    assert set(plan.delta.tolist()) == {9 - 5}
+    # first_k=2: text (9 + 4 tokens) and the image's first 2 tokens at every layer
+    assert plan.layer_sets[0].tolist() == [*range(0, 11), *range(21, 25)]
+    assert node.lock_ref == 1, "locked until the request is cached"
+    # the model forward copies with δ; K at the new slots is the stored K rotated by δ
+    cache._copy_kv(plan.src_slots, plan.dst_slots, plan.delta)
+    pool = cache.token_to_kv_pool_allocator.get_kvcache()
+    want = rotate_neox(pool.k_buffer[0][node.value], plan.delta, INV_FREQ)
+    torch.testing.assert_close(pool.k_buffer[0][second_slots[9:21]], want)
+    cache.cache_unfinished_req(second)
+    assert node.lock_ref == 0, "released once cached"
+    assert cache.stats.stored_images == 1, "a reused image is never stored again"
+
+
+def test_chunk_boundaries_and_prefix_clip_the_reused_span(cache):
+    first, _ = _request(cache, text_before=5, text_after=3, row=0)
+    cache.cache_unfinished_req(first)
+    second, slots = _request(cache, text_before=9, text_after=4, row=1)
+    # chunk 1 ends inside the image at token 15: tokens [9, 15) of the image are reused
+    plan = plan_request(second, 0, 15, slots[:15], cache, cache.policy, LAYERS)
+    assert plan.layout.reused_tokens().tolist() == list(range(9, 15))
+    # chunk 2 continues from 15: the rest of the image, source offset 6
+    plan2 = plan_request(second, 15, len(second.origin_input_ids), slots[15:], cache, cache.policy, LAYERS)
+    node = cache.lookup_image(IMAGE_KEY, GRID, N_IMG)
+    assert plan2.src_slots.tolist() == node.value[6:].tolist()
+    assert cache.stats.key_hits == 2, "an image split by chunked prefill is one lookup (plus the test's)"
+
+
+def test_mismatched_grid_is_a_miss(cache):
+    first, _ = _request(cache, text_before=5, text_after=3, row=0)
+    cache.cache_unfinished_req(first)
+    second, slots = _request(cache, text_before=9, text_after=4, row=1)
+    second.multimodal_inputs.mm_items[0].model_specific_data["image_grid_thw"] = torch.tensor([[1, 6, 8]])
+    assert plan_request(second, 0, len(second.origin_input_ids), slots, cache, cache.policy, LAYERS) is None
+    assert cache.stats.key_mismatches == 1
