@@ -96,9 +96,16 @@ def image_start_pos(mm_inputs: Any, start: int) -> int:
     return st
 
 
-def _eligible(req: "Req") -> bool:
-    # Input logprobs need every token's hidden state at the last layer.
-    return req.multimodal_inputs is not None and not req.return_logprob
+def _eligible(batch: "ScheduleBatch", i: int, extend_len: int) -> bool:
+    req = batch.reqs[i]
+    if req.multimodal_inputs is None:
+        return False
+    if not req.return_logprob:
+        return True
+    # Input-token logprobs need the hidden state of every token from their start at the last layer;
+    # output logprobs (the OpenAI `logprobs` option) need only the last prompt token, always computed.
+    starts = getattr(batch, "extend_logprob_start_lens", None)
+    return starts is not None and starts[i] >= extend_len
 
 
 def plan_request(
@@ -153,7 +160,7 @@ def plan_batch(batch: "ScheduleBatch", cache: "MultimodalRadixCache") -> None:
     pt = 0
     for i, req in enumerate(batch.reqs):
         prefix_len, extend_len = int(batch.prefix_lens[i]), int(batch.extend_lens[i])
-        if _eligible(req):
+        if _eligible(batch, i, extend_len):
             out_loc = batch.out_cache_loc[pt : pt + extend_len]
             plan = plan_request(req, prefix_len, prefix_len + extend_len, out_loc, cache, cache.policy,
                                 cache.num_layers)
