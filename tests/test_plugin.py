@@ -21,11 +21,11 @@ from sglang.srt.mem_cache.registry import registered_radix_cache_backends  # noq
 from sglang.srt.server_args import prepare_server_args  # noqa: E402
 
 from vlcache_sglang.config import VLCacheConfig  # noqa: E402
-from vlcache_sglang.radix_mm_cache import vlcache_tree_cache_factory  # noqa: E402
+from vlcache_sglang.radix_mm_cache import MultimodalRadixCache, vlcache_tree_cache_factory  # noqa: E402
 from vlcache_sglang.setup_checks import VLCacheSetupError  # noqa: E402
 
 FLAGS = ["--enable-vlcache", "--vlcache-policy", "--vlcache-recompute-ratio", "--vlcache-first-k",
-         "--vlcache-mm-store-tokens", "--vlcache-encoder-cache-mb"]
+         "--vlcache-mm-store-tokens", "--vlcache-encoder-cache-mb", "--vlcache-processed-cache-mb"]
 
 
 def _argv(model_dir, *extra):
@@ -116,14 +116,15 @@ def test_unknown_policy_is_rejected_with_the_choices(qwen_model_dir, capsys):
 
 def _ctx(server_args, architectures):
     params = CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=None, page_size=1)
-    return SimpleNamespace(server_args=server_args, params=params,
-                           model_config=SimpleNamespace(hf_config=SimpleNamespace(architectures=architectures)))
+    model_config = SimpleNamespace(hf_config=SimpleNamespace(architectures=architectures), num_hidden_layers=28)
+    return SimpleNamespace(server_args=server_args, params=params, model_config=model_config, tp_worker=None)
 
 
 def test_factory_builds_a_radix_cache_only_for_a_vlcache_server():
     enabled = SimpleNamespace(vlcache=VLCacheConfig(enabled=True))
     cache = vlcache_tree_cache_factory(_ctx(enabled, ["Qwen2_5_VLForConditionalGeneration"]))
-    assert isinstance(cache, RadixCache)
+    assert isinstance(cache, MultimodalRadixCache) and isinstance(cache, RadixCache)
+    assert cache.num_layers == 28 and cache.policy.name == "first_k"
     with pytest.raises(VLCacheSetupError, match="--enable-vlcache"):
         vlcache_tree_cache_factory(_ctx(SimpleNamespace(), ["Qwen2_5_VLForConditionalGeneration"]))
     with pytest.raises(VLCacheSetupError, match="LlamaForCausalLM"):

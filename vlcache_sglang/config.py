@@ -27,6 +27,7 @@ class VLCacheConfig:
     # KV tokens that multimodal nodes may hold; None = a quarter of the KV pool.
     mm_store_tokens: Optional[int] = None
     encoder_cache_mb: int = 2048
+    processed_cache_mb: int = 1024
 
     def __post_init__(self) -> None:
         policies = registered_recompute_policies()
@@ -45,6 +46,8 @@ class VLCacheConfig:
             )
         if self.encoder_cache_mb < 0:
             raise ValueError(f"--vlcache-encoder-cache-mb must be >= 0, got {self.encoder_cache_mb}")
+        if self.processed_cache_mb < 0:
+            raise ValueError(f"--vlcache-processed-cache-mb must be >= 0, got {self.processed_cache_mb}")
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +86,14 @@ class VLCacheConfig:
             "--vlcache-encoder-cache-mb",
             type=int,
             default=VLCacheConfig.encoder_cache_mb,
-            help="Size of the vision-encoder output cache keyed by raw image bytes, in MiB.",
+            help="Size of SGLang's vision-encoder output cache (keyed by image key) in MiB.",
+        )
+        group.add_argument(
+            "--vlcache-processed-cache-mb",
+            type=int,
+            default=VLCacheConfig.processed_cache_mb,
+            help="Tokenizer-side cache of processed pixels by raw-bytes image key, in MiB: a hit skips "
+            "decode, resize, normalisation and pixel hashing.",
         )
 
     @classmethod
@@ -95,4 +105,5 @@ class VLCacheConfig:
             first_k=getattr(ns, "vlcache_first_k", cls.first_k),
             mm_store_tokens=getattr(ns, "vlcache_mm_store_tokens", None),
             encoder_cache_mb=getattr(ns, "vlcache_encoder_cache_mb", cls.encoder_cache_mb),
+            processed_cache_mb=getattr(ns, "vlcache_processed_cache_mb", cls.processed_cache_mb),
         )

@@ -171,7 +171,7 @@ class MultimodalRadixCache(RadixCache):
             src = self.req_to_token_pool.req_to_token[req.req_pool_idx, start:end].to(torch.int64)
             entry = ImageEntry(key, image_start_pos(mm, start), image_grid(item), end - start)
             stored = self.store_image(entry, src)
-            logger.info("vlcache: image %032x (%d tokens at %d) %s; store %d tokens", key, end - start,
+            logger.debug("vlcache: image %032x (%d tokens at %d) %s; store %d tokens", key, end - start,
                         entry.start_pos, "stored" if stored else "not stored", self.image_store_tokens)
 
     def reset(self) -> None:

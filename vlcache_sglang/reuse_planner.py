@@ -74,7 +74,7 @@ def image_items(mm_inputs: Any) -> list[tuple[Any, int, int]]:
     out = []
     for item in getattr(mm_inputs, "mm_items", None) or []:
         if not item.is_image() or not item.offsets or len(item.offsets) != 1 or item.hash is None:
-            logger.info("vlcache: image item not reusable: modality=%s offsets=%s hash=%s", item.modality,
+            logger.debug("vlcache: image item not reusable: modality=%s offsets=%s hash=%s", item.modality,
                         item.offsets, item.hash)
             continue
         start, end_incl = item.offsets[0]
@@ -128,7 +128,7 @@ def plan_request(
         if lo >= hi:
             continue
         node = cache.lookup_image(item.hash, image_grid(item), end - start, count=start >= prefix_len)
-        logger.info("vlcache: req %s image %032x tokens [%d, %d) of chunk [%d, %d): %s", req.rid, item.hash,
+        logger.debug("vlcache: req %s image %032x tokens [%d, %d) of chunk [%d, %d): %s", req.rid, item.hash,
                     start, end, prefix_len, seq_len, "hit" if node is not None else "miss")
         if node is None:
             continue

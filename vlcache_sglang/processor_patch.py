@@ -1,0 +1,159 @@
+"""Tokenizer-side shortcut for recurring images (Qwen2.5-VL multimodal processor).
+
+Every image of a request is keyed by xxh3-128 over its raw encoded bytes plus the processor
+settings (`image_key`). The key becomes the image item's `hash` (and so its pad value, the key of
+SGLang's encoder-output cache and of our image KV store), so SGLang never SHA-256-hashes the pixels.
+
+* All images of the request seen before: the request is built from the processed-image cache —
+  no decode, resize or normalisation; only the text is tokenised and M-RoPE positions computed,
+  exactly as SGLang's QwenVLImageProcessor does.
+* Otherwise SGLang's processor runs as stock; its per-image pixel values are then cached.
+* An image that cannot be decoded is a ValueError naming the image: a 4xx for the client, and the
+  server keeps serving.
+"""
+
+from __future__ import annotations
+
+import binascii
+import logging
+import os
+from typing import Any, Callable, Optional
+
+import torch
+
+from vlcache_sglang.image_key import (
+    ImageKey,
+    ProcessorSettings,
+    image_key_from_base64,
+    image_key_from_bytes,
+    image_key_from_file,
+)
+from vlcache_sglang.processed_image_cache import ProcessedImage, ProcessedImageCache
+
+logger = logging.getLogger(__name__)
+
+
+def _is_decode_error(e: BaseException) -> bool:
+    """True when an image failed to decode (SGLang wraps PIL's OSError in a RuntimeError)."""
+    while e is not None:
+        if isinstance(e, (OSError, binascii.Error)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def processor_settings(proc: Any) -> ProcessorSettings:
+    """The settings of SGLang's processor that change an image's tokens."""
+    ip = proc._processor.image_processor
+    size = getattr(ip, "size", None) or {}
+    min_pixels = getattr(ip, "min_pixels", None) or size.get("shortest_edge")
+    max_pixels = getattr(ip, "max_pixels", None) or size.get("longest_edge")
+    extra = tuple(sorted((k, str(getattr(ip, k, None))) for k in ("patch_size", "merge_size", "temporal_patch_size")))
+    return ProcessorSettings(model_id=str(proc.server_args.model_path), min_pixels=int(min_pixels),
+                             max_pixels=int(max_pixels), extra=extra)
+
+
+def key_of(entry: Any, settings: ProcessorSettings) -> Optional[ImageKey]:
+    """Key of one `image_data` entry, or None when it is not raw bytes we can hash (an http URL)."""
+    data = getattr(entry, "url", entry)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return image_key_from_bytes(data, settings)
+    if not isinstance(data, str):
+        return None
+    if data.startswith("data:"):
+        return image_key_from_base64(data, settings)
+    if "://" in data:
+        return None
+    if os.path.isfile(data):
+        return image_key_from_file(data, settings)
+    return image_key_from_base64(data, settings)
+
+
+class ImageProcessingShortcut:
+    def __init__(self, max_bytes: int) -> None:
+        self.cache = ProcessedImageCache(max_bytes)
+        self._settings: Optional[ProcessorSettings] = None
+
+    async def around_process(self, original: Callable[..., Any], proc: Any, image_data: Any, input_text: Any,
+                             request_obj: Any, *args: Any, **kwargs: Any) -> Any:
+        keys = self._keys(proc, image_data, request_obj)
+        if keys is not None and isinstance(input_text, str):
+            cached = [self.cache.get(k.value) for k in keys]
+            if all(c is not None for c in cached):
+                out = build_output_from_cache(proc, input_text, keys, cached)
+                if out is not None:
+                    return out
+        try:
+            out = await original(proc, image_data, input_text, request_obj, *args, **kwargs)
+        except Exception as e:
+            if _is_decode_error(e):
+                raise ValueError(f"an image of the request could not be decoded: {e}") from e
+            raise
+        if keys is not None:
+            self._adopt(out, keys)
+        return out
+
+    def _keys(self, proc: Any, image_data: Any, request_obj: Any) -> Optional[list[ImageKey]]:
+        if not image_data or getattr(request_obj, "video_data", None) or getattr(request_obj, "audio_data", None):
+            return None
+        if self._settings is None:
+            self._settings = processor_settings(proc)
+        keys = [key_of(entry, self._settings) for entry in image_data]
+        return keys if all(k is not None for k in keys) else None
+
+    def _adopt(self, out: Any, keys: list[ImageKey]) -> None:
+        """Give SGLang's freshly processed items our keys as hashes, and cache their pixels."""
+        from sglang.srt.managers.schedule_batch import MultimodalProcessorOutput
+
+        images = [item for item in out.mm_items if item.is_image()]
+        if len(images) != len(keys) or any(not item.offsets or len(item.offsets) != 1 for item in images):
+            return  # an unexpected layout: leave SGLang's own hashing in charge
+        for item, key in zip(images, keys):
+            item.hash, item.pad_value = key.value, key.pad_value
+            grid = item.model_specific_data.get("image_grid_thw")
+            if isinstance(item.feature, torch.Tensor) and grid is not None:
+                g = tuple(int(x) for x in torch.as_tensor(grid).reshape(-1)[:3].tolist())
+                self.cache.put(key.value, ProcessedImage(item.feature, g))
+        out.padded_input_ids = MultimodalProcessorOutput.build_padded_input_ids(out.input_ids, out.mm_items)
+
+
+def build_output_from_cache(proc: Any, text: str, keys: list[ImageKey], cached: list[ProcessedImage]) -> Any:
+    """What QwenVLImageProcessor.process_mm_data_async returns, from cached processed images."""
+    from sglang.srt.layers.rotary_embedding import MRotaryEmbedding
+    from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem, MultimodalProcessorOutput
+
+    tokens = proc.mm_tokens
+    merge = proc._spatial_merge_size
+    parts = text.split(tokens.image_token)
+    if len(parts) != len(keys) + 1:
+        return None  # placeholders and images disagree: let SGLang's own path report it
+    counts = [c.num_tokens(merge) for c in cached]
+    expanded = parts[0] + "".join(tokens.image_token * n + rest for n, rest in zip(counts, parts[1:]))
+    input_ids = proc._tokenizer(expanded, return_tensors="pt", add_special_tokens=True).input_ids.flatten()
+    offsets = proc.get_mm_items_offset(input_ids=input_ids, mm_token_id=tokens.image_token_id)
+    if [e - s + 1 for s, e in offsets] != counts:
+        return None
+    grids = torch.tensor([c.grid_thw for c in cached])
+    items = [
+        MultimodalDataItem(modality=Modality.IMAGE, hash=key.value, pad_value=key.pad_value, offsets=[off],
+                           feature=c.pixel_values, model_specific_data={"image_grid_thw": grids[i : i + 1]})
+        for i, (key, c, off) in enumerate(zip(keys, cached, offsets))
+    ]
+    mrope_positions, mrope_delta = MRotaryEmbedding.get_rope_index(
+        spatial_merge_size=merge, image_token_id=tokens.image_token_id, video_token_id=tokens.video_token_id,
+        vision_start_token_id=proc.vision_start_token_id, model_type=proc.model_type,
+        tokens_per_second=proc._tokens_per_second, input_ids=input_ids.unsqueeze(0), image_grid_thw=grids,
+        video_grid_thw=None, second_per_grid_ts=None, use_audio_in_video=False, audio_seqlens=None,
+        audio_token_id=getattr(proc.hf_config, "audio_token_id", None),
+        audio_start_token_id=proc.audio_start_token_id,
+        position_id_per_seconds=getattr(proc.hf_config, "position_id_per_seconds", None),
+    )
+    if mrope_positions.ndim == 3:
+        mrope_positions = mrope_positions.squeeze(1)
+    ids = input_ids.tolist()
+    return MultimodalProcessorOutput(
+        input_ids=ids, padded_input_ids=MultimodalProcessorOutput.build_padded_input_ids(ids, items),
+        mm_items=items, im_start_id=proc.vision_start_token_id, im_end_id=proc.vision_end_token_id,
+        im_token_id=tokens.image_token_id, video_token_id=tokens.video_token_id,
+        audio_token_id=tokens.audio_token_id, mrope_positions=mrope_positions, mrope_position_delta=mrope_delta,
+    )
