@@ -1,0 +1,66 @@
+"""Where a recurring image's TTFT goes: compare image payload kinds against a text-only prompt.
+
+    python benchmarks/ttft_breakdown.py --port 30000 --label first_k
+Each case is sent once to warm up (first sight), then 5 times after different text; median TTFT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import statistics
+
+import numpy as np
+from PIL import Image
+
+from reuse_check import chat_stream
+
+
+def _encode(img: Image.Image, fmt: str) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, quality=90) if fmt == "JPEG" else img.save(buf, format=fmt)
+    mime = "jpeg" if fmt == "JPEG" else fmt.lower()
+    return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _smooth(w: int, h: int, seed: int) -> Image.Image:
+    """A photo-like image (smooth gradients plus mild noise): compresses like a real photo."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([(x * rng.uniform(0.1, 0.3) + y * rng.uniform(0.1, 0.3) + c * 60) % 256 for c in range(3)], -1)
+    return Image.fromarray((base + rng.normal(0, 4, base.shape)).clip(0, 255).astype(np.uint8))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--label", required=True)
+    args = p.parse_args()
+    rng = np.random.default_rng(0)
+    cases = {
+        "1080p noise PNG (~6 MB)": _encode(Image.fromarray(rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8)), "PNG"),
+        "1080p photo-like JPEG": _encode(_smooth(1920, 1080, 1), "JPEG"),
+        "64x64 JPEG": _encode(_smooth(64, 64, 2), "JPEG"),
+    }
+    print(f"| server | case | payload KB | first TTFT ms | median TTFT ms (5, after other text) | cached |")
+    print("|---|---|---|---|---|---|")
+    for name, url in cases.items():
+        first = chat_stream(args.port, "Warm.", ["Image:", url, "Describe."], 4)
+        ttfts, cached = [], None
+        for i in range(5):
+            r = chat_stream(args.port, f"System prompt variant {i}. " * (i + 1), ["Image:", url, "Describe."], 4)
+            ttfts.append(1000 * r["ttft_s"])
+            cached = r.get("cached_tokens")
+        print(f"| {args.label} | {name} | {len(url) // 1024} | {1000 * first['ttft_s']:.0f} | "
+              f"{statistics.median(ttfts):.0f} | {cached} |")
+    text = " ".join(f"word{i}" for i in range(1300))
+    t = [1000 * chat_stream(args.port, f"Variant {i}.", [text], 4)["ttft_s"] for i in range(3)]
+    print(f"| {args.label} | text only, ~2700 new tokens | - | - | {statistics.median(t):.0f} | - |")
+    bad = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n garbage").decode()
+    r = chat_stream(args.port, "x", ["Image:", bad, "Describe."], 4)
+    print(f"| {args.label} | corrupt image | - | HTTP {r['status']} | {r.get('error', '')[:80]!r} | - |")
+
+
+if __name__ == "__main__":
+    main()
