@@ -97,3 +97,13 @@ def test_processed_cache_is_bounded():
         assert cache.put(key, ProcessedImage(torch.zeros(100, dtype=torch.float32), (1, 10, 10)))
     assert len(cache) == 3 and cache.get(0) is None and cache.get(3) is not None and cache.nbytes == 1200
     assert not cache.put(9, ProcessedImage(torch.zeros(1000), (1, 10, 10))), "larger than the whole cache"
+
+
+def test_pixels_cached_in_the_vision_dtype_are_the_same_numbers_the_tower_sees(proc):
+    shortcut = ImageProcessingShortcut(1 << 30, pixel_dtype=torch.bfloat16)
+    img = [_data_url(320, 240, 4)]
+    miss = _run(shortcut, proc, img, _prompt(proc, 1))
+    hit = _run(shortcut, proc, img, _prompt(proc, 1))
+    assert hit.mm_items[0].feature.dtype == torch.bfloat16
+    # Qwen2.5-VL's get_image_feature casts pixel values to the tower's dtype before anything else.
+    assert torch.equal(hit.mm_items[0].feature, miss.mm_items[0].feature.to(torch.bfloat16))

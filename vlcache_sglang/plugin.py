@@ -47,15 +47,19 @@ def apply_config(server_args: Any, config: VLCacheConfig) -> None:
     # SGLang's own vision-encoder output cache (keyed by image hash) serves reused images; size it
     # from our option unless the user sized it. Scheduler processes inherit the environment.
     os.environ.setdefault("SGLANG_VLM_CACHE_SIZE_MB", str(config.encoder_cache_mb))
-    _install_processor_shortcut(config)
+    _install_processor_shortcut(server_args, config)
     logger.info("vlcache enabled: %s", config)
 
 
-def _install_processor_shortcut(config: VLCacheConfig) -> None:
+def _install_processor_shortcut(server_args: Any, config: VLCacheConfig) -> None:
     """Tokenizer side (this process): key images by raw bytes, skip processing recurring ones."""
+    import torch
+
     from vlcache_sglang.processor_patch import ImageProcessingShortcut
 
-    shortcut = ImageProcessingShortcut(config.processed_cache_mb * 1024 * 1024)
+    dtype = server_args.get_model_config().dtype
+    shortcut = ImageProcessingShortcut(config.processed_cache_mb * 1024 * 1024,
+                                       pixel_dtype=dtype if dtype in (torch.bfloat16, torch.float16) else None)
     HookRegistry.register(
         "sglang.srt.multimodal.processors.qwen_vl.QwenVLImageProcessor.process_mm_data_async",
         shortcut.around_process,

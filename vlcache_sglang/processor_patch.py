@@ -70,8 +70,11 @@ def key_of(entry: Any, settings: ProcessorSettings) -> Optional[ImageKey]:
 
 
 class ImageProcessingShortcut:
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, pixel_dtype: Optional[torch.dtype] = None) -> None:
         self.cache = ProcessedImageCache(max_bytes)
+        # The vision tower casts pixel values to its own dtype first thing, so caching (and
+        # shipping to the scheduler) them in that dtype changes no number and halves the bytes.
+        self.pixel_dtype = pixel_dtype
         self._settings: Optional[ProcessorSettings] = None
 
     async def around_process(self, original: Callable[..., Any], proc: Any, image_data: Any, input_text: Any,
@@ -113,7 +116,8 @@ class ImageProcessingShortcut:
             grid = item.model_specific_data.get("image_grid_thw")
             if isinstance(item.feature, torch.Tensor) and grid is not None:
                 g = tuple(int(x) for x in torch.as_tensor(grid).reshape(-1)[:3].tolist())
-                self.cache.put(key.value, ProcessedImage(item.feature, g))
+                pixels = item.feature if self.pixel_dtype is None else item.feature.to(self.pixel_dtype)
+                self.cache.put(key.value, ProcessedImage(pixels, g))
         out.padded_input_ids = MultimodalProcessorOutput.build_padded_input_ids(out.input_ids, out.mm_items)
 
 

@@ -126,6 +126,9 @@ class SelectivePrefill:
         rows = sel.layer_rows[0]
         hidden, residual = full[rows], None
         planned_runs: Optional[RunLayout] = None
+        # Gathered once per distinct token set, not per layer: tiny active sets are launch-bound.
+        row_positions = positions[:, rows].contiguous()
+        row_out_loc = forward_batch.out_cache_loc[rows]
         for layer_id in range(lm.start_layer, lm.end_layer):
             layer = lm.layers[layer_id]
             new_rows = sel.layer_rows[layer_id]
@@ -133,12 +136,14 @@ class SelectivePrefill:
                 keep = torch.searchsorted(rows, new_rows)
                 hidden, residual = hidden[keep], residual[keep]
                 rows = new_rows
+                row_positions = positions[:, rows].contiguous()
+                row_out_loc = forward_batch.out_cache_loc[rows]
             runs = sel.layer_runs[layer_id]
             if runs is not planned_runs:
                 self._plan(runs, req_to_token, layer.self_attn, hidden.dtype, pool)
                 planned_runs = runs
-            hidden, residual = self._layer(layer, positions[:, rows].contiguous(), hidden, residual,
-                                           forward_batch.out_cache_loc[rows], pool)
+            # The M-RoPE kernel rotates q/k in place but reads positions only.
+            hidden, residual = self._layer(layer, row_positions, hidden, residual, row_out_loc, pool)
         hidden, _ = lm.norm(hidden, residual)
         out = torch.zeros(sel.num_extend_tokens, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
         out[rows] = hidden
