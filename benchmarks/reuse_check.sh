@@ -5,14 +5,16 @@
 set -uo pipefail
 source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-rm -f "$OUT/reuse.jsonl"
+rm -f "$OUT/reuse.jsonl" "$OUT/breakdown.md"
 for label in stock ${POLICIES:-full none first_k}; do
   extra=(); [ "$label" != stock ] && extra=(--enable-vlcache --vlcache-policy "$label")
   start_server "$label" "${extra[@]}" || continue
   python3 benchmarks/reuse_check.py probe --port "$PORT" --label "$label" --out "$OUT/reuse.jsonl"
+  (cd benchmarks && python3 ttft_breakdown.py --port "$PORT" --label "$label") >>"$OUT/breakdown.md"
   curl -sf "http://127.0.0.1:$PORT/health" >/dev/null || echo "$label: NOT healthy after probes"
   grep -E "vlcache stats|Traceback|Error" "$OUT/server_$label.log" | tail -5 | cut -c1-300
   stop_server
 done
 echo "== $(cat "$OUT/gpu.txt"), $(date -u +%F)"
 python3 benchmarks/reuse_check.py compare "$OUT/reuse.jsonl" --baseline stock
+echo; grep -v "^|---\|^| server" "$OUT/breakdown.md"

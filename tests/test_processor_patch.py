@@ -58,7 +58,7 @@ def test_cache_hit_output_equals_sglang_processing(proc):
     miss = _run(shortcut, proc, images, _prompt(proc, 2))
     assert shortcut.cache.misses == 2 and len(shortcut.cache) == 2
     hit = _run(shortcut, proc, images, _prompt(proc, 2))
-    assert shortcut.cache.hits == 2
+    assert shortcut.cache.hits == 2 and shortcut.served_from_cache == 1, "the hit path itself is compared"
     for out in (miss, hit):
         assert out.input_ids == list(stock.input_ids)
         assert torch.equal(out.mrope_positions, stock.mrope_positions)
@@ -78,7 +78,7 @@ def test_same_image_after_other_text_keeps_its_key(proc):
     img = _data_url(500, 300, 3)
     a = _run(shortcut, proc, [img], _prompt(proc, 1, "short"))
     b = _run(shortcut, proc, [img], _prompt(proc, 1, "a much longer system prompt " * 5))
-    assert a.mm_items[0].hash == b.mm_items[0].hash and shortcut.cache.hits == 1
+    assert a.mm_items[0].hash == b.mm_items[0].hash and shortcut.served_from_cache == 1
     assert b.mm_items[0].offsets[0][0] > a.mm_items[0].offsets[0][0]
 
 
@@ -104,6 +104,6 @@ def test_pixels_cached_in_the_vision_dtype_are_the_same_numbers_the_tower_sees(p
     img = [_data_url(320, 240, 4)]
     miss = _run(shortcut, proc, img, _prompt(proc, 1))
     hit = _run(shortcut, proc, img, _prompt(proc, 1))
-    assert hit.mm_items[0].feature.dtype == torch.bfloat16
+    assert shortcut.served_from_cache == 1 and hit.mm_items[0].feature.dtype == torch.bfloat16
     # Qwen2.5-VL's get_image_feature casts pixel values to the tower's dtype before anything else.
     assert torch.equal(hit.mm_items[0].feature, miss.mm_items[0].feature.to(torch.bfloat16))

@@ -76,6 +76,7 @@ class ImageProcessingShortcut:
         # shipping to the scheduler) them in that dtype changes no number and halves the bytes.
         self.pixel_dtype = pixel_dtype
         self._settings: Optional[ProcessorSettings] = None
+        self.served_from_cache = 0  # requests built without decoding or processing any image
 
     async def around_process(self, original: Callable[..., Any], proc: Any, image_data: Any, input_text: Any,
                              request_obj: Any, *args: Any, **kwargs: Any) -> Any:
@@ -85,7 +86,9 @@ class ImageProcessingShortcut:
             if all(c is not None for c in cached):
                 out = build_output_from_cache(proc, input_text, keys, cached)
                 if out is not None:
+                    self.served_from_cache += 1
                     return out
+                logger.warning("vlcache: cached images did not fit the prompt's placeholders; processing as stock")
         try:
             out = await original(proc, image_data, input_text, request_obj, *args, **kwargs)
         except Exception as e:
@@ -128,11 +131,13 @@ def build_output_from_cache(proc: Any, text: str, keys: list[ImageKey], cached: 
 
     tokens = proc.mm_tokens
     merge = proc._spatial_merge_size
-    parts = text.split(tokens.image_token)
-    if len(parts) != len(keys) + 1:
+    placeholder = tokens.image_token  # e.g. "<|vision_start|><|image_pad|><|vision_end|>"
+    pad = proc._tokenizer.convert_ids_to_tokens(tokens.image_token_id)  # "<|image_pad|>"
+    parts = text.split(placeholder)
+    if len(parts) != len(keys) + 1 or placeholder.count(pad) != 1:
         return None  # placeholders and images disagree: let SGLang's own path report it
     counts = [c.num_tokens(merge) for c in cached]
-    expanded = parts[0] + "".join(tokens.image_token * n + rest for n, rest in zip(counts, parts[1:]))
+    expanded = parts[0] + "".join(placeholder.replace(pad, pad * n) + rest for n, rest in zip(counts, parts[1:]))
     input_ids = proc._tokenizer(expanded, return_tensors="pt", add_special_tokens=True).input_ids.flatten()
     offsets = proc.get_mm_items_offset(input_ids=input_ids, mm_token_id=tokens.image_token_id)
     if [e - s + 1 for s, e in offsets] != counts:
