@@ -19,16 +19,17 @@ INV_FREQ = 1.0 / (1e6 ** (torch.arange(0, DIM, 2, dtype=torch.float32) / DIM))
 
 
 @pytest.fixture
-def cache():
+def cache(device):
+    """On the GPU when there is one (the copy kernel is real Triton there), else on the CPU."""
     pool = MHATokenToKVPool(size=POOL, page_size=1, dtype=torch.float32, head_num=HEADS, head_dim=DIM,
-                            layer_num=LAYERS, device="cpu", enable_memory_saver=False, enable_alt_stream=False)
+                            layer_num=LAYERS, device=device, enable_memory_saver=False, enable_alt_stream=False)
     gen = torch.Generator().manual_seed(0)
     for buf in (*pool.k_buffer, *pool.v_buffer):
         buf.copy_(torch.randn(buf.shape, generator=gen))
-    allocator = TokenToKVPoolAllocator(POOL, torch.float32, "cpu", pool, need_sort=False)
+    allocator = TokenToKVPoolAllocator(POOL, torch.float32, device, pool, need_sort=False)
     params = CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=allocator, page_size=1)
     return MultimodalRadixCache(params, VLCacheConfig(enabled=True, policy="none"), max_store_tokens=100,
-                                num_layers=LAYERS, inv_freq=INV_FREQ)
+                                num_layers=LAYERS, inv_freq=INV_FREQ.to(device))
 
 
 def _invariant(cache) -> None:
@@ -161,6 +162,7 @@ def test_copy_image_into_rotates_k_by_delta(cache):
     cache.copy_image_into(node, 3, dst, delta=-7)
     pool = cache.token_to_kv_pool_allocator.get_kvcache()
     for layer in range(LAYERS):
-        want = rotate_neox(pool.k_buffer[layer][node.value[3:13]], torch.full((10,), -7), INV_FREQ)
+        want = rotate_neox(pool.k_buffer[layer][node.value[3:13]], torch.full((10,), -7, device=dst.device),
+                           INV_FREQ.to(dst.device))
         torch.testing.assert_close(pool.k_buffer[layer][dst], want, rtol=1e-5, atol=1e-5)
         assert torch.equal(pool.v_buffer[layer][dst], pool.v_buffer[layer][node.value[3:13]])

@@ -21,18 +21,19 @@ N_IMG = 12
 
 
 @pytest.fixture
-def cache():
+def cache(device):
+    """On the GPU when there is one (the copy kernel is real Triton there), else on the CPU."""
     pool = MHATokenToKVPool(size=POOL, page_size=1, dtype=torch.float32, head_num=HEADS, head_dim=DIM,
-                            layer_num=LAYERS, device="cpu", enable_memory_saver=False, enable_alt_stream=False)
+                            layer_num=LAYERS, device=device, enable_memory_saver=False, enable_alt_stream=False)
     gen = torch.Generator().manual_seed(0)
     for buf in (*pool.k_buffer, *pool.v_buffer):
         buf.copy_(torch.randn(buf.shape, generator=gen))
-    allocator = TokenToKVPoolAllocator(POOL, torch.float32, "cpu", pool, need_sort=False)
-    req_pool = ReqToTokenPool(size=4, max_context_len=256, device="cpu", enable_memory_saver=False)
+    allocator = TokenToKVPoolAllocator(POOL, torch.float32, device, pool, need_sort=False)
+    req_pool = ReqToTokenPool(size=4, max_context_len=256, device=device, enable_memory_saver=False)
     params = CacheInitParams(disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator,
                              page_size=1)
     return MultimodalRadixCache(params, VLCacheConfig(enabled=True, policy="first_k", first_k=2),
-                                max_store_tokens=200, num_layers=LAYERS, inv_freq=INV_FREQ)
+                                max_store_tokens=200, num_layers=LAYERS, inv_freq=INV_FREQ.to(device))
 
 
 def _request(cache, text_before: int, text_after: int, row: int):
@@ -85,7 +86,7 @@ def test_plan_reuses_the_stored_image_at_a_new_position(cache):
     # the model forward copies with δ; K at the new slots is the stored K rotated by δ
     cache._copy_kv(plan.src_slots, plan.dst_slots, plan.delta)
     pool = cache.token_to_kv_pool_allocator.get_kvcache()
-    want = rotate_neox(pool.k_buffer[0][node.value], plan.delta, INV_FREQ)
+    want = rotate_neox(pool.k_buffer[0][node.value], plan.delta, INV_FREQ.to(plan.delta.device))
     torch.testing.assert_close(pool.k_buffer[0][second_slots[9:21]], want)
     cache.cache_unfinished_req(second)
     assert node.lock_ref == 0, "released once cached"
