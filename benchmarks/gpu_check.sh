@@ -24,9 +24,21 @@ for label in stock vlcache; do
   stop_server
 done
 
+echo "== memory pressure: distinct 4K images through a small KV pool, strict idle leak check"
+SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE=1 start_server pressure --enable-vlcache --vlcache-policy first_k \
+  --max-total-tokens 40000 --vlcache-mm-store-tokens 25000 --enable-metrics && {
+  python3 benchmarks/gpu_client.py --port "$PORT" --label pressure --out "$OUT/probes.jsonl" --pressure 5
+  sleep 3  # let the scheduler go idle and run its leak check
+  curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && echo "pressure: healthy after the stream" || echo "pressure: NOT healthy"
+  curl -s "http://127.0.0.1:$PORT/metrics" | grep -E "^sglang:vlcache_(key_hits|key_misses|stored_images|evicted_images|store_tokens|store_skipped) " | tee "$OUT/pressure_metrics.txt"
+  stop_server
+  grep -ciE "leak" "$OUT/server_pressure.log" | sed 's/^/pressure: log lines mentioning a leak: /'
+}
+
 echo "== GPU tests"
-VLCACHE_TEST_MODEL_DIR=$MODEL python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_recompute_policy.py \
-  tests/test_image_key.py tests/test_radix_mm_cache.py 2>&1 | tee "$OUT/pytest.log" | tail -5
+VLCACHE_TEST_MODEL_DIR=$MODEL python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model_patch \
+  tests/test_recompute_policy.py tests/test_image_key.py tests/test_radix_mm_cache.py tests/test_reuse_planner.py \
+  tests/test_processor_patch.py 2>&1 | tee "$OUT/pytest.log" | tail -5
 
 echo
 echo "== summary ($(cat "$OUT/gpu.txt"), $(date -u +%F))"
@@ -34,10 +46,10 @@ echo "refused set-up: exit $refused_rc, \"$refused_msg\""
 python3 - "$OUT/probes.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-print(f"| {'server':8} | {'probe':24} | status | latency s | prompt | cached | output")
+print(f"| {'server':8} | {'probe':30} | status | latency s | prompt | cached | output")
 print("|" + "---|" * 7)
 for r in rows:
-    print(f"| {r['server']:8} | {r['probe']:24} | {r['status']} | {r['latency_s']} | {r.get('prompt_tokens')} "
+    print(f"| {r['server']:8} | {r['probe']:30} | {r['status']} | {r['latency_s']} | {r.get('prompt_tokens')} "
           f"| {r.get('cached_tokens')} | {r.get('text', r.get('error', ''))[:40]!r}")
 PY
 tail -1 "$OUT/pytest.log"

@@ -53,12 +53,48 @@ def chat(port: int, text_before: str, image_url: str, max_tokens: int = 8) -> di
     return out
 
 
+def photo_data_url(width: int, height: int, seed: int) -> str:
+    """A photo-like JPEG (smooth gradients, mild noise): realistic size, unique per seed."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * rng.uniform(0.05, 0.3) + y * rng.uniform(0.05, 0.3) + c * 60) % 256 for c in range(3)], -1)
+    img = Image.fromarray((base + rng.normal(0, 4, base.shape)).clip(0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def concurrent_same_new_image(port: int) -> list[dict]:
+    """Two requests with the same never-seen image at once: both must succeed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    img = png_data_url(1280, 720, seed=99)
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(chat, port, f"Concurrent request {i}:", img) for i in range(2)]
+        return [f.result() for f in futures]
+
+
+def pressure(port: int, label: str, out: str, n_distinct: int) -> None:
+    """Distinct 4K images through a small KV pool, each after other text, then the first ones again."""
+    urls = [photo_data_url(3840, 2160, seed=1000 + i) for i in range(n_distinct)]
+    order = list(range(n_distinct)) + [0, 1, n_distinct - 1]
+    with open(out, "a") as f:
+        for step, i in enumerate(order):
+            row = {"server": label, "probe": f"4K image {i} (step {step})", **chat(port, f"Step {step} text.", urls[i])}
+            print(json.dumps(row), flush=True)
+            f.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--label", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--pressure", type=int, default=0, help="run the memory-pressure stream with N distinct 4K images")
     args = p.parse_args()
+    if args.pressure:
+        pressure(args.port, args.label, args.out, args.pressure)
+        return
     img = png_data_url(1920, 1080, seed=1)
     probes = [
         ("first sight (1080p)", "You are a careful assistant. Here is a photo:", img),
@@ -70,6 +106,10 @@ def main() -> None:
     with open(args.out, "a") as f:
         for name, text, url in probes:
             row = {"server": args.label, "probe": name, **chat(args.port, text, url)}
+            print(json.dumps(row), flush=True)
+            f.write(json.dumps(row) + "\n")
+        for i, result in enumerate(concurrent_same_new_image(args.port)):
+            row = {"server": args.label, "probe": f"same new image, concurrent {i}", **result}
             print(json.dumps(row), flush=True)
             f.write(json.dumps(row) + "\n")
 

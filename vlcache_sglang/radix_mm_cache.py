@@ -74,8 +74,15 @@ class MultimodalRadixCache(RadixCache):
             config.policy, PolicyParams(recompute_ratio=config.recompute_ratio, first_k=config.first_k)
         )
         self.stats = VLCacheStats()
+        self.metrics = None  # VLCacheMetrics when the server exports metrics
         self._image_nodes: dict[int, TreeNode] = {}
         super().__init__(params)
+
+    def publish_stats(self) -> None:
+        """Log the counters now and then; export them when --enable-metrics is on."""
+        self.stats.maybe_log()
+        if self.metrics is not None:
+            self.metrics.publish(self.stats)
 
     # ----- image nodes -------------------------------------------------------------------------
 
@@ -172,7 +179,8 @@ class MultimodalRadixCache(RadixCache):
             entry = ImageEntry(key, image_start_pos(mm, start), image_grid(item), end - start)
             stored = self.store_image(entry, src)
             logger.debug("vlcache: image %032x (%d tokens at %d) %s; store %d tokens", key, end - start,
-                        entry.start_pos, "stored" if stored else "not stored", self.image_store_tokens)
+                         entry.start_pos, "stored" if stored else "not stored", self.image_store_tokens)
+            self.publish_stats()
 
     def reset(self) -> None:
         super().reset()
@@ -267,5 +275,10 @@ def vlcache_tree_cache_factory(ctx: "TreeCacheBuildContext") -> RadixCache:
     logger.info("vlcache tree cache: policy=%s, image store bound %d tokens of %d", config.policy, max_store,
                 pool_tokens)
     num_layers = ctx.model_config.num_hidden_layers
-    return MultimodalRadixCache(ctx.params, config, max_store_tokens=max_store, num_layers=num_layers,
-                                inv_freq=inv_freq)
+    cache = MultimodalRadixCache(ctx.params, config, max_store_tokens=max_store, num_layers=num_layers,
+                                 inv_freq=inv_freq)
+    if getattr(ctx.server_args, "enable_metrics", False):
+        from vlcache_sglang.metrics import VLCacheMetrics
+
+        cache.metrics = VLCacheMetrics()
+    return cache

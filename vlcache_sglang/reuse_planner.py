@@ -175,7 +175,7 @@ def plan_batch(batch: "ScheduleBatch", cache: "MultimodalRadixCache") -> None:
                 cache.stats.recomputed_tokens += recomputed
                 req.cached_tokens += plan.reused_tokens - recomputed
         pt += extend_len
-    cache.stats.maybe_log()
+    cache.publish_stats()
 
 
 def around_prepare_for_extend(original: Callable[..., Any], batch: "ScheduleBatch", *args: Any, **kwargs: Any) -> Any:
