@@ -25,7 +25,8 @@ for label in stock vlcache; do
 done
 
 echo "== memory pressure: distinct 4K images through a small KV pool, strict idle leak check"
-SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE=1 start_server pressure --enable-vlcache --vlcache-policy first_k \
+export SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE=1  # a leak at idle raises in the scheduler
+start_server pressure --enable-vlcache --vlcache-policy first_k \
   --max-total-tokens 40000 --vlcache-mm-store-tokens 25000 --enable-metrics && {
   python3 benchmarks/gpu_client.py --port "$PORT" --label pressure --out "$OUT/probes.jsonl" --pressure 5
   sleep 3  # let the scheduler go idle and run its leak check
@@ -34,6 +35,7 @@ SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE=1 start_server pressure --enable-vlca
   stop_server
   grep -ciE "leak" "$OUT/server_pressure.log" | sed 's/^/pressure: log lines mentioning a leak: /'
 }
+unset SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE
 
 echo "== GPU tests"
 VLCACHE_TEST_MODEL_DIR=$MODEL python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model_patch \
