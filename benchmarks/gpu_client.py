@@ -7,21 +7,12 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
 import time
 
-import numpy as np
 import requests
-from PIL import Image
 
-
-def png_data_url(width: int, height: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+from images import photo_data_url, png_data_url
 
 
 def chat(port: int, text_before: str, image_url: str, max_tokens: int = 8) -> dict:
@@ -51,17 +42,6 @@ def chat(port: int, text_before: str, image_url: str, max_tokens: int = 8) -> di
     else:
         out["error"] = r.text[:200]
     return out
-
-
-def photo_data_url(width: int, height: int, seed: int) -> str:
-    """A photo-like JPEG (smooth gradients, mild noise): realistic size, unique per seed."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([(x * rng.uniform(0.05, 0.3) + y * rng.uniform(0.05, 0.3) + c * 60) % 256 for c in range(3)], -1)
-    img = Image.fromarray((base + rng.normal(0, 4, base.shape)).clip(0, 255).astype(np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def concurrent_same_new_image(port: int) -> list[dict]:

@@ -12,23 +12,13 @@ agree and the largest logprob difference.
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import statistics
 import time
 
-import numpy as np
 import requests
-from PIL import Image
 
-
-def png_data_url(width: int, height: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+from images import png_data_url
 
 
 def _content(parts: list) -> list:

@@ -8,28 +8,10 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import statistics
 
-import numpy as np
-from PIL import Image
-
+from images import photo_data_url, png_data_url
 from reuse_check import chat_stream
-
-
-def _encode(img: Image.Image, fmt: str) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, quality=90) if fmt == "JPEG" else img.save(buf, format=fmt)
-    mime = "jpeg" if fmt == "JPEG" else fmt.lower()
-    return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _smooth(w: int, h: int, seed: int) -> Image.Image:
-    """A photo-like image (smooth gradients plus mild noise): compresses like a real photo."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    base = np.stack([(x * rng.uniform(0.1, 0.3) + y * rng.uniform(0.1, 0.3) + c * 60) % 256 for c in range(3)], -1)
-    return Image.fromarray((base + rng.normal(0, 4, base.shape)).clip(0, 255).astype(np.uint8))
 
 
 def main() -> None:
@@ -37,11 +19,10 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--label", required=True)
     args = p.parse_args()
-    rng = np.random.default_rng(0)
     cases = {
-        "1080p noise PNG (~6 MB)": _encode(Image.fromarray(rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8)), "PNG"),
-        "1080p photo-like JPEG": _encode(_smooth(1920, 1080, 1), "JPEG"),
-        "64x64 JPEG": _encode(_smooth(64, 64, 2), "JPEG"),
+        "1080p noise PNG (~6 MB)": png_data_url(1920, 1080, seed=0),
+        "1080p photo-like JPEG": photo_data_url(1920, 1080, seed=1),
+        "64x64 JPEG": photo_data_url(64, 64, seed=2),
     }
     print(f"| server | case | payload KB | first TTFT ms | median TTFT ms (5, after other text) | cached |")
     print("|---|---|---|---|---|---|")

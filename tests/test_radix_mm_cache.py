@@ -4,12 +4,11 @@ from array import array
 
 import pytest
 import torch
-from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
+from conftest import make_kv_pool
 from vlcache_sglang.config import VLCacheConfig
 from vlcache_sglang.kernels import rotate_neox
 from vlcache_sglang.radix_mm_cache import ImageEntry, MultimodalRadixCache
@@ -21,12 +20,7 @@ INV_FREQ = 1.0 / (1e6 ** (torch.arange(0, DIM, 2, dtype=torch.float32) / DIM))
 @pytest.fixture
 def cache(device):
     """On the GPU when there is one (the copy kernel is real Triton there), else on the CPU."""
-    pool = MHATokenToKVPool(size=POOL, page_size=1, dtype=torch.float32, head_num=HEADS, head_dim=DIM,
-                            layer_num=LAYERS, device=device, enable_memory_saver=False, enable_alt_stream=False)
-    gen = torch.Generator().manual_seed(0)
-    for buf in (*pool.k_buffer, *pool.v_buffer):
-        buf.copy_(torch.randn(buf.shape, generator=gen))
-    allocator = TokenToKVPoolAllocator(POOL, torch.float32, device, pool, need_sort=False)
+    _, allocator = make_kv_pool(POOL, LAYERS, HEADS, DIM, device)
     params = CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=allocator, page_size=1)
     return MultimodalRadixCache(params, VLCacheConfig(enabled=True, policy="none"), max_store_tokens=100,
                                 num_layers=LAYERS, inv_freq=INV_FREQ.to(device))

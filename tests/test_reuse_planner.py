@@ -5,10 +5,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem, MultimodalInputs
-from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
+from conftest import make_kv_pool
 from vlcache_sglang.config import VLCacheConfig
 from vlcache_sglang.kernels import rotate_neox
 from vlcache_sglang.radix_mm_cache import MultimodalRadixCache
@@ -23,12 +23,7 @@ N_IMG = 12
 @pytest.fixture
 def cache(device):
     """On the GPU when there is one (the copy kernel is real Triton there), else on the CPU."""
-    pool = MHATokenToKVPool(size=POOL, page_size=1, dtype=torch.float32, head_num=HEADS, head_dim=DIM,
-                            layer_num=LAYERS, device=device, enable_memory_saver=False, enable_alt_stream=False)
-    gen = torch.Generator().manual_seed(0)
-    for buf in (*pool.k_buffer, *pool.v_buffer):
-        buf.copy_(torch.randn(buf.shape, generator=gen))
-    allocator = TokenToKVPoolAllocator(POOL, torch.float32, device, pool, need_sort=False)
+    _, allocator = make_kv_pool(POOL, LAYERS, HEADS, DIM, device)
     req_pool = ReqToTokenPool(size=4, max_context_len=256, device=device, enable_memory_saver=False)
     params = CacheInitParams(disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator,
                              page_size=1)

@@ -1,0 +1,33 @@
+"""Test images as data URLs for the GPU probes: random noise (incompressible) and photo-like."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def _data_url(img: Image.Image, fmt: str) -> str:
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        img.save(buf, format="JPEG", quality=90)
+    else:
+        img.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def png_data_url(width: int, height: int, seed: int) -> str:
+    """Random noise as PNG: the worst case for payload size (a 1080p one is ~6 MB)."""
+    rng = np.random.default_rng(seed)
+    return _data_url(Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)), "PNG")
+
+
+def photo_data_url(width: int, height: int, seed: int) -> str:
+    """A photo-like JPEG (smooth gradients, mild noise): compresses like a real photo, unique per seed."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * rng.uniform(0.05, 0.3) + y * rng.uniform(0.05, 0.3) + c * 60) % 256 for c in range(3)], -1)
+    img = Image.fromarray((base + rng.normal(0, 4, base.shape)).clip(0, 255).astype(np.uint8))
+    return _data_url(img, "JPEG")
