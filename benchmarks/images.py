@@ -31,3 +31,22 @@ def photo_data_url(width: int, height: int, seed: int) -> str:
     base = np.stack([(x * rng.uniform(0.05, 0.3) + y * rng.uniform(0.05, 0.3) + c * 60) % 256 for c in range(3)], -1)
     img = Image.fromarray((base + rng.normal(0, 4, base.shape)).clip(0, 255).astype(np.uint8))
     return _data_url(img, "JPEG")
+
+
+def page_data_url(width: int, height: int, seed: int) -> str:
+    """A document-page-like PNG: white page, dark text lines of varying length, unique per seed."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    margin, line_h = width // 12, max(height // 60, 4)
+    y = margin
+    while y < height - margin:
+        x = margin
+        while x < width - margin:
+            w = int(rng.integers(line_h, 6 * line_h))
+            draw.rectangle([x, y, min(x + w, width - margin), y + line_h // 2], fill=(30, 30, 30))
+            x += w + line_h
+        y += int(line_h * rng.uniform(1.4, 2.2))
+    return _data_url(img, "PNG")
