@@ -107,3 +107,12 @@ def test_pixels_cached_in_the_vision_dtype_are_the_same_numbers_the_tower_sees(p
     assert shortcut.served_from_cache == 1 and hit.mm_items[0].feature.dtype == torch.bfloat16
     # Qwen2.5-VL's get_image_feature casts pixel values to the tower's dtype before anything else.
     assert torch.equal(hit.mm_items[0].feature, miss.mm_items[0].feature.to(torch.bfloat16))
+
+
+def test_processor_settings_read_the_real_processor(proc):
+    from vlcache_sglang.processor_patch import processor_settings
+
+    settings = processor_settings(proc)
+    assert (settings.min_pixels, settings.max_pixels) == (3136, 12845056)
+    assert settings.model_id == str(proc.server_args.model_path)
+    assert dict(settings.extra)["merge_size"] == "2"

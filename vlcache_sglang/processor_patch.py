@@ -45,10 +45,18 @@ def _is_decode_error(e: BaseException) -> bool:
 def processor_settings(proc: Any) -> ProcessorSettings:
     """The settings of SGLang's processor that change an image's tokens."""
     ip = proc._processor.image_processor
-    size = getattr(ip, "size", None) or {}
-    min_pixels = getattr(ip, "min_pixels", None) or size.get("shortest_edge")
-    max_pixels = getattr(ip, "max_pixels", None) or size.get("longest_edge")
-    extra = tuple(sorted((k, str(getattr(ip, k, None))) for k in ("patch_size", "merge_size", "temporal_patch_size")))
+    size = getattr(ip, "size", None)  # a dict, or transformers' SizeDict (attributes)
+
+    def edge(name: str) -> int:
+        value = size.get(name) if isinstance(size, dict) else getattr(size, name, None)
+        return int(value or 0)
+
+    # Qwen2-VL processors keep min/max pixels as size's shortest/longest edge (transformers 5).
+    min_pixels = getattr(ip, "min_pixels", None) or edge("shortest_edge")
+    max_pixels = getattr(ip, "max_pixels", None) or edge("longest_edge")
+    # Everything else that shapes the tokens goes in verbatim, so an unusual processor still keys safely.
+    knobs = ("patch_size", "merge_size", "temporal_patch_size", "size", "do_resize", "image_mean", "image_std")
+    extra = tuple(sorted((k, repr(getattr(ip, k, None))) for k in knobs))
     return ProcessorSettings(model_id=str(proc.server_args.model_path), min_pixels=int(min_pixels),
                              max_pixels=int(max_pixels), extra=extra)
 
