@@ -148,12 +148,12 @@ def test_flush_clears_image_nodes(cache):
     _invariant(cache)
 
 
-def test_copy_image_into_rotates_k_by_delta(cache):
+def test_copy_kv_from_an_image_node_rotates_k_by_delta(cache):
     src = _request_kv(cache, 16)
     cache.store_image(_entry(11, 16), src)
     node = cache.lookup_image(11, (1, 2, 32), 16)
     dst = _request_kv(cache, 10)
-    cache.copy_image_into(node, 3, dst, delta=-7)
+    cache.copy_kv(node.value[3:13], dst, delta=-7)
     pool = cache.token_to_kv_pool_allocator.get_kvcache()
     for layer in range(LAYERS):
         want = rotate_neox(pool.k_buffer[layer][node.value[3:13]], torch.full((10,), -7, device=dst.device),

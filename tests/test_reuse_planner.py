@@ -79,7 +79,7 @@ def test_plan_reuses_the_stored_image_at_a_new_position(cache):
     assert plan.layer_sets[0].tolist() == [*range(0, 11), *range(21, 25)]
     assert node.lock_ref == 1, "locked until the request is cached"
     # the model forward copies with δ; K at the new slots is the stored K rotated by δ
-    cache._copy_kv(plan.src_slots, plan.dst_slots, plan.delta)
+    cache.copy_kv(plan.src_slots, plan.dst_slots, plan.delta)
     pool = cache.token_to_kv_pool_allocator.get_kvcache()
     want = rotate_neox(pool.k_buffer[0][node.value], plan.delta, INV_FREQ.to(plan.delta.device))
     torch.testing.assert_close(pool.k_buffer[0][second_slots[9:21]], want)

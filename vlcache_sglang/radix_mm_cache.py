@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from array import array
 from typing import TYPE_CHECKING, Optional
 
@@ -103,7 +104,7 @@ class MultimodalRadixCache(RadixCache):
                            image_key, entry.grid_thw, entry.num_tokens, tuple(grid_thw), num_tokens)
             return None
         self.stats.key_hits += count
-        node.last_access_time = _now()
+        node.last_access_time = time.monotonic()
         return node
 
     def has_image(self, image_key: int) -> bool:
@@ -123,7 +124,7 @@ class MultimodalRadixCache(RadixCache):
         if slots is None:
             self.stats.store_skipped += 1
             return False
-        self._copy_kv(src_slots, slots, delta=0)
+        self.copy_kv(src_slots, slots, delta=0)
         key = RadixKey(array("q", [_pad_value(entry.image_key)] * n), extra_key=ImageNodeKey(entry.image_key))
         result = self.insert(InsertParams(key=key, value=slots))
         node = result.last_device_node
@@ -134,17 +135,9 @@ class MultimodalRadixCache(RadixCache):
         self._account(n)
         return True
 
-    def copy_image_into(self, node: TreeNode, src_offset: int, dst_slots: torch.Tensor, delta: int) -> None:
-        """Copy tokens [src_offset, src_offset + len(dst)) of an image node to dst, K rotated by δ."""
-        src = node.value[src_offset : src_offset + dst_slots.numel()]
-        self._copy_kv(src, dst_slots, delta)
-
     @property
     def image_store_tokens(self) -> int:
         return self.stats.store_tokens
-
-    def image_nodes(self) -> list[TreeNode]:
-        return list(self._image_nodes.values())
 
     # ----- RadixCache overrides ----------------------------------------------------------------
 
@@ -221,7 +214,8 @@ class MultimodalRadixCache(RadixCache):
             slots = allocator.alloc(n)
         return slots
 
-    def _copy_kv(self, src: torch.Tensor, dst: torch.Tensor, delta: int | torch.Tensor) -> None:
+    def copy_kv(self, src: torch.Tensor, dst: torch.Tensor, delta: int | torch.Tensor) -> None:
+        """All layers: K/V of slots src to slots dst, K rotated by δ (the copy-rotate kernel)."""
         from vlcache_sglang.kernels import copy_rotate_kv
 
         pool = self.token_to_kv_pool_allocator.get_kvcache()
@@ -245,12 +239,6 @@ class MultimodalRadixCache(RadixCache):
 
 def _pad_value(image_key: int) -> int:
     return 1_000_000 + image_key % (1 << 30)
-
-
-def _now() -> float:
-    import time
-
-    return time.monotonic()
 
 
 def vlcache_tree_cache_factory(ctx: "TreeCacheBuildContext") -> RadixCache:
