@@ -109,3 +109,27 @@ def test_mismatched_grid_is_a_miss(cache):
     second.multimodal_inputs.mm_items[0].model_specific_data["image_grid_thw"] = torch.tensor([[1, 6, 8]])
     assert plan_request(second, 0, len(second.origin_input_ids), slots, cache, cache.policy, LAYERS) is None
     assert cache.stats.key_mismatches == 1
+
+
+@pytest.mark.parametrize("return_logprob, logprob_start, reused", [
+    (False, None, True),
+    (True, "extend_len", True),  # OpenAI `logprobs`: output tokens only -> reuse
+    (True, 0, False),  # input-token logprobs need every token's hidden state -> no reuse
+])
+def test_plan_batch_attaches_plans_and_counts_cached_tokens(cache, return_logprob, logprob_start, reused):
+    from vlcache_sglang.reuse_planner import PLANS_ATTR, plan_batch
+
+    first, _ = _request(cache, text_before=5, text_after=3, row=0)
+    cache.cache_unfinished_req(first)
+    second, slots = _request(cache, text_before=9, text_after=4, row=1)
+    second.return_logprob = return_logprob
+    extend = len(second.origin_input_ids)
+    batch = SimpleNamespace(reqs=[second], prefix_lens=[0], extend_lens=[extend], out_cache_loc=slots,
+                            extend_logprob_start_lens=[extend if logprob_start == "extend_len" else logprob_start])
+    plan_batch(batch, cache)
+    plans = getattr(second.multimodal_inputs, PLANS_ATTR, {})
+    assert (0 in plans) == reused
+    # first_k=2 recomputes 2 of the 12 reused image tokens: 10 count as cached
+    assert second.cached_tokens == (10 if reused else 0)
+    assert cache.stats.reused_tokens == (12 if reused else 0)
+    assert cache.stats.recomputed_tokens == (2 if reused else 0)
