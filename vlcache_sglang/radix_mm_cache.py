@@ -216,13 +216,11 @@ class MultimodalRadixCache(RadixCache):
 
     def copy_kv(self, src: torch.Tensor, dst: torch.Tensor, delta: int | torch.Tensor) -> None:
         """All layers: K/V of slots src to slots dst, K rotated by δ (the copy-rotate kernel)."""
-        from vlcache_sglang.kernels import copy_rotate_kv
+        from vlcache_sglang.kernels import copy_rotate_pool_kv
 
-        pool = self.token_to_kv_pool_allocator.get_kvcache()
         if self.inv_freq is None:
             raise RuntimeError("MultimodalRadixCache needs the model's rotary inv_freq to move KV")
-        copy_rotate_kv(pool.k_buffer, pool.v_buffer, src, dst, delta, self.inv_freq,
-                       k_ptrs=getattr(pool, "k_data_ptrs", None), v_ptrs=getattr(pool, "v_data_ptrs", None))
+        copy_rotate_pool_kv(self.token_to_kv_pool_allocator.get_kvcache(), src, dst, delta, self.inv_freq)
 
     def _account(self, tokens: int) -> None:
         self.stats.store_tokens += tokens
@@ -259,7 +257,7 @@ def vlcache_tree_cache_factory(ctx: "TreeCacheBuildContext") -> RadixCache:
 
         model = ctx.tp_worker.model_runner.model
         inv_freq = inv_freq_of(language_rotary_embedding(model)).to(allocator.device)
-        install(config)
+        install(inv_freq)
     logger.info("vlcache tree cache: policy=%s, image store bound %d tokens of %d", config.policy, max_store,
                 pool_tokens)
     num_layers = ctx.model_config.num_hidden_layers

@@ -48,3 +48,42 @@ def test_a_shrinking_policy_gets_new_rows_only_where_the_set_changes():
     assert sizes == [20, 16, 13, 12]  # 12 text tokens + 8, 4, 1, 0 of the image
     for prev, cur in zip(sel.layer_rows, sel.layer_rows[1:]):
         assert bool(torch.isin(cur, prev).all())
+
+
+def test_reused_kv_of_a_batch_is_copied_and_rotated_in_one_call(device):
+    from conftest import make_kv_pool
+    from vlcache_sglang.kernels import rotate_neox
+    from vlcache_sglang.model_patch.selective_prefill import copy_reused_kv
+
+    pool, _ = make_kv_pool(64, 2, 2, 16, device)
+    inv_freq = (1.0 / (1e6 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))).to(device)
+    empty = torch.empty(0, dtype=torch.long)
+    layout = TokenLayout(seq_len=8, prefix_len=0, images=(ImageSpan(1, 3, reused=True),))
+
+    def plan(src, dst, delta):
+        t = lambda x: torch.tensor(x, device=device)  # noqa: E731
+        return RequestReuse(0, 8, layout, [empty], t(src), t(dst), t([delta] * len(src)))
+
+    plans = [plan([1, 2, 3], [20, 21, 22], 5), None, plan([4, 5], [30, 31], -2)]
+    want_k = [rotate_neox(pool.k_buffer[0][[1, 2, 3]], torch.full((3,), 5, device=device), inv_freq),
+              rotate_neox(pool.k_buffer[0][[4, 5]], torch.full((2,), -2, device=device), inv_freq)]
+    copy_reused_kv(pool, plans, inv_freq)
+    torch.testing.assert_close(pool.k_buffer[0][[20, 21, 22]], want_k[0])
+    torch.testing.assert_close(pool.k_buffer[0][[30, 31]], want_k[1])
+    assert torch.equal(pool.v_buffer[1][[30, 31]], pool.v_buffer[1][[4, 5]])
+
+
+def test_plans_are_taken_by_prefix_length_once():
+    from vlcache_sglang.model_patch.selective_prefill import _take_plans
+    from vlcache_sglang.reuse_planner import PLANS_ATTR
+
+    layout = TokenLayout(seq_len=8, prefix_len=0, images=(ImageSpan(1, 3, reused=True),))
+    empty = torch.empty(0, dtype=torch.long)
+    mm = SimpleNamespace(**{PLANS_ATTR: {0: RequestReuse(0, 8, layout, [], empty, empty, empty)}})
+    extend = SimpleNamespace(is_extend=lambda: True)
+    fb = SimpleNamespace(mm_inputs=[mm, None], forward_mode=extend, extend_prefix_lens_cpu=[4, 0])
+    assert _take_plans(fb) is None, "a plan made for another chunk (prefix 0) is not used at prefix 4"
+    fb.extend_prefix_lens_cpu = [0, 0]
+    plans = _take_plans(fb)
+    assert plans[0] is not None and plans[1] is None
+    assert _take_plans(fb) is None, "taken once"

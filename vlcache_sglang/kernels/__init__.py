@@ -1,6 +1,6 @@
 """CUDA kernels (Triton) of vlcache-sglang, each with a torch reference beside it."""
 
-from vlcache_sglang.kernels.copy_rotate import copy_rotate_kv
+from vlcache_sglang.kernels.copy_rotate import copy_rotate_kv, copy_rotate_pool_kv
 from vlcache_sglang.kernels.copy_rotate_reference import copy_rotate_kv_reference, rotate_neox
 
-__all__ = ["copy_rotate_kv", "copy_rotate_kv_reference", "rotate_neox"]
+__all__ = ["copy_rotate_kv", "copy_rotate_pool_kv", "copy_rotate_kv_reference", "rotate_neox"]

@@ -9,7 +9,7 @@ slots into the request's new slots of SGLang's KV pool.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 import triton
@@ -147,3 +147,11 @@ def copy_rotate_kv(
         BLOCK_V=triton.next_power_of_2(v_row),
         DTYPE=_TL_DTYPES[k_buffers[0].dtype],
     )
+
+
+def copy_rotate_pool_kv(
+    pool: Any, src_slots: torch.Tensor, dst_slots: torch.Tensor, delta: Union[int, torch.Tensor], inv_freq: torch.Tensor
+) -> None:
+    """copy_rotate_kv over an SGLang MHA KV pool (`k_buffer`/`v_buffer` lists, cached data pointers)."""
+    copy_rotate_kv(pool.k_buffer, pool.v_buffer, src_slots, dst_slots, delta, inv_freq,
+                   k_ptrs=getattr(pool, "k_data_ptrs", None), v_ptrs=getattr(pool, "v_data_ptrs", None))

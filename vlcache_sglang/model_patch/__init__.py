@@ -6,12 +6,13 @@ exist only in servers started with --enable-vlcache.
 
 from __future__ import annotations
 
-from vlcache_sglang.config import VLCacheConfig
+import torch
 
 _installed = False
 
 
-def install(config: VLCacheConfig) -> None:
+def install(inv_freq: torch.Tensor) -> None:
+    """Hook the scheduler and the model; `inv_freq`: the model's rotary inverse frequencies (device)."""
     global _installed
     if _installed:
         return
@@ -21,7 +22,7 @@ def install(config: VLCacheConfig) -> None:
     from vlcache_sglang.model_patch.selective_prefill import SelectivePrefill
     from vlcache_sglang.reuse_planner import around_prepare_for_extend
 
-    prefill = SelectivePrefill()
+    prefill = SelectivePrefill(inv_freq)
     HookRegistry.register("sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend",
                           around_prepare_for_extend, HookType.AROUND)
     HookRegistry.register("sglang.srt.models.qwen2_5_vl.Qwen2_5_VLForConditionalGeneration.forward",

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from vlcache_sglang.kernels import copy_rotate_kv
+from vlcache_sglang.kernels import copy_rotate_pool_kv
 from vlcache_sglang.model_patch.selective_attention import RunLayout, SelectiveAttention, runs_of
 from vlcache_sglang.reuse_planner import PLANS_ATTR, RequestReuse
 
@@ -47,14 +47,11 @@ def _take_plans(forward_batch: Any) -> Optional[list[Optional[RequestReuse]]]:
     return plans if any(p is not None for p in plans) else None
 
 
-def _copy_reused_kv(plans: list[Optional[RequestReuse]], inv_freq: torch.Tensor) -> None:
-    from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
-
+def copy_reused_kv(pool: Any, plans: list[Optional[RequestReuse]], inv_freq: torch.Tensor) -> None:
+    """Every reused image of the batch into its request's slots, K rotated by δ: one launch."""
     used = [p for p in plans if p is not None]
-    pool = get_token_to_kv_pool()
-    copy_rotate_kv(pool.k_buffer, pool.v_buffer, torch.cat([p.src_slots for p in used]),
-                   torch.cat([p.dst_slots for p in used]), torch.cat([p.delta for p in used]), inv_freq,
-                   k_ptrs=getattr(pool, "k_data_ptrs", None), v_ptrs=getattr(pool, "v_data_ptrs", None))
+    copy_rotate_pool_kv(pool, torch.cat([p.src_slots for p in used]), torch.cat([p.dst_slots for p in used]),
+                        torch.cat([p.delta for p in used]), inv_freq)
 
 
 def build_selective_batch(plans: list[Optional[RequestReuse]], forward_batch: Any, num_layers: int) -> SelectiveBatch:
@@ -86,7 +83,8 @@ def build_selective_batch(plans: list[Optional[RequestReuse]], forward_batch: An
 class SelectivePrefill:
     """Holds what the hooks need across calls: the model's rotary frequencies and the attention."""
 
-    def __init__(self) -> None:
+    def __init__(self, inv_freq: torch.Tensor) -> None:
+        self.inv_freq = inv_freq
         self._attention: Optional[SelectiveAttention] = None
 
     def around_vl_forward(self, original: Callable[..., Any], model: Any, input_ids: Any, positions: Any,
@@ -94,13 +92,9 @@ class SelectivePrefill:
         plans = _take_plans(forward_batch)
         if plans is None:
             return original(model, input_ids, positions, forward_batch, *args, **kwargs)
-        from vlcache_sglang.model_patch.rope_params import inv_freq_of, language_rotary_embedding
+        from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
 
-        inv_freq = getattr(model, "_vlcache_inv_freq", None)
-        if inv_freq is None:
-            inv_freq = inv_freq_of(language_rotary_embedding(model)).to(forward_batch.out_cache_loc.device)
-            model._vlcache_inv_freq = inv_freq
-        _copy_reused_kv(plans, inv_freq)
+        copy_reused_kv(get_token_to_kv_pool(), plans, self.inv_freq)
         num_layers = len(model.model.layers)
         setattr(forward_batch, SELECTIVE_ATTR, build_selective_batch(plans, forward_batch, num_layers))
         try:
