@@ -15,14 +15,23 @@ timeout 120 python3 -m sglang.launch_server "${SERVER_FLAGS[@]}" --enable-vlcach
 refused_rc=$?
 refused_msg=$(grep -o "enable-vlcache needs --attention-backend[^.]*" "$OUT/refused.log" | head -1)
 
-for label in stock vlcache; do
+# vlcache: the default set-up; chunked: policy full with 1024-token prefill chunks, so a reused image
+# spans chunk boundaries and every reused token is recomputed at layer 0 (the rotation check compares
+# the copied-and-rotated layer-0 K with the fresh one: VLCACHE_CHECK_ROTATION logs max |diff|).
+export VLCACHE_CHECK_ROTATION=1
+for label in stock vlcache chunked; do
   echo "== $label"
-  extra=(); [ "$label" = vlcache ] && extra=(--enable-vlcache --vlcache-policy first_k)
+  extra=()
+  [ "$label" = vlcache ] && extra=(--enable-vlcache --vlcache-policy first_k)
+  [ "$label" = chunked ] && extra=(--enable-vlcache --vlcache-policy full --chunked-prefill-size 1024)
   start_server "$label" "${extra[@]}" || continue
   python3 benchmarks/gpu_client.py --port "$PORT" --label "$label" --out "$OUT/probes.jsonl"
   curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && echo "$label: healthy after probes" || echo "$label: NOT healthy"
+  grep -h "rotation check" "$OUT/server_$label.log" | sed 's/.*vlcache rotation check/rotation check/' \
+    | tee "$OUT/rotation_$label.txt" | tail -3
   stop_server
 done
+unset VLCACHE_CHECK_ROTATION
 
 echo "== memory pressure: distinct 4K images through a small KV pool, strict idle leak check"
 export SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE=1  # a leak at idle raises in the scheduler
@@ -48,10 +57,13 @@ echo "refused set-up: exit $refused_rc, \"$refused_msg\""
 python3 - "$OUT/probes.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-print(f"| {'server':8} | {'probe':30} | status | latency s | prompt | cached | output")
-print("|" + "---|" * 7)
+stock = {r["probe"]: r.get("text") for r in rows if r["server"] == "stock"}
+print(f"| {'server':8} | {'probe':30} | status | latency s | prompt | cached | = stock | output")
+print("|" + "---|" * 8)
 for r in rows:
+    same = "" if r["probe"] not in stock or r["server"] == "stock" else ("yes" if r.get("text") == stock[r["probe"]] else "NO")
     print(f"| {r['server']:8} | {r['probe']:30} | {r['status']} | {r['latency_s']} | {r.get('prompt_tokens')} "
-          f"| {r.get('cached_tokens')} | {r.get('text', r.get('error', ''))[:40]!r}")
+          f"| {r.get('cached_tokens')} | {same} | {r.get('text', r.get('error', ''))[:40]!r}")
 PY
+for f in "$OUT"/rotation_*.txt; do echo "$(basename "$f" .txt): $(wc -l <"$f") checks, worst: $(grep -o 'max |rotated - fresh| = [0-9.e+-]*' "$f" | sort -t= -k2 -g | tail -1)"; done
 tail -1 "$OUT/pytest.log"

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from vlcache_sglang.kernels import copy_rotate_pool_kv
+from vlcache_sglang.model_patch import rotation_check
 from vlcache_sglang.model_patch.selective_attention import RunLayout, SelectiveAttention, runs_of
 from vlcache_sglang.reuse_planner import PLANS_ATTR, RequestReuse
 
@@ -94,13 +95,18 @@ class SelectivePrefill:
             return original(model, input_ids, positions, forward_batch, *args, **kwargs)
         from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
 
-        copy_reused_kv(get_token_to_kv_pool(), plans, self.inv_freq)
+        pool = get_token_to_kv_pool()
+        copy_reused_kv(pool, plans, self.inv_freq)
+        check = rotation_check.RotationCheck(pool, plans) if rotation_check.enabled() else None
         num_layers = len(model.model.layers)
         setattr(forward_batch, SELECTIVE_ATTR, build_selective_batch(plans, forward_batch, num_layers))
         try:
-            return original(model, input_ids, positions, forward_batch, *args, **kwargs)
+            out = original(model, input_ids, positions, forward_batch, *args, **kwargs)
         finally:
             setattr(forward_batch, SELECTIVE_ATTR, None)
+        if check is not None:
+            check.compare()
+        return out
 
     def around_lm_forward(self, original: Callable[..., Any], lm: Any, input_ids: Any, positions: Any,
                           forward_batch: Any, input_embeds: Any = None, pp_proxy_tensors: Any = None,
