@@ -1,0 +1,260 @@
+"""Start SGLang servers from Python for the benchmarks: one process group per server, /health polling,
+the `sglang:vlcache_*` gauges of /metrics.
+
+    from launch import Server, base_flags
+    flags = base_flags("/tmp/Qwen2.5-VL-7B-Instruct", dummy=True)
+    with Server("first_k", flags + ["--enable-vlcache", "--vlcache-policy", "first_k"], 30001, out_dir) as srv:
+        srv.url, srv.metrics()
+
+Scripts import it with benchmarks/ on sys.path (they run from the repo root as `python3 benchmarks/x.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+GAUGE_PREFIX = "sglang:vlcache_"
+# One sample line of the Prometheus text format: name, optional {labels}, value, optional timestamp.
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)(\s+\S+)?\s*$")
+
+
+def base_flags(model_path: str, dummy: bool = True) -> list[str]:
+    """The flags of benchmarks/gpu_env.sh's SERVER_FLAGS plus --enable-metrics, without port and
+    memory fraction (Server adds those)."""
+    flags = ["--model-path", model_path]
+    if dummy:
+        flags += ["--load-format", "dummy"]
+    return flags + ["--attention-backend", "flashinfer", "--mm-attention-backend", "triton_attn",
+                    "--grammar-backend", "none", "--enable-cache-report", "--enable-metrics",
+                    "--cuda-graph-max-bs", "8"]
+
+
+def parse_vlcache_gauges(text: str) -> dict[str, float]:
+    """`sglang:vlcache_<name>` samples of a /metrics body as {name: value} (prefix stripped).
+
+    Our gauges are "mostrecent" multiprocess gauges, so each name has one sample; labels are ignored
+    and if a name did appear twice the later sample wins.
+    """
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(GAUGE_PREFIX):
+            continue  # comments (# HELP / # TYPE) and other metrics
+        m = _SAMPLE.match(line.strip())
+        if m is None:
+            raise ValueError(f"unparseable metrics line: {line!r}")
+        out[m.group(1)[len(GAUGE_PREFIX):]] = float(m.group(3))
+    return out
+
+
+def http_get(url: str, timeout_s: float = 10.0) -> tuple[int, str]:
+    """(status, body); status 0 when nothing answers (connection refused, reset, timeout)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return 0, ""
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+@dataclasses.dataclass
+class Server:
+    label: str
+    flags: list[str]
+    port: int
+    log_dir: str | Path
+    mem_fraction: Optional[float] = 0.7
+    timeout_s: float = 300.0
+    host: str = "127.0.0.1"
+    command: Optional[list[str]] = None  # replaces the whole launch command (tests, other launchers)
+    poll_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        self.log_path = Path(self.log_dir) / f"server_{self.label}.log"
+        self.proc: Optional[subprocess.Popen] = None
+        self.startup_s: Optional[float] = None
+        self._t0 = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def argv(self) -> list[str]:
+        if self.command is not None:
+            return list(self.command)
+        argv = [sys.executable, "-m", "sglang.launch_server", *self.flags, "--host", self.host,
+                "--port", str(self.port)]
+        if self.mem_fraction is not None:
+            argv += ["--mem-fraction-static", str(self.mem_fraction)]
+        return argv
+
+    def start(self) -> None:
+        """Launch without waiting. Its own session, so stop() can kill the scheduler and detokenizer
+        children with the group."""
+        if self.proc is not None:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self._t0 = time.monotonic()
+
+    def wait_healthy(self) -> float:
+        """Seconds from start to the first 200 of /health; RuntimeError with the log tail if the
+        process exits or the timeout passes (the server is stopped then)."""
+        assert self.proc is not None, "start() first"
+        if self.startup_s is not None:
+            return self.startup_s
+        while True:
+            if http_get(self.url + "/health", timeout_s=5)[0] == 200:
+                self.startup_s = time.monotonic() - self._t0
+                print(f"server {self.label}: healthy after {self.startup_s:.0f} s ({self.url})", flush=True)
+                return self.startup_s
+            code = self.proc.poll()
+            if code is not None:
+                self.stop()  # children of the group may outlive the leader
+                raise RuntimeError(f"server {self.label} exited with code {code} before /health answered; "
+                                   f"{self.log_path} ends:\n{tail(self.log_path)}")
+            if time.monotonic() - self._t0 > self.timeout_s:
+                self.stop()
+                raise RuntimeError(f"server {self.label}: no /health after {self.timeout_s:.0f} s; "
+                                   f"{self.log_path} ends:\n{tail(self.log_path)}")
+            time.sleep(self.poll_s)
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM the group, SIGKILL what is left, and wait until no process of the group remains
+        (so the GPU memory is free for the next server)."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # start_new_session: the leader's pid is the group id
+        _signal_group(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(pgid, signal.SIGKILL)
+        self.proc.wait()
+        deadline = time.monotonic() + 15
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.proc = None
+
+    def metrics(self) -> dict[str, float]:
+        """The vlcache gauges now ({} for a stock server or one without --enable-metrics)."""
+        status, body = http_get(self.url + "/metrics")
+        if status != 200:
+            raise RuntimeError(f"server {self.label}: GET /metrics answered {status}")
+        return parse_vlcache_gauges(body)
+
+    def server_info(self) -> dict:
+        """/server_info (SGLang 0.5.16; /get_server_info is its deprecated alias)."""
+        status, body = http_get(self.url + "/server_info", timeout_s=30)
+        if status != 200:
+            raise RuntimeError(f"server {self.label}: GET /server_info answered {status}")
+        return json.loads(body)
+
+    def __enter__(self) -> "Server":
+        self.start()
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send sig to the group; False if no process of it is left."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a zombie leader on some systems: the group still exists
+        return True
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any process of the group that is not a zombie (zombies hold no GPU memory; an orphan's may
+    wait a while for init to reap it)."""
+    if not os.path.isdir("/proc"):
+        return _signal_group(pgid, 0)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def start_all(servers: Sequence[Server]) -> None:
+    """Start all at once (small models fit side by side) and wait for every /health; on any failure
+    all are stopped and the first error is raised."""
+    for s in servers:
+        s.start()
+    try:
+        for s in servers:
+            s.wait_healthy()
+    except BaseException:
+        stop_all(servers)
+        raise
+
+
+def stop_all(servers: Sequence[Server]) -> None:
+    for s in servers:
+        s.stop()
+
+
+@contextlib.contextmanager
+def running(servers: Sequence[Server]) -> Iterator[Sequence[Server]]:
+    """`with running([...]) as servers:` — start_all, then stop_all on the way out."""
+    start_all(servers)
+    try:
+        yield servers
+    finally:
+        stop_all(servers)
+
+
+def gauge_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Rates over a window between two metrics() snapshots: hit rate and recomputed fraction of the
+    requests in between (the gauges themselves are cumulative), store size at the end.
+    NaN where the window saw no images (or the server is stock)."""
+    def d(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    lookups = d("key_hits") + d("key_misses") + d("key_mismatches")
+    return {
+        "key_hits": d("key_hits"),
+        "key_lookups": lookups,
+        "hit_rate": d("key_hits") / lookups if lookups else math.nan,
+        "reused_tokens": d("reused_tokens"),
+        "recomputed_tokens": d("recomputed_tokens"),
+        "recomputed_fraction": d("recomputed_tokens") / d("reused_tokens") if d("reused_tokens") else math.nan,
+        "store_tokens": after.get("store_tokens", math.nan),
+        "store_bytes": after.get("store_bytes", math.nan),
+    }

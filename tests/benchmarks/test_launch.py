@@ -1,0 +1,165 @@
+"""launch.py without a GPU: flags, /metrics parsing, the start/health/stop cycle with fake servers."""
+
+import math
+import os
+import socket
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import launch  # noqa: E402
+
+# Shape of SGLang 0.5.16's /metrics with --enable-metrics (multiprocess mode): other sglang metrics carry
+# labels, our "mostrecent" gauges carry none.
+METRICS_SAMPLE = textwrap.dedent("""\
+    # HELP sglang:num_running_reqs The number of running requests.
+    # TYPE sglang:num_running_reqs gauge
+    sglang:num_running_reqs{engine_type="unified",model_name="default",tp_rank="0"} 0.0
+    # HELP sglang:vlcache_key_hits vlcache key hits
+    # TYPE sglang:vlcache_key_hits gauge
+    sglang:vlcache_key_hits 12.0
+    sglang:vlcache_key_misses 4.0
+    sglang:vlcache_key_mismatches 0.0
+    sglang:vlcache_reused_tokens 31680.0
+    sglang:vlcache_recomputed_tokens 1584.0
+    sglang:vlcache_store_tokens 15840.0
+    sglang:vlcache_store_bytes 8.84998144e+08
+    sglang:vlcache_hit_rate 0.75
+    sglang:vlcache_recomputed_fraction{tp_rank="0"} 0.05 1700000000000
+    sglang:prompt_tokens_total{model_name="default"} 51234.0
+""")
+
+
+def test_base_flags_match_gpu_env():
+    flags = launch.base_flags("/m", dummy=True)
+    assert flags[:4] == ["--model-path", "/m", "--load-format", "dummy"]
+    for flag, value in [("--attention-backend", "flashinfer"), ("--mm-attention-backend", "triton_attn"),
+                        ("--grammar-backend", "none"), ("--cuda-graph-max-bs", "8")]:
+        assert flags[flags.index(flag) + 1] == value
+    assert "--enable-metrics" in flags and "--enable-cache-report" in flags
+    assert "--load-format" not in launch.base_flags("/m", dummy=False)
+    # gpu_env.sh's SERVER_FLAGS carries the same flag names (plus port/memory, which Server adds).
+    env_sh = (Path(launch.__file__).parent / "gpu_env.sh").read_text()
+    for flag in flags:
+        if flag.startswith("--") and flag != "--enable-metrics":
+            assert flag in env_sh, flag
+
+
+def test_argv_adds_port_and_memory(tmp_path):
+    s = launch.Server("x", ["--model-path", "/m"], 30123, tmp_path, mem_fraction=0.5)
+    argv = s.argv()
+    assert argv[:3] == [sys.executable, "-m", "sglang.launch_server"]
+    assert argv[argv.index("--port") + 1] == "30123"
+    assert argv[argv.index("--mem-fraction-static") + 1] == "0.5"
+    assert "--mem-fraction-static" not in launch.Server("x", [], 1, tmp_path, mem_fraction=None).argv()
+    assert s.url == "http://127.0.0.1:30123"
+    assert s.log_path == tmp_path / "server_x.log"
+
+
+def test_parse_vlcache_gauges():
+    g = launch.parse_vlcache_gauges(METRICS_SAMPLE)
+    assert g == {"key_hits": 12.0, "key_misses": 4.0, "key_mismatches": 0.0, "reused_tokens": 31680.0,
+                 "recomputed_tokens": 1584.0, "store_tokens": 15840.0, "store_bytes": 884998144.0,
+                 "hit_rate": 0.75, "recomputed_fraction": 0.05}
+    assert launch.parse_vlcache_gauges("# only comments\nsglang:foo 1.0\n") == {}
+    with pytest.raises(ValueError, match="unparseable"):
+        launch.parse_vlcache_gauges("sglang:vlcache_key_hits\n")
+
+
+def test_gauge_deltas_are_window_rates():
+    before = {"key_hits": 2, "key_misses": 6, "key_mismatches": 0, "reused_tokens": 1000, "recomputed_tokens": 0}
+    after = {"key_hits": 11, "key_misses": 9, "key_mismatches": 0, "reused_tokens": 5000,
+             "recomputed_tokens": 400, "store_tokens": 777, "store_bytes": 9}
+    d = launch.gauge_deltas(before, after)
+    assert d["hit_rate"] == pytest.approx(9 / 12)
+    assert d["recomputed_fraction"] == pytest.approx(0.1)
+    assert (d["store_tokens"], d["store_bytes"]) == (777, 9)
+    stock = launch.gauge_deltas({}, {})
+    assert math.isnan(stock["hit_rate"]) and math.isnan(stock["recomputed_fraction"])
+
+
+def test_exiting_command_raises_with_log_tail(tmp_path):
+    cmd = [sys.executable, "-c", "import sys; print('CUDA out of memory (fake)'); sys.exit(3)"]
+    s = launch.Server("dies", [], _free_port(), tmp_path, command=cmd, poll_s=0.05)
+    with pytest.raises(RuntimeError, match=r"(?s)exited with code 3.*CUDA out of memory \(fake\)"):
+        with s:
+            pytest.fail("must not enter")
+    assert s.proc is None
+
+
+def test_timeout_stops_the_server(tmp_path):
+    cmd = [sys.executable, "-c", "import time; print('loading', flush=True); time.sleep(60)"]
+    s = launch.Server("slow", [], _free_port(), tmp_path, command=cmd, timeout_s=0.5, poll_s=0.05)
+    s.start()
+    pid = s.proc.pid
+    with pytest.raises(RuntimeError, match=r"(?s)no /health after.*loading"):
+        s.wait_healthy()
+    assert s.proc is None and _gone(pid)
+
+
+FAKE_SERVER = textwrap.dedent("""\
+    import http.server, subprocess, sys
+    port, body = int(sys.argv[1]), open(sys.argv[2]).read().encode()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # like the scheduler
+    open(sys.argv[3], "w").write(str(child.pid))
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            out = {"/health": b"", "/metrics": body, "/server_info": b'{"max_total_num_tokens": 123}'}
+            if self.path not in out:
+                self.send_response(404); self.end_headers(); return
+            self.send_response(200); self.end_headers(); self.wfile.write(out[self.path])
+        def log_message(self, *a): pass
+    http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+""")
+
+
+def test_healthy_server_metrics_and_group_kill(tmp_path):
+    (tmp_path / "fake.py").write_text(FAKE_SERVER)
+    (tmp_path / "metrics.txt").write_text(METRICS_SAMPLE)
+    servers = []
+    for i in range(2):
+        port = _free_port()
+        cmd = [sys.executable, str(tmp_path / "fake.py"), str(port), str(tmp_path / "metrics.txt"),
+               str(tmp_path / f"child{i}.pid")]
+        servers.append(launch.Server(f"fake{i}", [], port, tmp_path, command=cmd, timeout_s=20, poll_s=0.05))
+    with launch.running(servers):
+        assert all(s.startup_s is not None for s in servers)
+        assert servers[0].metrics()["hit_rate"] == 0.75
+        assert servers[1].server_info()["max_total_num_tokens"] == 123
+        children = [int((tmp_path / f"child{i}.pid").read_text()) for i in range(2)]
+        assert all(_exists(c) for c in children)
+    assert all(_gone(c) for c in children), "the whole process group is gone"
+    assert all(s.proc is None for s in servers)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not _is_zombie(pid)
+
+
+def _gone(pid: int) -> bool:
+    for _ in range(50):  # reaping of an orphan by init can lag a little
+        if not _exists(pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except (FileNotFoundError, IndexError):
+        return False
