@@ -42,6 +42,21 @@ def base_flags(model_path: str, dummy: bool = True) -> list[str]:
                     "--cuda-graph-max-bs", "8"]
 
 
+def vlcache_flags(spec: str) -> list[str]:
+    """Server flags for a label `stock`, `POLICY` or `POLICY:PARAM` (PARAM is K for first_k, the
+    recompute ratio for other policies): `first_k:16` -> --enable-vlcache --vlcache-policy first_k
+    --vlcache-first-k 16."""
+    if spec == "stock":
+        return []
+    policy, _, param = spec.partition(":")
+    if not policy:
+        raise ValueError(f"empty policy in {spec!r}")
+    flags = ["--enable-vlcache", "--vlcache-policy", policy]
+    if param:
+        flags += ["--vlcache-first-k" if policy == "first_k" else "--vlcache-recompute-ratio", param]
+    return flags
+
+
 def parse_vlcache_gauges(text: str) -> dict[str, float]:
     """`sglang:vlcache_<name>` samples of a /metrics body as {name: value} (prefix stripped).
 

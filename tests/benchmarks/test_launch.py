@@ -49,6 +49,15 @@ def test_base_flags_match_gpu_env():
             assert flag in env_sh, flag
 
 
+def test_vlcache_flags_from_labels():
+    assert launch.vlcache_flags("stock") == []
+    assert launch.vlcache_flags("none") == ["--enable-vlcache", "--vlcache-policy", "none"]
+    assert launch.vlcache_flags("first_k:16")[-2:] == ["--vlcache-first-k", "16"]
+    assert launch.vlcache_flags("full:0.1")[-2:] == ["--vlcache-recompute-ratio", "0.1"]
+    with pytest.raises(ValueError):
+        launch.vlcache_flags(":3")
+
+
 def test_argv_adds_port_and_memory(tmp_path):
     s = launch.Server("x", ["--model-path", "/m"], 30123, tmp_path, mem_fraction=0.5)
     argv = s.argv()
