@@ -2,5 +2,8 @@
 
 from vlcache_sglang.kernels.copy_rotate import copy_rotate_kv, copy_rotate_pool_kv
 from vlcache_sglang.kernels.copy_rotate_reference import copy_rotate_kv_reference, rotate_neox
+from vlcache_sglang.kernels.scattered_attention import ScatteredAttention
+from vlcache_sglang.kernels.scattered_attention_reference import scattered_attention_reference
 
-__all__ = ["copy_rotate_kv", "copy_rotate_pool_kv", "copy_rotate_kv_reference", "rotate_neox"]
+__all__ = ["copy_rotate_kv", "copy_rotate_pool_kv", "copy_rotate_kv_reference", "rotate_neox",
+           "ScatteredAttention", "scattered_attention_reference"]

@@ -1,10 +1,18 @@
-"""Attention for a subset of a batch's extend tokens over each request's whole KV (FlashInfer).
+"""Attention for a subset of a batch's extend tokens over each request's whole KV.
 
-The active tokens of a request are split into maximal contiguous runs. A run covering request
-tokens [a, b] attends keys [0, b] (cached prefix, reused image KV, fresh tokens alike) under the
-ordinary bottom-right causal mask: its query i sees keys <= a + i, i.e. pos(key) <= pos(query).
-Each run is one "request" of FlashInfer's paged prefill with page size 1, so the plan is built once
-per distinct token set (plan) and every layer that uses that set only runs it (run).
+An active token at request position p attends keys [0, p] of its request (cached prefix, reused
+image KV, fresh tokens alike). Two backends, picked per token set by `choose_backend`:
+
+* FlashInfer: the active tokens of a request are split into maximal contiguous runs. A run covering
+  request tokens [a, b] attends keys [0, b] under the ordinary bottom-right causal mask: its query i
+  sees keys <= a + i, i.e. pos(key) <= pos(query). Each run is one "request" of FlashInfer's paged
+  prefill with page size 1. Best for few long runs; every run streams its whole KV prefix again.
+* Triton (`kernels/scattered_attention.py`): tiles of up to BLOCK_M active tokens of one request,
+  however scattered, stream the request's KV once per tile with a per-query causal mask. Best when a
+  policy scatters its picks into many short runs.
+
+Either way the plan is built once per distinct token set (plan) and every layer that uses that set
+only runs it (run).
 """
 
 from __future__ import annotations
@@ -14,7 +22,17 @@ from typing import Optional
 
 import torch
 
+from vlcache_sglang.kernels.scattered_attention import ScatteredAttention, build_tiles
+
 _WORKSPACE_BYTES = 256 * 1024 * 1024
+BACKENDS = ("flashinfer", "triton")
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Pick Triton when FlashInfer's runs would stream at least this many times the KV rows that the
+# Triton tiles stream (`kv_rows_streamed`). Both kernels are bound by those reads, but FlashInfer's
+# tuned FA2 pipeline reads a row faster than our Triton loop, so Triton must save a margin to win.
+# Provisional: to be set from benchmarks/attention_bench.py on the H200 (its `kv ratio` column
+# against the two timings).
+TRITON_MIN_KV_RATIO = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,15 +80,59 @@ def kv_indices_for(runs: RunLayout, req_to_token: torch.Tensor) -> torch.Tensor:
     return req_to_token[rows, cols].to(torch.int32)
 
 
+def query_tokens(runs: RunLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n] request row and [n] position of every active token, in run order (q's row order)."""
+    n = int(runs.run_len.sum())
+    rows = torch.repeat_interleave(runs.req_rows, runs.run_len)
+    run_first = torch.cumsum(runs.run_len, 0) - runs.run_len  # index of each run's first token
+    return rows, torch.repeat_interleave(runs.run_start - run_first, runs.run_len) + torch.arange(n)
+
+
+def _rows_streamed(tiles: torch.Tensor) -> int:
+    return int((tiles[:, 4].to(torch.int64) + 1).sum())  # each tile walks keys [0, its max position]
+
+
+def kv_rows_streamed(runs: RunLayout, block_m: int) -> tuple[int, int]:
+    """KV rows (per KV head) streamed by tiles of block_m queries cut (per run, per request).
+
+    Both kernels walk a tile's causal prefix once per tile of queries. FlashInfer's tiles stop at
+    run boundaries, so each short run re-reads its prefix; the Triton tiles span a whole request.
+    The first count is always >= the second; equal when every request is one run.
+    """
+    rows, positions = query_tokens(runs)
+    run_ids = torch.repeat_interleave(torch.arange(runs.run_len.numel()), runs.run_len)
+    return (_rows_streamed(build_tiles(run_ids, positions, block_m)),
+            _rows_streamed(build_tiles(rows, positions, block_m)))
+
+
+def choose_backend(runs: RunLayout, num_qo_heads: int, num_kv_heads: int, q_dtype: torch.dtype,
+                   kv_dtype: torch.dtype) -> str:
+    """"triton" when short runs would make FlashInfer re-read the KV prefix too often, else "flashinfer"."""
+    if q_dtype != kv_dtype or q_dtype not in _TRITON_DTYPES:
+        return "flashinfer"  # the Triton kernel reads K/V in q's dtype only (no fp8 KV cache)
+    if runs.run_len.numel() == 0:
+        return "triton"  # nothing to launch (FlashInfer's plan wants at least one request)
+    per_run, per_request = kv_rows_streamed(runs, ScatteredAttention.block_m(num_qo_heads, num_kv_heads))
+    return "triton" if per_run >= TRITON_MIN_KV_RATIO * per_request else "flashinfer"
+
+
 class SelectiveAttention:
-    """plan(): once per token set; run(): per layer. Wraps FlashInfer's paged prefill."""
+    """plan(): once per token set; run(): per layer. FlashInfer's paged prefill or the Triton kernel."""
 
     def __init__(self, device: torch.device) -> None:
-        import flashinfer
-
-        self._workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self._wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD", backend="fa2")
+        self._device = device
+        self._wrapper = None  # FlashInfer's, made on first use: flashinfer needs a GPU to import
+        self._triton = ScatteredAttention()
         self._planned_q: Optional[int] = None
+        self.backend: Optional[str] = None  # the planned one
+
+    def _flashinfer(self):
+        if self._wrapper is None:
+            import flashinfer
+
+            workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=self._device)
+            self._wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
+        return self._wrapper
 
     def plan(
         self,
@@ -82,14 +144,26 @@ class SelectiveAttention:
         sm_scale: float,
         q_dtype: torch.dtype,
         kv_dtype: torch.dtype,
+        backend: Optional[str] = None,
     ) -> None:
+        """backend: None picks by `choose_backend`; "flashinfer" or "triton" forces one (tests, benchmarks)."""
+        if backend is None:
+            backend = choose_backend(runs, num_qo_heads, num_kv_heads, q_dtype, kv_dtype)
+        elif backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        self.backend = backend
+        self._planned_q = int(runs.run_len.sum())
+        if backend == "triton":
+            rows, positions = query_tokens(runs)
+            self._triton.plan(rows, positions, req_to_token, num_qo_heads, num_kv_heads, head_dim, sm_scale)
+            return
         device = req_to_token.device
         n_runs = runs.run_len.numel()
         qo_indptr = torch.zeros(n_runs + 1, dtype=torch.int32)
         qo_indptr[1:] = torch.cumsum(runs.run_len, 0)
         kv_indptr = torch.zeros(n_runs + 1, dtype=torch.int32)
         kv_indptr[1:] = torch.cumsum(runs.kv_len, 0)
-        self._wrapper.plan(
+        self._flashinfer().plan(
             qo_indptr.to(device),
             kv_indptr.to(device),
             kv_indices_for(runs, req_to_token),
@@ -103,10 +177,11 @@ class SelectiveAttention:
             q_data_type=q_dtype,
             kv_data_type=kv_dtype,
         )
-        self._planned_q = int(qo_indptr[-1])
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """q: [n_active, heads, head_dim]; k/v_cache: the layer's pool buffers [slots, kv_heads, d]."""
         if self._planned_q != q.shape[0]:
             raise RuntimeError(f"planned for {self._planned_q} query tokens, got {q.shape[0]}")
+        if self.backend == "triton":
+            return self._triton.run(q, k_cache, v_cache)
         return self._wrapper.run(q, (k_cache, v_cache))

@@ -1,0 +1,281 @@
+"""Attention of scattered query tokens over their requests' KV, gathered through req_to_token.
+
+Query t belongs to request row r_t at request position p_t and attends keys j in [0, p_t] of that
+request (slots `req_to_token[r_t, j]`): the ordinary causal mask, whatever else of the request is
+or is not a query. When the queries are few and scattered (a recompute policy picks 2-5 % of an
+image's tokens anywhere), FlashInfer's prefill with one "request" per contiguous run re-reads the
+whole KV prefix for every short run. Here one program takes BLOCK_M queries of one request, however
+far apart, and streams that request's KV once for all of them, with a per-query causal mask.
+
+Plan/run like FlashInfer: `plan()` builds the tile table once per token set (host work), `run()`
+launches once per layer with that layer's q and pool buffers. Reference:
+`scattered_attention_reference.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+# Query rows per program: BLOCK_M = BLOCK_ROWS // group queries, each with its group's heads.
+DEFAULT_BLOCK_ROWS = 64
+DEFAULT_BLOCK_N = 64  # keys per step
+_TILE_FIELDS = 5  # q_start, q_len, req_row, min_pos, max_pos
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # Triton 3.6's interpreter multiplies bf16 operands as their raw uint16 bits; there, products
+    # are taken in fp32, which is what bf16 MMA with fp32 accumulation computes on a GPU.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _scattered_attention_kernel(
+    q,  # [n, num_qo_heads, head_dim]
+    k_cache,  # [slots, num_kv_heads, head_dim]
+    v_cache,  # [slots, num_kv_heads, head_dim]
+    out,  # [n, num_qo_heads, head_dim]
+    req_to_token,  # [rows, max_context] int32 slot ids
+    q_pos,  # [n] int32 request position of each query
+    tiles,  # [T, 5] int32: q_start, q_len, req_row, min_pos, max_pos
+    scale_log2,  # sm_scale * log2(e): softmax in base 2
+    stride_qt, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_ot, stride_oh,
+    stride_rr,
+    GROUP: tl.constexpr,  # query heads per KV head
+    HEAD_DIM: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,  # >= BLOCK_M * GROUP, power of two
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    # One program = one tile of queries x one KV head with its GROUP query heads. Row r of the
+    # program is query r // GROUP, head r % GROUP: each gathered K/V block (the expensive, random
+    # reads) serves every query head that shares it, and the GROUP heads fill the MMA rows even
+    # when a tile has few queries. One query head per program would read each K/V block GROUP
+    # times (7 for Qwen2.5-VL-7B).
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    q_start = tl.load(tiles + tile * 5 + 0)
+    q_len = tl.load(tiles + tile * 5 + 1)
+    req_row = tl.load(tiles + tile * 5 + 2).to(tl.int64)
+    min_pos = tl.load(tiles + tile * 5 + 3)
+    max_pos = tl.load(tiles + tile * 5 + 4)
+
+    r = tl.arange(0, BLOCK_ROWS)
+    m = r // GROUP
+    valid = m < q_len
+    tok = (q_start + m).to(tl.int64)
+    head = kv_head * GROUP + r % GROUP
+    # Padding rows attend key 0 only: a finite softmax, never stored.
+    pos = tl.load(q_pos + tok, mask=valid, other=0)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    qv = tl.load(q + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                 mask=valid[:, None] & dmask[None, :], other=0.0)
+
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    m_i = tl.zeros([BLOCK_ROWS], dtype=tl.float32) - float("inf")
+    slot_row = req_to_token + req_row * stride_rr
+    kv_off = kv_head.to(tl.int64)
+    n_offs = tl.arange(0, BLOCK_N)
+
+    # Keys [0, min_pos] are visible to every query of the tile: whole blocks there need no mask.
+    # The first block visited always holds key 0, which every row sees, so m_i is finite after it.
+    unmasked_end = ((min_pos + 1) // BLOCK_N) * BLOCK_N
+    for start in range(0, unmasked_end, BLOCK_N):
+        slots = tl.load(slot_row + start + n_offs).to(tl.int64)
+        k = tl.load(k_cache + slots[None, :] * stride_kt + kv_off * stride_kh + d[:, None],
+                    mask=dmask[:, None], other=0.0)
+        s = _dot(qv, k, UPCAST_DOT, DOT_PRECISION) * scale_log2
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache + slots[:, None] * stride_vt + kv_off * stride_vh + d[None, :],
+                    mask=dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, DOT_PRECISION)
+        m_i = m_new
+
+    # Blocks up to the tile's last position: keys past a query's own position are masked, and no
+    # block past the tile's furthest query is visited at all.
+    for start in range(unmasked_end, max_pos + 1, BLOCK_N):
+        j = start + n_offs
+        jmask = j <= max_pos
+        slots = tl.load(slot_row + j, mask=jmask, other=0).to(tl.int64)
+        k = tl.load(k_cache + slots[None, :] * stride_kt + kv_off * stride_kh + d[:, None],
+                    mask=jmask[None, :] & dmask[:, None], other=0.0)
+        s = _dot(qv, k, UPCAST_DOT, DOT_PRECISION) * scale_log2
+        s = tl.where(j[None, :] <= pos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache + slots[:, None] * stride_vt + kv_off * stride_vh + d[None, :],
+                    mask=jmask[:, None] & dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(out + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+             acc.to(out.dtype.element_ty), mask=valid[:, None] & dmask[None, :])
+
+
+def build_tiles(q_req_rows: torch.Tensor, q_positions: torch.Tensor, block_m: int) -> torch.Tensor:
+    """Tile table [T, 5] int32 (CPU): q_start, q_len, req_row, min_pos, max_pos per tile.
+
+    A tile is up to block_m consecutive queries of one request (a new tile starts wherever the
+    request row changes). Tiles are ordered by max_pos, longest first, so the programs that walk
+    the most KV start first and the short ones fill in behind them.
+    """
+    n = q_req_rows.numel()
+    if n == 0:
+        return torch.empty(0, _TILE_FIELDS, dtype=torch.int32)
+    rows = q_req_rows.to(torch.int64).cpu()
+    pos = q_positions.to(torch.int64).cpu()
+    idx = torch.arange(n)
+    new_req = torch.ones(n, dtype=torch.bool)
+    new_req[1:] = rows[1:] != rows[:-1]
+    req_start = torch.cummax(torch.where(new_req, idx, 0), 0).values
+    starts = torch.nonzero((idx - req_start) % block_m == 0).flatten()
+    lens = torch.diff(starts, append=torch.tensor([n]))
+    tile_of = torch.repeat_interleave(torch.arange(starts.numel()), lens)
+    min_pos = torch.full((starts.numel(),), torch.iinfo(torch.int64).max).scatter_reduce(0, tile_of, pos, "amin")
+    max_pos = torch.full((starts.numel(),), -1).scatter_reduce(0, tile_of, pos, "amax")
+    table = torch.stack([starts, lens, rows[starts], min_pos, max_pos], dim=1)
+    return table[torch.argsort(max_pos, descending=True, stable=True)].to(torch.int32)
+
+
+_INTERPRETED = isinstance(_scattered_attention_kernel, InterpretedFunction)  # TRITON_INTERPRET=1
+
+
+class ScatteredAttention:
+    """plan(): once per token set; run(): per layer. The Triton kernel above."""
+
+    def __init__(self) -> None:
+        self._tiles: Optional[torch.Tensor] = None
+        self._q_pos: Optional[torch.Tensor] = None
+        self._req_to_token: Optional[torch.Tensor] = None
+        self._shape: tuple[int, int, int, int] = (0, 0, 0, 0)  # n, qo heads, kv heads, head_dim
+        self._scale_log2 = 0.0
+        self._block_rows = DEFAULT_BLOCK_ROWS
+        self._block_n = DEFAULT_BLOCK_N
+
+    @staticmethod
+    def block_m(num_qo_heads: int, num_kv_heads: int, block_rows: int = DEFAULT_BLOCK_ROWS) -> int:
+        """Queries per tile: as many as fill block_rows with their group's heads (at least 1)."""
+        return max(1, block_rows // (num_qo_heads // num_kv_heads))
+
+    def plan(
+        self,
+        q_req_rows: torch.Tensor,
+        q_positions: torch.Tensor,
+        req_to_token: torch.Tensor,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        sm_scale: float,
+        block_rows: int = DEFAULT_BLOCK_ROWS,
+        block_n: int = DEFAULT_BLOCK_N,
+    ) -> None:
+        """Tile the token set.
+
+        q_req_rows:   [n] req_to_token row of each query (queries of a request kept together)
+        q_positions:  [n] position of each query within its request: it sees keys [0, position]
+        req_to_token: [rows, max_context] int32 on the run device; read at run time, so the slots of
+            keys [0, position] of every planned query must be written there before run()
+        block_rows, block_n: power-of-two tile sizes (tuning; the defaults suit H100/H200)
+        """
+        if q_req_rows.shape != q_positions.shape or q_req_rows.dim() != 1:
+            raise ValueError(f"q_req_rows and q_positions must be 1-D of one length, got "
+                             f"{tuple(q_req_rows.shape)} and {tuple(q_positions.shape)}")
+        if num_kv_heads <= 0 or num_qo_heads % num_kv_heads:
+            raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        for name, size in (("block_rows", block_rows), ("block_n", block_n)):
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {size}")
+        if req_to_token.dim() != 2 or req_to_token.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"req_to_token must be a 2-D integer tensor, got {tuple(req_to_token.shape)} "
+                             f"{req_to_token.dtype}")
+        group = num_qo_heads // num_kv_heads
+        block_rows = max(block_rows, triton.next_power_of_2(group))
+        if q_positions.numel():
+            lo, hi = int(q_positions.min()), int(q_positions.max())
+            if lo < 0 or hi >= req_to_token.shape[1]:
+                raise ValueError(f"positions must lie in [0, {req_to_token.shape[1]}) (req_to_token width), "
+                                 f"got [{lo}, {hi}]")
+        device = req_to_token.device
+        tiles = build_tiles(q_req_rows, q_positions, self.block_m(num_qo_heads, num_kv_heads, block_rows))
+        self._tiles = tiles.to(device)
+        self._q_pos = q_positions.to(device=device, dtype=torch.int32)
+        self._req_to_token = req_to_token
+        self._shape = (q_positions.numel(), num_qo_heads, num_kv_heads, head_dim)
+        self._scale_log2 = sm_scale * math.log2(math.e)
+        self._block_rows, self._block_n = block_rows, block_n
+
+    @property
+    def num_tiles(self) -> int:
+        return 0 if self._tiles is None else self._tiles.shape[0]
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q: [n, num_qo_heads, head_dim]; k/v_cache: [slots, num_kv_heads, head_dim], q's dtype.
+
+        Returns (or fills `out`, same shape and dtype as q) the attention output per query and head.
+        """
+        if self._tiles is None:
+            raise RuntimeError("run() before plan()")
+        self._check(q, k_cache, v_cache)
+        n, qo_heads, kv_heads, head_dim = self._shape
+        if out is None:
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+            raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim, got "
+                             f"{tuple(out.shape)} {out.dtype} stride {out.stride()}")
+        if n == 0:
+            return out
+        block_d = triton.next_power_of_2(head_dim)
+        _scattered_attention_kernel[(self.num_tiles, kv_heads)](
+            q, k_cache, v_cache, out, self._req_to_token, self._q_pos, self._tiles, self._scale_log2,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+            v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1), self._req_to_token.stride(0),
+            GROUP=qo_heads // kv_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_ROWS=self._block_rows,
+            BLOCK_N=self._block_n,
+            BLOCK_D=block_d,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16,
+            num_warps=8 if self._block_rows * block_d >= 128 * 128 else 4,
+        )
+        return out
+
+    def _check(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        n, qo_heads, kv_heads, head_dim = self._shape
+        if tuple(q.shape) != (n, qo_heads, head_dim):
+            raise ValueError(f"q must be [{n}, {qo_heads}, {head_dim}] as planned, got {tuple(q.shape)}")
+        for name, kv in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if kv.dim() != 3 or tuple(kv.shape[1:]) != (kv_heads, head_dim):
+                raise ValueError(f"{name} must be [slots, {kv_heads}, {head_dim}], got {tuple(kv.shape)}")
+            if kv.dtype != q.dtype:
+                raise NotImplementedError(f"{name} dtype {kv.dtype} differs from q's {q.dtype}; the Triton kernel "
+                                          f"needs one dtype (FlashInfer's paged prefill handles mixed dtypes)")
+            if kv.stride(-1) != 1:
+                raise ValueError(f"{name} needs a contiguous head_dim, got strides {kv.stride()}")
+        if q.dtype not in _DTYPES:
+            raise NotImplementedError(f"q dtype {q.dtype} not supported; use one of {list(_DTYPES)}")
+        if q.stride(-1) != 1:
+            raise ValueError(f"q needs a contiguous head_dim, got strides {q.stride()}")
