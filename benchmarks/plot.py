@@ -1,0 +1,121 @@
+"""PNG plots of the benchmark JSON, on any machine with matplotlib (`pip install -e .[bench]`):
+
+    python benchmarks/plot.py serving results/2025-01-01-nvidia-h200    # serving.json  -> serving.png
+    python benchmarks/plot.py accuracy DIR                              # accuracy.json -> accuracy.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("plotting needs matplotlib: pip install -e .[bench]") from None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _load(path: Path) -> dict:
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist (run the benchmark first, or pass the folder that holds it)")
+    return json.loads(path.read_text())
+
+
+def _grouped_bars(ax: Any, groups: list[str], series: list[str], values: dict, ylabel: str) -> None:
+    width = 0.8 / max(len(series), 1)
+    for i, name in enumerate(series):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ys = [values.get((group, name)) for group in groups]
+        bars = ax.bar([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None], width, label=name)
+        ax.bar_label(bars, fmt="%.0f" if max((y for y in ys if y is not None), default=0) >= 10 else "%.2f",
+                     fontsize=7)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.margins(y=0.12)  # room for the bar labels
+
+
+def plot_serving(run_dir: str | Path) -> Path:
+    """serving.json -> serving.png: TTFT p50 (left) and request throughput (right) per preset and
+    concurrency, one bar per server."""
+    run_dir = Path(run_dir)
+    data = _load(run_dir / "serving.json")
+    rows = [r for r in data["rows"] if "error" not in r]
+    if not rows:
+        raise SystemExit(f"{run_dir / 'serving.json'} has no successful runs to plot")
+    groups = list(dict.fromkeys(f"{r['preset']}\nconc {r['concurrency']}" for r in rows))
+    series = list(dict.fromkeys(r["server"] for r in rows))
+    ttft = {(f"{r['preset']}\nconc {r['concurrency']}", r["server"]): r["ttft_p50_ms"] for r in rows}
+    rps = {(f"{r['preset']}\nconc {r['concurrency']}", r["server"]): r["req_per_s"] for r in rows}
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(5 + 1.6 * len(groups), 4.2))
+    _grouped_bars(left, groups, series, ttft, "TTFT p50 (ms)")
+    left.set_title("time to first token, median (lower is better)", fontsize=9)
+    _grouped_bars(right, groups, series, rps, "requests / s")
+    right.set_title("throughput (higher is better)", fontsize=9)
+    meta = data.get("meta", {})
+    fig.suptitle(f"stock SGLang vs vlcache — {meta.get('gpu', '?')}, {meta.get('date', '?')}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.legend(*left.get_legend_handles_labels(), loc="upper center", ncol=len(series), fontsize=8,
+               bbox_to_anchor=(0.5, 0.93))
+    out = run_dir / "serving.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_accuracy(run_dir: str | Path) -> Path:
+    """accuracy.json -> accuracy.png: accuracy against recomputed fraction, one line per policy
+    (its parameters are the points), the stock server as a dashed level."""
+    run_dir = Path(run_dir)
+    data = _load(run_dir / "accuracy.json")
+    lines: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+    levels: list[tuple[str, float]] = []
+    for s in data["summary"]:
+        if s.get("accuracy") is None:
+            continue
+        if s["policy"] == "stock" or s.get("recomputed_fraction") is None:
+            levels.append((s["server"], s["accuracy"]))  # nothing reused: no x position
+        else:
+            lines[s["policy"]].append((s["recomputed_fraction"], s["accuracy"], s["server"]))
+    if not lines and not levels:
+        raise SystemExit(f"{run_dir / 'accuracy.json'} has no server with an accuracy to plot")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for policy, points in sorted(lines.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=policy)
+        for x, y, label in points:
+            ax.annotate(label.partition(":")[2], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for i, (label, acc) in enumerate(levels):
+        ax.axhline(acc, linestyle="--", color=f"C{len(lines) + i}", label=f"{label} (no reuse)")
+    ax.set_xlabel("recomputed fraction of reused image tokens")
+    ax.set_ylabel("accuracy (exact match)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    ax.set_title(f"accuracy vs recompute — {data.get('meta', {}).get('dataset', '')}", fontsize=9)
+    fig.tight_layout()
+    out = run_dir / "accuracy.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("kind", choices=["serving", "accuracy"])
+    p.add_argument("dir", help="folder holding serving.json or accuracy.json")
+    args = p.parse_args(argv)
+    out = (plot_serving if args.kind == "serving" else plot_accuracy)(args.dir)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
