@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vlcache_sglang.kernels.scattered_attention import ScatteredAttention
+from vlcache_sglang.kernels.scattered_attention import ScatteredAttention, build_tiles
 from vlcache_sglang.kernels.scattered_attention_reference import scattered_attention_reference
 from vlcache_sglang.model_patch.selective_attention import (
     SelectiveAttention,
@@ -57,6 +57,20 @@ def test_kv_rows_streamed_counts_one_prefix_per_tile():
     scattered = runs_of([torch.arange(100, 3000, 100)], req_rows=[0])  # 29 one-token runs
     per_run, per_request = kv_rows_streamed(scattered, block_m=9)
     assert per_run == int(torch.arange(101, 3001, 100).sum()) and per_request < per_run / 5
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("block_m", [1, 4, 9])
+def test_per_run_count_equals_tiles_cut_at_runs(seed, block_m):
+    """The closed form for FlashInfer's side is the tile walk with a tile boundary at every run."""
+    gen = torch.Generator().manual_seed(seed)
+    active = [torch.randperm(300, generator=gen)[: int(torch.randint(1, 120, (1,), generator=gen))].sort().values
+              for _ in range(3)]
+    runs = runs_of(active, req_rows=[4, 0, 2])
+    _, positions = query_tokens(runs)
+    run_ids = torch.repeat_interleave(torch.arange(runs.run_len.numel()), runs.run_len)
+    tiles = build_tiles(run_ids, positions, block_m)
+    assert kv_rows_streamed(runs, block_m)[0] == int((tiles[:, 4].long() + 1).sum())
 
 
 def test_choice_follows_the_run_structure():

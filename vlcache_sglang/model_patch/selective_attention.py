@@ -88,10 +88,6 @@ def query_tokens(runs: RunLayout) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, torch.repeat_interleave(runs.run_start - run_first, runs.run_len) + torch.arange(n)
 
 
-def _rows_streamed(tiles: torch.Tensor) -> int:
-    return int((tiles[:, 4].to(torch.int64) + 1).sum())  # each tile walks keys [0, its max position]
-
-
 def kv_rows_streamed(runs: RunLayout, block_m: int) -> tuple[int, int]:
     """KV rows (per KV head) streamed by tiles of block_m queries cut (per run, per request).
 
@@ -99,10 +95,12 @@ def kv_rows_streamed(runs: RunLayout, block_m: int) -> tuple[int, int]:
     run boundaries, so each short run re-reads its prefix; the Triton tiles span a whole request.
     The first count is always >= the second; equal when every request is one run.
     """
-    rows, positions = query_tokens(runs)
-    run_ids = torch.repeat_interleave(torch.arange(runs.run_len.numel()), runs.run_len)
-    return (_rows_streamed(build_tiles(run_ids, positions, block_m)),
-            _rows_streamed(build_tiles(rows, positions, block_m)))
+    # Per run, in closed form: full tile k of a run starting at s walks s + (k + 1) * block_m
+    # keys; a partial last tile walks to the run's end.
+    full, rest = runs.run_len // block_m, runs.run_len % block_m
+    per_run = full * runs.run_start + block_m * full * (full + 1) // 2 + (rest > 0) * runs.kv_len
+    tiles = build_tiles(*query_tokens(runs), block_m)
+    return int(per_run.sum()), int((tiles[:, 4].to(torch.int64) + 1).sum())
 
 
 def choose_backend(runs: RunLayout, num_qo_heads: int, num_kv_heads: int, q_dtype: torch.dtype,
