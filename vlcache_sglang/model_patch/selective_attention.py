@@ -28,8 +28,9 @@ _WORKSPACE_BYTES = 256 * 1024 * 1024
 BACKENDS = ("flashinfer", "triton")
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Pick Triton when FlashInfer's runs would stream at least this many times the KV rows that the
-# Triton tiles stream (`kv_rows_streamed`). Both kernels are bound by those reads, but FlashInfer's
-# tuned FA2 pipeline reads a row faster than our Triton loop, so Triton must save a margin to win.
+# Triton tiles stream (`kv_rows_streamed`). The model: both kernels are bound by those gathered
+# reads, and FlashInfer's tuned FA2 pipeline reads a row faster than our Triton loop, so Triton
+# must save a margin to win.
 # Provisional: to be set from benchmarks/attention_bench.py on the H200 (its `kv ratio` column
 # against the two timings).
 TRITON_MIN_KV_RATIO = 2.0
@@ -119,7 +120,7 @@ class SelectiveAttention:
 
     def __init__(self, device: torch.device) -> None:
         self._device = device
-        self._wrapper = None  # FlashInfer's, made on first use: flashinfer needs a GPU to import
+        self._wrapper = None  # FlashInfer's, made on first use: it needs a GPU, Triton-only plans do not
         self._triton = ScatteredAttention()
         self._planned_q: Optional[int] = None
         self.backend: Optional[str] = None  # the planned one
