@@ -26,13 +26,13 @@ import sys
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import launch  # noqa: E402
 import workloads  # noqa: E402
 
-QUICK = dict(presets=["single-1080p"], policies=["first_k"], num_prompts=12, probes=3)
+QUICK = dict(presets=["single-1080p"], policies=["first_k"], num_prompts=16, probes=3)
 FULL = dict(presets=["single-1080p", "multi-4k"], policies=["none", "first_k"], num_prompts=None, probes=5)
 FULL_PROMPTS = {"multi-4k": 16}  # 4x4K requests are ~42k tokens each; other presets default to 48
 WARM = ("warm = after start-up (CUDA graphs captured) and a cache flush, the server has served one "
@@ -53,8 +53,9 @@ class PresetWork:
 
 
 def prompts_for(concurrency: int, num_prompts: int) -> int:
-    """A saturating run needs a few waves: at least 2 requests per concurrent slot."""
-    return max(num_prompts, 2 * concurrency)
+    """A run at concurrency c fills every slot at least once (4x4K stock requests take seconds each:
+    more waves would not fit the GPU host's 10-minute command limit)."""
+    return max(num_prompts, concurrency)
 
 
 def image_urls(row: dict) -> list[str]:
@@ -93,7 +94,7 @@ def build_workload(preset: str, concurrencies: list[int], num_prompts: int, prob
 
 # ----- requests ---------------------------------------------------------------------------------
 
-def stream_chat(url: str, body: dict, timeout_s: float = 600) -> dict:
+def stream_chat(url: str, body: dict, timeout_s: float = 180) -> dict:
     """One streaming chat completion. ttft_ms: the first chunk with a choice (SGLang sends the role
     chunk as the first token comes out); content_ttft_ms: the first non-empty content, bench_serving's
     definition, one decode step later when the first token is part of a multi-byte character.
@@ -173,7 +174,7 @@ def bench_command(url: str, dataset: Path, num_prompts: int, concurrency: int, o
             "--disable-tqdm", "--output-file", str(output_file)]
 
 
-def run_bench(cmd: list[str], output_file: Path, log_file: Path, timeout_s: float = 580) -> dict:
+def run_bench(cmd: list[str], output_file: Path, log_file: Path, timeout_s: float = 300) -> dict:
     """Run bench_serving; its result is the last line it appended to output_file."""
     output_file.unlink(missing_ok=True)
     with open(log_file, "w") as log:
@@ -190,6 +191,7 @@ def summarise(bench: dict, window: dict[str, float], num_prompts: int) -> dict:
         "ttft_p50_ms": bench.get("median_ttft_ms"), "ttft_p90_ms": bench.get("p90_ttft_ms"),
         "e2e_p50_ms": bench.get("median_e2e_latency_ms"), "req_per_s": bench.get("request_throughput"),
         "output_tok_per_s": bench.get("output_throughput"), "duration_s": bench.get("duration"),
+        "first_error": next((e for e in bench.get("errors") or [] if e), None),
         **{k: _finite(v) for k, v in window.items()},
     }
 
@@ -222,10 +224,26 @@ def kv_pool_tokens(info: dict) -> Optional[int]:
     return None
 
 
-def measure_server(srv: launch.Server, works: list[PresetWork], raw_dir: Path,
-                   record: Callable[[dict], None], raw: dict) -> None:
-    """All presets and concurrencies on one running server; each row goes to record() at once so a
-    run cut short still leaves what it measured."""
+@dataclasses.dataclass
+class Results:
+    """What the run measured so far, rewritten to disk after every change: a run cut short by the
+    GPU host's time limit still leaves its tables."""
+    run_dir: Path
+    meta: dict
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    raw: dict = dataclasses.field(default_factory=dict)
+
+    def add(self, row: dict) -> dict:
+        self.rows.append(row)
+        self.save()
+        return row
+
+    def save(self) -> None:
+        write_results(self.run_dir, self.meta, self.rows, self.raw)
+
+
+def measure_server(srv: launch.Server, works: list[PresetWork], work_dir: Path, results: Results) -> None:
+    """All presets and concurrencies on one running server."""
     for work in works:
         if post(srv.url, "/flush_cache") != 200:
             raise RuntimeError(f"{srv.label}: /flush_cache refused")
@@ -238,22 +256,27 @@ def measure_server(srv: launch.Server, works: list[PresetWork], raw_dir: Path,
             key = f"{srv.label}/{work.preset}/c{conc}"
             base = {"preset": work.preset, "server": srv.label, "concurrency": conc}
             before = srv.metrics()
+            out = work_dir / "bench.jsonl"
             try:
-                bench = run_bench(bench_command(srv.url, path, work.counts[conc], conc, raw_dir / "bench.jsonl"),
-                                  raw_dir / "bench.jsonl", raw_dir / f"bench_{key.replace('/', '_')}.log")
+                bench = run_bench(bench_command(srv.url, path, work.counts[conc], conc, out), out,
+                                  work_dir / f"bench_{key.replace('/', '_')}.log")
             except (RuntimeError, subprocess.TimeoutExpired) as e:
-                record({**base, "error": str(e)[-2000:]})
+                results.add({**base, "error": str(e)[-2000:]})
                 print(f"  {key}: {e}", flush=True)
                 continue
-            raw[key] = bench
-            row = {**base, **summarise(bench, launch.gauge_deltas(before, srv.metrics()), work.counts[conc])}
-            rows.append(row)
-            print(f"  {key}: TTFT p50 {row['ttft_p50_ms']:.0f} ms, {row['req_per_s']:.2f} req/s", flush=True)
-        probe = prefix_hit_probe(srv.url, work.probes)
-        raw[f"{srv.label}/{work.preset}/prefix_probe"] = probe
+            results.raw[key] = bench
+            rows.append(results.add({**base, **summarise(bench, launch.gauge_deltas(before, srv.metrics()),
+                                                         work.counts[conc])}))
+            print(f"  {key}: TTFT p50 {rows[-1]['ttft_p50_ms']:.0f} ms, {rows[-1]['req_per_s']:.2f} req/s", flush=True)
+        try:
+            probe = prefix_hit_probe(srv.url, work.probes)
+        except (RuntimeError, OSError, http.client.HTTPException) as e:
+            probe = {"error": f"{type(e).__name__}: {e}", "prefix_hit_ttft_ms": None, "new_text_ttft_ms": None}
+            print(f"  {srv.label} {work.preset}: prefix-hit probe failed: {e}", flush=True)
+        results.raw[f"{srv.label}/{work.preset}/prefix_probe"] = probe
         for row in rows:
             row.update(prefix_hit_ttft_ms=probe["prefix_hit_ttft_ms"], new_text_ttft_ms=probe["new_text_ttft_ms"])
-            record(row)
+        results.save()
 
 
 # ----- results ----------------------------------------------------------------------------------
@@ -265,6 +288,12 @@ def gpu_name() -> str:
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip().splitlines()[0]
     except (OSError, subprocess.TimeoutExpired):
+        pass
+    try:  # no nvidia-smi: ask torch (slower to import)
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
         pass
     return "no-gpu"
 
@@ -293,6 +322,11 @@ def table_md(rows: list[dict]) -> str:
             f"{_fmt(r['output_tok_per_s'], '.0f')} | {'–' if speed is None else f'{speed:.2f}×'} | "
             f"{_fmt(r.get('prefix_hit_ttft_ms'), '.1f')} | {_fmt(r.get('hit_rate'), '.2f')} | "
             f"{_fmt(r.get('recomputed_fraction'), '.3f')} | {_fmt(r.get('store_tokens'), '.0f')} |")
+    failed = [r for r in rows if "error" not in r and r.get("completed") != r.get("num_prompts")]
+    for r in failed:  # their latency numbers cover the successful requests only
+        error = (r.get("first_error") or "?").strip().splitlines()
+        lines.append(f"\n**{r['preset']} / {r['server']} / conc {r['concurrency']}: {r.get('completed')} of "
+                     f"{r['num_prompts']} requests succeeded**; first error: `{(error[-1] if error else '?')[:200]}`")
     return "\n".join(lines)
 
 
@@ -301,7 +335,8 @@ def report_md(meta: dict, rows: list[dict]) -> str:
            f"Model `{meta['model_path']}` ({meta['load_format']} weights), sglang {meta['sglang_version']}, "
            f"`--mem-fraction-static {meta['mem_fraction']}`, one server at a time. Request rate inf; "
            f"concurrency caps the requests in flight; outputs are {'/'.join(map(str, meta['output_tokens']))} "
-           f"tokens (TTFT-bound). Wall time of the whole run: {meta.get('elapsed_s', '?')} s.",
+           f"tokens (TTFT-bound). Wall time of the whole run: {meta.get('elapsed_s', '?')} s"
+           + (f" ({len(meta['merged_from'])} runs merged)." if meta.get("merged_from") else "."),
            "", WARM, "",
            "TTFT p50 speed-up: stock's p50 / this server's at the same preset and concurrency. Prefix-hit "
            "TTFT: median over a few workload requests each sent twice, the second one's TTFT (an exact "
@@ -323,7 +358,15 @@ def _first_last(text: str) -> str:
     return lines[0][:200] + ("" if len(lines) == 1 else f" … {lines[-1][:200]}")
 
 
+def order_rows(rows: list[dict]) -> None:
+    """By preset, concurrency, then server (each in order of first appearance: stock first)."""
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    servers = list(dict.fromkeys(r["server"] for r in rows))
+    rows.sort(key=lambda r: (presets.index(r["preset"]), r["concurrency"], servers.index(r["server"])))
+
+
 def write_results(run_dir: Path, meta: dict, rows: list[dict], raw: dict) -> None:
+    order_rows(rows)
     add_speedups(rows)
     (run_dir / "raw").mkdir(parents=True, exist_ok=True)
     (run_dir / "serving.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -352,16 +395,40 @@ def try_plot(run_dir: Path) -> None:
         print(e)
 
 
+def merge_runs(dirs: list[str], results_dir: str) -> Path:
+    """Runs of the same GPU (e.g. one preset per GPU command, each under the 10-minute limit) as one
+    result: rows of a later folder replace an earlier one's at the same preset, server, concurrency."""
+    runs = [(Path(d), json.loads((Path(d) / "serving.json").read_text())) for d in dirs]
+    gpus = sorted({run["meta"]["gpu"] for _, run in runs})
+    if len(gpus) != 1:
+        raise SystemExit(f"will not merge runs of different GPUs: {gpus}")
+    meta = {**runs[0][1]["meta"], "servers": {}, "prompts": {}, "merged_from": [str(d) for d, _ in runs]}
+    rows: dict[tuple, dict] = {}
+    raw: dict = {}
+    for d, run in runs:
+        for label, srv in run["meta"]["servers"].items():
+            meta["servers"].setdefault(label, srv)
+        meta["prompts"].update(run["meta"]["prompts"])
+        rows.update({(r["preset"], r["server"], r["concurrency"]): r for r in run["rows"]})
+        raw_path = d / "raw" / "serving.raw.json"
+        raw.update(json.loads(raw_path.read_text()) if raw_path.exists() else {})
+    meta["output_tokens"] = sorted({t for _, run in runs for t in run["meta"].get("output_tokens", [])})
+    meta["elapsed_s"] = sum(run["meta"].get("elapsed_s") or 0 for _, run in runs)
+    run_dir = Path(results_dir) / f"{meta['date']}-{slug(meta['gpu'])}"
+    write_results(run_dir, meta, list(rows.values()), raw)
+    return run_dir
+
+
 # ----- main -------------------------------------------------------------------------------------
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="single-1080p, stock + first_k, 12 prompts (~5 min)")
+    p.add_argument("--quick", action="store_true", help="single-1080p, stock + first_k, 16 prompts (~5 min)")
     p.add_argument("--presets", nargs="+", choices=list(workloads.PRESETS))
     p.add_argument("--policies", nargs="+", help="vlcache policies as POLICY or POLICY:PARAM (e.g. first_k:16)")
     p.add_argument("--no-stock", action="store_true", help="leave out the stock SGLang server")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--num-prompts", type=int, help="prompts per run (a run at concurrency c gets at least 2c)")
+    p.add_argument("--num-prompts", type=int, help="prompts per run (a run at concurrency c gets at least c)")
     p.add_argument("--probes", type=int, help="requests of the exact-prefix-hit probe")
     p.add_argument("--model-path", default="/tmp/Qwen2.5-VL-7B-Instruct")
     p.add_argument("--real-weights", action="store_true", help="load the checkpoint's weights (default: dummy)")
@@ -371,6 +438,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--results-dir", default="results")
     p.add_argument("--work-dir", default="/tmp/vlcache_serving", help="workload JSONL, server and bench logs")
+    p.add_argument("--merge", nargs="+", metavar="RUN_DIR", help="measure nothing: merge the serving.json of "
+                   "these run folders (same GPU) into RESULTS/<date>-<gpu>/")
     args = p.parse_args(argv)
     mode = QUICK if args.quick else FULL
     for name, default in mode.items():
@@ -387,6 +456,9 @@ def make_server(label: str, flags: list[str], port: int, log_dir: Path, args: ar
 
 def main(argv: Optional[list[str]] = None) -> Path:
     args = parse_args(argv)
+    if args.merge:
+        run_dir = merge_runs(args.merge, args.results_dir)
+        return _finish(run_dir)
     t_start = time.monotonic()
     date, gpu = datetime.date.today().isoformat(), gpu_name()
     run_dir = Path(args.results_dir) / f"{date}-{slug(gpu)}"
@@ -406,14 +478,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
             "mem_fraction": args.mem_fraction, "base_flags": base, "warm": WARM,
             "output_tokens": sorted({workloads.PRESETS[p].output_len for p in args.presets}),
             "prompts": {w.preset: w.counts for w in works}, "servers": {}}
-    rows: list[dict] = []
-    raw: dict = {}
+    results = Results(run_dir, meta)
     servers = []
-
-    def record(row: dict) -> None:
-        rows.append(row)
-        write_results(run_dir, meta, rows, raw)
-
     for i, policy in enumerate(policies):
         label = server_label(policy)
         srv = make_server(label, base + launch.vlcache_flags(policy), args.port + i, work_dir / "logs", args)
@@ -422,16 +488,21 @@ def main(argv: Optional[list[str]] = None) -> Path:
         try:
             with srv:
                 meta["servers"][label].update(startup_s=srv.startup_s, kv_pool_tokens=kv_pool_tokens(srv.server_info()))
-                measure_server(srv, works, work_dir, record, raw)
+                measure_server(srv, works, work_dir, results)
         except (RuntimeError, OSError, http.client.HTTPException, subprocess.TimeoutExpired) as e:
             meta["servers"][label]["error"] = f"{type(e).__name__}: {e}"
             print(f"server {label}: {e}", flush=True)
-        write_results(run_dir, meta, rows, raw)
+        results.save()
         write_log_tails(run_dir, servers)
+        print(f"server {label} done at {time.monotonic() - t_start:.0f} s", flush=True)
     meta["elapsed_s"] = round(time.monotonic() - t_start)
-    write_results(run_dir, meta, rows, raw)
+    results.save()
+    return _finish(run_dir)
+
+
+def _finish(run_dir: Path) -> Path:
     try_plot(run_dir)
-    print(f"\nresults in {run_dir} ({meta['elapsed_s']} s)\n")
+    print(f"\nresults in {run_dir}\n")
     print((run_dir / "serving.md").read_text())
     return run_dir
 
