@@ -55,11 +55,19 @@ def _install_processor_shortcut(server_args: Any, config: VLCacheConfig) -> None
     """Tokenizer side (this process): key images by raw bytes, skip processing recurring ones."""
     import torch
 
+    from sglang.srt.managers.tokenizer_manager import _determine_tensor_transport_mode
+
     from vlcache_sglang.processor_patch import ImageProcessingShortcut
+    from vlcache_sglang.shared_pixels import sweep_stale
 
     dtype = server_args.get_model_config().dtype
+    # SGLang's scheduler unwraps shared-memory features only where its transport is not "default".
+    share_pixels = _determine_tensor_transport_mode(server_args) != "default" and not server_args.skip_tokenizer_init
+    if share_pixels:
+        sweep_stale()
     shortcut = ImageProcessingShortcut(config.processed_cache_mb * 1024 * 1024,
-                                       pixel_dtype=dtype if dtype in (torch.bfloat16, torch.float16) else None)
+                                       pixel_dtype=dtype if dtype in (torch.bfloat16, torch.float16) else None,
+                                       share_pixels=share_pixels)
     HookRegistry.register(
         "sglang.srt.multimodal.processors.qwen_vl.QwenVLImageProcessor.process_mm_data_async",
         shortcut.around_process,

@@ -1,22 +1,31 @@
 """Processed-image cache of the tokenizer process: image key -> pixel values and grid.
 
 A hit lets a request skip decoding, resizing and normalising the image, and (because the item's
-hash is the key) SGLang's SHA-256 over the pixels. LRU, bounded in bytes.
+hash is the key) SGLang's SHA-256 over the pixels. LRU, bounded in bytes. An entry may own a shared-memory copy of its pixels (`SharedPixels`, what
+requests ship to the scheduler); evicting it hands that segment to a deferred unlink.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from vlcache_sglang.shared_pixels import DeferredUnlinks, SharedPixels
 
 
 @dataclasses.dataclass(frozen=True)
 class ProcessedImage:
     pixel_values: torch.Tensor  # [t*h*w patches, C*T*P*P] as the HF processor emits them (CPU)
     grid_thw: tuple[int, int, int]
+    shared: Optional["SharedPixels"] = None  # the same pixels in a named segment, when shared
+
+    def feature(self) -> object:
+        """What a request's image item carries to the scheduler."""
+        return self.shared if self.shared is not None else self.pixel_values
 
     @property
     def nbytes(self) -> int:
@@ -28,8 +37,9 @@ class ProcessedImage:
 
 
 class ProcessedImageCache:
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, unlinks: Optional["DeferredUnlinks"] = None) -> None:
         self.max_bytes = max_bytes
+        self._unlinks = unlinks
         self._entries: OrderedDict[int, ProcessedImage] = OrderedDict()
         self._bytes = 0
         self.hits = 0
@@ -44,12 +54,19 @@ class ProcessedImageCache:
         self.hits += 1
         return entry
 
+    def __contains__(self, key: int) -> bool:
+        return key in self._entries
+
     def put(self, key: int, entry: ProcessedImage) -> bool:
+        if self._unlinks is not None:
+            self._unlinks.sweep()
         if key in self._entries or entry.nbytes > self.max_bytes:
             return False
         while self._bytes + entry.nbytes > self.max_bytes:
             _, old = self._entries.popitem(last=False)
             self._bytes -= old.nbytes
+            if old.shared is not None and self._unlinks is not None:
+                self._unlinks.add(old.shared)
         self._entries[key] = entry
         self._bytes += entry.nbytes
         return True

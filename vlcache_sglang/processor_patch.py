@@ -29,6 +29,7 @@ from vlcache_sglang.image_key import (
     image_key_from_file,
 )
 from vlcache_sglang.processed_image_cache import ProcessedImage, ProcessedImageCache
+from vlcache_sglang.shared_pixels import DeferredUnlinks, share
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,11 @@ def key_of(entry: Any, settings: ProcessorSettings) -> Optional[ImageKey]:
 
 
 class ImageProcessingShortcut:
-    def __init__(self, max_bytes: int, pixel_dtype: Optional[torch.dtype] = None) -> None:
-        self.cache = ProcessedImageCache(max_bytes)
+    def __init__(self, max_bytes: int, pixel_dtype: Optional[torch.dtype] = None, share_pixels: bool = False) -> None:
+        """share_pixels: keep cached pixels in shared memory and ship only its name (single-node
+        SGLang, where the scheduler unwraps ShmPointerMMData features; see shared_pixels.py)."""
+        self._unlinks = DeferredUnlinks() if share_pixels else None
+        self.cache = ProcessedImageCache(max_bytes, self._unlinks)
         # The vision tower casts pixel values to its own dtype first thing, so caching (and
         # shipping to the scheduler) them in that dtype changes no number and halves the bytes.
         self.pixel_dtype = pixel_dtype
@@ -125,11 +129,19 @@ class ImageProcessingShortcut:
         for item, key in zip(images, keys):
             item.hash, item.pad_value = key.value, key.pad_value
             grid = item.model_specific_data.get("image_grid_thw")
-            if isinstance(item.feature, torch.Tensor) and grid is not None:
+            if isinstance(item.feature, torch.Tensor) and grid is not None and key.value not in self.cache:
                 g = tuple(int(x) for x in torch.as_tensor(grid).reshape(-1)[:3].tolist())
-                pixels = item.feature if self.pixel_dtype is None else item.feature.to(self.pixel_dtype)
-                self.cache.put(key.value, ProcessedImage(pixels, g))
+                self._cache_pixels(key.value, item.feature, g)
         out.padded_input_ids = MultimodalProcessorOutput.build_padded_input_ids(out.input_ids, out.mm_items)
+
+
+    def _cache_pixels(self, key: int, feature: torch.Tensor, grid: tuple[int, int, int]) -> None:
+        pixels = feature if self.pixel_dtype is None else feature.to(self.pixel_dtype)
+        shared = share(pixels) if self._unlinks is not None else None
+        # With a segment, the cache's own tensor is a mapping of it: the pixels are held once.
+        entry = ProcessedImage(shared.materialize() if shared else pixels, grid, shared)
+        if not self.cache.put(key, entry) and shared is not None:
+            shared.unlink()
 
 
 def build_output_from_cache(proc: Any, text: str, keys: list[ImageKey], cached: list[ProcessedImage]) -> Any:
@@ -153,7 +165,7 @@ def build_output_from_cache(proc: Any, text: str, keys: list[ImageKey], cached: 
     grids = torch.tensor([c.grid_thw for c in cached])
     items = [
         MultimodalDataItem(modality=Modality.IMAGE, hash=key.value, pad_value=key.pad_value, offsets=[off],
-                           feature=c.pixel_values, model_specific_data={"image_grid_thw": grids[i : i + 1]})
+                           feature=c.feature(), model_specific_data={"image_grid_thw": grids[i : i + 1]})
         for i, (key, c, off) in enumerate(zip(keys, cached, offsets))
     ]
     mrope_positions, mrope_delta = MRotaryEmbedding.get_rope_index(
