@@ -16,7 +16,11 @@ setup(
         # Ships qwen.tiktoken, the Qwen2 BPE ranks the offline model directory is built from.
         "dashscope==2.0.2",
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6.100", "pillow"]},
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100", "pillow"],
+        # Plots of benchmarks/ (the tables and raw JSON need nothing beyond the install above).
+        "bench": ["matplotlib>=3.8"],
+    },
     entry_points={
         "sglang.srt.plugins": ["vlcache = vlcache_sglang.plugin:register"],
         "console_scripts": ["vlcache-make-model-dir = vlcache_sglang.model_dir.cli:main"],
