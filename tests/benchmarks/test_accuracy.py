@@ -151,3 +151,40 @@ def test_bad_dataset_exits_with_the_reason(tmp_path):
     with pytest.raises(SystemExit, match="bad dataset: .*eval.jsonl:1: image file not found"):
         accuracy.main(["--dataset", str(path), "--server", "s=http://h:1", "--reference", "s", "--out-dir",
                        str(tmp_path)])
+
+
+def test_http_layer_against_a_local_server():
+    import http.server
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if body["messages"][-1]["content"][0]["text"] == "fail":
+                self.send_response(500)
+                self.end_headers()
+                self.wfile.write(b"scheduler died")
+                return
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(json.dumps({"choices": [{"message": {"content": " Red."}}]}).encode())
+
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"sglang:vlcache_key_hits 3.0\n")
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    target = accuracy.Target("first_k:8", f"http://127.0.0.1:{srv.server_address[1]}")
+    try:
+        ok = accuracy.ask(target, accuracy.parse_record(_rec("1", [RED], "red"), Path(".")), 4)
+        bad = accuracy.ask(target, accuracy.parse_record(_rec("2", [], "red", prompt="fail"), Path(".")), 4)
+        gauges = accuracy.fetch_gauges(target.url)
+    finally:
+        srv.shutdown()
+    assert ok["correct"] and ok["answer"] == "red" and ok["error"] is None
+    assert not bad["correct"] and "HTTP 500" in bad["error"] and "scheduler died" in bad["error"]
+    assert gauges == {"key_hits": 3.0}
