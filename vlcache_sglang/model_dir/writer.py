@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,14 @@ _PREPROCESSOR = {
 }
 
 
-def model_config(size: str) -> dict[str, Any]:
+def model_config(size: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json of a released size; `overrides` replaces top-level keys, and its "vision_config"
+    entry is merged into the vision config (out_hidden_size follows the final hidden_size unless given)."""
     if size not in MODEL_SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {list(MODEL_SIZES)}")
-    lm = MODEL_SIZES[size]
+    overrides = dict(overrides or {})
+    vision_overrides = overrides.pop("vision_config", {})
+    lm = {**MODEL_SIZES[size], **overrides}
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
         "model_type": "qwen2_5_vl",
@@ -50,7 +55,7 @@ def model_config(size: str) -> dict[str, Any]:
         "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
         "video_token_id": 151656,
         **lm,
-        "vision_config": {**_VISION, "out_hidden_size": lm["hidden_size"]},
+        "vision_config": {**_VISION, "out_hidden_size": lm["hidden_size"], **vision_overrides},
     }
 
 
@@ -74,8 +79,15 @@ def _tokenizer_config(template: str) -> dict[str, Any]:
     }
 
 
-def write_model_dir(out_dir: str | Path, size: str = "7B") -> Path:
-    """Write config, processor config, chat template and the real Qwen2 tokenizer to out_dir."""
+def write_model_dir(out_dir: str | Path, size: str = "7B", config_overrides: dict[str, Any] | None = None,
+                    preprocessor_overrides: dict[str, Any] | None = None,
+                    tokenizer_json: str | Path | None = None) -> Path:
+    """Write config, processor config, chat template and the real Qwen2 tokenizer to out_dir.
+
+    config_overrides: see `model_config` (custom sizes, e.g. a small trained model).
+    preprocessor_overrides: replaces keys of preprocessor_config.json (e.g. min/max pixels).
+    tokenizer_json: copy this tokenizer.json instead of building it (hosts without `dashscope`).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     template = chat_template()
@@ -83,11 +95,14 @@ def write_model_dir(out_dir: str | Path, size: str = "7B") -> Path:
     def dump(name: str, obj: Any) -> None:
         (out / name).write_text(json.dumps(obj, indent=2) + "\n")
 
-    dump("config.json", model_config(size))
+    dump("config.json", model_config(size, config_overrides))
     dump("generation_config.json", {"bos_token_id": 151643, "eos_token_id": [151645, 151643],
                                     "pad_token_id": 151643, "do_sample": False})
-    dump("preprocessor_config.json", _PREPROCESSOR)
+    dump("preprocessor_config.json", {**_PREPROCESSOR, **(preprocessor_overrides or {})})
     dump("chat_template.json", {"chat_template": template})
     dump("tokenizer_config.json", _tokenizer_config(template))
-    build_qwen2_tokenizer().save(str(out / "tokenizer.json"))
+    if tokenizer_json is not None:
+        shutil.copyfile(tokenizer_json, out / "tokenizer.json")
+    else:
+        build_qwen2_tokenizer().save(str(out / "tokenizer.json"))
     return out

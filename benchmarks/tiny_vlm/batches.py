@@ -1,0 +1,129 @@
+"""Training and evaluation batches: token ids, M-RoPE positions, pixel values and answer targets.
+
+A sample is (grid, question, filler). Its sequence is the chat prompt SGLang renders followed by the
+answer and <|im_end|>; the loss and the accuracy look only at the answer tokens and <|im_end|>
+(predicting <|im_end|> is what makes the server stop after the answer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from benchmarks.tiny_vlm import prompts
+from benchmarks.tiny_vlm.grid_task import GridSpec, Question, random_grids, random_question
+from benchmarks.tiny_vlm.pixels import MERGE, grid_pixel_values, grid_thw, tokens_per_image
+
+TASK_FILE = "tiny_vlm_task.json"  # beside the checkpoint: the task it was trained on
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """What the model is trained and evaluated on; saved with the checkpoint."""
+
+    spec: GridSpec = GridSpec()
+    weights: tuple[tuple[str, float], ...] = (("count", 0.5), ("cell", 0.35), ("most", 0.15))
+    max_filler_words: int = 48
+
+    def save(self, model_dir: str | Path) -> None:
+        d = dataclasses.asdict(self)
+        (Path(model_dir) / TASK_FILE).write_text(json.dumps(d, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> "TaskConfig":
+        path = Path(model_dir) / TASK_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} missing: {model_dir} was not written by tiny_vlm.train")
+        d = json.loads(path.read_text())
+        spec = GridSpec(**{**d["spec"], "colours": tuple(d["spec"]["colours"])})
+        return cls(spec, tuple((k, float(w)) for k, w in d["weights"]), int(d["max_filler_words"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    grid: np.ndarray  # [cells, cells] palette indices
+    question: Question
+    filler: str
+
+
+@dataclasses.dataclass
+class Batch:
+    input_ids: torch.Tensor     # [B, L], right-padded with PAD_ID
+    position_ids: torch.Tensor  # [3, B, L]
+    pixel_values: torch.Tensor  # [B * patches, 1176]
+    image_grid_thw: torch.Tensor  # [B, 3]
+    target_pos: torch.Tensor    # [N] flat index b * L + t of the position that predicts targets[i]
+    targets: torch.Tensor       # [N] answer token ids and <|im_end|>
+    target_sample: torch.Tensor  # [N] which sample each target belongs to
+    image_start: torch.Tensor   # [B] index of the first image token
+    samples: list[Sample]
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    return Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+
+
+def random_samples(task: TaskConfig, n: int, rng: np.random.Generator) -> list[Sample]:
+    grids = random_grids(task.spec, n, rng)
+    weights = dict(task.weights)
+    return [Sample(g, random_question(g, task.spec, rng, weights),
+                   prompts.filler_text(rng, task.max_filler_words)) for g in grids]
+
+
+def encode(tok: Tokenizer, spec: GridSpec, sample: Sample) -> tuple[list[int], list[int]]:
+    """(prompt ids with the image pads expanded, answer ids ending in <|im_end|>)."""
+    before, after = prompts.user_text(sample.filler, sample.question.text)
+    ids = tok.encode(prompts.render_chat(before, after), add_special_tokens=False).ids
+    answer = tok.encode(sample.question.answer, add_special_tokens=False).ids + [prompts.IM_END]
+    return prompts.expand_image_pad(ids, tokens_per_image(spec)), answer
+
+
+def make_batch(samples: list[Sample], tok: Tokenizer, spec: GridSpec, image_mean: list[float],
+               image_std: list[float], device: str | torch.device) -> Batch:
+    encoded = [encode(tok, spec, s) for s in samples]
+    seqs = [p + a for p, a in encoded]
+    length = max(map(len, seqs))
+    _, gh, gw = grid_thw(spec)
+    merged = (gh // MERGE, gw // MERGE)
+    ids = np.full((len(seqs), length), prompts.PAD_ID, dtype=np.int64)
+    pos = np.zeros((3, len(seqs), length), dtype=np.int64)
+    target_pos, targets, target_sample, image_start = [], [], [], []
+    for b, ((prompt, answer), seq) in enumerate(zip(encoded, seqs)):
+        ids[b, :len(seq)] = seq
+        pos[:, b, :len(seq)] = prompts.mrope_positions(seq, merged)
+        for j, t in enumerate(answer):
+            target_pos.append(b * length + len(prompt) - 1 + j)
+            targets.append(t)
+            target_sample.append(b)
+        image_start.append(prompt.index(prompts.IMAGE_PAD))
+    grids = torch.from_numpy(np.stack([s.grid for s in samples])).to(device)
+
+    def t(x):
+        return torch.as_tensor(np.asarray(x), dtype=torch.long, device=device)
+
+    return Batch(t(ids), t(pos), grid_pixel_values(grids, spec, image_mean, image_std),
+                 t([grid_thw(spec)] * len(samples)), t(target_pos), t(targets), t(target_sample),
+                 t(image_start), samples)
+
+
+def answer_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """[N, vocab] logits at the target positions only (the full-vocabulary head on every position
+    would dominate the step time)."""
+    out = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                      pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw, use_cache=False)
+    hidden = out.last_hidden_state.flatten(0, 1)[batch.target_pos]
+    return model.lm_head(hidden)
+
+
+def greedy_correct(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """[B] bool: greedy decoding would produce exactly the answer then <|im_end|> (every target token
+    is the argmax given the correct ones before it)."""
+    hit = (logits.argmax(-1) == batch.targets).long()
+    n = len(batch.samples)
+    wrong = torch.zeros(n, dtype=torch.long, device=hit.device).index_add_(0, batch.target_sample, 1 - hit)
+    return wrong == 0

@@ -1,0 +1,129 @@
+"""The synthetic visual task: a grid of coloured cells and questions whose answer depends on the image
+AND on the question, which the prompt puts BEFORE the image.
+
+Each cell is `cell_px` = 28 px square, so with 14-px patches merged 2x2 every cell is exactly one image
+token. Object colours appear 0..max_count times each on a white background, so a count is one digit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+from PIL import Image
+
+# Names are single Qwen2 tokens with and without a leading space (checked by the tests).
+RGB: dict[str, tuple[int, int, int]] = {
+    "white": (255, 255, 255), "red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220),
+    "yellow": (240, 210, 40), "purple": (140, 50, 170), "orange": (245, 130, 20), "black": (20, 20, 20),
+}
+BACKGROUND = "white"
+KINDS = ("count", "cell", "most")
+
+
+@dataclasses.dataclass(frozen=True)
+class GridSpec:
+    """Image layout: `cells` x `cells` cells of `cell_px` px, object colours each 0..max_count times."""
+
+    cells: int = 12
+    colours: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
+    max_count: int = 9
+    cell_px: int = 28
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in (*self.colours, BACKGROUND) if c not in RGB]
+        if unknown:
+            raise ValueError(f"unknown colours {unknown}; choose from {list(RGB)}")
+        if BACKGROUND in self.colours:
+            raise ValueError(f"{BACKGROUND} is the background, not an object colour")
+        if len(self.colours) * self.max_count > self.cells ** 2:
+            raise ValueError(f"{len(self.colours)} colours x {self.max_count} cells do not fit a "
+                             f"{self.cells}x{self.cells} grid; lower max_count")
+        if self.max_count > 9:
+            raise ValueError(f"max_count {self.max_count} > 9: answers must stay one digit")
+        if self.cell_px % 28:
+            raise ValueError(f"cell_px {self.cell_px} must be a multiple of 28 (one merged image token)")
+
+    @property
+    def image_px(self) -> int:
+        return self.cells * self.cell_px
+
+    @property
+    def palette(self) -> tuple[str, ...]:
+        """Index 0 is the background; cell arrays hold indices into this."""
+        return (BACKGROUND, *self.colours)
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    kind: str
+    text: str
+    answer: str
+
+
+def random_grids(spec: GridSpec, n: int, rng: np.random.Generator) -> np.ndarray:
+    """[n, cells, cells] palette indices: colour k (1-based) on exactly counts[k] random cells."""
+    cells = spec.cells ** 2
+    counts = rng.integers(0, spec.max_count + 1, size=(n, len(spec.colours)))
+    grids = np.zeros((n, cells), dtype=np.int64)
+    order = rng.permuted(np.tile(np.arange(cells), (n, 1)), axis=1)
+    for i in range(n):
+        start = 0
+        for k, c in enumerate(counts[i], start=1):
+            grids[i, order[i, start:start + c]] = k
+            start += c
+    return grids.reshape(n, spec.cells, spec.cells)
+
+
+def render(grid: np.ndarray, spec: GridSpec) -> Image.Image:
+    """The grid as an RGB image, each cell a uniform square."""
+    lut = np.array([RGB[c] for c in spec.palette], dtype=np.uint8)
+    pixels = lut[grid].repeat(spec.cell_px, axis=0).repeat(spec.cell_px, axis=1)
+    return Image.fromarray(pixels)
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def count_question(grid: np.ndarray, spec: GridSpec, colour: str) -> Question:
+    n = int((grid == spec.palette.index(colour)).sum())
+    return Question("count", f"How many {colour} cells are there?", str(n))
+
+
+def cell_question(grid: np.ndarray, spec: GridSpec, row: int, col: int) -> Question:
+    """Rows and columns are 1-based, counted from the top left."""
+    colour = spec.palette[int(grid[row - 1, col - 1])]
+    return Question("cell", f"What colour is the cell in row {row}, column {col}?", colour)
+
+
+def most_question(grid: np.ndarray, spec: GridSpec) -> Question | None:
+    """None when the most common object colour is tied (the answer would be ambiguous)."""
+    counts = np.bincount(grid.ravel(), minlength=len(spec.palette))[1:]
+    top = np.flatnonzero(counts == counts.max())
+    if len(top) != 1:
+        return None
+    return Question("most", f"Which colour has the most cells, apart from {BACKGROUND}?",
+                    spec.colours[int(top[0])])
+
+
+def random_question(grid: np.ndarray, spec: GridSpec, rng: np.random.Generator,
+                    weights: dict[str, float]) -> Question:
+    """One question of a kind drawn by `weights` (kind -> weight; a tied 'most' falls back to 'count')."""
+    kinds = [k for k in KINDS if weights.get(k, 0) > 0]
+    if not kinds:
+        raise ValueError(f"no question kind has a positive weight in {weights}; kinds: {KINDS}")
+    p = np.array([weights[k] for k in kinds], dtype=float)
+    kind = kinds[rng.choice(len(kinds), p=p / p.sum())]
+    if kind == "most":
+        q = most_question(grid, spec)
+        if q is not None:
+            return q
+        kind = "count"
+    if kind == "count":
+        return count_question(grid, spec, spec.colours[rng.integers(len(spec.colours))])
+    row, col = rng.integers(1, spec.cells + 1, size=2)
+    return cell_question(grid, spec, int(row), int(col))

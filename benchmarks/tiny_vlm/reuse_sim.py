@@ -1,0 +1,137 @@
+"""Does reusing an image's KV computed after another question cost accuracy? Plain-torch check (CPU or
+GPU) of a trained checkpoint, before any server runs.
+
+    python -m benchmarks.tiny_vlm.reuse_sim --model /tmp/tiny-qwen2.5-vl [--pairs 512] [--first-k 1,2,4]
+
+For each pair: one held-out image and filler, question A and question B of the same kind and token
+length (so the image sits at the same positions). Request B is answered with full recomputation and
+with the image's K/V recorded in request A (`none`), or all but the first k image tokens from A
+(`first_k`); see kv_splice.py. Prints accuracy per kind and how often B got A's answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.tiny_vlm.batches import (Batch, Sample, TaskConfig, answer_logits, encode, greedy_correct,
+                                         load_tokenizer, make_batch)
+from benchmarks.tiny_vlm.checkpoint import load_checkpoint
+from benchmarks.tiny_vlm.grid_task import GridSpec, Question, cell_question, count_question, random_grids
+from benchmarks.tiny_vlm.kv_splice import record_image_kv, splice_image_kv
+from benchmarks.tiny_vlm.pixels import tokens_per_image
+from benchmarks.tiny_vlm.prompts import filler_text
+
+SIM_SEED = 20_000  # images unseen in training (train.py draws from seeds < 10_000 + its held-out set)
+
+
+def question_pair(grid: np.ndarray, spec: GridSpec, kind: str,
+                  rng: np.random.Generator) -> tuple[Question, Question]:
+    """Two different questions of one kind whose texts differ only in single-token words."""
+    if kind == "count":
+        a, b = rng.choice(len(spec.colours), size=2, replace=False)
+        return count_question(grid, spec, spec.colours[a]), count_question(grid, spec, spec.colours[b])
+    if kind == "cell":
+        # Rows/columns 1..9 are one token each; more would change the token length.
+        side = min(spec.cells, 9)
+        cells = rng.choice(side * side, size=2, replace=False)
+        (ra, ca), (rb, cb) = (divmod(int(c), side) for c in cells)
+        return cell_question(grid, spec, ra + 1, ca + 1), cell_question(grid, spec, rb + 1, cb + 1)
+    raise ValueError(f"no question pairs for kind {kind!r}; use count or cell")
+
+
+@dataclasses.dataclass
+class PairBatch:
+    a: Batch        # request A: computes the image KV that B reuses
+    b: Batch        # request B: the one scored
+    b_with_a_answer: Batch  # B's prompt with A's answer as target: did B answer A's question?
+    n_image: int
+
+
+def make_pairs(task: TaskConfig, tok, kind: str, n: int, rng: np.random.Generator, mean, std,
+               device: str) -> PairBatch:
+    spec = task.spec
+    grids = random_grids(spec, n, rng)
+    a, b, ba = [], [], []
+    for g in grids:
+        filler = filler_text(rng, task.max_filler_words)
+        qa, qb = question_pair(g, spec, kind, rng)
+        a.append(Sample(g, qa, filler))
+        b.append(Sample(g, qb, filler))
+        ba.append(Sample(g, dataclasses.replace(qb, answer=qa.answer), filler))
+    for sa, sb in zip(a, b):
+        pa, pb = encode(tok, spec, sa)[0], encode(tok, spec, sb)[0]
+        if len(pa) != len(pb):
+            raise AssertionError(f"pair prompts differ in length ({len(pa)} vs {len(pb)}): "
+                                 f"{sa.question.text!r} / {sb.question.text!r}")
+    mk = lambda s: make_batch(s, tok, spec, mean, std, device)  # noqa: E731
+    return PairBatch(mk(a), mk(b), mk(ba), tokens_per_image(spec))
+
+
+@torch.no_grad()
+def run_pairs(model, pairs: PairBatch, keep_first: list[int]) -> dict[str, np.ndarray]:
+    """Per-request correctness of B under full recomputation, none (and first_k), and whether B
+    under none gave A's answer."""
+    a, b = pairs.a, pairs.b
+    if not torch.equal(a.image_start, b.image_start):
+        raise AssertionError("A and B must place the image at the same positions")
+    store: dict = {}
+    with record_image_kv(model, a.image_start, pairs.n_image, store):
+        answer_logits(model, a)
+    out = {"full": greedy_correct(answer_logits(model, b), b).cpu().numpy()}
+    for k in [0, *keep_first]:
+        name = "none" if k == 0 else f"first_k:{k}"
+        with splice_image_kv(model, b.image_start, pairs.n_image, store, keep_first=k):
+            out[name] = greedy_correct(answer_logits(model, b), b).cpu().numpy()
+            if k == 0:
+                out["none_gave_A_answer"] = greedy_correct(answer_logits(model, pairs.b_with_a_answer),
+                                                           pairs.b_with_a_answer).cpu().numpy()
+    same = np.array([sa.question.answer == sb.question.answer for sa, sb in zip(a.samples, b.samples)])
+    out["none_gave_A_answer"] = out["none_gave_A_answer"] & ~same  # only where A's answer is wrong for B
+    return out
+
+
+def simulate(model_dir: str | Path, pairs: int, keep_first: list[int], device: str,
+             batch: int = 64, seed: int = SIM_SEED) -> dict[str, dict[str, float]]:
+    task = TaskConfig.load(model_dir)
+    tok = load_tokenizer(model_dir)
+    pre = json.loads((Path(model_dir) / "preprocessor_config.json").read_text())
+    model = load_checkpoint(model_dir, device)
+    rng = np.random.default_rng(seed)
+    report = {}
+    for kind in ("count", "cell"):
+        results: dict[str, list] = {}
+        for i in range(0, pairs, batch):
+            pb = make_pairs(task, tok, kind, min(batch, pairs - i), rng, pre["image_mean"], pre["image_std"], device)
+            for name, v in run_pairs(model, pb, keep_first).items():
+                results.setdefault(name, []).append(v)
+        report[kind] = {name: float(np.concatenate(v).mean()) for name, v in results.items()}
+        report[kind]["n"] = pairs
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint directory written by tiny_vlm.train")
+    p.add_argument("--pairs", type=int, default=512, help="request pairs per question kind")
+    p.add_argument("--first-k", default="1,2,4", help="comma-separated k for first_k ('' for none)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="also write the report as JSON here")
+    args = p.parse_args(argv)
+    ks = [int(k) for k in args.first_k.split(",") if k.strip()]
+    report = simulate(args.model, args.pairs, ks, args.device)
+    cols = ["full", "none", *[f"first_k:{k}" for k in ks], "none_gave_A_answer"]
+    print("kind   " + " ".join(f"{c:>18}" for c in cols) + "      n")
+    for kind, r in report.items():
+        print(f"{kind:6} " + " ".join(f"{r[c]:18.3f}" for c in cols) + f" {r['n']:6d}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Train the small Qwen2.5-VL on the grid task and write a checkpoint directory SGLang serves.
+
+    python -m benchmarks.tiny_vlm.train --out /tmp/tiny-qwen2.5-vl --minutes 4
+    python -m benchmarks.tiny_vlm.train --out /tmp/tiny-cpu --minutes 5 --cells 4 --colours 4 --max-count 3
+
+Every step draws fresh images and questions (no data set on disk). Stops by wall clock; prints loss and
+held-out accuracy per question kind; writes config/tokenizer (vlcache_sglang.model_dir), weights in the
+released-checkpoint layout (checkpoint.py), the task (tiny_vlm_task.json) and the log (train_log.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+from benchmarks.tiny_vlm.batches import (TaskConfig, answer_logits, greedy_correct, load_tokenizer,
+                                         make_batch, random_samples)
+from benchmarks.tiny_vlm.checkpoint import save_checkpoint
+from benchmarks.tiny_vlm.grid_task import GridSpec
+from benchmarks.tiny_vlm.model_config import SIZES, write_tiny_model_dir
+from benchmarks.tiny_vlm.vision_attention import use_windowed_sdpa
+
+ALL_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black")
+HELD_OUT_SEED = 10_000  # held-out images come from a stream the training seeds never reach
+
+
+def build_model(model_dir: Path, seed: int, device: str) -> Qwen2_5_VLForConditionalGeneration:
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(AutoConfig.from_pretrained(model_dir)).to(device)
+    use_windowed_sdpa(model)
+    return model
+
+
+def autocast(device: str):
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_at(step: int, frac_time: float, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine by elapsed wall-clock fraction down to 10% of peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac_time, 1.0))))
+
+
+@torch.no_grad()
+def held_out_accuracy(model, batches, device: str) -> dict[str, float]:
+    """Greedy exact-match accuracy per question kind (and 'all') on fixed held-out batches."""
+    model.eval()
+    right: dict[str, list[bool]] = {}
+    for batch in batches:
+        with autocast(device):
+            ok = greedy_correct(answer_logits(model, batch), batch).tolist()
+        for s, o in zip(batch.samples, ok):
+            right.setdefault(s.question.kind, []).append(o)
+            right.setdefault("all", []).append(o)
+    model.train()
+    return {k: float(np.mean(v)) for k, v in sorted(right.items())}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--minutes", type=float, default=4.0, help="training wall-clock budget")
+    p.add_argument("--cells", type=int, default=12, help="grid side in cells (28 px, one image token each)")
+    p.add_argument("--colours", type=int, default=6, help="number of object colours")
+    p.add_argument("--max-count", type=int, default=9, help="most cells of one colour")
+    p.add_argument("--max-filler-words", type=int, default=48)
+    p.add_argument("--size", choices=list(SIZES), default="base", help="model_config.SIZES entry")
+    p.add_argument("--layers", type=int, default=None, help="text layers (default: the size's)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--held-out", type=int, default=512, help="held-out samples for accuracy")
+    p.add_argument("--eval-every-s", type=float, default=30.0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tokenizer-from", default=None,
+                   help="copy tokenizer.json from this model directory (hosts without dashscope)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (tests)")
+    return p.parse_args(argv)
+
+
+def task_from_args(args: argparse.Namespace) -> TaskConfig:
+    if not 1 <= args.colours <= len(ALL_COLOURS):
+        raise ValueError(f"--colours must be 1..{len(ALL_COLOURS)}, got {args.colours}")
+    spec = GridSpec(cells=args.cells, colours=ALL_COLOURS[:args.colours], max_count=args.max_count)
+    return TaskConfig(spec=spec, max_filler_words=args.max_filler_words)
+
+
+def train(args: argparse.Namespace) -> dict:
+    t0 = time.monotonic()
+    task = task_from_args(args)
+    out = Path(args.out)
+    tok_json = Path(args.tokenizer_from) / "tokenizer.json" if args.tokenizer_from else None
+    write_tiny_model_dir(out, task.spec.image_px, args.size, args.layers, tok_json)
+    task.save(out)
+    tok = load_tokenizer(out)
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    mean, std = pre["image_mean"], pre["image_std"]
+    device = args.device
+    model = build_model(out, args.seed, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0,
+                            fused=device.startswith("cuda"))
+
+    held_rng = np.random.default_rng(HELD_OUT_SEED + args.seed)
+    held = [make_batch(random_samples(task, min(args.batch, args.held_out - i), held_rng), tok, task.spec,
+                       mean, std, device) for i in range(0, args.held_out, args.batch)]
+    rng = np.random.default_rng(args.seed)
+    budget_s = args.minutes * 60
+    log: list[dict] = []
+    step, t_train, last_eval, losses = 0, time.monotonic(), time.monotonic(), []
+    print(f"setup {t_train - t0:.1f} s; {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params; "
+          f"{task.spec.cells}x{task.spec.cells} cells, {len(task.spec.colours)} colours; device {device}",
+          flush=True)
+    model.train()
+    while True:
+        elapsed = time.monotonic() - t_train
+        if elapsed >= budget_s or (args.max_steps is not None and step >= args.max_steps):
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, elapsed / budget_s, args.lr, args.warmup)
+        batch = make_batch(random_samples(task, args.batch, rng), tok, task.spec, mean, std, device)
+        with autocast(device):
+            logits = answer_logits(model, batch)
+        loss = torch.nn.functional.cross_entropy(logits.float(), batch.targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if time.monotonic() - last_eval >= args.eval_every_s:
+            acc = held_out_accuracy(model, held, device)
+            entry = {"step": step, "s": round(time.monotonic() - t_train, 1),
+                     "loss": float(np.mean(losses)), "acc": acc}
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+            losses, last_eval = [], time.monotonic()
+    acc = held_out_accuracy(model, held, device)
+    result = {"steps": step, "train_s": round(time.monotonic() - t_train, 1),
+              "final_loss": float(np.mean(losses)) if losses else None, "held_out_acc": acc, "log": log,
+              "args": vars(args)}
+    save_checkpoint(model, out)
+    (out / "train_log.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"done: {step} steps in {result['train_s']} s; held-out accuracy {acc}; wrote {out}", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

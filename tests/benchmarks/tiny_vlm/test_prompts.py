@@ -1,0 +1,65 @@
+"""Prompt text and positions are what SGLang builds for the same chat request."""
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.tiny_vlm import prompts
+from benchmarks.tiny_vlm.batches import Sample, encode, load_tokenizer
+from benchmarks.tiny_vlm.grid_task import count_question, random_grids
+
+
+@pytest.mark.parametrize("filler", ["", "Some words here. More words."])
+def test_render_chat_is_the_checkpoint_template(tiny_dir, filler):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    before, after = prompts.user_text(filler, "How many red cells are there?")
+    # What an OpenAI client sends; SGLang renders it with the checkpoint's Jinja template.
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": before},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "text", "text": after}]}]
+    expected = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompts.render_chat(before, after) == expected
+    assert before == before.strip() and after == after.strip()
+
+
+def test_dataset_prompt_has_one_marker_between_before_and_after():
+    before, after = prompts.user_text("Hello there.", "Which colour?")
+    p = prompts.dataset_prompt(before, after)
+    assert p.count(prompts.IMAGE_MARKER) == 1 and p.split(prompts.IMAGE_MARKER) == [before, after]
+
+
+def test_filler_lengths_vary_up_to_the_limit():
+    rng = np.random.default_rng(0)
+    lengths = [len(prompts.filler_text(rng, 20).split()) for _ in range(300)]
+    assert min(lengths) == 0 and max(lengths) == 20 and len(set(lengths)) > 10
+
+
+def test_encode_expands_the_image_pad_and_ends_the_answer(tiny_dir, spec):
+    tok = load_tokenizer(tiny_dir)
+    grid = random_grids(spec, 1, np.random.default_rng(0))[0]
+    prompt, answer = encode(tok, spec, Sample(grid, count_question(grid, spec, "red"), "A day."))
+    assert prompt.count(prompts.IMAGE_PAD) == spec.cells ** 2
+    i = prompt.index(prompts.IMAGE_PAD)
+    assert prompt[i - 1] == prompts.VISION_START and prompt[i + spec.cells ** 2] == prompts.VISION_END
+    assert answer[-1] == prompts.IM_END and len(answer) == 2
+    assert tok.decode(prompt[-3:], skip_special_tokens=False) == "<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("before_len, h, w, after_len", [(7, 4, 4, 5), (0, 2, 6, 3), (30, 6, 2, 0)])
+def test_mrope_positions_match_transformers_get_rope_index(tiny_model, before_len, h, w, after_len):
+    ids = [100] * before_len + [prompts.IMAGE_PAD] * (h * w) + [200] * after_len
+    t = torch.tensor([ids])
+    ours = prompts.mrope_positions(ids, (h, w))
+    theirs, _ = tiny_model.model.get_rope_index(t, mm_token_type_ids=(t == prompts.IMAGE_PAD).int(),
+                                                image_grid_thw=torch.tensor([[1, 2 * h, 2 * w]]))
+    np.testing.assert_array_equal(ours, theirs[:, 0].numpy())
+
+
+def test_bad_image_runs_are_errors():
+    with pytest.raises(ValueError, match="one <"):
+        prompts.expand_image_pad([1, 2], 4)
+    with pytest.raises(ValueError, match="one run"):
+        prompts.mrope_positions([prompts.IMAGE_PAD, 5, prompts.IMAGE_PAD], (1, 2))
