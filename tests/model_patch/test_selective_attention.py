@@ -107,8 +107,8 @@ def test_selective_attention_runs_the_triton_kernel(device):
     active = [torch.tensor([0, 5, 9, 17, 33, 39]), torch.tensor([2, 4, 6, 8])]
     runs = runs_of(active, req_rows=[2, 0])
     attn = SelectiveAttention(torch.device(device))
-    attn.plan(runs, req_to_token, 4, 2, 64, 0.125, torch.float32, torch.float32)
-    assert attn.backend == "triton", "all one-token runs"
+    attn.plan(runs, req_to_token, 4, 2, 64, 0.125, torch.float32, torch.float32, backend="triton")
+    assert attn.backend == "triton"
     q = torch.randn(10, 4, 64, generator=torch.Generator().manual_seed(1)).to(device)
     rows, positions = query_tokens(runs)
     want = scattered_attention_reference(q, k, v, req_to_token, rows, positions, 0.125)
