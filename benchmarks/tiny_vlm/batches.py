@@ -62,6 +62,7 @@ class Batch:
     target_sample: torch.Tensor  # [N] which sample each target belongs to
     image_start: torch.Tensor   # [B] index of the first image token
     samples: list[Sample]
+    attention_mask: torch.Tensor | None = None  # [B, 1, L, L] bool (True: may attend), see route_mask
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
@@ -83,8 +84,25 @@ def encode(tok: Tokenizer, spec: GridSpec, sample: Sample) -> tuple[list[int], l
     return prompts.expand_image_pad(ids, tokens_per_image(spec)), answer
 
 
+def route_mask(seqs: list[list[int]], length: int, routed: np.ndarray) -> np.ndarray:
+    """[B, 1, L, L] causal mask in which, for the `routed` samples, the tokens from <|vision_end|> on
+    cannot attend to the user text before the image (filler, question, <|vision_start|>).
+
+    Training with it for part of the samples makes the question reach the answer through the image
+    tokens' states, as it does in large VLMs, instead of only by the answer attending to the question
+    directly; that dependence is what reusing an image's KV after other text gets wrong."""
+    mask = np.broadcast_to(np.tril(np.ones((length, length), dtype=bool)), (len(seqs), 1, length, length)).copy()
+    for b in np.flatnonzero(routed):
+        seq = seqs[b]
+        user = [i for i, t in enumerate(seq) if t == prompts.IM_START][1] + 3  # after "<|im_start|>user\n"
+        vs, ve = seq.index(prompts.VISION_START), seq.index(prompts.VISION_END)
+        mask[b, 0, ve:, user:vs + 1] = False
+    return mask
+
+
 def make_batch(samples: list[Sample], tok: Tokenizer, spec: GridSpec, image_mean: list[float],
-               image_std: list[float], device: str | torch.device) -> Batch:
+               image_std: list[float], device: str | torch.device, routed: np.ndarray | None = None) -> Batch:
+    """routed: [B] bool, samples trained with `route_mask` (None: plain causal attention)."""
     encoded = [encode(tok, spec, s) for s in samples]
     seqs = [p + a for p, a in encoded]
     length = max(map(len, seqs))
@@ -106,16 +124,20 @@ def make_batch(samples: list[Sample], tok: Tokenizer, spec: GridSpec, image_mean
     def t(x):
         return torch.as_tensor(np.asarray(x), dtype=torch.long, device=device)
 
+    mask = None
+    if routed is not None and routed.any():
+        mask = torch.from_numpy(route_mask(seqs, length, routed)).to(device)
     return Batch(t(ids), t(pos), grid_pixel_values(grids, spec, image_mean, image_std),
                  t([grid_thw(spec)] * len(samples)), t(target_pos), t(targets), t(target_sample),
-                 t(image_start), samples)
+                 t(image_start), samples, mask)
 
 
 def answer_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """[N, vocab] logits at the target positions only (the full-vocabulary head on every position
     would dominate the step time)."""
     out = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                      pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw, use_cache=False)
+                      attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+                      image_grid_thw=batch.image_grid_thw, use_cache=False)
     hidden = out.last_hidden_state.flatten(0, 1)[batch.target_pos]
     return model.lm_head(hidden)
 

@@ -24,7 +24,7 @@ from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 from benchmarks.tiny_vlm.batches import (TaskConfig, answer_logits, greedy_correct, load_tokenizer,
                                          make_batch, random_samples)
 from benchmarks.tiny_vlm.checkpoint import save_checkpoint
-from benchmarks.tiny_vlm.grid_task import GridSpec
+from benchmarks.tiny_vlm.grid_task import KINDS, GridSpec
 from benchmarks.tiny_vlm.model_config import SIZES, write_tiny_model_dir
 from benchmarks.tiny_vlm.vision_attention import use_windowed_sdpa
 
@@ -75,8 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--colours", type=int, default=6, help="number of object colours")
     p.add_argument("--max-count", type=int, default=9, help="most cells of one colour")
     p.add_argument("--max-filler-words", type=int, default=48)
+    p.add_argument("--kinds", default="count:0.5,cell:0.35,most:0.15", help="question kinds and weights")
     p.add_argument("--size", choices=list(SIZES), default="base", help="model_config.SIZES entry")
     p.add_argument("--layers", type=int, default=None, help="text layers (default: the size's)")
+    p.add_argument("--route-p", type=float, default=0.0,
+                   help="share of samples trained with batches.route_mask (question reaches the answer "
+                        "only through the image tokens); held-out accuracy is always without it")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
@@ -94,7 +98,14 @@ def task_from_args(args: argparse.Namespace) -> TaskConfig:
     if not 1 <= args.colours <= len(ALL_COLOURS):
         raise ValueError(f"--colours must be 1..{len(ALL_COLOURS)}, got {args.colours}")
     spec = GridSpec(cells=args.cells, colours=ALL_COLOURS[:args.colours], max_count=args.max_count)
-    return TaskConfig(spec=spec, max_filler_words=args.max_filler_words)
+    try:
+        weights = tuple((k, float(w)) for k, w in (item.split(":") for item in args.kinds.split(",")))
+    except ValueError:
+        raise ValueError(f"--kinds wants kind:weight,... (kinds {KINDS}), got {args.kinds!r}") from None
+    unknown = [k for k, _ in weights if k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown question kinds {unknown}; choose from {KINDS}")
+    return TaskConfig(spec=spec, weights=weights, max_filler_words=args.max_filler_words)
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -129,7 +140,8 @@ def train(args: argparse.Namespace) -> dict:
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, elapsed / budget_s, args.lr, args.warmup)
-        batch = make_batch(random_samples(task, args.batch, rng), tok, task.spec, mean, std, device)
+        routed = rng.random(args.batch) < args.route_p
+        batch = make_batch(random_samples(task, args.batch, rng), tok, task.spec, mean, std, device, routed)
         with autocast(device):
             logits = answer_logits(model, batch)
         loss = torch.nn.functional.cross_entropy(logits.float(), batch.targets)

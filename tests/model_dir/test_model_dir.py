@@ -58,3 +58,19 @@ def test_config_loads_with_transformers(tmp_path, size):
 def test_unknown_size_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="7B"):
         write_model_dir(tmp_path / "x", "13B")
+
+
+def test_overrides_give_a_custom_size_and_processor(tmp_path, qwen_model_dir):
+    overrides = {"hidden_size": 256, "num_hidden_layers": 2, "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+                 "vision_config": {"depth": 2, "hidden_size": 128, "fullatt_block_indexes": [1]}}
+    d = write_model_dir(tmp_path / "custom", "3B", overrides, {"max_pixels": 112 * 112},
+                        tokenizer_json=qwen_model_dir / "tokenizer.json")
+    cfg = AutoConfig.from_pretrained(d)
+    assert cfg.text_config.hidden_size == 256 and cfg.text_config.num_hidden_layers == 2
+    assert cfg.text_config.num_attention_heads == MODEL_SIZES["3B"]["num_attention_heads"]  # not overridden
+    assert cfg.vision_config.depth == 2 and cfg.vision_config.out_hidden_size == 256
+    assert cfg.vision_config.patch_size == 14  # the rest of the vision config stays
+    assert json.loads((d / "preprocessor_config.json").read_text())["max_pixels"] == 112 * 112
+    assert (d / "tokenizer.json").read_bytes() == (qwen_model_dir / "tokenizer.json").read_bytes()
+    # Without overrides the released sizes are unchanged.
+    assert json.loads((qwen_model_dir / "config.json").read_text())["hidden_size"] == MODEL_SIZES["7B"]["hidden_size"]

@@ -67,3 +67,25 @@ def test_keep_first_out_of_range_is_an_error(tiny_dir, tiny_model, spec):
     with pytest.raises(ValueError, match="keep_first"):
         with splice_image_kv(tiny_model, a.image_start, 16, {}, keep_first=17):
             pass
+
+
+def test_with_the_route_mask_the_question_reaches_the_answer_only_through_the_image(tiny_dir, tiny_model, spec):
+    """Routed request B with request A's image K/V answers exactly like routed A: the tokens after
+    the image see no user text, so the mask is applied and the image is the only path."""
+    tok = load_tokenizer(tiny_dir)
+    grids = random_grids(spec, 2, np.random.default_rng(3))
+    routed = np.ones(2, dtype=bool)
+
+    def mk(colour, filler):
+        samples = [Sample(g, count_question(g, spec, colour), filler) for g in grids]
+        return make_batch(samples, tok, spec, MEAN, STD, "cpu", routed=routed)
+
+    a, b = mk("red", "Earlier text one."), mk("blue", "Other words two.")
+    assert torch.equal(a.image_start, b.image_start)
+    store = _record(tiny_model, a)
+    first = lambda batch: torch.unique_consecutive(batch.target_sample, return_counts=True)[1].cumsum(0) - \
+        torch.unique_consecutive(batch.target_sample, return_counts=True)[1]  # noqa: E731
+    la = _logits(tiny_model, a)[first(a)]
+    lb_spliced = _logits(tiny_model, b, store)[first(b)]
+    torch.testing.assert_close(lb_spliced, la, atol=1e-5, rtol=0)
+    assert (_logits(tiny_model, b)[first(b)] - la).abs().max() > 1e-4

@@ -1,0 +1,56 @@
+"""A few CPU training steps write a checkpoint that reloads, with its task and log."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.tiny_vlm import prompts
+from benchmarks.tiny_vlm.batches import TaskConfig, make_batch, load_tokenizer, random_samples, route_mask
+from benchmarks.tiny_vlm.checkpoint import load_checkpoint
+from benchmarks.tiny_vlm.train import lr_at, parse_args, train
+
+
+def test_a_few_steps_write_a_reloadable_checkpoint(tiny_dir, tmp_path):
+    out = tmp_path / "ckpt"
+    args = parse_args(["--out", str(out), "--size", "small", "--layers", "1", "--cells", "4", "--colours", "3",
+                       "--max-count", "3", "--batch", "4", "--held-out", "4", "--max-steps", "3",
+                       "--eval-every-s", "0", "--route-p", "0.5", "--tokenizer-from", str(tiny_dir),
+                       "--device", "cpu"])
+    result = train(args)
+    assert result["steps"] == 3 and len(result["log"]) == 3
+    assert all(np.isfinite(e["loss"]) for e in result["log"])
+    assert set(result["held_out_acc"]) >= {"all", "count"}
+    assert TaskConfig.load(out).spec.cells == 4
+    assert json.loads((out / "train_log.json").read_text())["steps"] == 3
+    model = load_checkpoint(out)
+    assert model.config.text_config.num_hidden_layers == 1
+
+
+def test_route_mask_hides_the_user_text_from_tokens_after_the_image(tiny_dir, spec):
+    tok = load_tokenizer(tiny_dir)
+    samples = random_samples(TaskConfig(spec=spec, max_filler_words=6), 2, np.random.default_rng(0))
+    batch = make_batch(samples, tok, spec, [0.5] * 3, [0.5] * 3, "cpu", routed=np.array([True, False]))
+    mask = batch.attention_mask[:, 0].numpy()
+    seq = batch.input_ids[0].tolist()
+    user = [i for i, t in enumerate(seq) if t == prompts.IM_START][1] + 3
+    vs, ve = seq.index(prompts.VISION_START), seq.index(prompts.VISION_END)
+    assert tok.decode(seq[user - 3:user], skip_special_tokens=False) == "<|im_start|>user\n"
+    causal = np.tril(np.ones_like(mask[0]))
+    assert not mask[0, ve:, user:vs + 1].any()                  # answer side cannot see the question
+    assert mask[0, vs + 1:ve, user:vs + 1].all()                # image tokens can
+    assert mask[0, ve:, :user].all() and (mask[0, ve:, vs + 1:] == causal[ve:, vs + 1:]).all()
+    assert (mask[1] == causal).all()                            # unrouted sample: plain causal
+    assert make_batch(samples, tok, spec, [0.5] * 3, [0.5] * 3, "cpu").attention_mask is None
+
+
+def test_lr_warms_up_then_decays_to_a_tenth():
+    assert lr_at(0, 0.0, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(50, 0.0, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(50, 1.0, 1.0, 10) == pytest.approx(0.1)
+
+
+def test_bad_colour_count_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="--colours"):
+        train(parse_args(["--out", str(tmp_path), "--colours", "9", "--device", "cpu"]))
