@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from vlcache_sglang.kernels import copy_rotate_pool_kv
-from vlcache_sglang.model_patch import rotation_check
+from vlcache_sglang.model_patch import forward_profile, rotation_check
 from vlcache_sglang.model_patch.selective_attention import RunLayout, SelectiveAttention, runs_of
 from vlcache_sglang.reuse_planner import PLANS_ATTR, RequestReuse
 
@@ -87,6 +87,8 @@ class SelectivePrefill:
     def __init__(self, inv_freq: torch.Tensor) -> None:
         self.inv_freq = inv_freq
         self._attention: Optional[SelectiveAttention] = None
+        self._backends: list[str] = []  # chosen per plan in the current batch (for the profile log)
+        self._decoder_ms = 0.0  # the decoder loop's share of the forward (for the profile log)
 
     def around_vl_forward(self, original: Callable[..., Any], model: Any, input_ids: Any, positions: Any,
                           forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
@@ -96,16 +98,23 @@ class SelectivePrefill:
         from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
 
         pool = get_token_to_kv_pool()
-        copy_reused_kv(pool, plans, self.inv_freq)
+        profile = forward_profile.enabled()
+        _, copy_ms = forward_profile.timed(lambda: copy_reused_kv(pool, plans, self.inv_freq)) if profile \
+            else (copy_reused_kv(pool, plans, self.inv_freq), 0.0)
         check = rotation_check.RotationCheck(pool, plans) if rotation_check.enabled() else None
         num_layers = len(model.model.layers)
-        setattr(forward_batch, SELECTIVE_ATTR, build_selective_batch(plans, forward_batch, num_layers))
+        sel = build_selective_batch(plans, forward_batch, num_layers)
+        setattr(forward_batch, SELECTIVE_ATTR, sel)
+        self._backends = []
+        forward = lambda: original(model, input_ids, positions, forward_batch, *args, **kwargs)  # noqa: E731
         try:
-            out = original(model, input_ids, positions, forward_batch, *args, **kwargs)
+            out, forward_ms = forward_profile.timed(forward) if profile else (forward(), 0.0)
         finally:
             setattr(forward_batch, SELECTIVE_ATTR, None)
         if check is not None:
             check.compare()
+        if profile:
+            forward_profile.log_batch(sel, self._backends, copy_ms, forward_ms, self._decoder_ms, len(plans))
         return out
 
     def around_lm_forward(self, original: Callable[..., Any], lm: Any, input_ids: Any, positions: Any,
@@ -114,7 +123,11 @@ class SelectivePrefill:
         sel: Optional[SelectiveBatch] = getattr(forward_batch, SELECTIVE_ATTR, None)
         if sel is None:
             return original(lm, input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors, **kwargs)
-        return self._selective_forward(lm, input_ids, positions, forward_batch, input_embeds, sel)
+        run = lambda: self._selective_forward(lm, input_ids, positions, forward_batch, input_embeds, sel)  # noqa: E731
+        if not forward_profile.enabled():
+            return run()
+        out, self._decoder_ms = forward_profile.timed(run)
+        return out
 
     def _selective_forward(self, lm: Any, input_ids: Any, positions: torch.Tensor, forward_batch: Any,
                            input_embeds: Optional[torch.Tensor], sel: SelectiveBatch) -> torch.Tensor:
@@ -155,6 +168,7 @@ class SelectivePrefill:
         radix = attn.attn
         self._attention.plan(runs, req_to_token, radix.tp_q_head_num, radix.tp_k_head_num, radix.head_dim,
                              radix.scaling, dtype, pool.k_buffer[0].dtype)
+        self._backends.append(self._attention.backend)
 
     def _layer(self, layer: Any, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
                out_loc: torch.Tensor, pool: Any) -> tuple[torch.Tensor, torch.Tensor]:

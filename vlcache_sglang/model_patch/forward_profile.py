@@ -1,0 +1,44 @@
+"""Diagnostic timing of the selective prefill (VLCACHE_PROFILE=1): where a reuse batch's time goes.
+
+Logs, per batch that reuses images: requests, extend tokens, the distinct active-token sets and
+their sizes, the attention runs and backend of each, and the device time of the KV copy and of the
+whole model forward. It synchronizes the device around each step, so it slows serving; it is for
+benchmark investigations, off by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import torch
+
+ENV_VAR = "VLCACHE_PROFILE"
+logger = logging.getLogger(__name__)
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_VAR, "") == "1"
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """fn()'s result and its wall time in ms, the device synchronized before and after."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, 1000 * (time.perf_counter() - t0)
+
+
+def log_batch(sel: Any, backends: list[str], copy_ms: float, forward_ms: float, decoder_ms: float,
+              num_reqs: int) -> None:
+    sets = []
+    for rows, runs in zip(sel.layer_rows, sel.layer_runs):
+        if not sets or sets[-1][0] is not rows:
+            sets.append((rows, runs))
+    desc = ", ".join(f"{rows.numel()} tok/{runs.run_len.numel()} runs" for rows, runs in sets)
+    logger.info("vlcache profile: %d reqs, %d extend tokens, %d distinct sets [%s], backends %s, "
+                "copy %.2f ms, forward %.2f ms (decoder layers %.2f ms)", num_reqs, sel.num_extend_tokens,
+                len(sets), desc, sorted(set(backends)), copy_ms, forward_ms, decoder_ms)
