@@ -78,6 +78,17 @@ def test_example_layout():
     assert s[2].tolist() == [*range(10, 17), *range(23, 40)]
 
 
+def test_first_k_counts_from_the_image_start_across_prefill_chunks():
+    # A 20-token image split by a chunk boundary: tokens 0..11 in chunk 1, 12..19 in chunk 2.
+    policy = get_recompute_policy("first_k", PolicyParams(first_k=16))
+    chunk1 = TokenLayout(seq_len=32, prefix_len=0, images=(ImageSpan(20, 12, True),))
+    chunk2 = TokenLayout(seq_len=48, prefix_len=32, images=(ImageSpan(32, 8, True, offset_in_image=12),))
+    assert policy.plan(chunk1, 1)[0].tolist() == list(range(0, 32))  # all 12 image tokens are among the first 16
+    assert policy.plan(chunk2, 1)[0].tolist() == [32, 33, 34, 35, *range(40, 48)]  # image tokens 12..15 only
+    late = TokenLayout(seq_len=48, prefix_len=32, images=(ImageSpan(32, 8, True, offset_in_image=20),))
+    assert policy.plan(late, 1)[0].tolist() == list(range(40, 48))
+
+
 @pytest.mark.parametrize(
     "layout_args",
     [

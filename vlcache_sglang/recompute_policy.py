@@ -32,6 +32,9 @@ class ImageSpan:
     start: int
     num_tokens: int
     reused: bool  # True: its KV comes from the multimodal store; False: computed like text
+    # Tokens of the same image before `start`: non-zero when a prefill chunk holds only the image's
+    # tail, so policies that pick by place in the image (first_k) see where the span really sits.
+    offset_in_image: int = 0
 
     @property
     def end(self) -> int:
@@ -221,10 +224,12 @@ class FirstK(RecomputePolicy):
     name = "first_k"
 
     def budget(self, layout: TokenLayout, layer: int, num_layers: int) -> int:
-        return sum(min(self.params.first_k, img.num_tokens) for img in layout.reused_images)
+        return sum(min(max(0, self.params.first_k - img.offset_in_image), img.num_tokens)
+                   for img in layout.reused_images)
 
     def _choose(self, layout, layer, num_layers, candidates, observation) -> torch.Tensor:
-        heads = [torch.arange(img.start, img.start + min(self.params.first_k, img.num_tokens))
+        heads = [torch.arange(img.start, img.start + min(max(0, self.params.first_k - img.offset_in_image),
+                                                         img.num_tokens))
                  for img in layout.reused_images]
         if not heads:
             return candidates[:0]

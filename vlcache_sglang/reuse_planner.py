@@ -136,7 +136,7 @@ def plan_request(
         state.locked.append(node)
         state.reused_keys.add(item.hash)
         shift = image_start_pos(mm, start) - node.vl_entry.start_pos
-        spans.append(ImageSpan(lo, hi - lo, reused=True))
+        spans.append(ImageSpan(lo, hi - lo, reused=True, offset_in_image=lo - start))
         src.append(node.value[lo - start : hi - start])
         dst.append(out_loc[lo - prefix_len : hi - prefix_len])
         delta.append(torch.full((hi - lo,), shift, dtype=torch.int64))
