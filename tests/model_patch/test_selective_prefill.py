@@ -87,3 +87,30 @@ def test_plans_are_taken_by_prefix_length_once():
     plans = _take_plans(fb)
     assert plans[0] is not None and plans[1] is None
     assert _take_plans(fb) is None, "taken once"
+
+
+def test_a_chunk_inside_a_reused_image_computes_nothing_under_none(monkeypatch):
+    """A 4K image's tokens span whole prefill chunks: S_0 is empty and no kernel may be launched."""
+    from types import SimpleNamespace as NS
+
+    from sglang.srt.model_executor import forward_context
+
+    from vlcache_sglang.model_patch.selective_prefill import SelectivePrefill
+
+    monkeypatch.setattr(forward_context, "get_token_to_kv_pool", lambda: None)
+    monkeypatch.setattr(forward_context, "get_req_to_token_pool", lambda: NS(req_to_token=None))
+    layout = TokenLayout(seq_len=8192, prefix_len=4096, images=(ImageSpan(4096, 4096, reused=True, offset_in_image=100),))
+    plan = _plan(layout, get_recompute_policy("none"), 2)
+    fb = SimpleNamespace(extend_prefix_lens_cpu=[4096], extend_seq_lens_cpu=[4096], req_pool_indices=torch.tensor([1]),
+                         out_cache_loc=torch.zeros(4096, dtype=torch.long))
+    sel = build_selective_batch([plan], fb, 2)
+    assert sel.layer_rows[0].numel() == 0
+
+    def never(*args, **kwargs):
+        raise AssertionError("no layer may run for an empty token set")
+
+    lm = NS(embed_tokens=lambda ids: torch.ones(ids.numel(), 8), start_layer=0, end_layer=2, layers=[never, never],
+            norm=never)
+    out = SelectivePrefill(torch.ones(4))._selective_forward(lm, torch.zeros(4096, dtype=torch.long),
+                                                            torch.zeros(3, 4096, dtype=torch.long), fb, None, sel)
+    assert out.shape == (4096, 8) and not out.any()

@@ -136,7 +136,14 @@ class SelectivePrefill:
         pool = get_token_to_kv_pool()
         req_to_token = get_req_to_token_pool().req_to_token
         full = input_embeds if input_embeds is not None else lm.embed_tokens(input_ids)
+        out = torch.zeros(sel.num_extend_tokens, full.shape[-1], dtype=full.dtype, device=full.device)
         rows = sel.layer_rows[0]
+        if rows.numel() == 0:
+            # A prefill chunk that lies inside a reused image (e.g. a 4K image's 10K tokens across
+            # 8K chunks) under `none`: nothing to compute, and zero-token kernel launches are invalid.
+            # S_l only shrinks and the last prompt token is always active, so this is never a chunk
+            # whose output is read.
+            return out
         hidden, residual = full[rows], None
         planned_runs: Optional[RunLayout] = None
         # Gathered once per distinct token set, not per layer: tiny active sets are launch-bound.
@@ -146,6 +153,8 @@ class SelectivePrefill:
             layer = lm.layers[layer_id]
             new_rows = sel.layer_rows[layer_id]
             if new_rows is not rows:  # S_l shrank: keep the rows of S_l among those of S_{l-1}
+                if new_rows.numel() == 0:
+                    return out  # as above: only a chunk whose output is never read can get here
                 keep = torch.searchsorted(rows, new_rows)
                 hidden, residual = hidden[keep], residual[keep]
                 rows = new_rows
@@ -158,7 +167,6 @@ class SelectivePrefill:
             # The M-RoPE kernel rotates q/k in place but reads positions only.
             hidden, residual = self._layer(layer, row_positions, hidden, residual, row_out_loc, pool)
         hidden, _ = lm.norm(hidden, residual)
-        out = torch.zeros(sel.num_extend_tokens, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
         out[rows] = hidden
         return out
 
