@@ -407,7 +407,7 @@ def merge_runs(dirs: list[str], results_dir: str) -> Path:
     raw: dict = {}
     for d, run in runs:
         for label, srv in run["meta"]["servers"].items():
-            meta["servers"].setdefault(label, srv)
+            meta["servers"][label] = srv  # a later run of the same server replaces an earlier one, as rows do
         meta["prompts"].update(run["meta"]["prompts"])
         rows.update({(r["preset"], r["server"], r["concurrency"]): r for r in run["rows"]})
         raw_path = d / "raw" / "serving.raw.json"
