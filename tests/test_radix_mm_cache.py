@@ -8,7 +8,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, Ma
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
-from conftest import make_kv_pool
+from kv_pool import make_kv_pool
 from vlcache_sglang.config import VLCacheConfig
 from vlcache_sglang.kernels import rotate_neox
 from vlcache_sglang.radix_mm_cache import ImageEntry, MultimodalRadixCache

@@ -24,7 +24,7 @@ def test_slots_follow_the_policy_layer_0_set():
 
 
 def test_compare_reports_the_difference_the_forward_made(caplog):
-    from conftest import make_kv_pool
+    from kv_pool import make_kv_pool
 
     pool, _ = make_kv_pool(16, 2, 2, 4, "cpu")
     dst = torch.arange(4, 12)

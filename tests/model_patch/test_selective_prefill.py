@@ -51,7 +51,7 @@ def test_a_shrinking_policy_gets_new_rows_only_where_the_set_changes():
 
 
 def test_reused_kv_of_a_batch_is_copied_and_rotated_in_one_call(device):
-    from conftest import make_kv_pool
+    from kv_pool import make_kv_pool
     from vlcache_sglang.kernels import rotate_neox
     from vlcache_sglang.model_patch.selective_prefill import copy_reused_kv
 
