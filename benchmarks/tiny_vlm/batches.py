@@ -27,8 +27,8 @@ class TaskConfig:
     """What the model is trained and evaluated on; saved with the checkpoint."""
 
     spec: GridSpec = GridSpec()
-    weights: tuple[tuple[str, float], ...] = (("count", 0.5), ("cell", 0.35), ("most", 0.15))
-    max_filler_words: int = 48
+    weights: tuple[tuple[str, float], ...] = (("count", 0.7), ("cell", 0.2), ("most", 0.1))
+    max_filler_words: int = 32
 
     def save(self, model_dir: str | Path) -> None:
         d = dataclasses.asdict(self)

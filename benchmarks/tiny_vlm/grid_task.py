@@ -26,9 +26,9 @@ KINDS = ("count", "cell", "most")
 class GridSpec:
     """Image layout: `cells` x `cells` cells of `cell_px` px, object colours each 0..max_count times."""
 
-    cells: int = 12
-    colours: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
-    max_count: int = 9
+    cells: int = 8
+    colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
+    max_count: int = 5
     cell_px: int = 28
 
     def __post_init__(self) -> None:
@@ -125,5 +125,17 @@ def random_question(grid: np.ndarray, spec: GridSpec, rng: np.random.Generator,
         kind = "count"
     if kind == "count":
         return count_question(grid, spec, spec.colours[rng.integers(len(spec.colours))])
-    row, col = rng.integers(1, spec.cells + 1, size=2)
-    return cell_question(grid, spec, int(row), int(col))
+    row, col = random_coloured_cell(grid, rng)
+    return cell_question(grid, spec, row, col)
+
+
+def random_coloured_cell(grid: np.ndarray, rng: np.random.Generator, side: int | None = None) -> tuple[int, int]:
+    """1-based (row, col) of a random object-coloured cell within the top-left side x side (any cell
+    if none is coloured): asking about background cells would make "white" right most of the time."""
+    side = side or grid.shape[0]
+    sub = grid[:side, :side]
+    cells = np.argwhere(sub != 0)
+    if len(cells) == 0:
+        cells = np.argwhere(np.ones_like(sub, dtype=bool))
+    r, c = cells[rng.integers(len(cells))]
+    return int(r) + 1, int(c) + 1

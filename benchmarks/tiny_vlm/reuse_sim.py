@@ -22,7 +22,8 @@ import torch
 from benchmarks.tiny_vlm.batches import (Batch, Sample, TaskConfig, answer_logits, encode, greedy_correct,
                                          load_tokenizer, make_batch)
 from benchmarks.tiny_vlm.checkpoint import load_checkpoint
-from benchmarks.tiny_vlm.grid_task import GridSpec, Question, cell_question, count_question, random_grids
+from benchmarks.tiny_vlm.grid_task import (GridSpec, Question, cell_question, count_question, random_coloured_cell,
+                                           random_grids)
 from benchmarks.tiny_vlm.kv_splice import record_image_kv, splice_image_kv
 from benchmarks.tiny_vlm.pixels import tokens_per_image
 from benchmarks.tiny_vlm.prompts import filler_text
@@ -39,9 +40,12 @@ def question_pair(grid: np.ndarray, spec: GridSpec, kind: str,
     if kind == "cell":
         # Rows/columns 1..9 are one token each; more would change the token length.
         side = min(spec.cells, 9)
-        cells = rng.choice(side * side, size=2, replace=False)
-        (ra, ca), (rb, cb) = (divmod(int(c), side) for c in cells)
-        return cell_question(grid, spec, ra + 1, ca + 1), cell_question(grid, spec, rb + 1, cb + 1)
+        a_cell = random_coloured_cell(grid, rng, side)
+        for _ in range(100):
+            b_cell = random_coloured_cell(grid, rng, side)
+            if b_cell != a_cell:
+                break
+        return cell_question(grid, spec, *a_cell), cell_question(grid, spec, *b_cell)
     raise ValueError(f"no question pairs for kind {kind!r}; use count or cell")
 
 
@@ -104,7 +108,8 @@ def simulate(model_dir: str | Path, pairs: int, keep_first: list[int], device: s
     model = load_checkpoint(model_dir, device)
     rng = np.random.default_rng(seed)
     report = {}
-    for kind in ("count", "cell"):
+    trained = {k for k, w in task.weights if w > 0}
+    for kind in [k for k in ("count", "cell") if k in trained]:
         results: dict[str, list] = {}
         for i in range(0, pairs, batch):
             pb = make_pairs(task, tok, kind, min(batch, pairs - i), rng, pre["image_mean"], pre["image_std"], device)

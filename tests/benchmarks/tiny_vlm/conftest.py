@@ -34,4 +34,4 @@ def tiny_model(tiny_dir):
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(0)
-    return Qwen2_5_VLForConditionalGeneration(AutoConfig.from_pretrained(tiny_dir)).eval()
+    return Qwen2_5_VLForConditionalGeneration(AutoConfig.from_pretrained(tiny_dir)).float().eval()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.tiny_vlm.grid_task import (BACKGROUND, RGB, GridSpec, cell_question, count_question,
+from benchmarks.tiny_vlm.grid_task import (BACKGROUND, RGB, GridSpec, cell_question, count_question, random_coloured_cell,
                                            most_question, png_bytes, random_grids, random_question, render)
 
 
@@ -79,3 +79,13 @@ def test_colour_names_and_digits_are_single_tokens(tiny_dir):
     for word in [*RGB, *map(str, range(10))]:
         assert len(tok.encode(word, add_special_tokens=False).ids) == 1, word
         assert len(tok.encode(" " + word, add_special_tokens=False).ids) == (1 if word in RGB else 2), word
+
+
+def test_cell_questions_ask_about_coloured_cells():
+    spec = GridSpec(cells=8, colours=("red", "blue"), max_count=5)
+    rng = np.random.default_rng(2)
+    grids = random_grids(spec, 100, rng)
+    answers = [random_question(g, spec, rng, {"cell": 1.0}).answer for g in grids if (g != 0).any()]
+    assert answers and BACKGROUND not in answers
+    empty = np.zeros((4, 4), dtype=np.int64)  # nothing coloured: any cell
+    assert 1 <= min(random_coloured_cell(empty, rng)) and max(random_coloured_cell(empty, rng)) <= 4

@@ -63,3 +63,15 @@ def test_bad_image_runs_are_errors():
         prompts.expand_image_pad([1, 2], 4)
     with pytest.raises(ValueError, match="one run"):
         prompts.mrope_positions([prompts.IMAGE_PAD, 5, prompts.IMAGE_PAD], (1, 2))
+
+
+def test_mrope_positions_match_sglang_get_rope_index():
+    """The positions the server gives the same tokens (SGLang's own M-RoPE index)."""
+    from sglang.srt.layers.rotary_embedding import MRotaryEmbedding
+
+    ids = [100] * 9 + [prompts.VISION_START] + [prompts.IMAGE_PAD] * 64 + [prompts.VISION_END] + [200] * 6
+    pos, _ = MRotaryEmbedding.get_rope_index(
+        spatial_merge_size=2, image_token_id=prompts.IMAGE_PAD, video_token_id=151656,
+        vision_start_token_id=prompts.VISION_START, model_type="qwen2_5_vl", tokens_per_second=2,
+        input_ids=torch.tensor([ids]), image_grid_thw=torch.tensor([[1, 16, 16]]), video_grid_thw=None)
+    np.testing.assert_array_equal(prompts.mrope_positions(ids, (8, 8)), pos[:, 0].numpy())

@@ -54,3 +54,11 @@ def test_lr_warms_up_then_decays_to_a_tenth():
 def test_bad_colour_count_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="--colours"):
         train(parse_args(["--out", str(tmp_path), "--colours", "9", "--device", "cpu"]))
+
+
+def test_training_weights_are_fp32(tiny_dir):
+    """The config says bfloat16 (what SGLang serves); AdamW on bf16 weights barely learns."""
+    from benchmarks.tiny_vlm.train import build_model
+
+    model = build_model(tiny_dir, 0, "cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
