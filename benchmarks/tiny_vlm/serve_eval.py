@@ -5,20 +5,29 @@ benchmarks/accuracy.py against all of them, stop them, and add a per-question-ki
         --out-dir $OUT/accuracy --log-dir /tmp/tiny_logs [--first-k 2,4,8,16,32]
 
 Servers: stock, full, none and first_k:K (labels as accuracy.py reads them), real weights, small
---mem-fraction-static each so they fit one GPU side by side; the reference is `full`.
+--mem-fraction-static and --max-total-tokens each so they fit one GPU side by side; the reference is
+`full`. They start one after another: SGLang sizes its KV pool from the free memory it measures before
+and after loading the weights, and a neighbour allocating in between makes that difference look like
+weights ("Loaded weights leave no GPU memory for the KV cache").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
+from typing import Iterator
 
 BENCH = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BENCH))
 import accuracy  # noqa: E402
 import launch  # noqa: E402
+
+# KV slots per server: the eval set's prompts are ~100-300 tokens, a few hundred at a time; the cap
+# keeps each server's pool small so later servers still find most of the GPU free.
+MAX_TOTAL_TOKENS = 262_144
 
 
 def server_plan(first_ks: list[int]) -> list[tuple[str, list[str]]]:
@@ -47,6 +56,21 @@ def kind_table(accuracy_json: Path) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def running_one_by_one(servers: list[launch.Server]) -> Iterator[list[launch.Server]]:
+    """Start each server and wait for its /health before the next (each profiles a quiet GPU); stop
+    every started one on the way out, or at once if one fails to come up."""
+    started: list[launch.Server] = []
+    try:
+        for s in servers:
+            started.append(s)
+            s.start()
+            s.wait_healthy()
+        yield servers
+    finally:
+        launch.stop_all(started)
+
+
 def log_tails(servers: list[launch.Server], lines: int = 40) -> str:
     return "\n\n".join(f"===== {s.label}: {s.log_path}\n{launch.tail(s.log_path, lines)}" for s in servers)
 
@@ -58,18 +82,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", required=True, help="accuracy.py's results go here")
     p.add_argument("--log-dir", required=True, help="server logs (many files; keep them out of $OUT)")
     p.add_argument("--first-k", default="2,4,8,16,32")
-    p.add_argument("--mem-fraction", type=float, default=0.06)
+    p.add_argument("--mem-fraction", type=float, default=0.06,
+                   help="--mem-fraction-static per server (of the memory free when it starts)")
+    p.add_argument("--max-total-tokens", type=int, default=MAX_TOTAL_TOKENS, help="KV slots per server")
     p.add_argument("--base-port", type=int, default=30100)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--tails-to", default=None, help="write the server log tails here at the end")
     args = p.parse_args(argv)
     plan = server_plan([int(k) for k in args.first_k.split(",") if k.strip()])
-    flags = launch.base_flags(args.model, dummy=False)
+    flags = launch.base_flags(args.model, dummy=False) + ["--max-total-tokens", str(args.max_total_tokens)]
     servers = [launch.Server(label.replace(":", "-"), flags + extra, args.base_port + i, args.log_dir,
                              mem_fraction=args.mem_fraction, timeout_s=420)
                for i, (label, extra) in enumerate(plan)]
     try:
-        with launch.running(servers):
+        with running_one_by_one(servers):
             accuracy.main(["--dataset", args.dataset, "--reference", "full", "--out-dir", args.out_dir,
                            "--max-tokens", str(args.max_tokens)]
                           + [a for (label, _), s in zip(plan, servers) for a in ("--server", f"{label}={s.url}")])

@@ -2,7 +2,9 @@
 
 import json
 
-from benchmarks.tiny_vlm.serve_eval import kind_table, server_plan
+import pytest
+
+from benchmarks.tiny_vlm.serve_eval import kind_table, running_one_by_one, server_plan
 
 
 def test_plan_has_stock_full_none_and_each_k():
@@ -24,3 +26,41 @@ def test_kind_table_counts_repeats_only(tmp_path):
     assert lines[0] == "| server | cell (repeats) | count (repeats) |"
     assert lines[2] == "| full | 0.000 (1) | 1.000 (1) |"
     assert lines[3] == "| none | – | 0.000 (1) |"
+
+
+class _FakeServer:
+    """Records start / wait_healthy / stop into a shared event list; may fail its health wait."""
+
+    def __init__(self, label, events, fail=False):
+        self.label, self.events, self.fail = label, events, fail
+
+    def start(self):
+        self.events.append(("start", self.label))
+
+    def wait_healthy(self):
+        self.events.append(("healthy", self.label))
+        if self.fail:
+            raise RuntimeError(f"{self.label} did not come up")
+
+    def stop(self):
+        self.events.append(("stop", self.label))
+
+
+def test_servers_start_one_after_another_and_all_stop():
+    events = []
+    servers = [_FakeServer(x, events) for x in "abc"]
+    with running_one_by_one(servers):
+        events.append(("run", ""))
+    assert events == [("start", "a"), ("healthy", "a"), ("start", "b"), ("healthy", "b"),
+                      ("start", "c"), ("healthy", "c"), ("run", ""),
+                      ("stop", "a"), ("stop", "b"), ("stop", "c")]
+
+
+def test_a_server_that_fails_stops_the_started_ones_and_the_rest_never_start():
+    events = []
+    servers = [_FakeServer("a", events), _FakeServer("b", events, fail=True), _FakeServer("c", events)]
+    with pytest.raises(RuntimeError, match="b did not come up"):
+        with running_one_by_one(servers):
+            events.append(("run", ""))
+    assert ("run", "") not in events and ("start", "c") not in events
+    assert events[-2:] == [("stop", "a"), ("stop", "b")]
