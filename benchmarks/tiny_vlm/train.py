@@ -60,6 +60,20 @@ def lr_at(step: int, frac_time: float, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac_time, 1.0))))
 
 
+def check_finite(losses: list[torch.Tensor], steps_done: int) -> None:
+    """Raise FloatingPointError naming the first step (1-based) whose loss was NaN/inf. `losses` are the
+    last len(losses) steps' losses; checked at each log point, not every step (.item() would stall the
+    GPU), which is soon enough: one non-finite step makes every later loss NaN, and the run stops before
+    it writes a checkpoint or evaluates it."""
+    if not losses:
+        return
+    bad = torch.nonzero(~torch.isfinite(torch.stack(losses))).flatten()
+    if len(bad):
+        first = steps_done - len(losses) + int(bad[0]) + 1
+        raise FloatingPointError(f"training loss is {losses[int(bad[0])].item()} at step {first} "
+                                 f"(of {steps_done} run); no checkpoint written")
+
+
 @torch.no_grad()
 def held_out_accuracy(model, batches, device: str) -> dict[str, float]:
     """Greedy exact-match accuracy per question kind (and 'all') on fixed held-out batches."""
@@ -169,12 +183,14 @@ def train(args: argparse.Namespace) -> dict:
         losses.append(loss.detach())  # no .item() here: the next batch is built while the GPU works
         step += 1
         if time.monotonic() - last_eval >= args.eval_every_s:
+            check_finite(losses, step)
             acc = held_out_accuracy(model, held, device)
             entry = {"step": step, "s": round(time.monotonic() - t_train, 1),
                      "loss": torch.stack(losses).mean().item(), "acc": acc}
             log.append(entry)
             print(json.dumps(entry), flush=True)
             losses, last_eval = [], time.monotonic()
+    check_finite(losses, step)
     acc = held_out_accuracy(model, held, device)
     result = {"steps": step, "train_s": round(time.monotonic() - t_train, 1),
               "final_loss": torch.stack(losses).mean().item() if losses else None, "held_out_acc": acc,

@@ -62,3 +62,29 @@ def test_training_weights_are_fp32(tiny_dir):
 
     model = build_model(tiny_dir, 0, "cpu")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def _tiny_args(tiny_dir, out, *extra):
+    return parse_args(["--out", str(out), "--size", "small", "--layers", "1", "--cells", "4", "--colours", "3",
+                       "--max-count", "3", "--batch", "4", "--held-out", "4", "--max-steps", "3",
+                       "--tokenizer-from", str(tiny_dir), "--device", "cpu", *extra])
+
+
+def test_a_nan_loss_stops_training_naming_the_step_and_writes_no_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    # lr NaN: step 1's loss is finite, its update makes every weight NaN, step 2's loss is NaN.
+    import benchmarks.tiny_vlm.train as train_mod
+
+    monkeypatch.setattr(train_mod, "lr_at", lambda *a: float("nan"))
+    out = tmp_path / "ckpt"
+    with pytest.raises(FloatingPointError, match="at step 2 "):
+        train(_tiny_args(tiny_dir, out, "--eval-every-s", "1e9"))
+    assert not list(out.glob("*.safetensors")) and not (out / "train_log.json").exists()
+
+
+def test_steps_under_bf16_autocast_keep_the_loss_finite(tiny_dir, tmp_path, monkeypatch):
+    """The CUDA path's bf16 autocast, run on CPU (fp32 weights, bf16 matmuls and attention)."""
+    import benchmarks.tiny_vlm.train as train_mod
+
+    monkeypatch.setattr(train_mod, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    result = train(_tiny_args(tiny_dir, tmp_path / "ckpt", "--warmup", "1", "--eval-every-s", "0"))
+    assert len(result["log"]) == 3 and all(np.isfinite(e["loss"]) for e in result["log"])
