@@ -30,6 +30,18 @@ def _image_index(image_start: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor
 
 
 @contextlib.contextmanager
+def _kv_projection_hooks(model: torch.nn.Module, make_hook) -> Iterator[None]:
+    """make_hook(layer, 'k'|'v') as a forward hook on every text layer's K and V projection, for the block."""
+    handles = [proj.register_forward_hook(make_hook(i, w)) for i, layer in enumerate(_text_layers(model))
+               for w, proj in (("k", layer.self_attn.k_proj), ("v", layer.self_attn.v_proj))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def record_image_kv(model: torch.nn.Module, image_start: torch.Tensor, n_tokens: int,
                     store: dict[tuple[int, str], torch.Tensor]) -> Iterator[None]:
     """During the block, store[(layer, 'k'|'v')] = that projection's output at the image tokens,
@@ -41,13 +53,8 @@ def record_image_kv(model: torch.nn.Module, image_start: torch.Tensor, n_tokens:
             store[(layer, which)] = output[b, pos].reshape(len(image_start), n_tokens, -1).detach()
         return fn
 
-    handles = [proj.register_forward_hook(hook(i, w)) for i, layer in enumerate(_text_layers(model))
-               for w, proj in (("k", layer.self_attn.k_proj), ("v", layer.self_attn.v_proj))]
-    try:
+    with _kv_projection_hooks(model, hook):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager
@@ -70,10 +77,5 @@ def splice_image_kv(model: torch.nn.Module, image_start: torch.Tensor, n_tokens:
             return output
         return fn
 
-    handles = [proj.register_forward_hook(hook(i, w)) for i, layer in enumerate(_text_layers(model))
-               for w, proj in (("k", layer.self_attn.k_proj), ("v", layer.self_attn.v_proj))]
-    try:
+    with _kv_projection_hooks(model, hook):
         yield
-    finally:
-        for h in handles:
-            h.remove()
