@@ -17,3 +17,11 @@ def test_distinct_sets_are_logged_once(caplog):
         log_batch(sel, ["flashinfer", "flashinfer"], 0.5, 12.0, 10.0, 1)
     assert "2 distinct sets [3 tok/2 runs, 2 tok/1 runs]" in caplog.text
     assert "9 extend tokens" in caplog.text and "['flashinfer']" in caplog.text
+
+
+def test_timing_off_runs_the_step_without_touching_the_device():
+    from vlcache_sglang.model_patch.forward_profile import timed
+
+    calls = []
+    assert timed(lambda: calls.append(1) or "out", False) == ("out", 0.0)
+    assert calls == [1]

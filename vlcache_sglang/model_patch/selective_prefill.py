@@ -99,8 +99,7 @@ class SelectivePrefill:
 
         pool = get_token_to_kv_pool()
         profile = forward_profile.enabled()
-        _, copy_ms = forward_profile.timed(lambda: copy_reused_kv(pool, plans, self.inv_freq)) if profile \
-            else (copy_reused_kv(pool, plans, self.inv_freq), 0.0)
+        copy_ms = forward_profile.timed(lambda: copy_reused_kv(pool, plans, self.inv_freq), profile)[1]
         check = rotation_check.RotationCheck(pool, plans) if rotation_check.enabled() else None
         num_layers = len(model.model.layers)
         sel = build_selective_batch(plans, forward_batch, num_layers)
@@ -108,7 +107,7 @@ class SelectivePrefill:
         self._backends = []
         forward = lambda: original(model, input_ids, positions, forward_batch, *args, **kwargs)  # noqa: E731
         try:
-            out, forward_ms = forward_profile.timed(forward) if profile else (forward(), 0.0)
+            out, forward_ms = forward_profile.timed(forward, profile)
         finally:
             setattr(forward_batch, SELECTIVE_ATTR, None)
         if check is not None:
@@ -124,9 +123,7 @@ class SelectivePrefill:
         if sel is None:
             return original(lm, input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors, **kwargs)
         run = lambda: self._selective_forward(lm, input_ids, positions, forward_batch, input_embeds, sel)  # noqa: E731
-        if not forward_profile.enabled():
-            return run()
-        out, self._decoder_ms = forward_profile.timed(run)
+        out, self._decoder_ms = forward_profile.timed(run, forward_profile.enabled())
         return out
 
     def _selective_forward(self, lm: Any, input_ids: Any, positions: torch.Tensor, forward_batch: Any,
