@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,16 @@ def simulate(model_dir: str | Path, pairs: int, keep_first: list[int], device: s
     return report
 
 
+def usable_first_k(ks: list[int], task: TaskConfig) -> list[int]:
+    """The k below the image's token count (k = all tokens is `full`); says which ones it drops, so a
+    fixed --first-k list works for every grid size."""
+    n_image = tokens_per_image(task.spec)
+    dropped = [k for k in ks if k >= n_image]
+    if dropped:
+        print(f"first_k {dropped} skipped: the image has {n_image} tokens", file=sys.stderr)
+    return [k for k in ks if k < n_image]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory written by tiny_vlm.train")
@@ -129,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     args = p.parse_args(argv)
     ks = [int(k) for k in args.first_k.split(",") if k.strip()]
+    ks = usable_first_k(ks, TaskConfig.load(args.model))
     report = simulate(args.model, args.pairs, ks, args.device)
     cols = ["full", "none", *[f"first_k:{k}" for k in ks], "none_gave_A_answer"]
     print("kind   " + " ".join(f"{c:>18}" for c in cols) + "      n")
