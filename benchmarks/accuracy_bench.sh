@@ -17,7 +17,7 @@ fi
 CKPT=/tmp/tiny-qwen2.5-vl
 EVAL=/tmp/tiny_eval.jsonl
 t0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$OUT/progress.log"; }
 quiet() { grep -v -i -e warn -e "loading weights" || true; }  # library chatter; never fails the pipe
 
 stamp "train ($MINUTES min)"

@@ -6,9 +6,10 @@ benchmarks/accuracy.py against all of them, stop them, and add a per-question-ki
 
 Servers: stock, full, none and first_k:K (labels as accuracy.py reads them), real weights, small
 --mem-fraction-static and --max-total-tokens each so they fit one GPU side by side; the reference is
-`full`. They start one after another: SGLang sizes its KV pool from the free memory it measures before
-and after loading the weights, and a neighbour allocating in between makes that difference look like
-weights ("Loaded weights leave no GPU memory for the KV cache").
+`full`. SGLang sizes a KV pool as (free after loading) - (free before) x (1 - mem fraction): a
+neighbour allocating in between counts against it ("Loaded weights leave no GPU memory for the KV
+cache"). A fraction of 0.3 leaves ~40 GB of room for that on an H100/H200, and --max-total-tokens keeps
+each pool small, so the servers can start together.
 """
 
 from __future__ import annotations
@@ -60,15 +61,18 @@ def kind_table(accuracy_json: Path) -> str:
 
 
 @contextlib.contextmanager
-def running_one_by_one(servers: list[launch.Server]) -> Iterator[list[launch.Server]]:
-    """Start each server and wait for its /health before the next (each profiles a quiet GPU); stop
+def running_first_then_rest(servers: list[launch.Server]) -> Iterator[list[launch.Server]]:
+    """Start the first server alone (it fills the FlashInfer/Triton kernel caches the others then
+    load instead of compiling at once), then all the others together; wait for every /health; stop
     every started one on the way out, or at once if one fails to come up."""
     started: list[launch.Server] = []
     try:
-        for s in servers:
-            started.append(s)
-            s.start()
-            s.wait_healthy()
+        for group in (servers[:1], servers[1:]):
+            for s in group:
+                started.append(s)
+                s.start()
+            for s in group:
+                s.wait_healthy()
         yield servers
     finally:
         launch.stop_all(started)
@@ -85,8 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", required=True, help="accuracy.py's results go here")
     p.add_argument("--log-dir", required=True, help="server logs (many files; keep them out of $OUT)")
     p.add_argument("--first-k", default="2,4,8,16,32")
-    p.add_argument("--mem-fraction", type=float, default=0.06,
-                   help="--mem-fraction-static per server (of the memory free when it starts)")
+    p.add_argument("--mem-fraction", type=float, default=0.3,
+                   help="--mem-fraction-static per server: room for neighbours' allocations during its "
+                        "start; its pool is --max-total-tokens")
     p.add_argument("--max-total-tokens", type=int, default=MAX_TOTAL_TOKENS, help="KV slots per server")
     p.add_argument("--base-port", type=int, default=30100)
     p.add_argument("--max-tokens", type=int, default=8)
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
                              mem_fraction=args.mem_fraction, timeout_s=420)
                for i, (label, extra) in enumerate(plan)]
     try:
-        with running_one_by_one(servers):
+        with running_first_then_rest(servers):
             accuracy.main(["--dataset", args.dataset, "--reference", "full", "--out-dir", args.out_dir,
                            "--max-tokens", str(args.max_tokens)]
                           + [a for (label, _), s in zip(plan, servers) for a in ("--server", f"{label}={s.url}")])

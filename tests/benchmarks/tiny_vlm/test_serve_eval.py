@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks.tiny_vlm.serve_eval import kind_table, running_one_by_one, server_plan
+from benchmarks.tiny_vlm.serve_eval import kind_table, running_first_then_rest, server_plan
 
 
 def test_plan_has_stock_full_none_and_each_k():
@@ -46,21 +46,31 @@ class _FakeServer:
         self.events.append(("stop", self.label))
 
 
-def test_servers_start_one_after_another_and_all_stop():
+def test_first_server_comes_up_alone_then_the_rest_together_and_all_stop():
     events = []
     servers = [_FakeServer(x, events) for x in "abc"]
-    with running_one_by_one(servers):
+    with running_first_then_rest(servers):
         events.append(("run", ""))
-    assert events == [("start", "a"), ("healthy", "a"), ("start", "b"), ("healthy", "b"),
-                      ("start", "c"), ("healthy", "c"), ("run", ""),
+    assert events == [("start", "a"), ("healthy", "a"), ("start", "b"), ("start", "c"),
+                      ("healthy", "b"), ("healthy", "c"), ("run", ""),
                       ("stop", "a"), ("stop", "b"), ("stop", "c")]
 
 
-def test_a_server_that_fails_stops_the_started_ones_and_the_rest_never_start():
+def test_a_first_server_that_fails_stops_it_and_the_rest_never_start():
+    events = []
+    servers = [_FakeServer("a", events, fail=True), _FakeServer("b", events), _FakeServer("c", events)]
+    with pytest.raises(RuntimeError, match="a did not come up"):
+        with running_first_then_rest(servers):
+            events.append(("run", ""))
+    assert ("run", "") not in events and ("start", "b") not in events
+    assert events[-1:] == [("stop", "a")]
+
+
+def test_a_later_server_that_fails_stops_every_started_one():
     events = []
     servers = [_FakeServer("a", events), _FakeServer("b", events, fail=True), _FakeServer("c", events)]
     with pytest.raises(RuntimeError, match="b did not come up"):
-        with running_one_by_one(servers):
+        with running_first_then_rest(servers):
             events.append(("run", ""))
-    assert ("run", "") not in events and ("start", "c") not in events
-    assert events[-2:] == [("stop", "a"), ("stop", "b")]
+    assert ("run", "") not in events
+    assert events[-3:] == [("stop", "a"), ("stop", "b"), ("stop", "c")]
