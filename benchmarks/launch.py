@@ -227,6 +227,13 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def stop_servers_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so `with Server` / `running()` stop their servers on the way out.
+    `timeout` and the GPU host's time limit send SIGTERM; the servers run in their own process groups
+    and otherwise outlive us, holding most of the GPU's memory while the next command measures."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def start_all(servers: Sequence[Server]) -> None:
     """Start all at once (small models fit side by side) and wait for every /health; on any failure
     all are stopped and the first error is raised."""

@@ -459,6 +459,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     if args.merge:
         run_dir = merge_runs(args.merge, args.results_dir)
         return _finish(run_dir)
+    launch.stop_servers_on_sigterm()
     t_start = time.monotonic()
     date, gpu = datetime.date.today().isoformat(), gpu_name()
     run_dir = Path(args.results_dir) / f"{date}-{slug(gpu)}"

@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--tails-to", default=None, help="write the server log tails here at the end")
     args = p.parse_args(argv)
+    launch.stop_servers_on_sigterm()
     plan = server_plan([int(k) for k in args.first_k.split(",") if k.strip()])
     flags = launch.base_flags(args.model, dummy=False) + ["--max-total-tokens", str(args.max_total_tokens)]
     flags += NO_CUDA_GRAPH

@@ -145,6 +145,42 @@ def test_healthy_server_metrics_and_group_kill(tmp_path):
     assert all(s.proc is None for s in servers)
 
 
+DRIVER = textwrap.dedent("""\
+    import sys, time
+    sys.path.insert(0, sys.argv[1])
+    import launch
+    launch.stop_servers_on_sigterm()
+    fake, metrics, pid_file, port, log_dir = sys.argv[2:7]
+    cmd = [sys.executable, fake, port, metrics, pid_file]
+    server = launch.Server("fake", [], int(port), log_dir, command=cmd, timeout_s=20, poll_s=0.05)
+    with launch.running([server]):
+        print("serving", flush=True)
+        time.sleep(60)
+""")
+
+
+def test_sigterm_to_the_driver_stops_its_servers(tmp_path):
+    """What `timeout` does to serving.py: without the handler the fake server's group outlives it."""
+    import signal
+    import subprocess
+    (tmp_path / "fake.py").write_text(FAKE_SERVER)
+    (tmp_path / "metrics.txt").write_text(METRICS_SAMPLE)
+    (tmp_path / "driver.py").write_text(DRIVER)
+    bench = Path(launch.__file__).parent
+    driver = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(bench), str(tmp_path / "fake.py"),
+                               str(tmp_path / "metrics.txt"), str(tmp_path / "child.pid"), str(_free_port()),
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in [driver.stdout.readline().strip() for _ in range(2)]
+        child = int((tmp_path / "child.pid").read_text())
+        assert _exists(child)
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=30) == 128 + signal.SIGTERM
+        assert _gone(child), "the server's process group went down with the driver"
+    finally:
+        driver.kill()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
