@@ -330,6 +330,29 @@ def table_md(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# More than this in use before our first server starts means another process (a server left by an
+# earlier, killed run) shares the GPU: its memory shrinks our KV pools and its work skews TTFT.
+BUSY_GPU_MIB = 2048
+
+
+def gpu_memory_used_mib() -> Optional[int]:
+    """Memory in use on GPU 0 (nvidia-smi), None where it cannot tell."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    first = out.stdout.strip().splitlines()[:1]
+    return int(float(first[0])) if out.returncode == 0 and first and first[0].strip() else None
+
+
+def busy_gpu_warning(used_mib: Optional[int]) -> Optional[str]:
+    if used_mib is None or used_mib <= BUSY_GPU_MIB:
+        return None
+    return (f"WARNING: {used_mib} MiB of GPU memory were in use before the first server started: another "
+            f"process shares the GPU, so KV pools are smaller and TTFTs are not clean measurements.")
+
+
 def report_md(meta: dict, rows: list[dict]) -> str:
     out = [f"# Serving: stock SGLang vs vlcache, {meta['gpu']}, {meta['date']}", "",
            f"Model `{meta['model_path']}` ({meta['load_format']} weights), sglang {meta['sglang_version']}, "
@@ -337,7 +360,7 @@ def report_md(meta: dict, rows: list[dict]) -> str:
            f"concurrency caps the requests in flight; outputs are {'/'.join(map(str, meta['output_tokens']))} "
            f"tokens (TTFT-bound). Wall time of the whole run: {meta.get('elapsed_s', '?')} s"
            + (f" ({len(meta['merged_from'])} runs merged)." if meta.get("merged_from") else "."),
-           "", WARM, "",
+           "", *([meta["gpu_busy"], ""] if meta.get("gpu_busy") else []), WARM, "",
            "TTFT p50 speed-up: stock's p50 / this server's at the same preset and concurrency. Prefix-hit "
            "TTFT: median over a few workload requests each sent twice, the second one's TTFT (an exact "
            "prefix hit). Hit rate, recomputed fraction: vlcache gauges over the measured run (images found "
@@ -414,6 +437,8 @@ def merge_runs(dirs: list[str], results_dir: str) -> Path:
         raw.update(json.loads(raw_path.read_text()) if raw_path.exists() else {})
     meta["output_tokens"] = sorted({t for _, run in runs for t in run["meta"].get("output_tokens", [])})
     meta["elapsed_s"] = sum(run["meta"].get("elapsed_s") or 0 for _, run in runs)
+    busy = [f"{d.name}: {run['meta']['gpu_busy']}" for d, run in runs if run["meta"].get("gpu_busy")]
+    meta["gpu_busy"] = "\n".join(busy) or None
     run_dir = Path(results_dir) / f"{meta['date']}-{slug(meta['gpu'])}"
     write_results(run_dir, meta, list(rows.values()), raw)
     return run_dir
@@ -479,6 +504,9 @@ def main(argv: Optional[list[str]] = None) -> Path:
             "mem_fraction": args.mem_fraction, "base_flags": base, "warm": WARM,
             "output_tokens": sorted({workloads.PRESETS[p].output_len for p in args.presets}),
             "prompts": {w.preset: w.counts for w in works}, "servers": {}}
+    meta["gpu_busy"] = busy_gpu_warning(gpu_memory_used_mib())
+    if meta["gpu_busy"]:
+        print(meta["gpu_busy"], flush=True)
     results = Results(run_dir, meta)
     servers = []
     for i, policy in enumerate(policies):

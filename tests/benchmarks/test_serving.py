@@ -194,6 +194,7 @@ def test_whole_run_with_fake_servers(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(serving, "build_workload", functools.partial(serving.build_workload, size_override=SMALL))
     monkeypatch.setattr(serving, "gpu_name", lambda: "NVIDIA H200 (fake)")
     monkeypatch.setattr(serving, "try_plot", lambda run_dir: None)
+    monkeypatch.setattr(serving, "gpu_memory_used_mib", lambda: 100_000)  # a leftover server holds the GPU
     port = _free_port_block()
     run_dir = serving.main(["--quick", "--policies", "first_k", "full", "--results-dir", str(tmp_path / "res"),
                             "--work-dir", str(tmp_path / "work"), "--port", str(port), "--num-prompts", "3"])
@@ -217,6 +218,14 @@ def test_whole_run_with_fake_servers(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.rstrip().endswith(serving.table_md(data["rows"]).rstrip()), "the table is printed last"
     assert re.search(r"vlcache-full`: error", (run_dir / "serving.md").read_text())
+    assert "WARNING: 100000 MiB of GPU memory were in use" in (run_dir / "serving.md").read_text()
+    assert "WARNING: 100000 MiB" in out
+
+
+def test_busy_gpu_warning_only_above_the_threshold():
+    assert serving.busy_gpu_warning(None) is None
+    assert serving.busy_gpu_warning(serving.BUSY_GPU_MIB) is None
+    assert "another process shares the GPU" in serving.busy_gpu_warning(serving.BUSY_GPU_MIB + 1)
 
 
 def _free_port_block() -> int:
@@ -257,6 +266,12 @@ def test_merge_runs_of_one_gpu(tmp_path, monkeypatch):
     assert [r["ttft_speedup_vs_stock"] for r in data["rows"]] == [1.0, 2.5, 1.0, 4.0]
     assert data["meta"]["elapsed_s"] == 200 and set(data["meta"]["prompts"]) == {"single-1080p", "multi-4k"}
     assert "2 runs merged" in (run_dir / "serving.md").read_text()
+    assert data["meta"]["gpu_busy"] is None
+    busy = json.loads((b / "serving.json").read_text())
+    busy["meta"]["gpu_busy"] = serving.busy_gpu_warning(90_000)
+    (b / "serving.json").write_text(json.dumps(busy))
+    run_dir = serving.main(["--merge", str(a), str(b), "--results-dir", str(tmp_path / "res2")])
+    assert "b: WARNING: 90000 MiB" in (run_dir / "serving.md").read_text(), "a merge keeps a run's warning"
     c = _run_json(tmp_path, "c", "NVIDIA H100 80GB HBM3", "multi-4k", rows_b)
     with pytest.raises(SystemExit, match="different GPUs"):
         serving.main(["--merge", str(a), str(c), "--results-dir", str(tmp_path / "res")])
