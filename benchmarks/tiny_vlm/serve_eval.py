@@ -4,8 +4,8 @@ benchmarks/accuracy.py against all of them, stop them, and add a per-question-ki
     python -m benchmarks.tiny_vlm.serve_eval --model /tmp/tiny-qwen2.5-vl --dataset /tmp/eval.jsonl \\
         --out-dir $OUT/accuracy --log-dir /tmp/tiny_logs [--first-k 2,4,8,16,32]
 
-Servers: stock, full, none and first_k:K (labels as accuracy.py reads them), real weights, small
---mem-fraction-static and --max-total-tokens each so they fit one GPU side by side; the reference is
+Servers: stock, full, none and first_k:K (labels as accuracy.py reads them), real weights,
+--mem-fraction-static 0.3 and a --max-total-tokens cap each so they fit one GPU side by side; the reference is
 `full`. SGLang sizes a KV pool as (free after loading) - (free before) x (1 - mem fraction): a
 neighbour allocating in between counts against it ("Loaded weights leave no GPU memory for the KV
 cache"). A fraction of 0.3 leaves ~40 GB of room for that on an H100/H200, and --max-total-tokens keeps
