@@ -25,3 +25,38 @@ def test_timing_off_runs_the_step_without_touching_the_device():
     calls = []
     assert timed(lambda: calls.append(1) or "out", False) == ("out", 0.0)
     assert calls == [1]
+
+
+def _batch(extend: bool):
+    from types import SimpleNamespace
+    return SimpleNamespace(mm_inputs=None, forward_mode=SimpleNamespace(is_extend=lambda: extend),
+                           extend_seq_lens_cpu=[1, 40], extend_prefix_lens_cpu=[2700, 0])
+
+
+def test_a_prefill_without_reuse_is_timed_and_logged_when_profiling(monkeypatch, caplog):
+    from vlcache_sglang.model_patch.selective_prefill import SelectivePrefill
+
+    syncs = []
+    monkeypatch.setenv("VLCACHE_PROFILE", "1")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: syncs.append(1))
+    prefill = SelectivePrefill(torch.ones(4))
+    original = lambda model, ids, pos, fb: "logits"  # noqa: E731
+    with caplog.at_level(logging.INFO):
+        assert prefill.around_vl_forward(original, None, None, None, _batch(extend=True)) == "logits"
+    assert "no reuse: 2 reqs, 41 extend tokens, 2700 cached, forward" in caplog.text
+    assert len(syncs) == 2
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert prefill.around_vl_forward(original, None, None, None, _batch(extend=False)) == "logits"
+    assert caplog.text == "" and len(syncs) == 2, "decode batches are neither timed nor logged"
+
+
+def test_a_prefill_without_reuse_is_untouched_when_not_profiling(monkeypatch, caplog):
+    from vlcache_sglang.model_patch.selective_prefill import SelectivePrefill
+
+    monkeypatch.delenv("VLCACHE_PROFILE", raising=False)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: (_ for _ in ()).throw(AssertionError("synced")))
+    with caplog.at_level(logging.INFO):
+        out = SelectivePrefill(torch.ones(4)).around_vl_forward(lambda *a: "logits", None, None, None,
+                                                               _batch(extend=True))
+    assert out == "logits" and caplog.text == ""

@@ -2,7 +2,8 @@
 
 Logs, per batch that reuses images: requests, extend tokens, the distinct active-token sets and
 their sizes, the attention runs and backend of each, and the device time of the KV copy and of the
-whole model forward. It synchronizes the device around each step, so it slows serving; it is for
+whole model forward; per prefill batch without reuse (new images, exact prefix hits): requests,
+extend and cached tokens and the forward's device time, the stock path to compare with. It synchronizes the device around each step, so it slows serving; it is for
 benchmark investigations, off by default.
 """
 
@@ -45,3 +46,9 @@ def log_batch(sel: Any, backends: list[str], copy_ms: float, forward_ms: float, 
     logger.info("vlcache profile: %d reqs, %d extend tokens, %d distinct sets [%s], backends %s, "
                 "copy %.2f ms, forward %.2f ms (decoder layers %.2f ms)", num_reqs, sel.num_extend_tokens,
                 len(sets), desc, sorted(set(backends)), copy_ms, forward_ms, decoder_ms)
+
+
+def log_stock_batch(forward_batch: Any, forward_ms: float) -> None:
+    extend, cached = forward_batch.extend_seq_lens_cpu, forward_batch.extend_prefix_lens_cpu
+    logger.info("vlcache profile: no reuse: %d reqs, %d extend tokens, %d cached, forward %.2f ms",
+                len(extend), sum(int(n) for n in extend), sum(int(n) for n in cached), forward_ms)

@@ -94,7 +94,14 @@ class SelectivePrefill:
                           forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
         plans = _take_plans(forward_batch)
         if plans is None:
-            return original(model, input_ids, positions, forward_batch, *args, **kwargs)
+            forward = lambda: original(model, input_ids, positions, forward_batch, *args, **kwargs)  # noqa: E731
+            if not (forward_profile.enabled() and forward_batch.forward_mode.is_extend()):
+                return forward()
+            # The stock path's prefills (new images, prefix hits) timed the same way: the floor that
+            # a reuse batch's forward is compared with.
+            out, forward_ms = forward_profile.timed(forward, True)
+            forward_profile.log_stock_batch(forward_batch, forward_ms)
+            return out
         from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
 
         pool = get_token_to_kv_pool()
