@@ -1,8 +1,9 @@
 """Processed-image cache of the tokenizer process: image key -> pixel values and grid.
 
 A hit lets a request skip decoding, resizing and normalising the image, and (because the item's
-hash is the key) SGLang's SHA-256 over the pixels. LRU, bounded in bytes. An entry may own a shared-memory copy of its pixels (`SharedPixels`, what
-requests ship to the scheduler); evicting it hands that segment to a deferred unlink.
+hash is the key) SGLang's SHA-256 over the pixels. LRU, bounded in bytes. An entry may own a
+shared-memory copy of its pixels (`SharedPixels`, what requests ship to the scheduler); evicting it
+hands that segment to a deferred unlink.
 """
 
 from __future__ import annotations

@@ -134,7 +134,6 @@ class ImageProcessingShortcut:
                 self._cache_pixels(key.value, item.feature, g)
         out.padded_input_ids = MultimodalProcessorOutput.build_padded_input_ids(out.input_ids, out.mm_items)
 
-
     def _cache_pixels(self, key: int, feature: torch.Tensor, grid: tuple[int, int, int]) -> None:
         pixels = feature if self.pixel_dtype is None else feature.to(self.pixel_dtype)
         shared = share(pixels) if self._unlinks is not None else None

@@ -223,14 +223,15 @@ class FirstK(RecomputePolicy):
 
     name = "first_k"
 
+    def _head_len(self, img: ImageSpan) -> int:
+        """Tokens of this span among the image's first k (a chunk may hold only the image's tail)."""
+        return min(max(0, self.params.first_k - img.offset_in_image), img.num_tokens)
+
     def budget(self, layout: TokenLayout, layer: int, num_layers: int) -> int:
-        return sum(min(max(0, self.params.first_k - img.offset_in_image), img.num_tokens)
-                   for img in layout.reused_images)
+        return sum(self._head_len(img) for img in layout.reused_images)
 
     def _choose(self, layout, layer, num_layers, candidates, observation) -> torch.Tensor:
-        heads = [torch.arange(img.start, img.start + min(max(0, self.params.first_k - img.offset_in_image),
-                                                         img.num_tokens))
-                 for img in layout.reused_images]
+        heads = [torch.arange(img.start, img.start + self._head_len(img)) for img in layout.reused_images]
         if not heads:
             return candidates[:0]
         heads_t = torch.cat(heads)

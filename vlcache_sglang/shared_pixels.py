@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import time
 from multiprocessing import shared_memory
@@ -64,11 +65,8 @@ class SharedPixels(ShmPointerMMData):
 
     def materialize(self) -> torch.Tensor:
         """The pixels, mapped copy-on-write: no copy, and a write can never reach the cached segment."""
-        numel = 1
-        for d in self.shape:
-            numel *= int(d)
         path = os.path.join(SHM_DIR, self.shm_name)
-        return torch.from_file(path, shared=False, size=numel, dtype=self.dtype).view(self.shape)
+        return torch.from_file(path, shared=False, size=math.prod(self.shape), dtype=self.dtype).view(self.shape)
 
     def unlink(self) -> None:
         _unlink(self.shm_name)

@@ -3,8 +3,9 @@
 Logs, per batch that reuses images: requests, extend tokens, the distinct active-token sets and
 their sizes, the attention runs and backend of each, and the device time of the KV copy and of the
 whole model forward; per prefill batch without reuse (new images, exact prefix hits): requests,
-extend and cached tokens and the forward's device time, the stock path to compare with. It synchronizes the device around each step, so it slows serving; it is for
-benchmark investigations, off by default.
+extend and cached tokens and the forward's device time, the stock path to compare with. It
+synchronizes the device around each step, so it slows serving; it is for benchmark
+investigations, off by default.
 """
 
 from __future__ import annotations

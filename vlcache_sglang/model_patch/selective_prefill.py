@@ -92,9 +92,9 @@ class SelectivePrefill:
 
     def around_vl_forward(self, original: Callable[..., Any], model: Any, input_ids: Any, positions: Any,
                           forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
+        forward = lambda: original(model, input_ids, positions, forward_batch, *args, **kwargs)  # noqa: E731
         plans = _take_plans(forward_batch)
         if plans is None:
-            forward = lambda: original(model, input_ids, positions, forward_batch, *args, **kwargs)  # noqa: E731
             if not (forward_profile.enabled() and forward_batch.forward_mode.is_extend()):
                 return forward()
             # The stock path's prefills (new images, prefix hits) timed the same way: the floor that
@@ -112,7 +112,6 @@ class SelectivePrefill:
         sel = build_selective_batch(plans, forward_batch, num_layers)
         setattr(forward_batch, SELECTIVE_ATTR, sel)
         self._backends = []
-        forward = lambda: original(model, input_ids, positions, forward_batch, *args, **kwargs)  # noqa: E731
         try:
             out, forward_ms = forward_profile.timed(forward, profile)
         finally:
