@@ -18,7 +18,6 @@ import argparse
 import base64
 import dataclasses
 import datetime
-import hashlib
 import json
 import mimetypes
 import string
@@ -32,6 +31,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import launch  # noqa: E402
+import plot  # noqa: E402
 
 MARKER = "<image>"
 
@@ -112,9 +112,8 @@ def load_dataset(path: str | Path, limit: Optional[int] = None) -> list[Record]:
             if rec.id in ids:
                 raise ValueError(f"{path}:{lineno}: duplicate id {rec.id!r}")
             ids.add(rec.id)
-            keys = [hashlib.sha1(url.encode()).hexdigest() for url in rec.images]
-            rec.repeat = bool(keys) and all(k in seen_images for k in keys)
-            seen_images.update(keys)
+            rec.repeat = bool(rec.images) and all(url in seen_images for url in rec.images)
+            seen_images.update(rec.images)
             records.append(rec)
     if not records:
         raise ValueError(f"{path}: no records")
@@ -190,10 +189,6 @@ def _rate(flags: list[bool]) -> Optional[float]:
     return sum(flags) / len(flags) if flags else None
 
 
-def _finite(v: Any) -> Any:
-    return None if isinstance(v, float) and v != v else v
-
-
 def summarise(target: Target, results: list[dict], reference: list[dict], window: dict[str, float]) -> dict:
     ref = {r["id"]: r for r in reference}
     agree = [r["error"] is None and ref[r["id"]]["error"] is None and r["answer"] == ref[r["id"]]["answer"]
@@ -203,8 +198,8 @@ def summarise(target: Target, results: list[dict], reference: list[dict], window
             "n_errors": sum(r["error"] is not None for r in results),
             "accuracy": _rate([r["correct"] for r in results]), "n_repeat": len(repeats),
             "repeat_accuracy": _rate(repeats), "agreement": _rate(agree),
-            "recomputed_fraction": _finite(window.get("recomputed_fraction")),
-            "hit_rate": _finite(window.get("hit_rate")), "reused_tokens": window.get("reused_tokens"),
+            "recomputed_fraction": window.get("recomputed_fraction"),
+            "hit_rate": window.get("hit_rate"), "reused_tokens": window.get("reused_tokens"),
             "recomputed_tokens": window.get("recomputed_tokens")}
 
 
@@ -230,20 +225,6 @@ def report_md(meta: dict, summary: list[dict]) -> str:
         "after strip, lower-case and dropping trailing punctuation. Agreement: same normalised answer as the "
         "reference server. Recomputed fraction and hit rate: vlcache gauges over the run (– for stock, or "
         "when nothing was reused).", "", table_md(summary, meta["reference"]), ""])
-
-
-def try_plot(out_dir: Path) -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print(f"matplotlib is not installed here: plot later with `python benchmarks/plot.py accuracy {out_dir}` "
-              "(after `pip install -e .[bench]`)")
-        return
-    import plot
-    try:
-        print(f"wrote {plot.plot_accuracy(out_dir)}")
-    except SystemExit as e:
-        print(e)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -291,7 +272,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     data = {"meta": meta, "summary": summary, "requests": [r for run in runs for r in run[0]]}
     (out / "accuracy.json").write_text(json.dumps(data, indent=1))
     (out / "accuracy.md").write_text(report_md(meta, summary))
-    try_plot(out)
+    plot.try_plot("accuracy", out)
     print(f"\nresults in {out}\n")
     print((out / "accuracy.md").read_text())
     return data

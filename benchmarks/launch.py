@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import re
 import signal
@@ -234,38 +233,35 @@ def stop_servers_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
-def start_all(servers: Sequence[Server]) -> None:
-    """Start all at once (small models fit side by side) and wait for every /health; on any failure
-    all are stopped and the first error is raised."""
-    for s in servers:
-        s.start()
-    try:
-        for s in servers:
-            s.wait_healthy()
-    except BaseException:
-        stop_all(servers)
-        raise
-
-
 def stop_all(servers: Sequence[Server]) -> None:
     for s in servers:
         s.stop()
 
 
 @contextlib.contextmanager
-def running(servers: Sequence[Server]) -> Iterator[Sequence[Server]]:
-    """`with running([...]) as servers:` — start_all, then stop_all on the way out."""
-    start_all(servers)
+def running(servers: Sequence[Server], first_alone: bool = False) -> Iterator[Sequence[Server]]:
+    """`with running([...]) as servers:` start them all (small models fit side by side), wait for
+    every /health, and stop every started one on the way out, or at once if one fails to come up.
+
+    first_alone: the first comes up before the others start, filling the FlashInfer/Triton kernel
+    caches that the others then load instead of all compiling at once."""
+    started: list[Server] = []
     try:
+        for group in ([servers[:1], servers[1:]] if first_alone else [servers]):
+            for s in group:
+                started.append(s)
+                s.start()
+            for s in group:
+                s.wait_healthy()
         yield servers
     finally:
-        stop_all(servers)
+        stop_all(started)
 
 
-def gauge_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+def gauge_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, Optional[float]]:
     """Rates over a window between two metrics() snapshots: hit rate and recomputed fraction of the
     requests in between (the gauges themselves are cumulative), store size at the end.
-    NaN where the window saw no images (or the server is stock)."""
+    None where the window saw no images (or the server is stock)."""
     def d(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
@@ -273,10 +269,10 @@ def gauge_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str,
     return {
         "key_hits": d("key_hits"),
         "key_lookups": lookups,
-        "hit_rate": d("key_hits") / lookups if lookups else math.nan,
+        "hit_rate": d("key_hits") / lookups if lookups else None,
         "reused_tokens": d("reused_tokens"),
         "recomputed_tokens": d("recomputed_tokens"),
-        "recomputed_fraction": d("recomputed_tokens") / d("reused_tokens") if d("reused_tokens") else math.nan,
-        "store_tokens": after.get("store_tokens", math.nan),
-        "store_bytes": after.get("store_bytes", math.nan),
+        "recomputed_fraction": d("recomputed_tokens") / d("reused_tokens") if d("reused_tokens") else None,
+        "store_tokens": after.get("store_tokens"),
+        "store_bytes": after.get("store_bytes"),
     }

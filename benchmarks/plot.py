@@ -108,13 +108,23 @@ def plot_accuracy(run_dir: str | Path) -> Path:
     return out
 
 
+PLOTS = {"serving": plot_serving, "accuracy": plot_accuracy}
+
+
+def try_plot(kind: str, run_dir: str | Path) -> None:
+    """At the end of a benchmark run: the plot, or why not and how to make it later (never fails the run)."""
+    try:
+        print(f"wrote {PLOTS[kind](run_dir)}")
+    except SystemExit as e:  # no matplotlib here, or nothing to plot: the table still follows
+        print(f"{e}; plot later with `python benchmarks/plot.py {kind} {run_dir}`")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("kind", choices=["serving", "accuracy"])
+    p.add_argument("kind", choices=list(PLOTS))
     p.add_argument("dir", help="folder holding serving.json or accuracy.json")
     args = p.parse_args(argv)
-    out = (plot_serving if args.kind == "serving" else plot_accuracy)(args.dir)
-    print(f"wrote {out}")
+    print(f"wrote {PLOTS[args.kind](args.dir)}")
 
 
 if __name__ == "__main__":

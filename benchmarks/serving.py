@@ -17,7 +17,6 @@ import dataclasses
 import datetime
 import http.client
 import json
-import math
 import re
 import shutil
 import statistics
@@ -30,6 +29,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import launch  # noqa: E402
+import plot  # noqa: E402
 import workloads  # noqa: E402
 
 QUICK = dict(presets=["single-1080p"], policies=["first_k"], num_prompts=16, probes=3)
@@ -192,12 +192,8 @@ def summarise(bench: dict, window: dict[str, float], num_prompts: int) -> dict:
         "e2e_p50_ms": bench.get("median_e2e_latency_ms"), "req_per_s": bench.get("request_throughput"),
         "output_tok_per_s": bench.get("output_throughput"), "duration_s": bench.get("duration"),
         "first_error": next((e for e in bench.get("errors") or [] if e), None),
-        **{k: _finite(v) for k, v in window.items()},
+        **window,
     }
-
-
-def _finite(v: float) -> Optional[float]:
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -404,20 +400,6 @@ def write_log_tails(run_dir: Path, servers: list[launch.Server], lines: int = 80
     (run_dir / "raw" / "server_logs.txt").write_text(text)
 
 
-def try_plot(run_dir: Path) -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print(f"matplotlib is not installed here: plot later with `python benchmarks/plot.py serving {run_dir}` "
-              "(after `pip install -e .[bench]`)")
-        return
-    import plot
-    try:
-        print(f"wrote {plot.plot_serving(run_dir)}")
-    except SystemExit as e:  # nothing to plot: the table still follows
-        print(e)
-
-
 def merge_runs(dirs: list[str], results_dir: str) -> Path:
     """Runs of the same GPU (e.g. one preset per GPU command, each under the 10-minute limit) as one
     result: rows of a later folder replace an earlier one's at the same preset, server, concurrency."""
@@ -530,7 +512,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
 
 
 def _finish(run_dir: Path) -> Path:
-    try_plot(run_dir)
+    plot.try_plot("serving", run_dir)
     print(f"\nresults in {run_dir}\n")
     print((run_dir / "serving.md").read_text())
     return run_dir

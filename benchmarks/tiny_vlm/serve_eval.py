@@ -15,11 +15,9 @@ each pool small, so the servers can start together.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Iterator
 
 BENCH = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BENCH))
@@ -60,24 +58,6 @@ def kind_table(accuracy_json: Path) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def running_first_then_rest(servers: list[launch.Server]) -> Iterator[list[launch.Server]]:
-    """Start the first server alone (it fills the FlashInfer/Triton kernel caches the others then
-    load instead of compiling at once), then all the others together; wait for every /health; stop
-    every started one on the way out, or at once if one fails to come up."""
-    started: list[launch.Server] = []
-    try:
-        for group in (servers[:1], servers[1:]):
-            for s in group:
-                started.append(s)
-                s.start()
-            for s in group:
-                s.wait_healthy()
-        yield servers
-    finally:
-        launch.stop_all(started)
-
-
 def log_tails(servers: list[launch.Server], lines: int = 40) -> str:
     return "\n\n".join(f"===== {s.label}: {s.log_path}\n{launch.tail(s.log_path, lines)}" for s in servers)
 
@@ -105,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                              mem_fraction=args.mem_fraction, timeout_s=420)
                for i, (label, extra) in enumerate(plan)]
     try:
-        with running_first_then_rest(servers):
+        with launch.running(servers, first_alone=True):
             accuracy.main(["--dataset", args.dataset, "--reference", "full", "--out-dir", args.out_dir,
                            "--max-tokens", str(args.max_tokens)]
                           + [a for (label, _), s in zip(plan, servers) for a in ("--server", f"{label}={s.url}")])

@@ -126,7 +126,7 @@ def test_summary_on_canned_answers(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(accuracy, "post_chat", post_chat)
     monkeypatch.setattr(accuracy, "fetch_gauges", lambda url: gauges[url].pop(0))
-    monkeypatch.setattr(accuracy, "try_plot", lambda out: None)
+    monkeypatch.setattr(accuracy.plot, "try_plot", lambda kind, out: None)
     data = accuracy.main(["--dataset", str(path), "--server", "stock=http://stock:1", "--server", "none=http://none:2",
                           "--server", "first_k:8=http://fk:3", "--reference", "stock", "--out-dir",
                           str(tmp_path / "out"), "--max-tokens", "4"])

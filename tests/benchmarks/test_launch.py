@@ -1,6 +1,5 @@
 """launch.py without a GPU: flags, /metrics parsing, the start/health/stop cycle with fake servers."""
 
-import math
 import os
 import socket
 import sys
@@ -88,7 +87,7 @@ def test_gauge_deltas_are_window_rates():
     assert d["recomputed_fraction"] == pytest.approx(0.1)
     assert (d["store_tokens"], d["store_bytes"]) == (777, 9)
     stock = launch.gauge_deltas({}, {})
-    assert math.isnan(stock["hit_rate"]) and math.isnan(stock["recomputed_fraction"])
+    assert stock["hit_rate"] is None and stock["recomputed_fraction"] is None
 
 
 def test_exiting_command_raises_with_log_tail(tmp_path):
@@ -179,6 +178,63 @@ def test_sigterm_to_the_driver_stops_its_servers(tmp_path):
         assert _gone(child), "the server's process group went down with the driver"
     finally:
         driver.kill()
+
+
+class _FakeServer:
+    """Records start / wait_healthy / stop into a shared event list; may fail its health wait."""
+
+    def __init__(self, label, events, fail=False):
+        self.label, self.events, self.fail = label, events, fail
+
+    def start(self):
+        self.events.append(("start", self.label))
+
+    def wait_healthy(self):
+        self.events.append(("healthy", self.label))
+        if self.fail:
+            raise RuntimeError(f"{self.label} did not come up")
+
+    def stop(self):
+        self.events.append(("stop", self.label))
+
+
+def test_all_start_before_any_health_wait_by_default():
+    events = []
+    servers = [_FakeServer(x, events) for x in "ab"]
+    with launch.running(servers):
+        events.append(("run", ""))
+    assert events == [("start", "a"), ("start", "b"), ("healthy", "a"), ("healthy", "b"), ("run", ""),
+                      ("stop", "a"), ("stop", "b")]
+
+
+def test_first_server_comes_up_alone_then_the_rest_together_and_all_stop():
+    events = []
+    servers = [_FakeServer(x, events) for x in "abc"]
+    with launch.running(servers, first_alone=True):
+        events.append(("run", ""))
+    assert events == [("start", "a"), ("healthy", "a"), ("start", "b"), ("start", "c"),
+                      ("healthy", "b"), ("healthy", "c"), ("run", ""),
+                      ("stop", "a"), ("stop", "b"), ("stop", "c")]
+
+
+def test_a_first_server_that_fails_stops_it_and_the_rest_never_start():
+    events = []
+    servers = [_FakeServer("a", events, fail=True), _FakeServer("b", events), _FakeServer("c", events)]
+    with pytest.raises(RuntimeError, match="a did not come up"):
+        with launch.running(servers, first_alone=True):
+            events.append(("run", ""))
+    assert ("run", "") not in events and ("start", "b") not in events
+    assert events[-1:] == [("stop", "a")]
+
+
+def test_a_later_server_that_fails_stops_every_started_one():
+    events = []
+    servers = [_FakeServer("a", events), _FakeServer("b", events, fail=True), _FakeServer("c", events)]
+    with pytest.raises(RuntimeError, match="b did not come up"):
+        with launch.running(servers, first_alone=True):
+            events.append(("run", ""))
+    assert ("run", "") not in events
+    assert events[-3:] == [("stop", "a"), ("stop", "b"), ("stop", "c")]
 
 
 def _free_port() -> int:

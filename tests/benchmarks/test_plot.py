@@ -50,3 +50,9 @@ def test_missing_or_empty_input_is_a_clear_error(tmp_path):
                                                                   "error": "x"}]}))
     with pytest.raises(SystemExit, match="no successful runs"):
         plot.plot_serving(tmp_path)
+
+
+def test_try_plot_after_a_run_reports_instead_of_failing(tmp_path, capsys):
+    plot.try_plot("serving", tmp_path)  # no serving.json: the run's table must still be printed after this
+    out = capsys.readouterr().out
+    assert "does not exist" in out and f"plot later with `python benchmarks/plot.py serving {tmp_path}`" in out

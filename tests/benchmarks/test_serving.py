@@ -193,7 +193,7 @@ def test_whole_run_with_fake_servers(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(serving, "bench_command", bench_command)
     monkeypatch.setattr(serving, "build_workload", functools.partial(serving.build_workload, size_override=SMALL))
     monkeypatch.setattr(serving, "gpu_name", lambda: "NVIDIA H200 (fake)")
-    monkeypatch.setattr(serving, "try_plot", lambda run_dir: None)
+    monkeypatch.setattr(serving.plot, "try_plot", lambda kind, run_dir: None)
     monkeypatch.setattr(serving, "gpu_memory_used_mib", lambda: 100_000)  # a leftover server holds the GPU
     port = _free_port_block()
     run_dir = serving.main(["--quick", "--policies", "first_k", "full", "--results-dir", str(tmp_path / "res"),
@@ -251,7 +251,7 @@ def _run_json(tmp_path, name, gpu, preset, rows):
 
 
 def test_merge_runs_of_one_gpu(tmp_path, monkeypatch):
-    monkeypatch.setattr(serving, "try_plot", lambda run_dir: None)
+    monkeypatch.setattr(serving.plot, "try_plot", lambda kind, run_dir: None)
     rows_a = [{"preset": "single-1080p", "server": s, "concurrency": 1, **serving.summarise(_canned(t, 4), {}, 4)}
               for s, t in (("stock", 200.0), ("vlcache-first_k", 80.0))]
     rows_b = [{"preset": "multi-4k", "server": s, "concurrency": 1, **serving.summarise(_canned(t, 1), {}, 4)}
