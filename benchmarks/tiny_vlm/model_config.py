@@ -16,7 +16,7 @@ _ROPE = {"max_position_embeddings": 32768, "rope_theta": 1000000.0,
          "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]}}
 # window_size 112 px = 4x4 merged tokens per window; the last block attends over the whole image.
 SIZES: dict[str, dict[str, Any]] = {
-    # What the GPU benchmark trains and serves.
+    # Twice the width of `small`; train.py --size base (the benchmark trains `small`, see train.py).
     "base": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
              "intermediate_size": 1024, "max_window_layers": 4, **_ROPE,
              "vision_config": {"depth": 4, "hidden_size": 256, "num_heads": 4, "intermediate_size": 512,

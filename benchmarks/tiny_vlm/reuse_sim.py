@@ -89,13 +89,13 @@ def run_pairs(model, pairs: PairBatch, keep_first: list[int]) -> dict[str, np.nd
     with record_image_kv(model, a.image_start, pairs.n_image, store):
         answer_logits(model, a)
     out = {"full": greedy_correct(answer_logits(model, b), b).cpu().numpy()}
-    for k in [0, *keep_first]:
-        name = "none" if k == 0 else f"first_k:{k}"
+    with splice_image_kv(model, b.image_start, pairs.n_image, store, keep_first=0):
+        out["none"] = greedy_correct(answer_logits(model, b), b).cpu().numpy()
+        out["none_gave_A_answer"] = greedy_correct(answer_logits(model, pairs.b_with_a_answer),
+                                                   pairs.b_with_a_answer).cpu().numpy()
+    for k in keep_first:
         with splice_image_kv(model, b.image_start, pairs.n_image, store, keep_first=k):
-            out[name] = greedy_correct(answer_logits(model, b), b).cpu().numpy()
-            if k == 0:
-                out["none_gave_A_answer"] = greedy_correct(answer_logits(model, pairs.b_with_a_answer),
-                                                           pairs.b_with_a_answer).cpu().numpy()
+            out[f"first_k:{k}"] = greedy_correct(answer_logits(model, b), b).cpu().numpy()
     same = np.array([sa.question.answer == sb.question.answer for sa, sb in zip(a.samples, b.samples)])
     out["none_gave_A_answer"] = out["none_gave_A_answer"] & ~same  # only where A's answer is wrong for B
     return out

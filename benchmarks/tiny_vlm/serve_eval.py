@@ -34,11 +34,8 @@ NO_CUDA_GRAPH = ["--disable-cuda-graph"]
 
 def server_plan(first_ks: list[int]) -> list[tuple[str, list[str]]]:
     """(accuracy.py label, extra flags) per server; the reference `full` recomputes every token."""
-    plan = [("stock", []), ("full", ["--enable-vlcache", "--vlcache-policy", "full"]),
-            ("none", ["--enable-vlcache", "--vlcache-policy", "none"])]
-    plan += [(f"first_k:{k}", ["--enable-vlcache", "--vlcache-policy", "first_k", "--vlcache-first-k", str(k)])
-             for k in first_ks]
-    return plan
+    labels = ["stock", "full", "none", *(f"first_k:{k}" for k in first_ks)]
+    return [(label, launch.vlcache_flags(label)) for label in labels]
 
 
 def kind_table(accuracy_json: Path) -> str:

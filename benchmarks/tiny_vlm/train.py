@@ -25,11 +25,11 @@ from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 from benchmarks.tiny_vlm.batches import (TaskConfig, answer_logits, greedy_correct, load_tokenizer,
                                          make_batch, random_samples)
 from benchmarks.tiny_vlm.checkpoint import save_checkpoint
-from benchmarks.tiny_vlm.grid_task import KINDS, GridSpec
+from benchmarks.tiny_vlm.grid_task import BACKGROUND, KINDS, RGB, GridSpec
 from benchmarks.tiny_vlm.model_config import SIZES, write_tiny_model_dir
 from benchmarks.tiny_vlm.vision_attention import use_windowed_sdpa
 
-ALL_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black")
+ALL_COLOURS = tuple(c for c in RGB if c != BACKGROUND)
 HELD_OUT_SEED = 10_000  # held-out images: a random stream apart from training's (seed + 0)
 
 

@@ -14,11 +14,7 @@ from benchmarks.tiny_vlm.train import lr_at, parse_args, train
 
 def test_a_few_steps_write_a_reloadable_checkpoint(tiny_dir, tmp_path):
     out = tmp_path / "ckpt"
-    args = parse_args(["--out", str(out), "--size", "small", "--layers", "1", "--cells", "4", "--colours", "3",
-                       "--max-count", "3", "--batch", "4", "--held-out", "4", "--max-steps", "3",
-                       "--eval-every-s", "0", "--route-p", "0.5", "--tokenizer-from", str(tiny_dir),
-                       "--device", "cpu"])
-    result = train(args)
+    result = train(_tiny_args(tiny_dir, out, "--eval-every-s", "0", "--route-p", "0.5"))
     assert result["steps"] == 3 and len(result["log"]) == 3
     assert all(np.isfinite(e["loss"]) for e in result["log"])
     assert set(result["held_out_acc"]) >= {"all", "count"}
