@@ -17,6 +17,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -91,6 +92,12 @@ def tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((host, port)) == 0
+
+
 @dataclasses.dataclass
 class Server:
     label: str
@@ -127,6 +134,10 @@ class Server:
         children with the group."""
         if self.proc is not None:
             return
+        if port_in_use(self.host, self.port):
+            # Something else answers there (a server left by an earlier run): its /health would pass
+            # for ours and its numbers would be filed under this label.
+            raise RuntimeError(f"server {self.label}: port {self.port} on {self.host} is already in use")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,

@@ -5,4 +5,6 @@
 # Any benchmarks/serving.py flag passes through (--presets, --policies, --num-prompts, ...).
 set -uo pipefail
 source benchmarks/gpu_env.sh
-python3 benchmarks/serving.py --model-path "$MODEL" --results-dir "$OUT" "$@"
+# exec: `timeout` (or the host) signals this shell's process; without exec bash would die and leave
+# the driver and its servers running into the next command.
+exec python3 benchmarks/serving.py --model-path "$MODEL" --results-dir "$OUT" "$@"

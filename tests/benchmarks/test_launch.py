@@ -264,3 +264,15 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
     except (FileNotFoundError, IndexError):
         return False
+
+
+def test_a_port_already_answering_is_refused_before_launch(tmp_path):
+    # A server left by an earlier run would pass our /health check and be measured under our label.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        s = launch.Server("late", [], port, tmp_path, command=[sys.executable, "-c", "pass"])
+        with pytest.raises(RuntimeError, match=f"port {port} .* already in use"):
+            s.start()
+        assert s.proc is None
