@@ -20,6 +20,8 @@ SERVER_FLAGS=(--model-path "$MODEL" --load-format dummy --attention-backend flas
 
 start_server() {  # label, extra flags... ; sets SERVER_PID, returns 1 if it never gets healthy
   local label=$1; shift
+  # A server left on the port would answer /health for this one and be measured under its label.
+  if curl -s -o /dev/null "http://127.0.0.1:$PORT/health"; then echo "server $label: port $PORT already in use"; return 1; fi
   python3 -m sglang.launch_server "${SERVER_FLAGS[@]}" "$@" >"$OUT/server_$label.log" 2>&1 &
   SERVER_PID=$!
   local t0=$(date +%s)

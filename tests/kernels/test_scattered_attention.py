@@ -197,3 +197,32 @@ def test_7b_shapes_match_reference_and_flashinfer_runs():
     direct = ScatteredAttention()
     direct.plan(rows, positions, req_to_token, qo_heads, kv_heads, head_dim, scale)
     assert torch.equal(direct.run(q, k, v).float(), outs["triton"]), "SelectiveAttention runs the same kernel"
+
+
+def test_fixed_capacity_replans_into_the_same_buffers_and_pads_with_zeros(device):
+    """CUDA-graph mode: plans of different sizes land in the same tile/position buffers (a graph
+    captured around run() reads them), q padded to the capacity, padding rows come back zero."""
+    from vlcache_sglang.kernels.scattered_attention import CapacityError
+
+    qo_heads, kv_heads, head_dim, dtype, cap = 4, 2, 64, torch.float32, 40
+    k, v, req_to_token, rows, positions = _pool(CASE, kv_heads, head_dim, dtype, device)
+    attn = ScatteredAttention(capacity=(cap, 12))
+    scale = 1 / math.sqrt(head_dim)
+    buffers = None
+    for take in (rows.numel(), 6, 1):  # shrinking plans: stale tiles of the larger one must not run
+        r, p = rows[:take], positions[:take]
+        attn.plan(r, p, req_to_token, qo_heads, kv_heads, head_dim, scale, block_rows=16, block_n=16)
+        assert attn.num_tiles == 12
+        buffers = buffers or (attn._tiles.data_ptr(), attn._q_pos.data_ptr())
+        assert (attn._tiles.data_ptr(), attn._q_pos.data_ptr()) == buffers
+        q = _q(cap, qo_heads, head_dim, dtype, device)
+        got = attn.run(q, k, v)
+        want = scattered_attention_reference(q[:take], k, v, req_to_token, r, p, scale)
+        torch.testing.assert_close(got[:take], want, rtol=1e-5, atol=1e-5)
+        assert not got[take:].any(), "padding queries are in no tile and stay zero"
+    with pytest.raises(CapacityError, match="6 tiles exceed the capacity of 40 queries, 3 tiles"):
+        small = ScatteredAttention(capacity=(cap, 3))
+        small.plan(rows, positions, req_to_token, qo_heads, kv_heads, head_dim, scale, block_rows=16, block_n=16)
+    many = torch.arange(cap + 1) % 5
+    with pytest.raises(CapacityError):
+        attn.plan(many % 4, many, req_to_token, qo_heads, kv_heads, head_dim, scale)

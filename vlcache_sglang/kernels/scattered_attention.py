@@ -29,6 +29,12 @@ DEFAULT_BLOCK_ROWS = 128
 DEFAULT_BLOCK_N = 64  # keys per step
 _TILE_FIELDS = 5  # q_start, q_len, req_row, min_pos, max_pos
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# An unused tile of a fixed-size table: no queries, no keys (both key loops are empty, nothing stored).
+EMPTY_TILE = torch.tensor([[0, 0, 0, -1, -1]], dtype=torch.int32)
+
+
+class CapacityError(ValueError):
+    """A plan larger than a fixed-capacity ScatteredAttention holds."""
 
 
 @triton.jit
@@ -131,7 +137,7 @@ def _scattered_attention_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, DOT_PRECISION)
         m_i = m_new
 
-    acc = acc / l_i[:, None]
+    acc = acc / tl.where(valid, l_i, 1.0)[:, None]  # an empty tile (fixed-size tables) has l_i = 0
     tl.store(out + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              acc.to(out.dtype.element_ty), mask=valid[:, None] & dmask[None, :])
 
@@ -166,7 +172,11 @@ _INTERPRETED = isinstance(_scattered_attention_kernel, InterpretedFunction)  # T
 class ScatteredAttention:
     """plan(): once per token set; run(): per layer. The Triton kernel above."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: Optional[tuple[int, int]] = None) -> None:
+        """capacity: (max queries, max tiles) for CUDA graphs. plan() then fills fixed buffers (unused
+        tiles padded empty) and run() takes q padded to max queries and launches a fixed grid, so a
+        graph captured around run() replays correctly after any later plan within the capacity."""
+        self._capacity = capacity
         self._tiles: Optional[torch.Tensor] = None
         self._q_pos: Optional[torch.Tensor] = None
         self._req_to_token: Optional[torch.Tensor] = None
@@ -218,14 +228,31 @@ class ScatteredAttention:
             if lo < 0 or hi >= req_to_token.shape[1]:
                 raise ValueError(f"positions must lie in [0, {req_to_token.shape[1]}) (req_to_token width), "
                                  f"got [{lo}, {hi}]")
-        device = req_to_token.device
         tiles = build_tiles(q_req_rows, q_positions, self.block_m(num_qo_heads, num_kv_heads, block_rows))
-        self._tiles = tiles.to(device)
-        self._q_pos = q_positions.to(device=device, dtype=torch.int32)
+        n = q_positions.numel()
+        if self._capacity is None:
+            self._tiles = tiles.to(req_to_token.device)
+            self._q_pos = q_positions.to(device=req_to_token.device, dtype=torch.int32)
+        else:
+            self._fill_fixed(tiles, q_positions, req_to_token.device)
+            n = self._capacity[0]
         self._req_to_token = req_to_token
-        self._shape = (q_positions.numel(), num_qo_heads, num_kv_heads, head_dim)
+        self._shape = (n, num_qo_heads, num_kv_heads, head_dim)
         self._scale_log2 = sm_scale * math.log2(math.e)
         self._block_rows, self._block_n = block_rows, block_n
+
+    def _fill_fixed(self, tiles: torch.Tensor, q_positions: torch.Tensor, device: torch.device) -> None:
+        max_q, max_tiles = self._capacity
+        if q_positions.numel() > max_q or tiles.shape[0] > max_tiles:
+            raise CapacityError(f"{q_positions.numel()} queries in {tiles.shape[0]} tiles exceed the capacity of "
+                                f"{max_q} queries, {max_tiles} tiles")
+        if self._tiles is None:
+            self._tiles = torch.empty(max_tiles, _TILE_FIELDS, dtype=torch.int32, device=device)
+            self._q_pos = torch.zeros(max_q, dtype=torch.int32, device=device)
+        padded = EMPTY_TILE.repeat(max_tiles, 1)
+        padded[: tiles.shape[0]] = tiles
+        self._tiles.copy_(padded)
+        self._q_pos[: q_positions.numel()].copy_(q_positions.to(torch.int32))
 
     @property
     def num_tiles(self) -> int:
@@ -241,7 +268,10 @@ class ScatteredAttention:
             raise RuntimeError("run() before plan()")
         self._check(q, k_cache, v_cache)
         n, qo_heads, kv_heads, head_dim = self._shape
-        if out is None:
+        if out is None and self._capacity is not None:
+            # Padding queries are in no tile, so never written: zeros keep them finite downstream.
+            out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+        elif out is None:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
         elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
             raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim, got "

@@ -10,12 +10,14 @@ Two AROUND hooks, active only for batches that carry a vlcache plan (else stock 
   states of S_l (S_l ⊆ S_{l-1}), runs QKV/RoPE for them, writes their K/V into their own slots,
   attends over each request's whole KV (SelectiveAttention), and runs the MLP for them alone.
   The final hidden states are scattered back to the extend layout; the last prompt token of every
-  request is always active, so the logits processor reads what it always reads.
+  request is always active, so the logits processor reads what it always reads. When every layer
+  has the same S_l and it is small, the loop runs as one CUDA graph replay (selective_graph.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable, Optional
 
 import torch
@@ -23,9 +25,12 @@ import torch
 from vlcache_sglang.kernels import copy_rotate_pool_kv
 from vlcache_sglang.model_patch import forward_profile, rotation_check
 from vlcache_sglang.model_patch.selective_attention import RunLayout, SelectiveAttention, runs_of
+from vlcache_sglang.model_patch.selective_graph import SelectiveGraphs, why_not_graphs
+from vlcache_sglang.model_patch.selective_layers import selective_layer
 from vlcache_sglang.reuse_planner import PLANS_ATTR, RequestReuse
 
 SELECTIVE_ATTR = "vlcache_selective"  # on ForwardBatch while the model runs
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -35,6 +40,11 @@ class SelectiveBatch:
     layer_rows: list[torch.Tensor]  # [L] device int64, sorted, S_l ⊆ S_{l-1}
     layer_runs: list[RunLayout]  # [L] the runs of S_l (same object when S_l == S_{l-1})
     num_extend_tokens: int
+
+    @property
+    def single_set(self) -> bool:
+        """Every layer computes the same tokens (`none`, `first_k`): one CUDA graph can run them all."""
+        return all(rows is self.layer_rows[0] for rows in self.layer_rows)
 
 
 def _take_plans(forward_batch: Any) -> Optional[list[Optional[RequestReuse]]]:
@@ -89,6 +99,7 @@ class SelectivePrefill:
         self._attention: Optional[SelectiveAttention] = None
         self._backends: list[str] = []  # chosen per plan in the current batch (for the profile log)
         self._decoder_ms = 0.0  # the decoder loop's share of the forward (for the profile log)
+        self._graphs: Optional[SelectiveGraphs] = None  # made at the first selective forward
 
     def around_vl_forward(self, original: Callable[..., Any], model: Any, input_ids: Any, positions: Any,
                           forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
@@ -147,11 +158,18 @@ class SelectivePrefill:
             # S_l only shrinks and the last prompt token is always active, so this is never a chunk
             # whose output is read.
             return out
-        hidden, residual = full[rows], None
-        planned_runs: Optional[RunLayout] = None
         # Gathered once per distinct token set, not per layer: tiny active sets are launch-bound.
         row_positions = positions[:, rows].contiguous()
         row_out_loc = forward_batch.out_cache_loc[rows]
+        if sel.single_set:
+            graphs = self._graphs_for(lm, full.dtype, pool)
+            hidden = graphs.run(lm, full[rows], row_positions, row_out_loc, sel.layer_runs[0], req_to_token, pool)
+            if hidden is not None:
+                self._backends.append("triton-graph")
+                out[rows] = hidden
+                return out
+        hidden, residual = full[rows], None
+        planned_runs: Optional[RunLayout] = None
         for layer_id in range(lm.start_layer, lm.end_layer):
             layer = lm.layers[layer_id]
             new_rows = sel.layer_rows[layer_id]
@@ -167,11 +185,19 @@ class SelectivePrefill:
             if runs is not planned_runs:
                 self._plan(runs, req_to_token, layer.self_attn, hidden.dtype, pool)
                 planned_runs = runs
-            # The M-RoPE kernel rotates q/k in place but reads positions only.
-            hidden, residual = self._layer(layer, row_positions, hidden, residual, row_out_loc, pool)
+            hidden, residual = selective_layer(layer, row_positions, hidden, residual, row_out_loc, pool,
+                                               self._attention)
         hidden, _ = lm.norm(hidden, residual)
         out[rows] = hidden
         return out
+
+    def _graphs_for(self, lm: Any, dtype: torch.dtype, pool: Any) -> SelectiveGraphs:
+        if self._graphs is None:
+            self._graphs = SelectiveGraphs()
+            self._graphs.disabled = why_not_graphs(lm, dtype, pool.k_buffer[0].dtype)
+            if self._graphs.disabled is not None:
+                logger.info("vlcache: selective prefill without CUDA graphs (%s)", self._graphs.disabled)
+        return self._graphs
 
     def _plan(self, runs: RunLayout, req_to_token: torch.Tensor, attn: Any, dtype: torch.dtype, pool: Any) -> None:
         if self._attention is None:
@@ -180,26 +206,3 @@ class SelectivePrefill:
         self._attention.plan(runs, req_to_token, radix.tp_q_head_num, radix.tp_k_head_num, radix.head_dim,
                              radix.scaling, dtype, pool.k_buffer[0].dtype)
         self._backends.append(self._attention.backend)
-
-    def _layer(self, layer: Any, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
-               out_loc: torch.Tensor, pool: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Qwen2DecoderLayer.forward for the active tokens (same ops, same order)."""
-        if residual is None:
-            residual = hidden
-            hidden = layer.input_layernorm(hidden)
-        else:
-            hidden, residual = layer.input_layernorm(hidden, residual)
-        attn = layer.self_attn
-        qkv, _ = attn.qkv_proj(hidden)
-        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        q, k = attn.rotary_emb(positions, q, k)
-        radix = attn.attn
-        k = k.reshape(-1, radix.tp_k_head_num, radix.qk_head_dim)
-        v = v.reshape(-1, radix.tp_v_head_num, radix.v_head_dim)
-        pool.set_kv_buffer(radix, out_loc, k, v)
-        k_cache, v_cache = pool.get_kv_buffer(radix.layer_id)
-        o = self._attention.run(q.reshape(-1, radix.tp_q_head_num, radix.head_dim), k_cache, v_cache)
-        hidden, _ = attn.o_proj(o.reshape(-1, radix.tp_q_head_num * radix.head_dim))
-        hidden, residual = layer.post_attention_layernorm(hidden, residual)
-        hidden = layer.mlp(hidden)
-        return hidden, residual

@@ -1,0 +1,177 @@
+"""CUDA graphs of the selective decoder loop against the eager loop, on a small stand-in model.
+
+The stand-in has Qwen2's layer interface (SGLang's norm/linear call conventions, a position-dependent
+rotary, a KV pool with set/get_kv_buffer). On a GPU the graphs are really captured and replayed; on
+CPU the capture is replaced by running the same body, which still checks the static buffers, the
+padding, the fixed-capacity attention plan and the fallbacks.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace as NS
+
+import pytest
+import torch
+
+from vlcache_sglang.kernels.scattered_attention import ScatteredAttention
+from vlcache_sglang.model_patch import selective_graph
+from vlcache_sglang.model_patch.selective_attention import runs_of
+from vlcache_sglang.model_patch.selective_graph import SelectiveGraphs
+from vlcache_sglang.model_patch.selective_layers import all_layers
+
+HIDDEN, QO_HEADS, KV_HEADS, HEAD_DIM, LAYERS, SLOTS, WIDTH = 32, 4, 2, 16, 3, 128, 40
+
+
+class Norm(torch.nn.Module):
+    """SGLang's RMSNorm convention: norm(x) or norm(x, residual) -> (normed, x + residual)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(HIDDEN))
+
+    def forward(self, x, residual=None):
+        if residual is not None:
+            x = x + residual
+        out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+        return out if residual is None else (out, x)
+
+
+class Linear(torch.nn.Linear):
+    def forward(self, x):  # SGLang's parallel linears return (out, bias)
+        return super().forward(x), None
+
+
+def rotary(positions, q, k):
+    # Position-dependent, like M-RoPE: a wrong or stale position changes the output.
+    angle = (positions[0] + 2 * positions[1] + 3 * positions[2]).to(q.dtype).unsqueeze(-1) * 0.01
+    return q * torch.cos(angle) + 0.5 * torch.sin(angle), k * torch.cos(angle) - 0.5 * torch.sin(angle)
+
+
+def make_model(device):
+    torch.manual_seed(0)
+    layers = []
+    for layer_id in range(LAYERS):
+        radix = NS(tp_q_head_num=QO_HEADS, tp_k_head_num=KV_HEADS, tp_v_head_num=KV_HEADS, head_dim=HEAD_DIM,
+                   qk_head_dim=HEAD_DIM, v_head_dim=HEAD_DIM, scaling=1 / math.sqrt(HEAD_DIM), layer_id=layer_id)
+        q_size, kv_size = QO_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+        attn = NS(qkv_proj=Linear(HIDDEN, q_size + 2 * kv_size).to(device), q_size=q_size, kv_size=kv_size,
+                  rotary_emb=rotary, attn=radix, o_proj=Linear(q_size, HIDDEN).to(device))
+        mlp = torch.nn.Sequential(torch.nn.Linear(HIDDEN, 2 * HIDDEN), torch.nn.SiLU(),
+                                  torch.nn.Linear(2 * HIDDEN, HIDDEN)).to(device)
+        layers.append(NS(input_layernorm=Norm().to(device), post_attention_layernorm=Norm().to(device),
+                         self_attn=attn, mlp=mlp))
+    return NS(layers=layers, start_layer=0, end_layer=LAYERS, norm=Norm().to(device))
+
+
+class Pool:
+    def __init__(self, device):
+        self.k_buffer = [torch.randn(SLOTS, KV_HEADS, HEAD_DIM, device=device) for _ in range(LAYERS)]
+        self.v_buffer = [torch.randn(SLOTS, KV_HEADS, HEAD_DIM, device=device) for _ in range(LAYERS)]
+
+    def set_kv_buffer(self, radix, loc, k, v):
+        self.k_buffer[radix.layer_id][loc] = k
+        self.v_buffer[radix.layer_id][loc] = v
+
+    def get_kv_buffer(self, layer_id):
+        return self.k_buffer[layer_id], self.v_buffer[layer_id]
+
+    def load_(self, other):
+        """other's contents, in place: a captured graph holds this pool's buffers, as SGLang's stays put."""
+        for mine, theirs in zip(self.k_buffer + self.v_buffer, other.k_buffer + other.v_buffer):
+            mine.copy_(theirs)
+
+
+def active_tokens(sets, req_to_token, device):
+    """hidden, positions, out_loc and runs of the active tokens {req_row: positions} (request order)."""
+    torch.manual_seed(len(sets))
+    rows = sorted(sets)
+    abs_sets = [torch.tensor(sets[r]) for r in rows]
+    runs = runs_of(abs_sets, rows)
+    pos = torch.cat(abs_sets)
+    out_loc = torch.cat([req_to_token[r, torch.tensor(sets[r])].long() for r in rows]).to(device)
+    positions = torch.stack([pos, pos // 3, pos % 5]).to(device)
+    return torch.randn(pos.numel(), HIDDEN, device=device), positions, out_loc, runs
+
+
+def eager(lm, pool, hidden, positions, out_loc, runs, req_to_token):
+    attention = ScatteredAttention()
+    rows = torch.repeat_interleave(runs.req_rows, runs.run_len)
+    q_pos = torch.cat([torch.arange(int(s), int(s + n)) for s, n in zip(runs.run_start, runs.run_len)])
+    attention.plan(rows, q_pos, req_to_token, QO_HEADS, KV_HEADS, HEAD_DIM, 1 / math.sqrt(HEAD_DIM))
+    return all_layers(lm, positions, hidden.clone(), out_loc, pool, attention)
+
+
+@pytest.fixture
+def capture(device, monkeypatch):
+    """The real CUDA graph capture on a GPU; on CPU, a stand-in that reruns the captured body."""
+    if device == "cpu":
+        def rerun(body, pool, dev):
+            out = body()
+            return (lambda: out.copy_(body())), out
+
+        monkeypatch.setattr(selective_graph, "cuda_graph_capture", rerun)
+    return device
+
+
+def test_graph_replays_match_the_eager_loop_and_touch_only_their_slots_and_slot_0(capture):
+    device = capture
+    lm = make_model(device)
+    req_to_token = (1 + torch.randperm(SLOTS - 1)[: 3 * WIDTH]).reshape(3, WIDTH).to(device, torch.int32)
+    graphs = SelectiveGraphs(buckets=(8, 16))
+    want_pool, got_pool = Pool(device), Pool(device)
+    # Two requests with two runs each (text before and after an image), then fewer tokens in the
+    # same bucket (stale tiles and rows of the first batch must not leak), then the small bucket.
+    for sets in ({2: [0, 1, 2, 20, 21], 0: [3, 4, 30, 31, 32, 33]}, {1: [5, 6, 7]}, {0: [39], 2: [10]}):
+        hidden, positions, out_loc, runs = active_tokens(sets, req_to_token, device)
+        with torch.no_grad():
+            base = Pool(device)
+            want_pool.load_(base)
+            want = eager(lm, want_pool, hidden, positions, out_loc, runs, req_to_token)
+            got_pool.load_(base)
+            got = graphs.run(lm, hidden, positions, out_loc, runs, req_to_token, got_pool)
+        assert got is not None and graphs.disabled is None
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for layer in range(LAYERS):
+            written = torch.ones(SLOTS, dtype=torch.bool)
+            written[out_loc.cpu()] = False
+            written[0] = False  # padding tokens write slot 0, SGLang's slot for padded writes
+            for got_kv, want_kv in ((got_pool.k_buffer, want_pool.k_buffer), (got_pool.v_buffer, want_pool.v_buffer)):
+                torch.testing.assert_close(got_kv[layer][out_loc], want_kv[layer][out_loc], rtol=1e-4, atol=1e-4)
+                assert torch.equal(got_kv[layer][written.to(device)], base.k_buffer[layer][written.to(device)]
+                                   if got_kv is got_pool.k_buffer else base.v_buffer[layer][written.to(device)])
+
+
+def test_batches_a_graph_cannot_take_fall_back(capture, monkeypatch):
+    device = capture
+    lm = make_model(device)
+    req_to_token = (1 + torch.randperm(SLOTS - 1)[: 3 * WIDTH]).reshape(3, WIDTH).to(device, torch.int32)
+    graphs = SelectiveGraphs(buckets=(8,))
+    pool = Pool(device)
+    too_many = active_tokens({0: list(range(9))}, req_to_token, device)
+    assert graphs.run(lm, *too_many, req_to_token, pool) is None, "9 tokens > the largest bucket"
+    monkeypatch.setattr(selective_graph, "MAX_REQUESTS_PER_GRAPH", 1)
+    three_requests = active_tokens({0: [1], 1: [2], 2: [3]}, req_to_token, device)
+    with torch.no_grad():
+        assert graphs.run(lm, *three_requests, req_to_token, pool) is None, "more tiles than captured"
+        assert graphs.disabled is None
+        assert graphs.run(lm, *active_tokens({0: [1, 2]}, req_to_token, device), req_to_token, pool) is not None
+
+
+def test_a_failed_capture_turns_graphs_off_for_good(device, monkeypatch):
+    def broken(body, pool, dev):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(selective_graph, "cuda_graph_capture", broken)
+    lm = make_model(device)
+    req_to_token = (1 + torch.randperm(SLOTS - 1)[:WIDTH]).reshape(1, WIDTH).to(device, torch.int32)
+    graphs = SelectiveGraphs(buckets=(8,))
+    batch = active_tokens({0: [1, 2]}, req_to_token, device)
+    assert graphs.run(lm, *batch, req_to_token, Pool(device)) is None
+    assert "capture failed: RuntimeError: operation not permitted" in graphs.disabled
+    assert graphs.run(lm, *batch, req_to_token, Pool(device)) is None
+
+
+def test_bucket_for():
+    assert selective_graph.bucket_for(1) == 32 and selective_graph.bucket_for(32) == 32
+    assert selective_graph.bucket_for(33) == 64 and selective_graph.bucket_for(1025) is None

@@ -1,0 +1,178 @@
+"""CUDA graphs of the selective decoder loop, one per padded active-token count (bucket).
+
+A reuse prefill under `none` or `first_k` runs a few hundred tokens through every layer: about a
+dozen small kernels a layer, so eagerly the pass is bound by the host (profiled on an H100: 15-35 ms
+for 55-335 tokens through 28 layers, the same as a stock one-token prefix hit). One graph replay
+launches them all. SGLang captures decode only and runs Qwen2.5-VL prefill eagerly, so these graphs
+are ours: captured at the first reuse batch that can use one (all buckets, largest first, one
+memory pool), replayed for every later one.
+
+A batch takes a graph when every layer computes the same token set (`none`, `first_k`), the set
+fits the largest bucket and the attention tiles fit its capacity; otherwise the eager loop runs.
+Inside a graph, attention is the Triton scattered kernel in fixed-capacity mode: its tile table is
+refilled before each replay and its grid is fixed (FlashInfer's graph mode fixes the number of
+runs, which varies from batch to batch here). Padding tokens write their K/V to slot 0, the slot
+SGLang reserves for padded writes, and their attention output is zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+from vlcache_sglang.kernels.scattered_attention import CapacityError, ScatteredAttention
+from vlcache_sglang.model_patch.selective_attention import RunLayout, query_tokens
+from vlcache_sglang.model_patch.selective_layers import all_layers
+
+ENV_VAR = "VLCACHE_CUDA_GRAPH"  # "0" turns the graphs off (the eager loop runs every batch)
+BUCKETS = (32, 64, 128, 256, 512, 1024)
+MAX_REQUESTS_PER_GRAPH = 64  # tiles a bucket holds beyond its full ones: one partial tile per request
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the Triton kernel's, with K/V in q's dtype
+logger = logging.getLogger(__name__)
+
+
+def why_not_graphs(lm: Any, model_dtype: torch.dtype, kv_dtype: torch.dtype) -> Optional[str]:
+    """None when the selective loop of this server may run in CUDA graphs, else the reason."""
+    if os.environ.get(ENV_VAR, "1") == "0":
+        return f"{ENV_VAR}=0"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    from sglang.srt.distributed import get_tensor_model_parallel_world_size
+    from sglang.srt.server_args import get_global_server_args
+
+    if get_global_server_args().disable_cuda_graph:
+        return "--disable-cuda-graph"
+    if get_tensor_model_parallel_world_size() != 1:
+        return "tensor parallelism (o_proj/down_proj all-reduce inside the graph is not set up)"
+    if lm.start_layer != 0 or lm.end_layer != len(lm.layers):
+        return "pipeline parallelism"
+    if kv_dtype != model_dtype or model_dtype not in _DTYPES:
+        return f"KV cache dtype {kv_dtype} with model dtype {model_dtype} (the Triton kernel needs one dtype)"
+    return None
+
+
+@dataclasses.dataclass
+class _Graph:
+    replay: Callable[[], None]
+    hidden: torch.Tensor  # [bucket, hidden]: static input, the active tokens' embeddings
+    positions: torch.Tensor  # [3, bucket]: M-RoPE positions
+    out_loc: torch.Tensor  # [bucket]: KV slots the tokens write
+    attention: ScatteredAttention  # fixed capacity: its tile table is refilled per batch
+    out: torch.Tensor  # [bucket, hidden]: static output, after the final norm
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    sm_scale: float
+
+    @classmethod
+    def of(cls, lm: Any) -> "AttentionShape":
+        radix = lm.layers[lm.start_layer].self_attn.attn
+        return cls(radix.tp_q_head_num, radix.tp_k_head_num, radix.head_dim, radix.scaling)
+
+
+def bucket_for(n: int, buckets: tuple[int, ...] = BUCKETS) -> Optional[int]:
+    """The smallest bucket holding n tokens (None when none does)."""
+    return next((b for b in sorted(buckets) if n <= b), None)
+
+
+def tile_capacity(bucket: int, shape: AttentionShape) -> int:
+    return -(-bucket // ScatteredAttention.block_m(shape.num_qo_heads, shape.num_kv_heads)) + MAX_REQUESTS_PER_GRAPH
+
+
+class SelectiveGraphs:
+    """Captures (once) and replays the graphs of one server's selective decoder loop."""
+
+    def __init__(self, buckets: tuple[int, ...] = BUCKETS) -> None:
+        self._buckets = tuple(sorted(buckets))
+        self._graphs: dict[int, _Graph] = {}
+        self._pool: Any = None
+        self.disabled: Optional[str] = None  # why graphs are not used (set once, logged once)
+
+    def run(self, lm: Any, hidden: torch.Tensor, positions: torch.Tensor, out_loc: torch.Tensor, runs: RunLayout,
+            req_to_token: torch.Tensor, pool: Any) -> Optional[torch.Tensor]:
+        """All layers and the final norm for the n active tokens (hidden [n, H], positions [3, n],
+        out_loc [n], their runs) through a graph: [n, H], valid until the next replay. None when
+        this batch cannot use one; the caller runs the eager loop."""
+        n = hidden.shape[0]
+        bucket = bucket_for(n, self._buckets)
+        if self.disabled is not None or bucket is None:
+            return None
+        shape = AttentionShape.of(lm)
+        if not self._graphs and not self._capture_all(lm, hidden, out_loc, req_to_token, pool, shape):
+            return None
+        g = self._graphs[bucket]
+        try:
+            g.attention.plan(*query_tokens(runs), req_to_token, shape.num_qo_heads, shape.num_kv_heads,
+                             shape.head_dim, shape.sm_scale)
+        except CapacityError:
+            return None  # more requests than the graph's tile table holds
+        _fill(g.hidden, hidden)
+        _fill(g.positions, positions, dim=1)
+        _fill(g.out_loc, out_loc)  # padding writes slot 0
+        g.replay()
+        return g.out[:n]
+
+    def _capture_all(self, lm: Any, like: torch.Tensor, like_loc: torch.Tensor, req_to_token: torch.Tensor,
+                     pool: Any, shape: AttentionShape) -> bool:
+        t0 = time.perf_counter()
+        try:
+            self._pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
+            for bucket in reversed(self._buckets):  # largest first: the smaller ones reuse its memory
+                self._graphs[bucket] = self._capture(bucket, lm, like, like_loc, req_to_token, pool, shape)
+        except Exception as exc:  # noqa: BLE001 - any capture failure leaves the eager loop, which works
+            self._graphs.clear()
+            self.disabled = f"capture failed: {type(exc).__name__}: {exc}"
+            logger.warning("vlcache: CUDA graphs of the selective prefill off (%s); the eager loop runs", self.disabled)
+            return False
+        logger.info("vlcache: captured %d CUDA graphs of the selective prefill (buckets %s tokens) in %.0f ms",
+                    len(self._graphs), list(self._buckets), 1000 * (time.perf_counter() - t0))
+        return True
+
+    def _capture(self, bucket: int, lm: Any, like: torch.Tensor, like_loc: torch.Tensor,
+                 req_to_token: torch.Tensor, pool: Any, shape: AttentionShape) -> _Graph:
+        device = like.device
+        hidden = torch.zeros(bucket, like.shape[-1], dtype=like.dtype, device=device)
+        positions = torch.zeros(3, bucket, dtype=torch.int64, device=device)
+        out_loc = torch.zeros(bucket, dtype=like_loc.dtype, device=device)  # capture-time writes: slot 0
+        attention = ScatteredAttention(capacity=(bucket, tile_capacity(bucket, shape)))
+        empty = torch.empty(0, dtype=torch.int64)
+        attention.plan(empty, empty, req_to_token, shape.num_qo_heads, shape.num_kv_heads, shape.head_dim,
+                       shape.sm_scale)
+
+        def body() -> torch.Tensor:
+            return all_layers(lm, positions, hidden, out_loc, pool, attention)
+
+        replay, out = cuda_graph_capture(body, self._pool, device)
+        return _Graph(replay, hidden, positions, out_loc, attention, out)
+
+
+def cuda_graph_capture(body: Callable[[], torch.Tensor], pool: Any,
+                       device: torch.device) -> tuple[Callable[[], None], torch.Tensor]:
+    """body() captured in a CUDA graph: (replay, the graph's static output)."""
+    # Warm-up outside the capture (Triton compiles, cuBLAS picks its kernels), on a side stream
+    # as torch's graph docs ask.
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        body()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        out = body()
+    return graph.replay, out
+
+
+def _fill(static: torch.Tensor, value: torch.Tensor, dim: int = 0) -> None:
+    """value into the start of a static buffer along dim, zeros after it."""
+    n = value.shape[dim]
+    static.narrow(dim, 0, n).copy_(value)
+    static.narrow(dim, n, static.shape[dim] - n).zero_()

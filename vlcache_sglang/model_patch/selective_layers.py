@@ -1,0 +1,47 @@
+"""Qwen2 decoder layers over a subset of a batch's extend tokens (the active tokens).
+
+The same ops in the same order as `Qwen2DecoderLayer.forward`, with attention replaced by any
+object that has `run(q, k_cache, v_cache)` over the request's whole KV (SelectiveAttention eagerly,
+a fixed-capacity ScatteredAttention inside a CUDA graph). Shared by the eager loop and its graphs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+
+def selective_layer(layer: Any, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
+                    out_loc: torch.Tensor, pool: Any, attention: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer for the active tokens; writes their K/V into their slots `out_loc`."""
+    if residual is None:
+        residual = hidden
+        hidden = layer.input_layernorm(hidden)
+    else:
+        hidden, residual = layer.input_layernorm(hidden, residual)
+    attn = layer.self_attn
+    qkv, _ = attn.qkv_proj(hidden)
+    q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    q, k = attn.rotary_emb(positions, q, k)  # the M-RoPE kernel rotates q/k in place, reads positions only
+    radix = attn.attn
+    k = k.reshape(-1, radix.tp_k_head_num, radix.qk_head_dim)
+    v = v.reshape(-1, radix.tp_v_head_num, radix.v_head_dim)
+    pool.set_kv_buffer(radix, out_loc, k, v)
+    k_cache, v_cache = pool.get_kv_buffer(radix.layer_id)
+    o = attention.run(q.reshape(-1, radix.tp_q_head_num, radix.head_dim), k_cache, v_cache)
+    hidden, _ = attn.o_proj(o.reshape(-1, radix.tp_q_head_num * radix.head_dim))
+    hidden, residual = layer.post_attention_layernorm(hidden, residual)
+    hidden = layer.mlp(hidden)
+    return hidden, residual
+
+
+def all_layers(lm: Any, positions: torch.Tensor, hidden: torch.Tensor, out_loc: torch.Tensor, pool: Any,
+               attention: Any) -> torch.Tensor:
+    """Every layer of `lm` on one token set, then the final norm (what a CUDA graph captures)."""
+    residual = None
+    for layer_id in range(lm.start_layer, lm.end_layer):
+        hidden, residual = selective_layer(lm.layers[layer_id], positions, hidden, residual, out_loc, pool,
+                                           attention)
+    hidden, _ = lm.norm(hidden, residual)
+    return hidden
