@@ -132,14 +132,15 @@ def test_graph_replays_match_the_eager_loop_and_touch_only_their_slots_and_slot_
             got = graphs.run(lm, hidden, positions, out_loc, runs, req_to_token, got_pool)
         assert got is not None and graphs.disabled is None
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        untouched = torch.ones(SLOTS, dtype=torch.bool)
+        untouched[out_loc.cpu()] = False
+        untouched[0] = False  # padding tokens write slot 0, SGLang's slot for padded writes
+        untouched = untouched.to(device)
         for layer in range(LAYERS):
-            written = torch.ones(SLOTS, dtype=torch.bool)
-            written[out_loc.cpu()] = False
-            written[0] = False  # padding tokens write slot 0, SGLang's slot for padded writes
-            for got_kv, want_kv in ((got_pool.k_buffer, want_pool.k_buffer), (got_pool.v_buffer, want_pool.v_buffer)):
+            for got_kv, want_kv, base_kv in ((got_pool.k_buffer, want_pool.k_buffer, base.k_buffer),
+                                             (got_pool.v_buffer, want_pool.v_buffer, base.v_buffer)):
                 torch.testing.assert_close(got_kv[layer][out_loc], want_kv[layer][out_loc], rtol=1e-4, atol=1e-4)
-                assert torch.equal(got_kv[layer][written.to(device)], base.k_buffer[layer][written.to(device)]
-                                   if got_kv is got_pool.k_buffer else base.v_buffer[layer][written.to(device)])
+                assert torch.equal(got_kv[layer][untouched], base_kv[layer][untouched])
 
 
 def test_batches_a_graph_cannot_take_fall_back(capture, monkeypatch):

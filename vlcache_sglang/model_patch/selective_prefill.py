@@ -161,14 +161,14 @@ class SelectivePrefill:
         # Gathered once per distinct token set, not per layer: tiny active sets are launch-bound.
         row_positions = positions[:, rows].contiguous()
         row_out_loc = forward_batch.out_cache_loc[rows]
+        hidden, residual = full[rows], None
         if sel.single_set:
             graphs = self._graphs_for(lm, full.dtype, pool)
-            hidden = graphs.run(lm, full[rows], row_positions, row_out_loc, sel.layer_runs[0], req_to_token, pool)
-            if hidden is not None:
+            graphed = graphs.run(lm, hidden, row_positions, row_out_loc, sel.layer_runs[0], req_to_token, pool)
+            if graphed is not None:
                 self._backends.append("triton-graph")
-                out[rows] = hidden
+                out[rows] = graphed
                 return out
-        hidden, residual = full[rows], None
         planned_runs: Optional[RunLayout] = None
         for layer_id in range(lm.start_layer, lm.end_layer):
             layer = lm.layers[layer_id]
