@@ -176,3 +176,12 @@ def test_a_failed_capture_turns_graphs_off_for_good(device, monkeypatch):
 def test_bucket_for():
     assert selective_graph.bucket_for(1) == 32 and selective_graph.bucket_for(32) == 32
     assert selective_graph.bucket_for(33) == 64 and selective_graph.bucket_for(1025) is None
+
+
+def test_why_not_graphs_names_the_switch_and_the_missing_device(monkeypatch):
+    lm = NS(layers=[None] * 2, start_layer=0, end_layer=2)
+    monkeypatch.setenv(selective_graph.ENV_VAR, "0")
+    assert selective_graph.why_not_graphs(lm, torch.bfloat16, torch.bfloat16) == "VLCACHE_CUDA_GRAPH=0"
+    monkeypatch.delenv(selective_graph.ENV_VAR)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert selective_graph.why_not_graphs(lm, torch.bfloat16, torch.bfloat16) == "no CUDA device"
