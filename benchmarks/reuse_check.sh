@@ -13,7 +13,6 @@ for label in ${LABELS:-stock ${POLICIES:-full none first_k}}; do
   extra=(); [ "$label" != stock ] && extra=(--enable-vlcache --vlcache-policy "${label%%:*}")
   if [ "${label#*:}" = eager ]; then export VLCACHE_CUDA_GRAPH=0; else unset VLCACHE_CUDA_GRAPH; fi
   start_server "$label" "${extra[@]}" || continue
-  grep -h "CUDA graphs" "$OUT/server_$label.log" | tail -2 | cut -c1-300
   python3 benchmarks/reuse_check.py probe --port "$PORT" --label "$label" --out "$OUT/reuse.jsonl"
   (cd benchmarks && python3 ttft_breakdown.py --port "$PORT" --label "$label") >>"$OUT/breakdown.md"
   curl -sf "http://127.0.0.1:$PORT/health" >/dev/null || echo "$label: NOT healthy after probes"

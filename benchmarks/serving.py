@@ -68,15 +68,13 @@ def warmup_requests(rows: list[dict], max_tokens: int = 1) -> list[dict]:
     """One request per distinct image of rows, the image alone after a text no workload row has,
     then the first image once more after another such text (our server's first reuse: it captures
     its CUDA graphs of the selective prefill there, not in a measured request)."""
-    seen: dict[str, None] = {}
-    for row in rows:
-        for url in image_urls(row):
-            seen.setdefault(url)
-    texts = [f"Warm-up {i}: the image is" for i in range(len(seen))] + ["Warm-up, once more: the image is"]
+    urls = list(dict.fromkeys(url for row in rows for url in image_urls(row)))
+    pairs = [(f"Warm-up {i}: the image is", url) for i, url in enumerate(urls)]
+    pairs += [("Warm-up, once more: the image is", url) for url in urls[:1]]
     return [{"messages": [{"role": "user", "content": [
         {"type": "text", "text": text},
         {"type": "image_url", "image_url": {"url": url}}]}],
-        "max_tokens": max_tokens, "temperature": 0} for text, url in zip(texts, [*seen, *list(seen)[:1]])]
+        "max_tokens": max_tokens, "temperature": 0} for text, url in pairs]
 
 
 def build_workload(preset: str, concurrencies: list[int], num_prompts: int, probes: int, seed: int,
@@ -250,7 +248,8 @@ def measure_server(srv: launch.Server, works: list[PresetWork], work_dir: Path, 
         t0 = time.monotonic()
         for body in work.warmup:
             stream_chat(srv.url, body)
-        print(f"  {srv.label} {work.preset}: warm-up {len(work.warmup)} requests {time.monotonic() - t0:.0f} s", flush=True)
+        print(f"  {srv.label} {work.preset}: warm-up {len(work.warmup)} requests {time.monotonic() - t0:.0f} s",
+              flush=True)
         rows = []
         for conc, path in work.files.items():
             key = f"{srv.label}/{work.preset}/c{conc}"
@@ -481,8 +480,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
     for preset in args.presets:
         n = args.num_prompts or FULL_PROMPTS.get(preset, 48)
         works.append(build_workload(preset, args.concurrency, n, args.probes, args.seed, work_dir))
-        print(f"workload {preset}: {works[-1].counts} prompts per concurrency, {len(works[-1].warmup) - 1} pool images",
-              flush=True)
+        print(f"workload {preset}: {works[-1].counts} prompts per concurrency, "
+              f"{len(works[-1].warmup)} warm-up requests", flush=True)
     base = launch.base_flags(args.model_path, dummy=not args.real_weights)
     policies = ([] if args.no_stock else ["stock"]) + list(args.policies)
     meta = {"date": date, "gpu": gpu, "model_path": args.model_path,

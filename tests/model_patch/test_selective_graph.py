@@ -20,6 +20,8 @@ from vlcache_sglang.model_patch.selective_attention import runs_of
 from vlcache_sglang.model_patch.selective_graph import SelectiveGraphs
 from vlcache_sglang.model_patch.selective_layers import all_layers
 
+# The server's check asks SGLang's server args and wants CUDA; these tests run the graphs on CPU too.
+ALLOWED = lambda lm, model_dtype, kv_dtype: None  # noqa: E731
 HIDDEN, QO_HEADS, KV_HEADS, HEAD_DIM, LAYERS, SLOTS, WIDTH = 32, 4, 2, 16, 3, 128, 40
 
 
@@ -118,7 +120,7 @@ def test_graph_replays_match_the_eager_loop_and_touch_only_their_slots_and_slot_
     device = capture
     lm = make_model(device)
     req_to_token = (1 + torch.randperm(SLOTS - 1)[: 3 * WIDTH]).reshape(3, WIDTH).to(device, torch.int32)
-    graphs = SelectiveGraphs(buckets=(8, 16))
+    graphs = SelectiveGraphs(buckets=(8, 16), why_not=ALLOWED)
     want_pool, got_pool = Pool(device), Pool(device)
     # Two requests with two runs each (text before and after an image), then fewer tokens in the
     # same bucket (stale tiles and rows of the first batch must not leak), then the small bucket.
@@ -147,7 +149,7 @@ def test_batches_a_graph_cannot_take_fall_back(capture, monkeypatch):
     device = capture
     lm = make_model(device)
     req_to_token = (1 + torch.randperm(SLOTS - 1)[: 3 * WIDTH]).reshape(3, WIDTH).to(device, torch.int32)
-    graphs = SelectiveGraphs(buckets=(8,))
+    graphs = SelectiveGraphs(buckets=(8,), why_not=ALLOWED)
     pool = Pool(device)
     too_many = active_tokens({0: list(range(9))}, req_to_token, device)
     assert graphs.run(lm, *too_many, req_to_token, pool) is None, "9 tokens > the largest bucket"
@@ -166,11 +168,26 @@ def test_a_failed_capture_turns_graphs_off_for_good(device, monkeypatch):
     monkeypatch.setattr(selective_graph, "cuda_graph_capture", broken)
     lm = make_model(device)
     req_to_token = (1 + torch.randperm(SLOTS - 1)[:WIDTH]).reshape(1, WIDTH).to(device, torch.int32)
-    graphs = SelectiveGraphs(buckets=(8,))
+    graphs = SelectiveGraphs(buckets=(8,), why_not=ALLOWED)
     batch = active_tokens({0: [1, 2]}, req_to_token, device)
     assert graphs.run(lm, *batch, req_to_token, Pool(device)) is None
     assert "capture failed: RuntimeError: operation not permitted" in graphs.disabled
     assert graphs.run(lm, *batch, req_to_token, Pool(device)) is None
+
+
+def test_a_reason_against_graphs_is_kept_and_nothing_is_captured(device, monkeypatch):
+    def never(*args):
+        raise AssertionError("no capture when graphs are not allowed")
+
+    monkeypatch.setattr(selective_graph, "cuda_graph_capture", never)
+    lm = make_model(device)
+    req_to_token = (1 + torch.randperm(SLOTS - 1)[:WIDTH]).reshape(1, WIDTH).to(device, torch.int32)
+    asked = []
+    graphs = SelectiveGraphs(buckets=(8,), why_not=lambda *args: asked.append(args[1:]) or "--disable-cuda-graph")
+    batch = active_tokens({0: [1, 2]}, req_to_token, device)
+    assert graphs.run(lm, *batch, req_to_token, Pool(device)) is None
+    assert graphs.run(lm, *batch, req_to_token, Pool(device)) is None
+    assert graphs.disabled == "--disable-cuda-graph" and asked == [(torch.float32, torch.float32)], "asked once"
 
 
 def test_bucket_for():

@@ -186,6 +186,11 @@ class ScatteredAttention:
         self._block_n = DEFAULT_BLOCK_N
 
     @staticmethod
+    def supports(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
+        """Whether the kernel runs these dtypes: K/V are read in q's dtype (no fp8 KV cache)."""
+        return q_dtype == kv_dtype and q_dtype in _DTYPES
+
+    @staticmethod
     def block_m(num_qo_heads: int, num_kv_heads: int, block_rows: int = DEFAULT_BLOCK_ROWS) -> int:
         """Queries per tile: as many as fill block_rows with their group's heads (at least 1)."""
         return max(1, block_rows // (num_qo_heads // num_kv_heads))

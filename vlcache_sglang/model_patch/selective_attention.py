@@ -26,7 +26,6 @@ from vlcache_sglang.kernels.scattered_attention import ScatteredAttention, build
 
 _WORKSPACE_BYTES = 256 * 1024 * 1024
 BACKENDS = ("flashinfer", "triton")
-_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Pick Triton when FlashInfer's runs would stream at least this many times the KV rows that the
 # Triton tiles stream (`kv_rows_streamed`). The model: both kernels are bound by those gathered
 # reads, and FlashInfer's tuned FA2 pipeline reads a row faster than our Triton loop, so Triton
@@ -110,8 +109,8 @@ def kv_rows_streamed(runs: RunLayout, block_m: int) -> tuple[int, int]:
 def choose_backend(runs: RunLayout, num_qo_heads: int, num_kv_heads: int, q_dtype: torch.dtype,
                    kv_dtype: torch.dtype) -> str:
     """"triton" when short runs would make FlashInfer re-read the KV prefix too often, else "flashinfer"."""
-    if q_dtype != kv_dtype or q_dtype not in _TRITON_DTYPES:
-        return "flashinfer"  # the Triton kernel reads K/V in q's dtype only (no fp8 KV cache)
+    if not ScatteredAttention.supports(q_dtype, kv_dtype):
+        return "flashinfer"
     if runs.run_len.numel() == 0:
         return "triton"  # nothing to launch (FlashInfer's plan wants at least one request)
     per_run, per_request = kv_rows_streamed(runs, ScatteredAttention.block_m(num_qo_heads, num_kv_heads))

@@ -32,7 +32,6 @@ from vlcache_sglang.model_patch.selective_layers import all_layers
 ENV_VAR = "VLCACHE_CUDA_GRAPH"  # "0" turns the graphs off (the eager loop runs every batch)
 BUCKETS = (32, 64, 128, 256, 512, 1024)
 MAX_REQUESTS_PER_GRAPH = 64  # tiles a bucket holds beyond its full ones: one partial tile per request
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the Triton kernel's, with K/V in q's dtype
 logger = logging.getLogger(__name__)
 
 
@@ -51,8 +50,8 @@ def why_not_graphs(lm: Any, model_dtype: torch.dtype, kv_dtype: torch.dtype) -> 
         return "tensor parallelism (o_proj/down_proj all-reduce inside the graph is not set up)"
     if lm.start_layer != 0 or lm.end_layer != len(lm.layers):
         return "pipeline parallelism"
-    if kv_dtype != model_dtype or model_dtype not in _DTYPES:
-        return f"KV cache dtype {kv_dtype} with model dtype {model_dtype} (the Triton kernel needs one dtype)"
+    if not ScatteredAttention.supports(model_dtype, kv_dtype):
+        return f"KV cache dtype {kv_dtype} with model dtype {model_dtype} (the Triton kernel needs one 16/32-bit dtype)"
     return None
 
 
@@ -80,8 +79,8 @@ class AttentionShape:
 
 
 def bucket_for(n: int, buckets: tuple[int, ...] = BUCKETS) -> Optional[int]:
-    """The smallest bucket holding n tokens (None when none does)."""
-    return next((b for b in sorted(buckets) if n <= b), None)
+    """The smallest of the (ascending) buckets holding n tokens (None when none does)."""
+    return next((b for b in buckets if n <= b), None)
 
 
 def tile_capacity(bucket: int, shape: AttentionShape) -> int:
@@ -91,9 +90,13 @@ def tile_capacity(bucket: int, shape: AttentionShape) -> int:
 class SelectiveGraphs:
     """Captures (once) and replays the graphs of one server's selective decoder loop."""
 
-    def __init__(self, buckets: tuple[int, ...] = BUCKETS) -> None:
+    def __init__(self, buckets: tuple[int, ...] = BUCKETS,
+                 why_not: Callable[[Any, torch.dtype, torch.dtype], Optional[str]] = why_not_graphs) -> None:
+        """why_not(lm, model dtype, KV dtype): asked once, before the first capture (tests replace it)."""
         self._buckets = tuple(sorted(buckets))
+        self._why_not = why_not
         self._graphs: dict[int, _Graph] = {}
+        self._shape: Optional[AttentionShape] = None  # the model's, set at capture
         self._pool: Any = None
         self.disabled: Optional[str] = None  # why graphs are not used (set once, logged once)
 
@@ -106,10 +109,9 @@ class SelectiveGraphs:
         bucket = bucket_for(n, self._buckets)
         if self.disabled is not None or bucket is None:
             return None
-        shape = AttentionShape.of(lm)
-        if not self._graphs and not self._capture_all(lm, hidden, out_loc, req_to_token, pool, shape):
+        if not self._graphs and not self._capture_all(lm, hidden, out_loc, req_to_token, pool):
             return None
-        g = self._graphs[bucket]
+        g, shape = self._graphs[bucket], self._shape
         try:
             g.attention.plan(*query_tokens(runs), req_to_token, shape.num_qo_heads, shape.num_kv_heads,
                              shape.head_dim, shape.sm_scale)
@@ -122,12 +124,17 @@ class SelectiveGraphs:
         return g.out[:n]
 
     def _capture_all(self, lm: Any, like: torch.Tensor, like_loc: torch.Tensor, req_to_token: torch.Tensor,
-                     pool: Any, shape: AttentionShape) -> bool:
+                     pool: Any) -> bool:
+        self.disabled = self._why_not(lm, like.dtype, pool.k_buffer[0].dtype)
+        if self.disabled is not None:
+            logger.info("vlcache: selective prefill without CUDA graphs (%s)", self.disabled)
+            return False
         t0 = time.perf_counter()
+        self._shape = AttentionShape.of(lm)
         try:
             self._pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
             for bucket in reversed(self._buckets):  # largest first: the smaller ones reuse its memory
-                self._graphs[bucket] = self._capture(bucket, lm, like, like_loc, req_to_token, pool, shape)
+                self._graphs[bucket] = self._capture(bucket, lm, like, like_loc, req_to_token, pool)
         except Exception as exc:  # noqa: BLE001 - any capture failure leaves the eager loop, which works
             self._graphs.clear()
             self.disabled = f"capture failed: {type(exc).__name__}: {exc}"
@@ -138,8 +145,8 @@ class SelectiveGraphs:
         return True
 
     def _capture(self, bucket: int, lm: Any, like: torch.Tensor, like_loc: torch.Tensor,
-                 req_to_token: torch.Tensor, pool: Any, shape: AttentionShape) -> _Graph:
-        device = like.device
+                 req_to_token: torch.Tensor, pool: Any) -> _Graph:
+        device, shape = like.device, self._shape
         hidden = torch.zeros(bucket, like.shape[-1], dtype=like.dtype, device=device)
         positions = torch.zeros(3, bucket, dtype=torch.int64, device=device)
         out_loc = torch.zeros(bucket, dtype=like_loc.dtype, device=device)  # capture-time writes: slot 0

@@ -17,7 +17,6 @@ Two AROUND hooks, active only for batches that carry a vlcache plan (else stock 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any, Callable, Optional
 
 import torch
@@ -25,12 +24,11 @@ import torch
 from vlcache_sglang.kernels import copy_rotate_pool_kv
 from vlcache_sglang.model_patch import forward_profile, rotation_check
 from vlcache_sglang.model_patch.selective_attention import RunLayout, SelectiveAttention, runs_of
-from vlcache_sglang.model_patch.selective_graph import SelectiveGraphs, why_not_graphs
+from vlcache_sglang.model_patch.selective_graph import SelectiveGraphs
 from vlcache_sglang.model_patch.selective_layers import selective_layer
 from vlcache_sglang.reuse_planner import PLANS_ATTR, RequestReuse
 
 SELECTIVE_ATTR = "vlcache_selective"  # on ForwardBatch while the model runs
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -99,7 +97,7 @@ class SelectivePrefill:
         self._attention: Optional[SelectiveAttention] = None
         self._backends: list[str] = []  # chosen per plan in the current batch (for the profile log)
         self._decoder_ms = 0.0  # the decoder loop's share of the forward (for the profile log)
-        self._graphs: Optional[SelectiveGraphs] = None  # made at the first selective forward
+        self._graphs = SelectiveGraphs()  # captured at the first batch that can use them
 
     def around_vl_forward(self, original: Callable[..., Any], model: Any, input_ids: Any, positions: Any,
                           forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
@@ -163,8 +161,8 @@ class SelectivePrefill:
         row_out_loc = forward_batch.out_cache_loc[rows]
         hidden, residual = full[rows], None
         if sel.single_set:
-            graphs = self._graphs_for(lm, full.dtype, pool)
-            graphed = graphs.run(lm, hidden, row_positions, row_out_loc, sel.layer_runs[0], req_to_token, pool)
+            graphed = self._graphs.run(lm, hidden, row_positions, row_out_loc, sel.layer_runs[0], req_to_token,
+                                       pool)
             if graphed is not None:
                 self._backends.append("triton-graph")
                 out[rows] = graphed
@@ -190,14 +188,6 @@ class SelectivePrefill:
         hidden, _ = lm.norm(hidden, residual)
         out[rows] = hidden
         return out
-
-    def _graphs_for(self, lm: Any, dtype: torch.dtype, pool: Any) -> SelectiveGraphs:
-        if self._graphs is None:
-            self._graphs = SelectiveGraphs()
-            self._graphs.disabled = why_not_graphs(lm, dtype, pool.k_buffer[0].dtype)
-            if self._graphs.disabled is not None:
-                logger.info("vlcache: selective prefill without CUDA graphs (%s)", self._graphs.disabled)
-        return self._graphs
 
     def _plan(self, runs: RunLayout, req_to_token: torch.Tensor, attn: Any, dtype: torch.dtype, pool: Any) -> None:
         if self._attention is None:
