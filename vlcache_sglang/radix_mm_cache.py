@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import time
 from array import array
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams
@@ -97,8 +97,8 @@ class MultimodalRadixCache(RadixCache):
         if node is None:
             self.stats.key_misses += count
             return None
-        entry: ImageEntry = node.vl_entry
-        if entry.grid_thw != tuple(grid_thw) or entry.num_tokens != num_tokens:
+        if self.peek_image(image_key, grid_thw, num_tokens) is None:
+            entry: ImageEntry = node.vl_entry
             self.stats.key_mismatches += count
             logger.warning("vlcache: key %032x found with grid %s/%d tokens, request has %s/%d: miss",
                            image_key, entry.grid_thw, entry.num_tokens, tuple(grid_thw), num_tokens)
@@ -106,6 +106,15 @@ class MultimodalRadixCache(RadixCache):
         self.stats.key_hits += count
         node.last_access_time = time.monotonic()
         return node
+
+    def peek_image(self, image_key: int, grid_thw: tuple[int, int, int], num_tokens: int) -> Optional[TreeNode]:
+        """`lookup_image` without counting, logging or touching the LRU clock (for the scheduler's
+        admission, which asks before the planner does)."""
+        node = self._image_nodes.get(image_key)
+        if node is None:
+            return None
+        entry: ImageEntry = node.vl_entry
+        return node if entry.grid_thw == tuple(grid_thw) and entry.num_tokens == num_tokens else None
 
     def has_image(self, image_key: int) -> bool:
         return image_key in self._image_nodes
@@ -239,6 +248,16 @@ def _pad_value(image_key: int) -> int:
     return 1_000_000 + image_key % (1 << 30)
 
 
+def _install_prefill_budget(model_config: Any) -> None:
+    """Reused image tokens charge the chunked-prefill budget at 1/ratio (prefill_budget.py)."""
+    from vlcache_sglang import prefill_budget
+
+    text = model_config.hf_text_config
+    ratio = prefill_budget.charge_ratio(text.hidden_size, text.intermediate_size)
+    prefill_budget.install(ratio)
+    logger.info("vlcache: a reused image token costs 1/%d of a computed token in the prefill budget", ratio)
+
+
 def vlcache_tree_cache_factory(ctx: "TreeCacheBuildContext") -> RadixCache:
     """Factory behind `--radix-cache-backend vlcache` (set by --enable-vlcache)."""
     config: Optional[VLCacheConfig] = getattr(ctx.server_args, "vlcache", None)
@@ -258,6 +277,7 @@ def vlcache_tree_cache_factory(ctx: "TreeCacheBuildContext") -> RadixCache:
         model = ctx.tp_worker.model_runner.model
         inv_freq = inv_freq_of(language_rotary_embedding(model)).to(allocator.device)
         install(inv_freq)
+        _install_prefill_budget(ctx.model_config)
     logger.info("vlcache tree cache: policy=%s, image store bound %d tokens of %d", config.policy, max_store,
                 pool_tokens)
     num_layers = ctx.model_config.num_hidden_layers
