@@ -170,7 +170,7 @@ def plan_batch(batch: "ScheduleBatch", cache: "MultimodalRadixCache") -> None:
                     plans = {}
                     setattr(req.multimodal_inputs, PLANS_ATTR, plans)
                 plans[prefix_len] = plan
-                recomputed = int(torch.isin(plan.layer_sets[0], plan.layout.reused_tokens()).sum())
+                recomputed = int(plan.layout.is_reused(plan.layer_sets[0]).sum())
                 cache.stats.reused_tokens += plan.reused_tokens
                 cache.stats.recomputed_tokens += recomputed
                 req.cached_tokens += plan.reused_tokens - recomputed
@@ -179,9 +179,13 @@ def plan_batch(batch: "ScheduleBatch", cache: "MultimodalRadixCache") -> None:
 
 
 def around_prepare_for_extend(original: Callable[..., Any], batch: "ScheduleBatch", *args: Any, **kwargs: Any) -> Any:
-    result = original(batch, *args, **kwargs)
+    from vlcache_sglang.model_patch import forward_profile
     from vlcache_sglang.radix_mm_cache import MultimodalRadixCache
 
+    profile = forward_profile.enabled()
+    result, prepare_ms = forward_profile.timed(lambda: original(batch, *args, **kwargs), profile)
     if isinstance(batch.tree_cache, MultimodalRadixCache) and batch.forward_mode.is_extend():
-        plan_batch(batch, batch.tree_cache)
+        plan_ms = forward_profile.timed(lambda: plan_batch(batch, batch.tree_cache), profile)[1]
+        if profile:
+            forward_profile.log_prepare(len(batch.reqs), prepare_ms, plan_ms)
     return result

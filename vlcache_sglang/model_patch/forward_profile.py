@@ -1,6 +1,7 @@
 """Diagnostic timing of the selective prefill (VLCACHE_PROFILE=1): where a reuse batch's time goes.
 
-Logs, per batch that reuses images: requests, extend tokens, the distinct active-token sets and
+Logs, per prefill batch, the scheduler's time in SGLang's prepare_for_extend and in our reuse
+planning; per batch that reuses images: requests, extend tokens, the distinct active-token sets and
 their sizes, the attention runs and backend of each, and the device time of the KV copy and of the
 whole model forward; per prefill batch without reuse (new images, exact prefix hits): requests,
 extend and cached tokens and the forward's device time, the stock path to compare with. It
@@ -53,3 +54,8 @@ def log_stock_batch(forward_batch: Any, forward_ms: float) -> None:
     extend, cached = forward_batch.extend_seq_lens_cpu, forward_batch.extend_prefix_lens_cpu
     logger.info("vlcache profile: no reuse: %d reqs, %d extend tokens, %d cached, forward %.2f ms",
                 len(extend), sum(int(n) for n in extend), sum(int(n) for n in cached), forward_ms)
+
+
+def log_prepare(num_reqs: int, prepare_ms: float, plan_ms: float) -> None:
+    logger.info("vlcache profile: scheduler: %d reqs, prepare_for_extend %.2f ms, reuse planning %.2f ms",
+                num_reqs, prepare_ms, plan_ms)
