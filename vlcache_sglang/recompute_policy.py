@@ -120,6 +120,10 @@ class RecomputePolicy(ABC):
 
     name: ClassVar[str]
     needs_observation: ClassVar[bool] = False
+    # S_l is the same at every layer (none, full, first_k): plan() selects once. A plan is made per
+    # request on the scheduler, where each small torch op costs tens of microseconds. A subclass
+    # whose _choose depends on the layer must set it back to False.
+    same_set_every_layer: ClassVar[bool] = False
 
     def __init__(self, params: PolicyParams = PolicyParams()) -> None:
         self.params = params
@@ -177,6 +181,8 @@ class RecomputePolicy(ABC):
         """S_0 .. S_{L-1} at once, for policies that need no per-layer observation."""
         if self.needs_observation:
             raise ValueError(f"policy {self.name!r} decides per layer; call select() layer by layer")
+        if self.same_set_every_layer:
+            return [self.select(layout, 0, num_layers, None)] * num_layers
         sets: list[torch.Tensor] = []
         previous: Optional[torch.Tensor] = None
         for layer in range(num_layers):
@@ -211,6 +217,7 @@ class NoRecompute(RecomputePolicy):
     """Pure reuse: every reused image token keeps its cached (rotated) KV at every layer."""
 
     name = "none"
+    same_set_every_layer = True
 
     def budget(self, layout: TokenLayout, layer: int, num_layers: int) -> int:
         return 0
@@ -224,6 +231,7 @@ class FullRecompute(RecomputePolicy):
     """Recompute everything: the baseline that must match stock SGLang."""
 
     name = "full"
+    same_set_every_layer = True
 
     def budget(self, layout: TokenLayout, layer: int, num_layers: int) -> int:
         return sum(img.num_tokens for img in layout.reused_images)
@@ -237,6 +245,7 @@ class FirstK(RecomputePolicy):
     """EPIC / MPIC: recompute the first k tokens of each reused image, at every layer."""
 
     name = "first_k"
+    same_set_every_layer = True
 
     def _head_len(self, img: ImageSpan) -> int:
         """Tokens of this span among the image's first k (a chunk may hold only the image's tail)."""

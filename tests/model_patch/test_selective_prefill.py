@@ -35,6 +35,7 @@ def test_rows_index_the_extend_axis_and_requests_without_plans_compute_everythin
 def test_a_shrinking_policy_gets_new_rows_only_where_the_set_changes():
     class Halving(type(get_recompute_policy("full"))):
         name = "test_halving"
+        same_set_every_layer = False
 
         def _choose(self, layout, layer, num_layers, candidates, observation):
             return candidates[: max(0, candidates.numel() >> layer)]
