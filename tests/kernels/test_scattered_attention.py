@@ -39,19 +39,22 @@ def _q(n, heads, head_dim, dtype, device, seed=1):
     return torch.randn(n, heads, head_dim, generator=gen).to(device=device, dtype=dtype)
 
 
-def _attend(q, k, v, req_to_token, rows, positions, kv_heads, **blocks):
-    attn = ScatteredAttention()
+def _attend(q, k, v, req_to_token, rows, positions, kv_heads, num_splits=None, **blocks):
+    attn = ScatteredAttention(num_splits=num_splits)
     attn.plan(rows, positions, req_to_token, q.shape[1], kv_heads, q.shape[2], 1 / math.sqrt(q.shape[2]), **blocks)
     return attn.run(q, k, v)
 
 
+# Split-KV with 16-key blocks: 3 splits of a 40-key request are [0, 16), [16, 32), [32, 40); the
+# 5-key request's later splits are empty; queries at 0, 7, 8 see no key of split 2 (-inf partials).
+@pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("qo_heads, kv_heads, head_dim", [(6, 2, 64), (4, 4, 128), (7, 1, 64)])
-def test_kernel_matches_reference(dtype, qo_heads, kv_heads, head_dim, device):
+def test_kernel_matches_reference(dtype, qo_heads, kv_heads, head_dim, num_splits, device):
     k, v, req_to_token, rows, positions = _pool(CASE, kv_heads, head_dim, dtype, device)
     q = _q(rows.numel(), qo_heads, head_dim, dtype, device)
     # Small blocks: tiles that hold several requests' worth of splits and cross 16-key blocks.
-    got = _attend(q, k, v, req_to_token, rows, positions, kv_heads, block_rows=16, block_n=16)
+    got = _attend(q, k, v, req_to_token, rows, positions, kv_heads, num_splits, block_rows=16, block_n=16)
     want = scattered_attention_reference(q, k, v, req_to_token, rows, positions, 1 / math.sqrt(head_dim))
     torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
     # The one-token request sees key 0 only: its output is V of that slot, for every head.
@@ -72,16 +75,17 @@ def test_default_blocks_and_strided_q(device):
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_keys_past_each_request_are_never_read(device):
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_keys_past_each_request_are_never_read(num_splits, device):
     """NaN in every slot outside the requests' visible keys changes nothing."""
     k, v, req_to_token, rows, positions = _pool(CASE, 2, 64, torch.float32, device, seed=2)
     q = _q(rows.numel(), 4, 64, torch.float32, device)
-    clean = _attend(q, k, v, req_to_token, rows, positions, 2, block_rows=16, block_n=16)
+    clean = _attend(q, k, v, req_to_token, rows, positions, 2, num_splits, block_rows=16, block_n=16)
     visible = torch.cat([req_to_token[row, : max(pos) + 1].long() for row, _, pos in CASE])
     poison = torch.ones(k.shape[0], dtype=torch.bool, device=device)
     poison[visible] = False
     k[poison], v[poison] = float("nan"), float("nan")
-    got = _attend(q, k, v, req_to_token, rows, positions, 2, block_rows=16, block_n=16)
+    got = _attend(q, k, v, req_to_token, rows, positions, 2, num_splits, block_rows=16, block_n=16)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, clean, rtol=0, atol=0)
 
@@ -199,14 +203,16 @@ def test_7b_shapes_match_reference_and_flashinfer_runs():
     assert torch.equal(direct.run(q, k, v).float(), outs["triton"]), "SelectiveAttention runs the same kernel"
 
 
-def test_fixed_capacity_replans_into_the_same_buffers_and_pads_with_zeros(device):
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fixed_capacity_replans_into_the_same_buffers_and_pads_with_zeros(num_splits, device):
     """CUDA-graph mode: plans of different sizes land in the same tile/position buffers (a graph
-    captured around run() reads them), q padded to the capacity, padding rows come back zero."""
+    captured around run() reads them), q padded to the capacity, padding rows come back zero
+    (with splits too: the merge reads only rows of planned queries, not the stale partials)."""
     from vlcache_sglang.kernels.scattered_attention import CapacityError
 
     qo_heads, kv_heads, head_dim, dtype, cap = 4, 2, 64, torch.float32, 40
     k, v, req_to_token, rows, positions = _pool(CASE, kv_heads, head_dim, dtype, device)
-    attn = ScatteredAttention(capacity=(cap, 12))
+    attn = ScatteredAttention(capacity=(cap, 12), num_splits=num_splits)
     scale = 1 / math.sqrt(head_dim)
     buffers = None
     for take in (rows.numel(), 6, 1):  # shrinking plans: stale tiles of the larger one must not run
@@ -226,3 +232,15 @@ def test_fixed_capacity_replans_into_the_same_buffers_and_pads_with_zeros(device
     many = torch.arange(cap + 1) % 5
     with pytest.raises(CapacityError):
         attn.plan(many % 4, many, req_to_token, qo_heads, kv_heads, head_dim, scale)
+
+
+def test_split_choice():
+    from vlcache_sglang.kernels.scattered_attention import MAX_SPLITS, choose_splits
+
+    assert choose_splits(4, 4, 50_000, torch.device("cpu")) == 1, "the interpreter gains nothing"
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        assert choose_splits(3, 4, 50_000, dev) == min(MAX_SPLITS, -(-2 * sms // 12))
+        assert choose_splits(3, 4, 600, dev) == 2, "at least MIN_KEYS_PER_SPLIT keys per split"
+        assert choose_splits(4 * sms, 4, 50_000, dev) == 1, "the tiles alone fill the GPU"

@@ -33,6 +33,20 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 EMPTY_TILE = torch.tensor([[0, 0, 0, -1, -1]], dtype=torch.int32)
 
 
+# Split-KV: enough key ranges per tile for ~2 programs per SM, each at least this many keys long.
+MAX_SPLITS = 16
+MIN_KEYS_PER_SPLIT = 256
+
+
+def choose_splits(num_tiles: int, num_kv_heads: int, max_keys: int, device: torch.device) -> int:
+    """Key splits per tile: 1 on CPU (the interpreter) or when the tiles alone fill the GPU."""
+    if device.type != "cuda" or num_tiles == 0:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-2 * sms // (num_tiles * num_kv_heads))
+    return max(1, min(want, MAX_SPLITS, max_keys // MIN_KEYS_PER_SPLIT))
+
+
 class CapacityError(ValueError):
     """A plan larger than a fixed-capacity ScatteredAttention holds."""
 
@@ -51,16 +65,20 @@ def _scattered_attention_kernel(
     q,  # [n, num_qo_heads, head_dim]
     k_cache,  # [slots, num_kv_heads, head_dim]
     v_cache,  # [slots, num_kv_heads, head_dim]
-    out,  # [n, num_qo_heads, head_dim]
+    out,  # [n, num_qo_heads, head_dim]; with SPLIT: o_part [splits, n, num_qo_heads, head_dim] fp32
+    lse_part,  # with SPLIT: [splits, n, num_qo_heads] fp32, log2-sum-exp2 of each split's scores
     req_to_token,  # [rows, max_context] int32 slot ids
     q_pos,  # [n] int32 request position of each query
     tiles,  # [T, 5] int32: q_start, q_len, req_row, min_pos, max_pos
     scale_log2,  # sm_scale * log2(e): softmax in base 2
+    num_splits,  # key ranges per tile (grid axis 2)
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
-    stride_ot, stride_oh,
+    stride_os, stride_ot, stride_oh,
+    stride_ls, stride_lt,
     stride_rr,
+    SPLIT: tl.constexpr,  # num_splits > 1: write per-split partials for _merge_splits_kernel
     GROUP: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,  # >= BLOCK_M * GROUP, power of two
@@ -74,8 +92,13 @@ def _scattered_attention_kernel(
     # reads) serves every query head that shares it, and the GROUP heads fill the MMA rows even
     # when a tile has few queries. One query head per program would read each K/V block GROUP
     # times (7 for Qwen2.5-VL-7B).
+    #
+    # Split-KV (flash-decoding): program (tile, head, split) walks only its split's share of the
+    # tile's keys [0, max_pos]. A few hundred queries over a 42K-token context are a few dozen
+    # tiles x 4 KV heads: without splits, fewer programs than SMs, each walking every key.
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     q_start = tl.load(tiles + tile * 5 + 0)
     q_len = tl.load(tiles + tile * 5 + 1)
     req_row = tl.load(tiles + tile * 5 + 2).to(tl.int64)
@@ -101,10 +124,16 @@ def _scattered_attention_kernel(
     kv_off = kv_head.to(tl.int64)
     n_offs = tl.arange(0, BLOCK_N)
 
-    # Keys [0, min_pos] are visible to every query of the tile: whole blocks there need no mask.
-    # The first block visited always holds key 0, which every row sees, so m_i is finite after it.
+    # This split's keys [lo, hi): equal shares in whole blocks (an empty tile has no keys at all).
+    num_keys = max_pos + 1
+    share = tl.cdiv(tl.cdiv(num_keys, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * share
+    hi = tl.minimum(lo + share, num_keys)
+
+    # Keys [0, min_pos] are visible to every query of the tile: whole blocks there need no mask, and
+    # every row sees every key of them (m_i finite after the first).
     unmasked_end = ((min_pos + 1) // BLOCK_N) * BLOCK_N
-    for start in range(0, unmasked_end, BLOCK_N):
+    for start in range(lo, tl.minimum(hi, unmasked_end), BLOCK_N):
         slots = tl.load(slot_row + start + n_offs).to(tl.int64)
         k = tl.load(k_cache + slots[None, :] * stride_kt + kv_off * stride_kh + d[:, None],
                     mask=dmask[:, None], other=0.0)
@@ -119,27 +148,83 @@ def _scattered_attention_kernel(
         m_i = m_new
 
     # Blocks up to the tile's last position: keys past a query's own position are masked, and no
-    # block past the tile's furthest query is visited at all.
-    for start in range(unmasked_end, max_pos + 1, BLOCK_N):
+    # block past the tile's furthest query is visited at all. A row may see none of a split's keys
+    # so far (m = -inf): exponents are then taken against 0, giving p = alpha = 0, not NaN.
+    for start in range(tl.maximum(lo, unmasked_end), hi, BLOCK_N):
         j = start + n_offs
-        jmask = j <= max_pos
+        jmask = j < hi
         slots = tl.load(slot_row + j, mask=jmask, other=0).to(tl.int64)
         k = tl.load(k_cache + slots[None, :] * stride_kt + kv_off * stride_kh + d[:, None],
                     mask=jmask[None, :] & dmask[:, None], other=0.0)
         s = _dot(qv, k, UPCAST_DOT, DOT_PRECISION) * scale_log2
-        s = tl.where(j[None, :] <= pos[:, None], s, float("-inf"))
+        s = tl.where((j[None, :] <= pos[:, None]) & jmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache + slots[:, None] * stride_vt + kv_off * stride_vh + d[None, :],
                     mask=jmask[:, None] & dmask[None, :], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, DOT_PRECISION)
         m_i = m_new
 
-    acc = acc / tl.where(valid, l_i, 1.0)[:, None]  # an empty tile (fixed-size tables) has l_i = 0
-    tl.store(out + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-             acc.to(out.dtype.element_ty), mask=valid[:, None] & dmask[None, :])
+    # l_i = 0: an empty tile (fixed-size tables), or a split none of whose keys this row sees.
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if SPLIT:
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(l_i), float("-inf"))
+        tl.store(lse_part + split * stride_ls + tok * stride_lt + head, lse, mask=valid)
+        tl.store(out + split * stride_os + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 acc, mask=valid[:, None] & dmask[None, :])
+    else:
+        tl.store(out + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 acc.to(out.dtype.element_ty), mask=valid[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    o_part,  # [splits, n, num_qo_heads, head_dim] fp32, each split normalised by itself
+    lse_part,  # [splits, n, num_qo_heads] fp32, log2-sum-exp2 (-inf: the split saw no key)
+    out,  # [n, num_qo_heads, head_dim]
+    tiles,  # the attention kernel's tile table: only rows of planned queries are merged
+    num_splits,
+    stride_os, stride_ot, stride_oh,
+    stride_ls, stride_lt,
+    stride_out_t, stride_out_h,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Same tile -> row mapping as the attention kernel, so padding queries of a fixed-capacity
+    # table (in no tile) are never read from the partials, whose rows for them are stale.
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    q_start = tl.load(tiles + tile * 5 + 0)
+    q_len = tl.load(tiles + tile * 5 + 1)
+    r = tl.arange(0, BLOCK_ROWS)
+    m = r // GROUP
+    valid = m < q_len
+    tok = (q_start + m).to(tl.int64)
+    head = kv_head * GROUP + r % GROUP
+    d = tl.arange(0, BLOCK_D)
+    mask = valid[:, None] & (d < HEAD_DIM)[None, :]
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    m_i = tl.zeros([BLOCK_ROWS], dtype=tl.float32) - float("inf")
+    for split in range(0, num_splits):
+        lse = tl.load(lse_part + split * stride_ls + tok * stride_lt + head, mask=valid, other=float("-inf"))
+        o = tl.load(o_part + split * stride_os + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                    mask=mask, other=0.0)
+        m_new = tl.maximum(m_i, lse)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_ref)
+        w = tl.math.exp2(lse - m_ref)
+        acc = acc * alpha[:, None] + w[:, None] * o
+        l_i = l_i * alpha + w
+        m_i = m_new
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out + tok[:, None] * stride_out_t + head[:, None] * stride_out_h + d[None, :],
+             acc.to(out.dtype.element_ty), mask=mask)
 
 
 def build_tiles(q_req_rows: torch.Tensor, q_positions: torch.Tensor, block_m: int) -> torch.Tensor:
@@ -172,11 +257,16 @@ _INTERPRETED = isinstance(_scattered_attention_kernel, InterpretedFunction)  # T
 class ScatteredAttention:
     """plan(): once per token set; run(): per layer. The Triton kernel above."""
 
-    def __init__(self, capacity: Optional[tuple[int, int]] = None) -> None:
+    def __init__(self, capacity: Optional[tuple[int, int]] = None, num_splits: Optional[int] = None) -> None:
         """capacity: (max queries, max tiles) for CUDA graphs. plan() then fills fixed buffers (unused
         tiles padded empty) and run() takes q padded to max queries and launches a fixed grid, so a
-        graph captured around run() replays correctly after any later plan within the capacity."""
+        graph captured around run() replays correctly after any later plan within the capacity.
+
+        num_splits: key ranges per tile (split-KV), fixed; None chooses per plan (`choose_splits`),
+        or once at the first plan with a capacity (a graph's grid cannot change)."""
         self._capacity = capacity
+        self._fixed_splits = num_splits
+        self._num_splits = 1
         self._tiles: Optional[torch.Tensor] = None
         self._q_pos: Optional[torch.Tensor] = None
         self._req_to_token: Optional[torch.Tensor] = None
@@ -233,7 +323,9 @@ class ScatteredAttention:
             if lo < 0 or hi >= req_to_token.shape[1]:
                 raise ValueError(f"positions must lie in [0, {req_to_token.shape[1]}) (req_to_token width), "
                                  f"got [{lo}, {hi}]")
-        tiles = build_tiles(q_req_rows, q_positions, self.block_m(num_qo_heads, num_kv_heads, block_rows))
+        block_m = self.block_m(num_qo_heads, num_kv_heads, block_rows)
+        tiles = build_tiles(q_req_rows, q_positions, block_m)
+        self._num_splits = self._splits(tiles, q_positions, block_m, num_kv_heads, req_to_token.device)
         n = q_positions.numel()
         if self._capacity is None:
             self._tiles = tiles.to(req_to_token.device)
@@ -245,6 +337,21 @@ class ScatteredAttention:
         self._shape = (n, num_qo_heads, num_kv_heads, head_dim)
         self._scale_log2 = sm_scale * math.log2(math.e)
         self._block_rows, self._block_n = block_rows, block_n
+
+    def _splits(self, tiles: torch.Tensor, q_positions: torch.Tensor, block_m: int, num_kv_heads: int,
+                device: torch.device) -> int:
+        if self._fixed_splits is not None:
+            return self._fixed_splits
+        if self._capacity is None:
+            max_keys = int(q_positions.max()) + 1 if q_positions.numel() else 0
+            return choose_splits(tiles.shape[0], num_kv_heads, max_keys, device)
+        # Graphs: fixed from the capacity's full tiles (the padding tiles cost nothing), any context.
+        self._fixed_splits = choose_splits(-(-self._capacity[0] // block_m), num_kv_heads, 1 << 30, device)
+        return self._fixed_splits
+
+    @property
+    def num_splits(self) -> int:
+        return self._num_splits
 
     def _fill_fixed(self, tiles: torch.Tensor, q_positions: torch.Tensor, device: torch.device) -> None:
         max_q, max_tiles = self._capacity
@@ -283,11 +390,35 @@ class ScatteredAttention:
                              f"{tuple(out.shape)} {out.dtype} stride {out.stride()}")
         if n == 0:
             return out
+        splits = self._num_splits
+        if splits == 1:
+            self._attend(q, k_cache, v_cache, out, out, splits)
+            return out
+        o_part = torch.empty(splits, n, qo_heads, head_dim, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(splits, n, qo_heads, dtype=torch.float32, device=q.device)
+        self._attend(q, k_cache, v_cache, o_part, lse_part, splits)
+        _merge_splits_kernel[(self.num_tiles, kv_heads)](
+            o_part, lse_part, out, self._tiles, splits,
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+            out.stride(0), out.stride(1),
+            GROUP=qo_heads // kv_heads, HEAD_DIM=head_dim, BLOCK_ROWS=self._block_rows,
+            BLOCK_D=triton.next_power_of_2(head_dim),
+        )
+        return out
+
+    def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                lse_part: torch.Tensor, splits: int) -> None:
+        """The attention kernel: into `out` directly (one split) or into the per-split partials."""
+        _, qo_heads, kv_heads, head_dim = self._shape
+        split = splits > 1
         block_d = triton.next_power_of_2(head_dim)
-        _scattered_attention_kernel[(self.num_tiles, kv_heads)](
-            q, k_cache, v_cache, out, self._req_to_token, self._q_pos, self._tiles, self._scale_log2,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-            v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1), self._req_to_token.stride(0),
+        out_strides = (out.stride(0), out.stride(1), out.stride(2)) if split else (0, out.stride(0), out.stride(1))
+        lse_strides = (lse_part.stride(0), lse_part.stride(1)) if split else (0, 0)
+        _scattered_attention_kernel[(self.num_tiles, kv_heads, splits)](
+            q, k_cache, v_cache, out, lse_part, self._req_to_token, self._q_pos, self._tiles, self._scale_log2,
+            splits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+            v_cache.stride(0), v_cache.stride(1), *out_strides, *lse_strides, self._req_to_token.stride(0),
+            SPLIT=split,
             GROUP=qo_heads // kv_heads,
             HEAD_DIM=head_dim,
             BLOCK_ROWS=self._block_rows,
@@ -297,7 +428,6 @@ class ScatteredAttention:
             UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16,
             num_warps=self._num_warps(block_d),
         )
-        return out
 
     def _num_warps(self, block_d: int) -> int:
         # The gathered K/V tiles need a 64-bit address per element: at 4 warps a 64-row, 128-dim
