@@ -61,6 +61,17 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(tiles, tile, kv_head, GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """Row r of a program: query r // GROUP of the tile (token index), head r % GROUP of the KV
+    head's group, and whether that query exists (a tile may be short or empty)."""
+    q_start = tl.load(tiles + tile * 5 + 0)
+    q_len = tl.load(tiles + tile * 5 + 1)
+    r = tl.arange(0, BLOCK_ROWS)
+    m = r // GROUP
+    return (q_start + m).to(tl.int64), kv_head * GROUP + r % GROUP, m < q_len
+
+
+@triton.jit
 def _scattered_attention_kernel(
     q,  # [n, num_qo_heads, head_dim]
     k_cache,  # [slots, num_kv_heads, head_dim]
@@ -99,17 +110,10 @@ def _scattered_attention_kernel(
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    q_start = tl.load(tiles + tile * 5 + 0)
-    q_len = tl.load(tiles + tile * 5 + 1)
+    tok, head, valid = _tile_rows(tiles, tile, kv_head, GROUP, BLOCK_ROWS)
     req_row = tl.load(tiles + tile * 5 + 2).to(tl.int64)
     min_pos = tl.load(tiles + tile * 5 + 3)
     max_pos = tl.load(tiles + tile * 5 + 4)
-
-    r = tl.arange(0, BLOCK_ROWS)
-    m = r // GROUP
-    valid = m < q_len
-    tok = (q_start + m).to(tl.int64)
-    head = kv_head * GROUP + r % GROUP
     # Padding rows attend key 0 only: a finite softmax, never stored.
     pos = tl.load(q_pos + tok, mask=valid, other=0)
     d = tl.arange(0, BLOCK_D)
@@ -197,15 +201,7 @@ def _merge_splits_kernel(
 ):
     # Same tile -> row mapping as the attention kernel, so padding queries of a fixed-capacity
     # table (in no tile) are never read from the partials, whose rows for them are stale.
-    tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    q_start = tl.load(tiles + tile * 5 + 0)
-    q_len = tl.load(tiles + tile * 5 + 1)
-    r = tl.arange(0, BLOCK_ROWS)
-    m = r // GROUP
-    valid = m < q_len
-    tok = (q_start + m).to(tl.int64)
-    head = kv_head * GROUP + r % GROUP
+    tok, head, valid = _tile_rows(tiles, tl.program_id(0), tl.program_id(1), GROUP, BLOCK_ROWS)
     d = tl.arange(0, BLOCK_D)
     mask = valid[:, None] & (d < HEAD_DIM)[None, :]
     acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
