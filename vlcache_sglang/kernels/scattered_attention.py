@@ -321,7 +321,7 @@ class ScatteredAttention:
                                  f"got [{lo}, {hi}]")
         block_m = self.block_m(num_qo_heads, num_kv_heads, block_rows)
         tiles = build_tiles(q_req_rows, q_positions, block_m)
-        self._num_splits = self._splits(tiles, q_positions, block_m, num_kv_heads, req_to_token.device)
+        self._num_splits = self._splits(tiles, block_m, num_kv_heads, req_to_token.device)
         n = q_positions.numel()
         if self._capacity is None:
             self._tiles = tiles.to(req_to_token.device)
@@ -334,20 +334,16 @@ class ScatteredAttention:
         self._scale_log2 = sm_scale * math.log2(math.e)
         self._block_rows, self._block_n = block_rows, block_n
 
-    def _splits(self, tiles: torch.Tensor, q_positions: torch.Tensor, block_m: int, num_kv_heads: int,
-                device: torch.device) -> int:
+    def _splits(self, tiles: torch.Tensor, block_m: int, num_kv_heads: int, device: torch.device) -> int:
         if self._fixed_splits is not None:
             return self._fixed_splits
         if self._capacity is None:
-            max_keys = int(q_positions.max()) + 1 if q_positions.numel() else 0
+            max_keys = int(tiles[0, 4]) + 1 if tiles.shape[0] else 0  # tiles come longest first
             return choose_splits(tiles.shape[0], num_kv_heads, max_keys, device)
-        # Graphs: fixed from the capacity's full tiles (the padding tiles cost nothing), any context.
+        # Graphs: fixed from the capacity's full tiles, for any context (the programs of padding
+        # tiles exit at once, but they are launched: tiles x heads x splits per layer).
         self._fixed_splits = choose_splits(-(-self._capacity[0] // block_m), num_kv_heads, 1 << 30, device)
         return self._fixed_splits
-
-    @property
-    def num_splits(self) -> int:
-        return self._num_splits
 
     def _fill_fixed(self, tiles: torch.Tensor, q_positions: torch.Tensor, device: torch.device) -> None:
         max_q, max_tiles = self._capacity

@@ -64,21 +64,23 @@ def copy_reused_kv(pool: Any, plans: list[Optional[RequestReuse]], inv_freq: tor
 
 
 def build_selective_batch(plans: list[Optional[RequestReuse]], forward_batch: Any, num_layers: int) -> SelectiveBatch:
-    """Batch-level S_l from the per-request plans; requests without a plan compute every token."""
+    """Batch-level S_l from the per-request plans; requests without a plan compute every token.
+
+    A layer whose sets are the previous layer's objects (`RecomputePolicy.select` returns S_{l-1}
+    itself when nothing changes) shares that layer's rows and runs: no per-layer comparisons."""
     prefix = forward_batch.extend_prefix_lens_cpu
     extend = forward_batch.extend_seq_lens_cpu
     req_rows = forward_batch.req_pool_indices.tolist()
     offsets = [0]
     for n in extend:
         offsets.append(offsets[-1] + int(n))
+    every_token = [torch.arange(int(prefix[i]), int(prefix[i]) + int(extend[i])) if p is None else None
+                   for i, p in enumerate(plans)]
     layer_rows, layer_runs = [], []
     prev_abs: Optional[list[torch.Tensor]] = None
     for layer in range(num_layers):
-        abs_sets = [
-            p.layer_sets[layer] if p is not None else torch.arange(int(prefix[i]), int(prefix[i]) + int(extend[i]))
-            for i, p in enumerate(plans)
-        ]
-        if prev_abs is not None and all(torch.equal(a, b) for a, b in zip(abs_sets, prev_abs)):
+        abs_sets = [p.layer_sets[layer] if p is not None else every_token[i] for i, p in enumerate(plans)]
+        if prev_abs is not None and all(a is b for a, b in zip(abs_sets, prev_abs)):
             layer_rows.append(layer_rows[-1])
             layer_runs.append(layer_runs[-1])
             continue
