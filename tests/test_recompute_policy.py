@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vlcache_sglang.layer_selector import LayerSelector
 from vlcache_sglang.recompute_policy import (
     ImageSpan,
     LayerObservation,
@@ -121,38 +122,120 @@ def test_select_protocol_errors():
         policy.select(layout, 4, 4, previous=torch.arange(20))
 
 
-class TopDeviation(RecomputePolicy):
-    """A CacheBlend-shaped policy: keep the reused tokens whose K deviates most at this layer."""
-
-    name = "test_top_deviation"
-    needs_observation = True
-
-    def budget(self, layout, layer, num_layers):
-        return int(self.params.recompute_ratio * layout.reused_tokens().numel())
-
-    def _choose(self, layout, layer, num_layers, candidates, observation: Optional[LayerObservation]):
-        assert observation is not None and torch.equal(observation.tokens, candidates)
-        k = min(self.budget(layout, layer, num_layers), candidates.numel())
-        return candidates[torch.topk(observation.k_deviation, k).indices]
+def _observation(tokens: torch.Tensor, k_dev: torch.Tensor, v_dev=None) -> LayerObservation:
+    """Fresh K/V of ones; cached K/V off by the given per-token L2 deviations (one dimension)."""
+    n = tokens.numel()
+    fresh = torch.ones(n, 4)
+    k_cached, v_cached = fresh.clone(), fresh.clone()
+    k_cached[:, 0] += k_dev
+    v_cached[:, 0] += k_dev if v_dev is None else v_dev
+    return LayerObservation(tokens, fresh, k_cached, fresh.clone(), v_cached)
 
 
-@given(layout=layouts(), num_layers=st.integers(1, 5), ratio=st.floats(0, 1), seed=st.integers(0, 2**16))
-@settings(max_examples=60, deadline=None)
-def test_interface_admits_a_deviation_driven_policy(layout, num_layers, ratio, seed):
-    policy = TopDeviation(PolicyParams(recompute_ratio=ratio))
-    with pytest.raises(ValueError):
-        policy.plan(layout, num_layers)
-    gen = torch.Generator().manual_seed(seed)
-    reused = layout.reused_tokens()
-    sets, previous = [], None
+def drive(policy: RecomputePolicy, layout: TokenLayout, num_layers: int, deviation) -> LayerSelector:
+    """Run the decoder loop's protocol: deviation(tokens) -> per-token K deviation where it observes."""
+    sel = LayerSelector(policy, layout, num_layers)
     for layer in range(num_layers):
-        active = reused if previous is None else reused[torch.isin(reused, previous)]
-        obs = LayerObservation(active, torch.rand(active.numel(), generator=gen))
-        previous = policy.select(layout, layer, num_layers, previous, obs)
-        sets.append(previous)
-    _check_contract(policy, layout, sets)
+        if not sel.ready(layer):
+            tokens = sel.candidates(layer)
+            sel.observe(layer, _observation(tokens, deviation(tokens)))
+    return sel
 
 
+ALL_POLICIES = [*STATIC_POLICIES, "vlcache", "cacheblend", "error_bounded"]
+
+
+@pytest.mark.parametrize("name", ALL_POLICIES)
+@given(layout=layouts(), num_layers=st.integers(1, 5), ratio=st.floats(0, 1), seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_every_policy_keeps_the_contract_through_the_selector(name, layout, num_layers, ratio, seed):
+    gen = torch.Generator().manual_seed(seed)
+    policy = get_recompute_policy(name, PolicyParams(recompute_ratio=ratio, error_bound=0.5))
+    sel = drive(policy, layout, num_layers, lambda t: torch.rand(t.numel(), generator=gen))
+    assert all(sel.ready(layer) for layer in range(num_layers))
+    _check_contract(policy, layout, sel.sets)
+    out = sel.outcome()
+    assert out.reused_tokens == layout.reused_tokens().numel()
+    assert 0 <= out.computed_token_layers <= out.reused_tokens * num_layers
+
+
+def test_cacheblend_keeps_the_top_deviating_tokens_from_the_check_layer_on():
+    layout = TokenLayout(seq_len=30, prefix_len=0, images=(ImageSpan(5, 20, reused=True),))
+    policy = get_recompute_policy("cacheblend", PolicyParams(recompute_ratio=0.15, check_layer=1))
+    assert [policy.observes_at(layer) for layer in range(4)] == [False, True, False, False]
+    dev = torch.zeros(30)
+    dev[[7, 12, 20]] = torch.tensor([3.0, 5.0, 4.0])
+    sel = drive(policy, layout, 4, lambda t: dev[t])
+    base = layout.base_tokens().tolist()
+    assert sel.sets[0].tolist() == list(range(30)), "layer 0 (before the check layer) computes everything"
+    assert sel.sets[1].tolist() == sorted(base + [7, 12, 20]) == sel.sets[3].tolist()
+    out = sel.outcome()  # layers 0 and 1 computed QKV of all 20 reused tokens, layers 2-3 of 3
+    assert out.computed_token_layers == 20 + 20 + 3 + 3 and out.recomputed_last_layer == 3
+
+
+def test_cacheblend_can_rank_by_v():
+    layout = TokenLayout(seq_len=10, prefix_len=0, images=(ImageSpan(0, 10, reused=True),))
+    policy = get_recompute_policy("cacheblend", PolicyParams(recompute_ratio=0.1, blend_score="v"))
+    sel = LayerSelector(policy, layout, 3)
+    tokens = sel.candidates(1)
+    k_dev, v_dev = torch.zeros(10), torch.zeros(10)
+    k_dev[2], v_dev[6] = 9.0, 1.0
+    sel.observe(1, _observation(tokens, k_dev, v_dev))
+    assert sel.sets[2].tolist() == [6], "ranked by V, not by K"
+
+
+def test_error_bounded_recomputes_what_deviates_beyond_the_bound_plus_the_floor():
+    # Two reused 10-token images; fresh K/V are ones (norm 2 over 4 dims), so deviation d is relative d/2.
+    layout = TokenLayout(seq_len=24, prefix_len=0, images=(ImageSpan(2, 10, True), ImageSpan(12, 10, True)))
+    policy = get_recompute_policy("error_bounded", PolicyParams(recompute_ratio=0.1, error_bound=0.25))
+    dev = torch.zeros(24)
+    dev[[5, 6]] = 0.6  # relative 0.3 > 0.25
+    dev[15] = 0.4  # relative 0.2: within the bound
+    sel = drive(policy, layout, 3, lambda t: dev[t])
+    reused = set(layout.reused_tokens().tolist())
+    kept = [t for t in sel.sets[2].tolist() if t in reused]
+    assert kept == [2, 5, 6, 12], "each image's first token (floor 10 %) and the two beyond the bound"
+    everything = drive(policy, layout, 3, lambda t: torch.ones(t.numel()))
+    assert everything.sets[2].tolist() == list(range(24)), "a context that differs everywhere: all recomputed"
+
+
+def test_vlcache_follows_its_layer_ratios_by_whole_image_size():
+    layout = TokenLayout(seq_len=50, prefix_len=0, images=(ImageSpan(10, 40, True),))
+    policy = get_recompute_policy("vlcache", PolicyParams(layer_ratios=(0.5, 0.25, 0.01, 0.0)))
+    sets = policy.plan(layout, 4)
+    heads = [[t for t in s.tolist() if t >= 10] for s in sets]
+    assert heads == [list(range(10, 30)), list(range(10, 20)), [10], []], "max(1, floor(r N)) leading tokens"
+    uniform = get_recompute_policy("vlcache", PolicyParams(recompute_ratio=0.1))
+    assert uniform.same_set_every_layer
+    first_k = get_recompute_policy("first_k", PolicyParams(first_k=4))
+    assert torch.equal(uniform.plan(layout, 2)[1], first_k.plan(layout, 2)[1]), "uniform = first_k at k = r N"
+    # A chunk holding the image's tail [25, 40): the head is still sized from the whole image (40 tokens).
+    tail = TokenLayout(seq_len=50, prefix_len=25, images=(ImageSpan(25, 15, True, offset_in_image=15, image_tokens=40),))
+    assert [t for t in policy.plan(tail, 4)[0].tolist() if t < 40] == list(range(25, 30))
+
+
+def test_params_reject_what_no_policy_can_serve():
+    with pytest.raises(ValueError, match="non-increasing"):
+        PolicyParams(layer_ratios=(0.1, 0.2))
+    with pytest.raises(ValueError, match="layer-0"):
+        PolicyParams(check_layer=0)
+    with pytest.raises(ValueError, match="blend_score"):
+        PolicyParams(blend_score="q")
+
+
+def test_selector_protocol_errors():
+    layout = TokenLayout(seq_len=20, prefix_len=0, images=(ImageSpan(5, 6, True),))
+    sel = LayerSelector(get_recompute_policy("cacheblend"), layout, 3)
+    assert sel.ready(0) and not sel.ready(1) and not sel.layer_invariant
+    with pytest.raises(ValueError, match="never decided"):
+        sel.outcome()
+    with pytest.raises(ValueError, match="not awaiting"):
+        sel.observe(2, _observation(sel.candidates(1), torch.zeros(6)))
+    with pytest.raises(ValueError, match="exactly the reused tokens"):
+        sel.observe(1, _observation(sel.candidates(1)[:2], torch.zeros(2)))
+    static = LayerSelector(get_recompute_policy("first_k", PolicyParams(first_k=2)), layout, 3)
+    assert static.layer_invariant and static.changed == [True, False, False]
+    assert static.outcome().computed_token_layers == 6
 def test_a_policy_that_breaks_nesting_is_caught():
     class Grows(RecomputePolicy):
         name = "test_grows"

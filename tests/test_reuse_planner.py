@@ -76,7 +76,7 @@ def test_plan_reuses_the_stored_image_at_a_new_position(cache):
     assert plan.dst_slots.tolist() == second_slots[9:21].tolist()
     assert set(plan.delta.tolist()) == {9 - 5}
     # first_k=2: text (9 + 4 tokens) and the image's first 2 tokens at every layer
-    assert plan.layer_sets[0].tolist() == [*range(0, 11), *range(21, 25)]
+    assert plan.selector.sets[0].tolist() == [*range(0, 11), *range(21, 25)]
     assert node.lock_ref == 1, "locked until the request is cached"
     # the model forward copies with δ; K at the new slots is the stored K rotated by δ
     cache.copy_kv(plan.src_slots, plan.dst_slots, plan.delta)
@@ -133,3 +133,23 @@ def test_plan_batch_attaches_plans_and_counts_cached_tokens(cache, return_logpro
     assert second.cached_tokens == (10 if reused else 0)
     assert cache.stats.reused_tokens == (12 if reused else 0)
     assert cache.stats.recomputed_tokens == (2 if reused else 0)
+
+
+def test_a_request_override_picks_its_own_policy_and_outcomes_reach_the_stats(cache):
+    from vlcache_sglang.reuse_planner import PLANS_ATTR, plan_batch
+
+    first, _ = _request(cache, text_before=5, text_after=3, row=0)
+    cache.cache_unfinished_req(first)
+    second, slots = _request(cache, text_before=9, text_after=4, row=1)
+    second.sampling_params = SimpleNamespace(custom_params={"vlcache": {"policy": "full"}})
+    extend = len(second.origin_input_ids)
+    batch = SimpleNamespace(reqs=[second], prefix_lens=[0], extend_lens=[extend], out_cache_loc=slots,
+                            extend_logprob_start_lens=None)
+    plan_batch(batch, cache)
+    plan = getattr(second.multimodal_inputs, PLANS_ATTR)[0]
+    assert plan.selector.policy.name == "full", "the server runs first_k; this request asked for full"
+    assert second.cached_tokens == 0, "full recomputes every reused token: none is served from cache"
+    plan.report(plan.selector.outcome())  # what the forward does once every layer is decided
+    assert cache.stats.reused_token_layers == 12 * LAYERS == cache.stats.recomputed_token_layers
+    assert cache.stats.recomputed_fraction == 1.0
+    assert cache.policy_for(second) is cache.policy_for(second), "one policy object per distinct override"

@@ -24,6 +24,10 @@ class VLCacheConfig:
     policy: str = "first_k"
     recompute_ratio: float = 0.05
     first_k: int = 32
+    profile: Optional[str] = None  # vlcache: layer-sensitivity profile file (python -m vlcache_sglang.calibrate)
+    check_layer: int = 1  # cacheblend / error_bounded
+    blend_score: str = "k"  # cacheblend: rank by K ("k", LMCache) or V ("v", the authors' code) deviation
+    error_bound: float = 0.25  # error_bounded: largest relative K/V error at the check layer served from cache
     # KV tokens that multimodal nodes may hold; None = a quarter of the KV pool.
     mm_store_tokens: Optional[int] = None
     encoder_cache_mb: int = 2048
@@ -39,6 +43,15 @@ class VLCacheConfig:
             )
         if self.first_k < 0:
             raise ValueError(f"--vlcache-first-k must be >= 0, got {self.first_k}")
+        if self.check_layer < 1:
+            raise ValueError(
+                f"--vlcache-check-layer must be >= 1, got {self.check_layer} (layer-0 K/V depend only on token "
+                "and position, so a cached K/V never deviates there)"
+            )
+        if self.blend_score not in ("k", "v"):
+            raise ValueError(f"--vlcache-blend-score must be k or v, got {self.blend_score!r}")
+        if not self.error_bound >= 0.0:
+            raise ValueError(f"--vlcache-error-bound must be >= 0, got {self.error_bound}")
         if self.mm_store_tokens is not None and self.mm_store_tokens <= 0:
             raise ValueError(
                 f"--vlcache-mm-store-tokens must be > 0 (omit it for a quarter of the KV pool), "
@@ -68,13 +81,41 @@ class VLCacheConfig:
             "--vlcache-recompute-ratio",
             type=float,
             default=VLCacheConfig.recompute_ratio,
-            help="Fraction of reused image tokens a ratio-based policy recomputes (0..1).",
+            help="Fraction of reused image tokens a ratio-based policy recomputes (0..1): vlcache's mean "
+            "per-layer ratio, cacheblend's kept share, error_bounded's floor.",
         )
         group.add_argument(
             "--vlcache-first-k",
             type=int,
             default=VLCacheConfig.first_k,
             help="Tokens at the start of each reused image that policy first_k recomputes.",
+        )
+        group.add_argument(
+            "--vlcache-profile",
+            default=None,
+            metavar="FILE",
+            help="Layer-sensitivity profile of this model for policy vlcache (written by "
+            "`python -m vlcache_sglang.calibrate`); without it every layer recomputes the same ratio.",
+        )
+        group.add_argument(
+            "--vlcache-check-layer",
+            type=int,
+            default=VLCacheConfig.check_layer,
+            help="cacheblend / error_bounded: layers before it compute every reused token; at it the "
+            "fresh and cached K/V are compared (>= 1).",
+        )
+        group.add_argument(
+            "--vlcache-blend-score",
+            default=VLCacheConfig.blend_score,
+            choices=("k", "v"),
+            help="cacheblend: rank reused tokens by the deviation of K (LMCache) or V (the authors' code).",
+        )
+        group.add_argument(
+            "--vlcache-error-bound",
+            type=float,
+            default=VLCacheConfig.error_bound,
+            help="error_bounded: a reused token keeps its cached KV past the check layer only if its K and "
+            "V there are within this relative L2 error of the fresh ones; the rest is recomputed.",
         )
         group.add_argument(
             "--vlcache-mm-store-tokens",
@@ -103,6 +144,10 @@ class VLCacheConfig:
             policy=getattr(ns, "vlcache_policy", cls.policy),
             recompute_ratio=getattr(ns, "vlcache_recompute_ratio", cls.recompute_ratio),
             first_k=getattr(ns, "vlcache_first_k", cls.first_k),
+            profile=getattr(ns, "vlcache_profile", None),
+            check_layer=getattr(ns, "vlcache_check_layer", cls.check_layer),
+            blend_score=getattr(ns, "vlcache_blend_score", cls.blend_score),
+            error_bound=getattr(ns, "vlcache_error_bound", cls.error_bound),
             mm_store_tokens=getattr(ns, "vlcache_mm_store_tokens", None),
             encoder_cache_mb=getattr(ns, "vlcache_encoder_cache_mb", cls.encoder_cache_mb),
             processed_cache_mb=getattr(ns, "vlcache_processed_cache_mb", cls.processed_cache_mb),

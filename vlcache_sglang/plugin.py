@@ -15,7 +15,7 @@ from typing import Any, Callable
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from vlcache_sglang.config import RADIX_CACHE_BACKEND_NAME, VLCacheConfig
-from vlcache_sglang.setup_checks import check_server_args
+from vlcache_sglang.setup_checks import VLCacheSetupError, check_server_args
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ def apply_config(server_args: Any, config: VLCacheConfig) -> None:
     hands server args to scheduler processes).
     """
     check_server_args(server_args)
+    _check_policy(server_args, config)
     server_args.radix_cache_backend = RADIX_CACHE_BACKEND_NAME
     server_args.vlcache = config
     # SGLang's own vision-encoder output cache (keyed by image hash) serves reused images; size it
@@ -51,6 +52,19 @@ def apply_config(server_args: Any, config: VLCacheConfig) -> None:
     logger.info("vlcache enabled: %s", config)
 
 
+def _check_policy(server_args: Any, config: VLCacheConfig) -> None:
+    """Build the server's policy once here (profile read and matched to the model), so a profile or
+    check layer this model cannot serve stops the start-up, not the first reuse."""
+    from vlcache_sglang.request_policy import PolicyResolver
+
+    num_layers = server_args.get_model_config().num_hidden_layers
+    try:
+        resolver = PolicyResolver(config, num_layers)
+    except (OSError, ValueError) as exc:
+        raise VLCacheSetupError(str(exc)) from exc
+    logger.info("vlcache recompute %s", resolver.describe())
+
+
 def _install_processor_shortcut(server_args: Any, config: VLCacheConfig) -> None:
     """Tokenizer side (this process): key images by raw bytes, skip processing recurring ones."""
     import torch
@@ -58,6 +72,7 @@ def _install_processor_shortcut(server_args: Any, config: VLCacheConfig) -> None
     from sglang.srt.managers.tokenizer_manager import _determine_tensor_transport_mode
 
     from vlcache_sglang.processor_patch import ImageProcessingShortcut
+    from vlcache_sglang.request_policy import validate_override
     from vlcache_sglang.shared_pixels import sweep_stale
 
     dtype = server_args.get_model_config().dtype
@@ -73,6 +88,9 @@ def _install_processor_shortcut(server_args: Any, config: VLCacheConfig) -> None
         shortcut.around_process,
         HookType.AROUND,
     )
+    # A malformed per-request policy override is a 400 where SGLang checks sampling params.
+    HookRegistry.register("sglang.srt.sampling.sampling_params.SamplingParams.verify", validate_override,
+                          HookType.AFTER)
     HookRegistry.apply_hooks()
 
 

@@ -102,8 +102,8 @@ def reuse_charge(req: "Req", cache: "MultimodalRadixCache", ratio: int) -> Optio
         node = cache.peek_image(item.hash, image_grid(item), img_end - img_start)
         if node is None:
             continue
-        span = ImageSpan(lo, hi - lo, reused=True, offset_in_image=lo - img_start)
-        head = _recomputed_head(cache.policy, span, cache.num_layers)
+        span = ImageSpan(lo, hi - lo, reused=True, offset_in_image=lo - img_start, image_tokens=img_end - img_start)
+        head = _recomputed_head(cache.policy_for(req), span, cache.num_layers)
         if head < span.num_tokens:
             runs.append((lo + head, hi))
             nodes.append(node)

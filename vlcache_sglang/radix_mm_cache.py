@@ -30,7 +30,9 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
 from vlcache_sglang.config import VLCacheConfig
-from vlcache_sglang.recompute_policy import PolicyParams, get_recompute_policy
+from vlcache_sglang.layer_selector import ReuseOutcome
+from vlcache_sglang.recompute_policy import RecomputePolicy
+from vlcache_sglang.request_policy import PolicyResolver
 from vlcache_sglang.setup_checks import VLCacheSetupError, check_architecture
 from vlcache_sglang.stats import VLCacheStats
 
@@ -71,9 +73,8 @@ class MultimodalRadixCache(RadixCache):
         self.max_store_tokens = max_store_tokens
         self.num_layers = num_layers
         self.inv_freq = inv_freq  # rotary inverse frequencies, for the copy-rotate kernel
-        self.policy = get_recompute_policy(
-            config.policy, PolicyParams(recompute_ratio=config.recompute_ratio, first_k=config.first_k)
-        )
+        self.policies = PolicyResolver(config, num_layers)
+        self.policy = self.policies.default
         self.stats = VLCacheStats()
         self.metrics = None  # VLCacheMetrics when the server exports metrics
         self._image_nodes: dict[int, TreeNode] = {}
@@ -84,6 +85,15 @@ class MultimodalRadixCache(RadixCache):
         self.stats.maybe_log()
         if self.metrics is not None:
             self.metrics.publish(self.stats)
+
+    def policy_for(self, req: "Req") -> RecomputePolicy:
+        """The policy this request's reuse runs under (the server's, or its own override)."""
+        return self.policies.for_request(req)
+
+    def count_outcome(self, outcome: ReuseOutcome) -> None:
+        """Per-layer recompute counts of one request chunk, once its forward decided every layer."""
+        self.stats.reused_token_layers += outcome.reused_tokens * outcome.num_layers
+        self.stats.recomputed_token_layers += outcome.computed_token_layers
 
     # ----- image nodes -------------------------------------------------------------------------
 
@@ -276,13 +286,15 @@ def vlcache_tree_cache_factory(ctx: "TreeCacheBuildContext") -> RadixCache:
 
         model = ctx.tp_worker.model_runner.model
         inv_freq = inv_freq_of(language_rotary_embedding(model)).to(allocator.device)
-        install(inv_freq)
+        prefill = install(inv_freq)
         _install_prefill_budget(ctx.model_config)
-    logger.info("vlcache tree cache: policy=%s, image store bound %d tokens of %d", config.policy, max_store,
-                pool_tokens)
+        prefill.capture_graphs(model.model, ctx.model_config.dtype, ctx.params.req_to_token_pool.req_to_token,
+                               allocator.get_kvcache())
     num_layers = ctx.model_config.num_hidden_layers
     cache = MultimodalRadixCache(ctx.params, config, max_store_tokens=max_store, num_layers=num_layers,
                                  inv_freq=inv_freq)
+    logger.info("vlcache tree cache: %s; image store bound %d tokens of %d", cache.policies.describe(), max_store,
+                pool_tokens)
     if getattr(ctx.server_args, "enable_metrics", False):
         from vlcache_sglang.metrics import VLCacheMetrics
 

@@ -10,17 +10,20 @@ indices of the tokens the model computes at that layer. The contract, enforced b
   images seen for the first time) is in every S_l;
 * the reused-image tokens of S_l never exceed the policy's budget for layer l.
 
-Static policies (none, full, first_k) decide from the layout alone and can be planned for all
-layers at once; a policy with `needs_observation = True` (CacheBlend, VLCache) decides at layer l
-from a `LayerObservation` (that layer's K deviation of the still-active reused tokens).
-Policies are registered by name, like SGLang's radix-cache backends.
+A token of S_l gets fresh K/V at layer l; a reused token outside S_l keeps its cached (rotated) K/V.
+Static policies (none, full, first_k, vlcache) decide from the layout alone and are planned for all
+layers on the scheduler. A policy that *observes* at layer l (`observes_at(l)`: cacheblend,
+error_bounded at their check layer) decides S_l from a `LayerObservation`: the fresh and the cached
+K/V of the reused tokens of S_{l-1}, computed by the decoder loop before anything is written
+(`layer_selector.py` runs this protocol for one request). Policies are registered by name, like
+SGLang's radix-cache backends.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 
@@ -35,10 +38,22 @@ class ImageSpan:
     # Tokens of the same image before `start`: non-zero when a prefill chunk holds only the image's
     # tail, so policies that pick by place in the image (first_k) see where the span really sits.
     offset_in_image: int = 0
+    # Tokens of the whole image (0: this span is the whole image). Ratio-based policies size an
+    # image's recomputed head from it, so a chunk boundary does not change which tokens they pick.
+    image_tokens: int = 0
 
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
+
+    @property
+    def whole_image_tokens(self) -> int:
+        return self.image_tokens or self.offset_in_image + self.num_tokens
+
+    def head_tokens(self, head_len: int) -> torch.Tensor:
+        """Absolute indices of this span's tokens among the image's first `head_len`."""
+        n = min(max(0, head_len - self.offset_in_image), self.num_tokens)
+        return torch.arange(self.start, self.start + n)
 
 
 @dataclass(frozen=True)
@@ -90,36 +105,86 @@ class TokenLayout:
         return torch.nonzero(keep).flatten() + self.prefix_len
 
 
+def ratio_count(ratio: float, n: int) -> int:
+    """Tokens a ratio buys out of n: VLCache's max(1, floor(r * n)) when r > 0, none when r == 0."""
+    if ratio <= 0.0 or n <= 0:
+        return 0
+    return min(n, max(1, int(ratio * n)))
+
+
 @dataclass(frozen=True)
 class PolicyParams:
     recompute_ratio: float = 0.05  # ratio-based policies: share of reused tokens to recompute
     first_k: int = 32  # first_k: tokens at the start of each reused image
+    # vlcache: r_0..r_{L-1} (non-increasing, mean = recompute_ratio; layer_profile.layer_ratios).
+    # None: uniform, every layer recomputes recompute_ratio of each image.
+    layer_ratios: Optional[tuple[float, ...]] = None
+    check_layer: int = 1  # cacheblend / error_bounded: the layer whose K/V deviation decides
+    blend_score: str = "k"  # cacheblend ranks by the deviation of "k" (LMCache) or "v" (authors' code)
+    error_bound: float = 0.25  # error_bounded: the largest relative K/V error served from cache
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.recompute_ratio <= 1.0:
+            raise ValueError(f"recompute_ratio must lie in [0, 1], got {self.recompute_ratio}")
+        if self.first_k < 0:
+            raise ValueError(f"first_k must be >= 0, got {self.first_k}")
+        if self.check_layer < 1:
+            raise ValueError(
+                f"check_layer must be >= 1, got {self.check_layer}: layer-0 K/V depend only on token and "
+                "position, so a rotated cached K/V never deviates there"
+            )
+        if self.blend_score not in ("k", "v"):
+            raise ValueError(f"blend_score must be 'k' or 'v', got {self.blend_score!r}")
+        if not self.error_bound >= 0.0:
+            raise ValueError(f"error_bound must be >= 0, got {self.error_bound}")
+        if self.layer_ratios is not None:
+            r = self.layer_ratios
+            if any(not 0.0 <= x <= 1.0 for x in r) or any(b > a for a, b in zip(r, r[1:])):
+                raise ValueError(f"layer_ratios must be non-increasing values in [0, 1], got {list(r)}")
 
 
 @dataclass(frozen=True)
 class LayerObservation:
-    """What a deviation-driven policy sees at layer l for the reused tokens still active.
+    """What an observing policy sees at layer l, before any K/V of that layer is written.
 
-    tokens:      [n] int64, sorted absolute indices (the reused tokens of S_{l-1}, all at l=0)
-    k_deviation: [n] float, ‖K_fresh − K_cached‖ of each of those tokens at layer l
+    tokens:   [n] int64 CPU, sorted absolute indices: the reused tokens of S_{l-1}
+    k_fresh:  [n, kv_heads * head_dim] the K this layer computed for them (after RoPE)
+    k_cached: [n, kv_heads * head_dim] the cached K in their slots (rotated to this request)
+    v_fresh, v_cached: the same for V
+    (device tensors of the model's / the KV pool's dtype)
     """
 
     tokens: torch.Tensor
-    k_deviation: torch.Tensor
+    k_fresh: torch.Tensor
+    k_cached: torch.Tensor
+    v_fresh: torch.Tensor
+    v_cached: torch.Tensor
 
     def __post_init__(self) -> None:
-        if self.tokens.shape != self.k_deviation.shape or self.tokens.dim() != 1:
-            raise ValueError(
-                f"tokens and k_deviation must be 1-D of equal length, got "
-                f"{tuple(self.tokens.shape)} and {tuple(self.k_deviation.shape)}"
-            )
+        n = self.tokens.shape[0]
+        shapes = [tuple(t.shape) for t in (self.k_fresh, self.k_cached, self.v_fresh, self.v_cached)]
+        if self.tokens.dim() != 1 or any(len(sh) != 2 or sh[0] != n for sh in shapes):
+            raise ValueError(f"tokens [n] and K/V [n, d] must agree, got {tuple(self.tokens.shape)} and {shapes}")
+
+    def deviation(self, which: str = "k") -> torch.Tensor:
+        """[n] float32 CPU: ‖fresh − cached‖₂ of each token's K (or V) over all KV heads."""
+        fresh, cached = (self.k_fresh, self.k_cached) if which == "k" else (self.v_fresh, self.v_cached)
+        return torch.linalg.vector_norm(fresh.float() - cached.float(), dim=-1).cpu()
+
+    def relative_error(self) -> torch.Tensor:
+        """[n] float32 CPU: max over K and V of ‖fresh − cached‖ / ‖fresh‖ (the error_bounded measure)."""
+        errs = []
+        for fresh, cached in ((self.k_fresh, self.k_cached), (self.v_fresh, self.v_cached)):
+            f = fresh.float()
+            num = torch.linalg.vector_norm(f - cached.float(), dim=-1)
+            errs.append(num / torch.linalg.vector_norm(f, dim=-1).clamp_min(1e-12))
+        return torch.maximum(errs[0], errs[1]).cpu()
 
 
 class RecomputePolicy(ABC):
     """Chooses, layer by layer, which reused-image tokens to recompute."""
 
     name: ClassVar[str]
-    needs_observation: ClassVar[bool] = False
     # S_l is the same at every layer (none, full, first_k): plan() selects once. A plan is made per
     # request on the scheduler, where each small torch op costs tens of microseconds. A subclass
     # whose _choose depends on the layer must set it back to False.
@@ -127,6 +192,13 @@ class RecomputePolicy(ABC):
 
     def __init__(self, params: PolicyParams = PolicyParams()) -> None:
         self.params = params
+
+    def observes_at(self, layer: int) -> bool:
+        """True where S_layer is decided from that layer's LayerObservation (not known in advance)."""
+        return False
+
+    def observes(self, num_layers: int) -> bool:
+        return any(self.observes_at(layer) for layer in range(num_layers))
 
     @abstractmethod
     def budget(self, layout: TokenLayout, layer: int, num_layers: int) -> int:
@@ -156,8 +228,8 @@ class RecomputePolicy(ABC):
             raise ValueError(f"layer {layer} outside [0, {num_layers})")
         if (previous is None) != (layer == 0):
             raise ValueError("pass previous=None exactly at layer 0 and S_{l-1} after it")
-        if self.needs_observation and observation is None:
-            raise ValueError(f"policy {self.name!r} decides from a LayerObservation; none was given")
+        if self.observes_at(layer) and observation is None:
+            raise ValueError(f"policy {self.name!r} decides layer {layer} from a LayerObservation; none was given")
         # After layer 0 everything comes from S_{l-1} (small): a 4x4K request has 42K reused tokens,
         # and touching all of them 28 times cost ~30 ms of scheduler time per request.
         if previous is None:
@@ -165,6 +237,8 @@ class RecomputePolicy(ABC):
         else:
             reused_mask = layout.is_reused(previous)
             candidates, base = previous[reused_mask], previous[~reused_mask]
+        if observation is not None and not torch.equal(observation.tokens, candidates):
+            raise ValueError(f"the observation at layer {layer} must cover exactly the reused tokens of S_(l-1)")
         chosen = torch.unique(self._choose(layout, layer, num_layers, candidates, observation))
         if not bool(torch.isin(chosen, candidates).all()):
             raise RuntimeError(f"policy {self.name!r} chose tokens outside the candidates (breaks nesting)")
@@ -174,13 +248,13 @@ class RecomputePolicy(ABC):
                 f"policy {self.name!r} chose {chosen.numel()} tokens at layer {layer}, budget {budget}"
             )
         if previous is not None and chosen.numel() == candidates.numel():
-            return previous  # S_l == S_{l-1}: the same object, so consumers can skip by identity
+            return previous  # S_l == S_{l-1}
         return torch.sort(torch.cat([base, chosen])).values
 
     def plan(self, layout: TokenLayout, num_layers: int) -> list[torch.Tensor]:
-        """S_0 .. S_{L-1} at once, for policies that need no per-layer observation."""
-        if self.needs_observation:
-            raise ValueError(f"policy {self.name!r} decides per layer; call select() layer by layer")
+        """S_0 .. S_{L-1} at once, for policies that observe at no layer."""
+        if self.observes(num_layers):
+            raise ValueError(f"policy {self.name!r} decides from observations; use a LayerSelector")
         if self.same_set_every_layer:
             return [self.select(layout, 0, num_layers, None)] * num_layers
         sets: list[torch.Tensor] = []
@@ -247,16 +321,117 @@ class FirstK(RecomputePolicy):
     name = "first_k"
     same_set_every_layer = True
 
-    def _head_len(self, img: ImageSpan) -> int:
-        """Tokens of this span among the image's first k (a chunk may hold only the image's tail)."""
-        return min(max(0, self.params.first_k - img.offset_in_image), img.num_tokens)
-
     def budget(self, layout: TokenLayout, layer: int, num_layers: int) -> int:
-        return sum(self._head_len(img) for img in layout.reused_images)
+        return _heads(layout, lambda img: self.params.first_k).numel()
 
     def _choose(self, layout, layer, num_layers, candidates, observation) -> torch.Tensor:
-        heads = [torch.arange(img.start, img.start + self._head_len(img)) for img in layout.reused_images]
-        if not heads:
-            return candidates[:0]
-        heads_t = torch.cat(heads)
-        return candidates[torch.isin(candidates, heads_t)]
+        return _among(candidates, _heads(layout, lambda img: self.params.first_k))
+
+
+def _heads(layout: TokenLayout, head_len: Callable[[ImageSpan], int]) -> torch.Tensor:
+    """Absolute indices of the leading head_len(img) tokens of every reused image (in this layout)."""
+    heads = [img.head_tokens(head_len(img)) for img in layout.reused_images]
+    return torch.cat(heads) if heads else torch.empty(0, dtype=torch.long)
+
+
+def _among(candidates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return candidates[torch.isin(candidates, tokens)]
+
+
+def _reused_count(layout: TokenLayout) -> int:
+    return sum(img.num_tokens for img in layout.reused_images)
+
+
+@register_recompute_policy
+class VLCache(RecomputePolicy):
+    """VLCache (Qin et al., arXiv 2512.12977): at layer l, recompute the leading
+    n_{i,l} = max(1, floor(r_l * N_i)) tokens of each reused image i (N_i: the whole image's tokens).
+
+    The earliest tokens first because reuse error cumulates along the image: a token's error is its
+    own plus what it inherits from the reused tokens before it (e_total(k) = e_self(k) + Σ_{i<k}
+    e_prop(i, k)), so a fresh head removes the error every later token would inherit. r_l comes
+    from a calibrated per-layer profile (`layer_profile.layer_ratios`: non-increasing, so the sets
+    stay nested, mean = --vlcache-recompute-ratio); without one every r_l is the ratio, and this
+    is first_k with k = r * N_i.
+    """
+
+    name = "vlcache"
+
+    def __init__(self, params: PolicyParams = PolicyParams()) -> None:
+        super().__init__(params)
+        ratios = params.layer_ratios
+        self.same_set_every_layer = ratios is None or len(set(ratios)) <= 1
+
+    def ratio(self, layer: int, num_layers: int) -> float:
+        ratios = self.params.layer_ratios
+        if ratios is None:
+            return self.params.recompute_ratio
+        if len(ratios) != num_layers:
+            raise ValueError(f"the layer profile has {len(ratios)} ratios for a {num_layers}-layer model")
+        return ratios[layer]
+
+    def _head_tokens(self, layout: TokenLayout, layer: int, num_layers: int) -> torch.Tensor:
+        r = self.ratio(layer, num_layers)
+        return _heads(layout, lambda img: ratio_count(r, img.whole_image_tokens))
+
+    def budget(self, layout: TokenLayout, layer: int, num_layers: int) -> int:
+        return self._head_tokens(layout, layer, num_layers).numel()
+
+    def _choose(self, layout, layer, num_layers, candidates, observation) -> torch.Tensor:
+        return _among(candidates, self._head_tokens(layout, layer, num_layers))
+
+
+class _CheckLayerPolicy(RecomputePolicy):
+    """Every reused token is computed up to the check layer c; at c the policy sees their fresh and
+    cached K/V and keeps a subset, which then runs to the last layer. Layers 0..c-1 in full plus the
+    QKV of every reused token at c is what the measurement costs (counted as computed tokens)."""
+
+    def observes_at(self, layer: int) -> bool:
+        return layer == self.params.check_layer
+
+    def budget(self, layout: TokenLayout, layer: int, num_layers: int) -> int:
+        return _reused_count(layout)
+
+    def _choose(self, layout, layer, num_layers, candidates, observation) -> torch.Tensor:
+        if layer != self.params.check_layer:
+            return candidates  # all of them before c, the kept ones after it
+        return self._keep(layout, candidates, observation)
+
+    @abstractmethod
+    def _keep(self, layout: TokenLayout, candidates: torch.Tensor, observation: LayerObservation) -> torch.Tensor:
+        """The reused tokens to keep computing from the check layer on."""
+
+
+@register_recompute_policy
+class CacheBlend(_CheckLayerPolicy):
+    """CacheBlend (Yao et al., EuroSys'25): rank the reused tokens by ‖fresh − cached‖ of K (LMCache)
+    or V (the authors' code) at the check layer and keep the top r of them from there on."""
+
+    name = "cacheblend"
+
+    def budget(self, layout: TokenLayout, layer: int, num_layers: int) -> int:
+        n = _reused_count(layout)
+        return n if layer < self.params.check_layer else ratio_count(self.params.recompute_ratio, n)
+
+    def _keep(self, layout, candidates, observation) -> torch.Tensor:
+        k = min(ratio_count(self.params.recompute_ratio, _reused_count(layout)), candidates.numel())
+        scores = observation.deviation(self.params.blend_score)
+        return candidates[torch.topk(scores, k).indices]
+
+
+@register_recompute_policy
+class ErrorBounded(_CheckLayerPolicy):
+    """Error-bounded reuse: the cache serves a reused token past the check layer c only if its K and
+    V at c are within relative error τ (`error_bound`) of what the request computes itself:
+    ‖fresh − cached‖₂ / ‖fresh‖₂ ≤ τ for both. Every token above τ is recomputed to the last layer,
+    plus VLCache's floor (each image's leading max(1, floor(r * N)) tokens), so an image whose cached
+    context differs a lot is recomputed in full and one whose context barely matters costs what
+    `vlcache` costs (plus the check). The bound holds at c, where it is measured, not at later layers."""
+
+    name = "error_bounded"
+
+    def _keep(self, layout, candidates, observation) -> torch.Tensor:
+        r = self.params.recompute_ratio
+        floor = _among(candidates, _heads(layout, lambda img: ratio_count(r, img.whole_image_tokens)))
+        over = candidates[observation.relative_error() > self.params.error_bound]
+        return torch.cat([floor, over])

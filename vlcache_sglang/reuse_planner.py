@@ -8,8 +8,11 @@ a chunked request). For each request it
 * locks each hit node until the request's prefill is cached (so eviction can't free its slots
   while the forward still reads them), and records the slot copy src -> dst with the position shift
   δ = st_new − st_cached (st: the image's M-RoPE start);
-* asks the recompute policy for the per-layer token sets (plan once per batch, run every layer);
-* counts the reused tokens that are not recomputed as cached tokens (usage.cached_tokens).
+* hands the request's recompute policy (the server's, or the request's own override) a
+  LayerSelector: static policies are planned for every layer here, observing ones up to their
+  check layer (the decoder loop decides the rest);
+* counts the reused tokens that no layer computes as cached tokens (usage.cached_tokens); the
+  per-layer recompute counts arrive when the forward has decided every layer (`RequestReuse.report`).
 
 The result rides to the model forward on the request's MultimodalInputs, keyed by prefix length so a
 later chunk of the same request can never pick up a stale plan.
@@ -19,10 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
+from vlcache_sglang.layer_selector import LayerSelector, ReuseOutcome
 from vlcache_sglang.recompute_policy import ImageSpan, RecomputePolicy, TokenLayout
 
 if TYPE_CHECKING:
@@ -42,10 +46,12 @@ class RequestReuse:
     prefix_len: int
     seq_len: int
     layout: TokenLayout
-    layer_sets: list[torch.Tensor]  # S_l, absolute token indices (CPU int64)
+    selector: LayerSelector  # S_l, absolute token indices (CPU int64), per layer as decided
     src_slots: torch.Tensor  # [n] image-node slots to copy from (device)
     dst_slots: torch.Tensor  # [n] this request's slots (device)
     delta: torch.Tensor  # [n] position shift per token (device)
+    # Called by the forward once every layer is decided (the scheduler's stats; same process).
+    report: Optional[Callable[[ReuseOutcome], None]] = None
 
     @property
     def reused_tokens(self) -> int:
@@ -136,7 +142,7 @@ def plan_request(
         state.locked.append(node)
         state.reused_keys.add(item.hash)
         shift = image_start_pos(mm, start) - node.vl_entry.start_pos
-        spans.append(ImageSpan(lo, hi - lo, reused=True, offset_in_image=lo - start))
+        spans.append(ImageSpan(lo, hi - lo, reused=True, offset_in_image=lo - start, image_tokens=end - start))
         src.append(node.value[lo - start : hi - start])
         dst.append(out_loc[lo - prefix_len : hi - prefix_len])
         delta.append(torch.full((hi - lo,), shift, dtype=torch.int64))
@@ -148,7 +154,7 @@ def plan_request(
         prefix_len=prefix_len,
         seq_len=seq_len,
         layout=layout,
-        layer_sets=policy.plan(layout, num_layers),
+        selector=LayerSelector(policy, layout, num_layers),
         src_slots=torch.cat(src).to(device),
         dst_slots=torch.cat(dst).to(device),
         delta=torch.cat(delta).to(device),
@@ -162,18 +168,20 @@ def plan_batch(batch: "ScheduleBatch", cache: "MultimodalRadixCache") -> None:
         prefix_len, extend_len = int(batch.prefix_lens[i]), int(batch.extend_lens[i])
         if _eligible(batch, i, extend_len):
             out_loc = batch.out_cache_loc[pt : pt + extend_len]
-            plan = plan_request(req, prefix_len, prefix_len + extend_len, out_loc, cache, cache.policy,
-                                cache.num_layers)
+            plan = plan_request(req, prefix_len, prefix_len + extend_len, out_loc, cache,
+                                cache.policy_for(req), cache.num_layers)
             if plan is not None:
                 plans = getattr(req.multimodal_inputs, PLANS_ATTR, None)
                 if plans is None:
                     plans = {}
                     setattr(req.multimodal_inputs, PLANS_ATTR, plans)
                 plans[prefix_len] = plan
-                recomputed = int(plan.layout.is_reused(plan.layer_sets[0]).sum())
+                s0 = plan.selector.sets[0]  # the widest set: layer 0 is never observed
+                recomputed = int(plan.layout.is_reused(s0).sum())
                 cache.stats.reused_tokens += plan.reused_tokens
                 cache.stats.recomputed_tokens += recomputed
                 req.cached_tokens += plan.reused_tokens - recomputed
+                plan.report = cache.count_outcome
         pt += extend_len
     cache.publish_stats()
 

@@ -15,7 +15,12 @@ class VLCacheStats:
     key_misses: int = 0  # images not in the store (computed, then stored)
     key_mismatches: int = 0  # key found, grid or token count differs: treated as a miss
     reused_tokens: int = 0  # image tokens whose KV came from the store
-    recomputed_tokens: int = 0  # of those, tokens the policy recomputed anyway (layer 0)
+    recomputed_tokens: int = 0  # of those, tokens the policy recomputed at layer 0 (not cached_tokens)
+    # Per layer: Σ_l reused tokens, and Σ_l reused tokens whose QKV layer l computed (a check layer
+    # computes QKV for every reused token it scores). recomputed_fraction is their ratio: VLCache's r
+    # averaged over layers, the paper's "2-5 %".
+    reused_token_layers: int = 0
+    recomputed_token_layers: int = 0
     stored_images: int = 0
     store_skipped: int = 0  # images not stored: no room even after eviction
     evicted_images: int = 0
@@ -31,7 +36,8 @@ class VLCacheStats:
 
     @property
     def recomputed_fraction(self) -> float:
-        return self.recomputed_tokens / self.reused_tokens if self.reused_tokens else 0.0
+        total = self.reused_token_layers
+        return self.recomputed_token_layers / total if total else 0.0
 
     def as_dict(self) -> dict[str, float]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}

@@ -4,18 +4,28 @@ import logging
 
 import torch
 
+from vlcache_sglang.layer_selector import LayerSelector
 from vlcache_sglang.model_patch.forward_profile import log_batch
-from vlcache_sglang.model_patch.selective_attention import runs_of
 from vlcache_sglang.model_patch.selective_prefill import SelectiveBatch
+from vlcache_sglang.recompute_policy import ImageSpan, PolicyParams, TokenLayout, get_recompute_policy
+from vlcache_sglang.reuse_planner import RequestReuse
 
 
 def test_distinct_sets_are_logged_once(caplog):
-    a, b = torch.tensor([0, 1, 5]), torch.tensor([0, 1])
-    runs_a, runs_b = runs_of([a], [0]), runs_of([b], [0])
-    sel = SelectiveBatch([a, a, b], [runs_a, runs_a, runs_b], num_extend_tokens=9)
+    # 9 tokens, a reused 2-token image at 5..6: vlcache recomputes its first token at layers 0-1 (r=0.5)
+    # and none at layer 2 (r=0): sets {0..8} minus {6}, twice, then minus {5, 6}.
+    from types import SimpleNamespace
+
+    layout = TokenLayout(seq_len=9, prefix_len=0, images=(ImageSpan(5, 2, reused=True),))
+    policy = get_recompute_policy("vlcache", PolicyParams(layer_ratios=(0.5, 0.5, 0.0)))
+    empty = torch.empty(0, dtype=torch.long)
+    plan = RequestReuse(0, 9, layout, LayerSelector(policy, layout, 3), empty, empty, empty)
+    fb = SimpleNamespace(extend_prefix_lens_cpu=[0], extend_seq_lens_cpu=[9], req_pool_indices=torch.tensor([0]),
+                         out_cache_loc=torch.zeros(9, dtype=torch.long))
+    sel = SelectiveBatch([plan], fb, 3)
     with caplog.at_level(logging.INFO):
         log_batch(sel, ["flashinfer", "flashinfer"], 0.5, 12.0, 10.0, 1)
-    assert "2 distinct sets [3 tok/2 runs, 2 tok/1 runs]" in caplog.text
+    assert "2 distinct sets [8 tok/2 runs, 7 tok/2 runs]" in caplog.text
     assert "9 extend tokens" in caplog.text and "['flashinfer']" in caplog.text
 
 

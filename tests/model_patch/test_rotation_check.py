@@ -4,6 +4,7 @@ import logging
 
 import torch
 
+from vlcache_sglang.layer_selector import LayerSelector
 from vlcache_sglang.model_patch.rotation_check import RotationCheck, recomputed_slots
 from vlcache_sglang.recompute_policy import ImageSpan, PolicyParams, TokenLayout, get_recompute_policy
 from vlcache_sglang.reuse_planner import RequestReuse
@@ -13,7 +14,7 @@ def _plan(policy_name: str, dst: torch.Tensor) -> RequestReuse:
     layout = TokenLayout(seq_len=20, prefix_len=0, images=(ImageSpan(3, 4, reused=True), ImageSpan(10, 4, reused=True)))
     policy = get_recompute_policy(policy_name, PolicyParams(first_k=2))
     empty = torch.empty(0, dtype=torch.long)
-    return RequestReuse(0, 20, layout, policy.plan(layout, 2), empty, dst, empty)
+    return RequestReuse(0, 20, layout, LayerSelector(policy, layout, 2), empty, dst, empty)
 
 
 def test_slots_follow_the_policy_layer_0_set():

@@ -4,14 +4,20 @@ from types import SimpleNamespace
 
 import torch
 
-from vlcache_sglang.model_patch.selective_prefill import build_selective_batch
+from vlcache_sglang.layer_selector import LayerSelector
+from vlcache_sglang.model_patch.selective_prefill import SelectiveBatch
 from vlcache_sglang.recompute_policy import ImageSpan, PolicyParams, TokenLayout, get_recompute_policy
 from vlcache_sglang.reuse_planner import RequestReuse
 
 
 def _plan(layout, policy, layers):
     empty = torch.empty(0, dtype=torch.long)
-    return RequestReuse(layout.prefix_len, layout.seq_len, layout, policy.plan(layout, layers), empty, empty, empty)
+    return RequestReuse(layout.prefix_len, layout.seq_len, layout, LayerSelector(policy, layout, layers), empty,
+                        empty, empty)
+
+
+def _all_rows(sel):
+    return [sel.layer(layer)[0] for layer in range(sel.num_layers)]
 
 
 def test_rows_index_the_extend_axis_and_requests_without_plans_compute_everything():
@@ -20,14 +26,15 @@ def test_rows_index_the_extend_axis_and_requests_without_plans_compute_everythin
     plan = _plan(layout, get_recompute_policy("first_k", PolicyParams(first_k=2)), layers)
     fb = SimpleNamespace(extend_prefix_lens_cpu=[4, 0], extend_seq_lens_cpu=[26, 5],
                          req_pool_indices=torch.tensor([6, 2]), out_cache_loc=torch.zeros(31, dtype=torch.long))
-    sel = build_selective_batch([plan, None], fb, layers)
-    assert sel.num_extend_tokens == 31
+    sel = SelectiveBatch([plan, None], fb, layers)
+    assert sel.num_extend_tokens == 31 and sel.single_set
     # request 0: extend rows 0..25 are tokens 4..29; tokens 12..21 (reused, past first_k) are skipped
     want0 = [t - 4 for t in [*range(4, 12), *range(22, 30)]]
     want1 = [26 + i for i in range(5)]
-    assert sel.layer_rows[0].tolist() == want0 + want1
-    assert all(rows is sel.layer_rows[0] for rows in sel.layer_rows), "one set: planned once, reused"
-    runs = sel.layer_runs[0]
+    rows = _all_rows(sel)
+    assert rows[0].tolist() == want0 + want1
+    assert [sel.changed(i) for i in range(3)] == [True, False, False] and all(r is rows[0] for r in rows), "one set: built once"
+    runs = sel.layer(0)[1]
     assert runs.req_rows.tolist() == [6, 6, 2]
     assert runs.run_start.tolist() == [4, 22, 0] and runs.run_len.tolist() == [8, 8, 5]
 
@@ -44,10 +51,12 @@ def test_a_shrinking_policy_gets_new_rows_only_where_the_set_changes():
     plan = _plan(layout, Halving(), 4)
     fb = SimpleNamespace(extend_prefix_lens_cpu=[0], extend_seq_lens_cpu=[20], req_pool_indices=torch.tensor([0]),
                          out_cache_loc=torch.zeros(20, dtype=torch.long))
-    sel = build_selective_batch([plan], fb, 4)
-    sizes = [rows.numel() for rows in sel.layer_rows]
+    sel = SelectiveBatch([plan], fb, 4)
+    rows = _all_rows(sel)
+    sizes = [r.numel() for r in rows]
     assert sizes == [20, 16, 13, 12]  # 12 text tokens + 8, 4, 1, 0 of the image
-    for prev, cur in zip(sel.layer_rows, sel.layer_rows[1:]):
+    assert not sel.single_set and [sel.changed(i) for i in range(4)] == [True] * 4
+    for prev, cur in zip(rows, rows[1:]):
         assert bool(torch.isin(cur, prev).all())
 
 
@@ -63,7 +72,8 @@ def test_reused_kv_of_a_batch_is_copied_and_rotated_in_one_call(device):
 
     def plan(src, dst, delta):
         t = lambda x: torch.tensor(x, device=device)  # noqa: E731
-        return RequestReuse(0, 8, layout, [empty], t(src), t(dst), t([delta] * len(src)))
+        selector = LayerSelector(get_recompute_policy("none"), layout, 1)
+        return RequestReuse(0, 8, layout, selector, t(src), t(dst), t([delta] * len(src)))
 
     plans = [plan([1, 2, 3], [20, 21, 22], 5), None, plan([4, 5], [30, 31], -2)]
     want_k = [rotate_neox(pool.k_buffer[0][[1, 2, 3]], torch.full((3,), 5, device=device), inv_freq),
@@ -80,7 +90,8 @@ def test_plans_are_taken_by_prefix_length_once():
 
     layout = TokenLayout(seq_len=8, prefix_len=0, images=(ImageSpan(1, 3, reused=True),))
     empty = torch.empty(0, dtype=torch.long)
-    mm = SimpleNamespace(**{PLANS_ATTR: {0: RequestReuse(0, 8, layout, [], empty, empty, empty)}})
+    selector = LayerSelector(get_recompute_policy("none"), layout, 1)
+    mm = SimpleNamespace(**{PLANS_ATTR: {0: RequestReuse(0, 8, layout, selector, empty, empty, empty)}})
     extend = SimpleNamespace(is_extend=lambda: True)
     fb = SimpleNamespace(mm_inputs=[mm, None], forward_mode=extend, extend_prefix_lens_cpu=[4, 0])
     assert _take_plans(fb) is None, "a plan made for another chunk (prefix 0) is not used at prefix 4"
@@ -104,8 +115,8 @@ def test_a_chunk_inside_a_reused_image_computes_nothing_under_none(monkeypatch):
     plan = _plan(layout, get_recompute_policy("none"), 2)
     fb = SimpleNamespace(extend_prefix_lens_cpu=[4096], extend_seq_lens_cpu=[4096], req_pool_indices=torch.tensor([1]),
                          out_cache_loc=torch.zeros(4096, dtype=torch.long))
-    sel = build_selective_batch([plan], fb, 2)
-    assert sel.layer_rows[0].numel() == 0
+    sel = SelectiveBatch([plan], fb, 2)
+    assert sel.layer(0)[0].numel() == 0
 
     def never(*args, **kwargs):
         raise AssertionError("no layer may run for an empty token set")

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import torch
 
-_installed = False
+from typing import Any, Optional
+
+_installed: Optional[Any] = None  # the SelectivePrefill of this process
 
 
-def install(inv_freq: torch.Tensor) -> None:
-    """Hook the scheduler and the model; `inv_freq`: the model's rotary inverse frequencies (device)."""
+def install(inv_freq: torch.Tensor) -> Any:
+    """Hook the scheduler and the model; `inv_freq`: the model's rotary inverse frequencies (device).
+    Returns the process's SelectivePrefill (its graphs are captured by the caller at start-up)."""
     global _installed
-    if _installed:
-        return
-    _installed = True
+    if _installed is not None:
+        return _installed
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from vlcache_sglang.model_patch.selective_prefill import SelectivePrefill
@@ -29,3 +31,5 @@ def install(inv_freq: torch.Tensor) -> None:
                           prefill.around_vl_forward, HookType.AROUND)
     HookRegistry.register("sglang.srt.models.qwen2.Qwen2Model.forward", prefill.around_lm_forward, HookType.AROUND)
     HookRegistry.apply_hooks()
+    _installed = prefill
+    return prefill

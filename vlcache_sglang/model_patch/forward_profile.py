@@ -40,10 +40,7 @@ def timed(fn: Callable[[], Any], on: bool) -> tuple[Any, float]:
 
 def log_batch(sel: Any, backends: list[str], copy_ms: float, forward_ms: float, decoder_ms: float,
               num_reqs: int) -> None:
-    sets = []
-    for rows, runs in zip(sel.layer_rows, sel.layer_runs):
-        if not sets or sets[-1][0] is not rows:
-            sets.append((rows, runs))
+    sets = [sel.layer(layer) for layer in range(sel.num_layers) if sel.ready(layer) and sel.changed(layer)]
     desc = ", ".join(f"{rows.numel()} tok/{runs.run_len.numel()} runs" for rows, runs in sets)
     logger.info("vlcache profile: %d reqs, %d extend tokens, %d distinct sets [%s], backends %s, "
                 "copy %.2f ms, forward %.2f ms (decoder layers %.2f ms)", num_reqs, sel.num_extend_tokens,

@@ -32,7 +32,7 @@ def recomputed_slots(plans: list[Optional[RequestReuse]]) -> torch.Tensor:
     for plan in plans:
         if plan is None:
             continue
-        mask = torch.isin(plan.layout.reused_tokens(), plan.layer_sets[0])
+        mask = torch.isin(plan.layout.reused_tokens(), plan.selector.sets[0])
         picked.append(plan.dst_slots[mask.to(plan.dst_slots.device)])
     return torch.cat(picked) if picked else torch.empty(0, dtype=torch.int64)
 

@@ -109,7 +109,8 @@ class SelectiveGraphs:
         bucket = bucket_for(n, self._buckets)
         if self.disabled is not None or bucket is None:
             return None
-        if not self._graphs and not self._capture_all(lm, hidden, out_loc, req_to_token, pool):
+        if not self._graphs and not self.capture(lm, hidden.dtype, hidden.shape[-1], out_loc.dtype, req_to_token,
+                                                 pool):
             return None
         g, shape = self._graphs[bucket], self._shape
         try:
@@ -123,8 +124,16 @@ class SelectiveGraphs:
         g.replay()
         return g.out[:n]
 
-    def _capture_all(self, lm: Any, like: torch.Tensor, like_loc: torch.Tensor, req_to_token: torch.Tensor,
-                     pool: Any) -> bool:
+    def capture(self, lm: Any, dtype: torch.dtype, hidden_size: int, loc_dtype: torch.dtype,
+                req_to_token: torch.Tensor, pool: Any) -> bool:
+        """Capture every bucket's graph (once; the server calls it at start-up, so no request pays
+        for it). False, with `disabled` saying why, when this server runs the eager loop instead."""
+        if self._graphs:
+            return True
+        if self.disabled is not None:
+            return False
+        like = torch.empty(0, hidden_size, dtype=dtype, device=req_to_token.device)
+        like_loc = torch.empty(0, dtype=loc_dtype, device=req_to_token.device)
         self.disabled = self._why_not(lm, like.dtype, pool.k_buffer[0].dtype)
         if self.disabled is not None:
             logger.info("vlcache: selective prefill without CUDA graphs (%s)", self.disabled)

@@ -12,9 +12,11 @@ from typing import Any, Optional
 import torch
 
 
-def selective_layer(layer: Any, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
-                    out_loc: torch.Tensor, pool: Any, attention: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoder layer for the active tokens; writes their K/V into their slots `out_loc`."""
+def layer_qkv(layer: Any, positions: torch.Tensor, hidden: torch.Tensor,
+              residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input norm, QKV projection and M-RoPE for the active tokens: (q, k, v, residual), k after RoPE.
+
+    The first half of a layer: an observing policy looks at k/v here, before anything is written."""
     if residual is None:
         residual = hidden
         hidden = layer.input_layernorm(hidden)
@@ -24,6 +26,13 @@ def selective_layer(layer: Any, positions: torch.Tensor, hidden: torch.Tensor, r
     qkv, _ = attn.qkv_proj(hidden)
     q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
     q, k = attn.rotary_emb(positions, q, k)  # the M-RoPE kernel rotates q/k in place, reads positions only
+    return q, k, v, residual
+
+
+def layer_attend(layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor,
+                 out_loc: torch.Tensor, pool: Any, attention: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The second half: write K/V into slots `out_loc`, attend over the request's KV, o_proj, MLP."""
+    attn = layer.self_attn
     radix = attn.attn
     k = k.reshape(-1, radix.tp_k_head_num, radix.qk_head_dim)
     v = v.reshape(-1, radix.tp_v_head_num, radix.v_head_dim)
@@ -34,6 +43,13 @@ def selective_layer(layer: Any, positions: torch.Tensor, hidden: torch.Tensor, r
     hidden, residual = layer.post_attention_layernorm(hidden, residual)
     hidden = layer.mlp(hidden)
     return hidden, residual
+
+
+def selective_layer(layer: Any, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
+                    out_loc: torch.Tensor, pool: Any, attention: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer for the active tokens; writes their K/V into their slots `out_loc`."""
+    q, k, v, residual = layer_qkv(layer, positions, hidden, residual)
+    return layer_attend(layer, q, k, v, residual, out_loc, pool, attention)
 
 
 def all_layers(lm: Any, positions: torch.Tensor, hidden: torch.Tensor, out_loc: torch.Tensor, pool: Any,

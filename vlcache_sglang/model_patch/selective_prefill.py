@@ -16,7 +16,6 @@ Two AROUND hooks, active only for batches that carry a vlcache plan (else stock 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Optional
 
 import torch
@@ -25,24 +24,99 @@ from vlcache_sglang.kernels import copy_rotate_pool_kv
 from vlcache_sglang.model_patch import forward_profile, rotation_check
 from vlcache_sglang.model_patch.selective_attention import RunLayout, SelectiveAttention, runs_of
 from vlcache_sglang.model_patch.selective_graph import SelectiveGraphs
-from vlcache_sglang.model_patch.selective_layers import selective_layer
+from vlcache_sglang.model_patch.selective_layers import layer_attend, layer_qkv, selective_layer
+from vlcache_sglang.recompute_policy import LayerObservation
 from vlcache_sglang.reuse_planner import PLANS_ATTR, RequestReuse
 
 SELECTIVE_ATTR = "vlcache_selective"  # on ForwardBatch while the model runs
 
 
-@dataclasses.dataclass
 class SelectiveBatch:
-    """Per-layer active tokens of a whole batch (indices into the extend token axis)."""
+    """Per-layer active tokens of a whole batch (indices into the extend token axis), built as the
+    decoder loop reaches each layer from the requests' LayerSelectors. Requests without a plan
+    compute every token. A layer whose sets are all unchanged shares the previous layer's rows and
+    runs (no per-layer rebuild)."""
 
-    layer_rows: list[torch.Tensor]  # [L] device int64, sorted, S_l ⊆ S_{l-1}
-    layer_runs: list[RunLayout]  # [L] the runs of S_l (same object when S_l == S_{l-1})
-    num_extend_tokens: int
+    def __init__(self, plans: list[Optional[RequestReuse]], forward_batch: Any, num_layers: int) -> None:
+        self._selectors = [p.selector if p is not None else None for p in plans]
+        self._prefix = [int(n) for n in forward_batch.extend_prefix_lens_cpu]
+        extend = [int(n) for n in forward_batch.extend_seq_lens_cpu]
+        self._req_rows = forward_batch.req_pool_indices.tolist()
+        self._device = forward_batch.out_cache_loc.device
+        self._offsets = [0]
+        for n in extend:
+            self._offsets.append(self._offsets[-1] + n)
+        self._every_token = [torch.arange(self._prefix[i], self._prefix[i] + extend[i]) if s is None else None
+                             for i, s in enumerate(self._selectors)]
+        self.num_layers = num_layers
+        self.num_extend_tokens = self._offsets[-1]
+        self._rows: list[Optional[torch.Tensor]] = [None] * num_layers  # device int64, sorted
+        self._rows_cpu: list[Optional[torch.Tensor]] = [None] * num_layers
+        self._runs: list[Optional[RunLayout]] = [None] * num_layers
+        self._changed: list[bool] = [True] * num_layers
 
     @property
     def single_set(self) -> bool:
-        """Every layer computes the same tokens (`none`, `first_k`): one CUDA graph can run them all."""
-        return all(rows is self.layer_rows[0] for rows in self.layer_rows)
+        """Every layer computes the same tokens, known now (`none`, `first_k`, uniform `vlcache`):
+        one CUDA graph can run them all."""
+        return all(s is None or s.layer_invariant for s in self._selectors)
+
+    def ready(self, layer: int) -> bool:
+        """Every request's S_layer is known (else some policy observes at this layer)."""
+        return all(s is None or s.ready(layer) for s in self._selectors)
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, RunLayout]:
+        """(rows, runs) of S_layer (the previous layer's objects when unchanged)."""
+        if self._rows[layer] is None:
+            self._build(layer)
+        return self._rows[layer], self._runs[layer]
+
+    def changed(self, layer: int) -> bool:
+        """S_layer differs from S_{layer-1} in some request (always True at layer 0)."""
+        self.layer(layer)
+        return self._changed[layer]
+
+    def observe(self, layer: int, rows_cpu: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                out_loc: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """Hand each observing request the fresh (k, v: [rows, d], rows = S_{layer-1}) and cached
+        (the pool's, at their slots) K/V of its reused tokens of S_{layer-1}; they decide S_layer."""
+        for i, sel in enumerate(self._selectors):
+            if sel is None or sel.ready(layer):
+                continue
+            tokens = sel.candidates(layer)
+            idx = torch.searchsorted(rows_cpu, self._offsets[i] + tokens - self._prefix[i]).to(self._device)
+            slots = out_loc[idx]
+            sel.observe(layer, LayerObservation(
+                tokens=tokens,
+                k_fresh=k[idx], k_cached=k_cache[slots].reshape(len(tokens), -1),
+                v_fresh=v[idx], v_cached=v_cache[slots].reshape(len(tokens), -1),
+            ))
+
+    def rows_cpu(self, layer: int) -> torch.Tensor:
+        self.layer(layer)
+        return self._rows_cpu[layer]
+
+    def report(self, plans: list[Optional[RequestReuse]]) -> None:
+        """Each plan's outcome to its scheduler (every layer is decided once the loop has run)."""
+        for plan in plans:
+            if plan is not None and plan.report is not None and plan.selector.ready(self.num_layers - 1):
+                plan.report(plan.selector.outcome())
+
+    def _build(self, layer: int) -> None:
+        if not self.ready(layer):
+            raise RuntimeError(f"layer {layer} awaits an observation; its rows are not known yet")
+        changed = layer == 0 or any(s is not None and s.changed[layer] for s in self._selectors)
+        self._changed[layer] = changed
+        if not changed:
+            self.layer(layer - 1)
+            self._rows[layer], self._rows_cpu[layer] = self._rows[layer - 1], self._rows_cpu[layer - 1]
+            self._runs[layer] = self._runs[layer - 1]
+            return
+        abs_sets = [s.sets[layer] if s is not None else self._every_token[i] for i, s in enumerate(self._selectors)]
+        rows = torch.cat([self._offsets[i] + (t - self._prefix[i]) for i, t in enumerate(abs_sets)])
+        self._rows_cpu[layer] = rows
+        self._rows[layer] = rows.to(self._device)
+        self._runs[layer] = runs_of(abs_sets, self._req_rows)
 
 
 def _take_plans(forward_batch: Any) -> Optional[list[Optional[RequestReuse]]]:
@@ -63,34 +137,6 @@ def copy_reused_kv(pool: Any, plans: list[Optional[RequestReuse]], inv_freq: tor
                         torch.cat([p.delta for p in used]), inv_freq)
 
 
-def build_selective_batch(plans: list[Optional[RequestReuse]], forward_batch: Any, num_layers: int) -> SelectiveBatch:
-    """Batch-level S_l from the per-request plans; requests without a plan compute every token.
-
-    A layer whose sets are the previous layer's objects (`RecomputePolicy.select` returns S_{l-1}
-    itself when nothing changes) shares that layer's rows and runs: no per-layer comparisons."""
-    prefix = forward_batch.extend_prefix_lens_cpu
-    extend = forward_batch.extend_seq_lens_cpu
-    req_rows = forward_batch.req_pool_indices.tolist()
-    offsets = [0]
-    for n in extend:
-        offsets.append(offsets[-1] + int(n))
-    every_token = [torch.arange(int(prefix[i]), int(prefix[i]) + int(extend[i])) if p is None else None
-                   for i, p in enumerate(plans)]
-    layer_rows, layer_runs = [], []
-    prev_abs: Optional[list[torch.Tensor]] = None
-    for layer in range(num_layers):
-        abs_sets = [p.layer_sets[layer] if p is not None else every_token[i] for i, p in enumerate(plans)]
-        if prev_abs is not None and all(a is b for a, b in zip(abs_sets, prev_abs)):
-            layer_rows.append(layer_rows[-1])
-            layer_runs.append(layer_runs[-1])
-            continue
-        rows = torch.cat([offsets[i] + (s - int(prefix[i])) for i, s in enumerate(abs_sets)])
-        layer_rows.append(rows.to(forward_batch.out_cache_loc.device))
-        layer_runs.append(runs_of(abs_sets, req_rows))
-        prev_abs = abs_sets
-    return SelectiveBatch(layer_rows, layer_runs, offsets[-1])
-
-
 class SelectivePrefill:
     """Holds what the hooks need across calls: the model's rotary frequencies and the attention."""
 
@@ -100,6 +146,12 @@ class SelectivePrefill:
         self._backends: list[str] = []  # chosen per plan in the current batch (for the profile log)
         self._decoder_ms = 0.0  # the decoder loop's share of the forward (for the profile log)
         self._graphs = SelectiveGraphs()  # captured at the first batch that can use them
+
+    def capture_graphs(self, lm: Any, dtype: torch.dtype, req_to_token: torch.Tensor, pool: Any) -> None:
+        """The decoder loop's CUDA graphs, at server start-up (else the first reuse request would pay
+        for the capture: 5.5 s on a cold H200)."""
+        hidden_size = lm.config.hidden_size
+        self._graphs.capture(lm, dtype, hidden_size, torch.int64, req_to_token, pool)
 
     def around_vl_forward(self, original: Callable[..., Any], model: Any, input_ids: Any, positions: Any,
                           forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
@@ -120,13 +172,14 @@ class SelectivePrefill:
         copy_ms = forward_profile.timed(lambda: copy_reused_kv(pool, plans, self.inv_freq), profile)[1]
         check = rotation_check.RotationCheck(pool, plans) if rotation_check.enabled() else None
         num_layers = len(model.model.layers)
-        sel = build_selective_batch(plans, forward_batch, num_layers)
+        sel = SelectiveBatch(plans, forward_batch, num_layers)
         setattr(forward_batch, SELECTIVE_ATTR, sel)
         self._backends = []
         try:
             out, forward_ms = forward_profile.timed(forward, profile)
         finally:
             setattr(forward_batch, SELECTIVE_ATTR, None)
+        sel.report(plans)
         if check is not None:
             check.compare()
         if profile:
@@ -151,7 +204,7 @@ class SelectivePrefill:
         req_to_token = get_req_to_token_pool().req_to_token
         full = input_embeds if input_embeds is not None else lm.embed_tokens(input_ids)
         out = torch.zeros(sel.num_extend_tokens, full.shape[-1], dtype=full.dtype, device=full.device)
-        rows = sel.layer_rows[0]
+        rows, runs = sel.layer(0)  # layer 0 is never observed (a check layer is >= 1)
         if rows.numel() == 0:
             # A prefill chunk that lies inside a reused image (e.g. a 4K image's 10K tokens across
             # 8K chunks) under `none`: nothing to compute, and zero-token kernel launches are invalid.
@@ -163,30 +216,41 @@ class SelectivePrefill:
         row_out_loc = forward_batch.out_cache_loc[rows]
         hidden, residual = full[rows], None
         if sel.single_set:
-            graphed = self._graphs.run(lm, hidden, row_positions, row_out_loc, sel.layer_runs[0], req_to_token,
-                                       pool)
+            graphed = self._graphs.run(lm, hidden, row_positions, row_out_loc, runs, req_to_token, pool)
             if graphed is not None:
                 self._backends.append("triton-graph")
                 out[rows] = graphed
                 return out
-        planned_runs: Optional[RunLayout] = None
+        planned = False
         for layer_id in range(lm.start_layer, lm.end_layer):
             layer = lm.layers[layer_id]
-            new_rows = sel.layer_rows[layer_id]
-            if new_rows is not rows:  # S_l shrank: keep the rows of S_l among those of S_{l-1}
+            observed = None
+            if not sel.ready(layer_id):
+                # The policy looks at this layer's fresh K/V of S_{l-1} before anything is written.
+                observed = layer_qkv(layer, row_positions, hidden, residual)
+                k_cache, v_cache = pool.get_kv_buffer(layer.self_attn.attn.layer_id)
+                sel.observe(layer_id, sel.rows_cpu(layer_id - 1), observed[1], observed[2], row_out_loc, k_cache,
+                            v_cache)
+            new_rows, runs = sel.layer(layer_id)
+            if layer_id > lm.start_layer and sel.changed(layer_id):  # S_l shrank: keep its rows among S_{l-1}'s
                 if new_rows.numel() == 0:
                     return out  # as above: only a chunk whose output is never read can get here
                 keep = torch.searchsorted(rows, new_rows)
-                hidden, residual = hidden[keep], residual[keep]
+                if observed is not None:
+                    observed = tuple(t[keep] for t in observed)
+                else:
+                    hidden, residual = hidden[keep], residual[keep]
                 rows = new_rows
                 row_positions = positions[:, rows].contiguous()
                 row_out_loc = forward_batch.out_cache_loc[rows]
-            runs = sel.layer_runs[layer_id]
-            if runs is not planned_runs:
+            if sel.changed(layer_id) or not planned:
                 self._plan(runs, req_to_token, layer.self_attn, hidden.dtype, pool)
-                planned_runs = runs
-            hidden, residual = selective_layer(layer, row_positions, hidden, residual, row_out_loc, pool,
-                                               self._attention)
+                planned = True
+            if observed is None:
+                hidden, residual = selective_layer(layer, row_positions, hidden, residual, row_out_loc, pool,
+                                                   self._attention)
+            else:
+                hidden, residual = layer_attend(layer, *observed, row_out_loc, pool, self._attention)
         hidden, _ = lm.norm(hidden, residual)
         out[rows] = hidden
         return out

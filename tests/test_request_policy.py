@@ -1,0 +1,54 @@
+"""Per-request policy overrides (custom_params.vlcache) and the server's policy with its profile (CPU)."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from vlcache_sglang.config import VLCacheConfig
+from vlcache_sglang.request_policy import PolicyOverride, PolicyResolver, parse_override, validate_override
+
+
+def test_overrides_parse_to_typed_values():
+    assert parse_override(None) is None and parse_override({"other": 1}) is None
+    got = parse_override({"vlcache": {"policy": "cacheblend", "recompute_ratio": 0.1, "first_k": 8.0}})
+    assert got == PolicyOverride(policy="cacheblend", recompute_ratio=0.1, first_k=8)
+
+
+@pytest.mark.parametrize("raw, match", [
+    ("full", "must be an object"),
+    ({"policy": "cache_blend"}, "unknown; choose one of"),
+    ({"ratio": 0.1}, "unknown keys"),
+    ({"recompute_ratio": 1.5}, r"\[0, 1\]"),
+    ({"recompute_ratio": "0.1"}, "must be a float"),
+    ({"first_k": 2.5}, "must be a int"),
+    ({"first_k": True}, "must be a int"),
+    ({"error_bound": -1}, ">= 0"),
+])
+def test_bad_overrides_are_value_errors_with_the_fix(raw, match):
+    with pytest.raises(ValueError, match=match):
+        parse_override({"vlcache": raw})
+    with pytest.raises(ValueError, match=match):  # the tokenizer-side hook: SGLang turns it into a 400
+        validate_override(None, SimpleNamespace(custom_params={"vlcache": raw}), 151000)
+
+
+def test_resolver_builds_each_override_once_and_the_default_otherwise():
+    resolver = PolicyResolver(VLCacheConfig(enabled=True, policy="vlcache", recompute_ratio=0.05), num_layers=4)
+    plain = SimpleNamespace(rid="a", sampling_params=SimpleNamespace(custom_params=None))
+    asks = SimpleNamespace(rid="b", sampling_params=SimpleNamespace(custom_params={"vlcache": {"recompute_ratio": 0.2}}))
+    assert resolver.for_request(plain) is resolver.default
+    policy = resolver.for_request(asks)
+    assert policy.name == "vlcache" and policy.params.recompute_ratio == 0.2
+    assert resolver.for_request(asks) is policy
+    assert "no profile: uniform" in resolver.describe()
+
+
+def test_a_profile_of_another_model_is_refused_with_the_fix(tmp_path):
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"format": "vlcache-layer-profile", "version": 1, "metric": "first_token_kl",
+                                "model": "x", "samples": 3, "num_hidden_layers": 3, "sensitivity": [0.0, 1.0, 0.5]}))
+    with pytest.raises(ValueError, match="rerun `python -m vlcache_sglang.calibrate`"):
+        PolicyResolver(VLCacheConfig(enabled=True, policy="vlcache", profile=str(path)), num_layers=4)
+    resolver = PolicyResolver(VLCacheConfig(enabled=True, policy="vlcache", profile=str(path)), num_layers=3)
+    ratios = resolver.default.params.layer_ratios
+    assert len(ratios) == 3 and abs(sum(ratios) / 3 - 0.05) < 1e-9

@@ -1,0 +1,138 @@
+"""Which recompute policy a request runs under: the server's, or the request's own override.
+
+A request may override the server's policy and its parameters in its body, through SGLang's
+`custom_params` (OpenAI chat / completions: top-level `custom_params`; /generate:
+`sampling_params.custom_params`):
+
+    "custom_params": {"vlcache": {"policy": "cacheblend", "recompute_ratio": 0.1}}
+
+Keys: `policy`, `recompute_ratio`, `first_k`, `error_bound` (any subset; the rest are the server's).
+`validate_override` runs on the tokenizer side inside SGLang's `SamplingParams.verify`, so a bad
+value is a 400 before the request is queued; the scheduler parses the same dict again with the same
+function (it arrives as plain JSON values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional
+
+from vlcache_sglang.config import VLCacheConfig
+from vlcache_sglang.layer_profile import LayerProfile, layer_ratios, load_layer_profile
+from vlcache_sglang.recompute_policy import (
+    PolicyParams,
+    RecomputePolicy,
+    get_recompute_policy,
+    registered_recompute_policies,
+)
+
+logger = logging.getLogger(__name__)
+
+OVERRIDE_KEY = "vlcache"
+_NUMERIC = {"recompute_ratio": float, "first_k": int, "error_bound": float}
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyOverride:
+    policy: Optional[str] = None
+    recompute_ratio: Optional[float] = None
+    first_k: Optional[int] = None
+    error_bound: Optional[float] = None
+
+
+def parse_override(custom_params: Any) -> Optional[PolicyOverride]:
+    """The request's override, None when it has none; ValueError (-> HTTP 400) when malformed."""
+    if not isinstance(custom_params, dict) or OVERRIDE_KEY not in custom_params:
+        return None
+    raw = custom_params[OVERRIDE_KEY]
+    if not isinstance(raw, dict):
+        raise ValueError(f'custom_params.{OVERRIDE_KEY} must be an object like {{"policy": "full"}}, got {raw!r}')
+    unknown = sorted(set(raw) - {"policy", *_NUMERIC})
+    if unknown:
+        raise ValueError(f"custom_params.{OVERRIDE_KEY}: unknown keys {unknown}; allowed: policy, {', '.join(_NUMERIC)}")
+    values: dict[str, Any] = {}
+    if "policy" in raw:
+        if raw["policy"] not in registered_recompute_policies():
+            raise ValueError(f"custom_params.{OVERRIDE_KEY}.policy={raw['policy']!r} is unknown; "
+                             f"choose one of {registered_recompute_policies()}")
+        values["policy"] = raw["policy"]
+    for key, kind in _NUMERIC.items():
+        if key not in raw:
+            continue
+        v = raw[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+            raise ValueError(f"custom_params.{OVERRIDE_KEY}.{key} must be a {kind.__name__}, got {v!r}")
+        values[key] = kind(v)
+    override = PolicyOverride(**values)
+    # The ranges are PolicyParams' own checks; build one so the message is the same as at start-up.
+    PolicyParams(**{k: v for k, v in dataclasses.asdict(override).items() if k != "policy" and v is not None})
+    return override
+
+
+def validate_override(result: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
+    """AFTER hook on SamplingParams.verify (tokenizer side): reject a malformed override with a 400."""
+    parse_override(getattr(sampling_params, "custom_params", None))
+    return result
+
+
+class PolicyResolver:
+    """The server's policy, and one policy object per distinct override (cached: requests of one
+    workload ask for the same few)."""
+
+    def __init__(self, config: VLCacheConfig, num_layers: int) -> None:
+        self._config = config
+        self._num_layers = num_layers
+        if config.check_layer >= num_layers:
+            raise ValueError(f"--vlcache-check-layer {config.check_layer} must be below the model's {num_layers} "
+                             "layers (cacheblend / error_bounded compare K/V there)")
+        self._profile = self._load_profile(config.profile, num_layers)
+        self._policies: dict[PolicyOverride, RecomputePolicy] = {}
+        self.default = self._build(PolicyOverride())
+
+    def for_request(self, req: Any) -> RecomputePolicy:
+        custom = getattr(getattr(req, "sampling_params", None), "custom_params", None)
+        try:
+            override = parse_override(custom)
+        except ValueError:  # verified on the tokenizer side; a request that slipped past runs as the server's
+            logger.warning("vlcache: request %s has a malformed override; using the server's policy", req.rid)
+            override = None
+        if override is None or override == PolicyOverride():
+            return self.default
+        policy = self._policies.get(override)
+        if policy is None:
+            policy = self._policies[override] = self._build(override)
+        return policy
+
+    def describe(self) -> str:
+        ratios = self.default.params.layer_ratios
+        source = (f"profile {self._config.profile} ({self._profile.metric}, {self._profile.samples} samples)"
+                  if self._config.profile else "no profile: uniform layer ratios")
+        shown = "" if ratios is None else f", r_l {min(ratios):.3f}..{max(ratios):.3f}"
+        return f"policy {self.default.name}, ratio {self._config.recompute_ratio}, {source}{shown}"
+
+    def _build(self, override: PolicyOverride) -> RecomputePolicy:
+        c = self._config
+        name = override.policy or c.policy
+        ratio = c.recompute_ratio if override.recompute_ratio is None else override.recompute_ratio
+        params = PolicyParams(
+            recompute_ratio=ratio,
+            first_k=c.first_k if override.first_k is None else override.first_k,
+            layer_ratios=layer_ratios(self._profile, ratio) if c.profile else None,
+            check_layer=c.check_layer,
+            blend_score=c.blend_score,
+            error_bound=c.error_bound if override.error_bound is None else override.error_bound,
+        )
+        return get_recompute_policy(name, params)
+
+    @staticmethod
+    def _load_profile(path: Optional[str], num_layers: int) -> LayerProfile:
+        if path is None:
+            return LayerProfile.uniform(num_layers)
+        profile = load_layer_profile(path)
+        if profile.num_layers != num_layers:
+            raise ValueError(
+                f"--vlcache-profile {path} has {profile.num_layers} layers, the model has {num_layers}: "
+                "rerun `python -m vlcache_sglang.calibrate` for this model"
+            )
+        return profile
