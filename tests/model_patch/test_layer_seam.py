@@ -1,0 +1,131 @@
+"""The per-layer seam of the decoder loop, on the small stand-in model of test_selective_graph.
+
+An observing policy (cacheblend) must see, at its check layer and before anything is written, the
+K/V that layer computed for the reused tokens of S_{l-1} and the cached K/V in their slots; the
+tokens it keeps get fresh K/V from there on, the rest keep their cached K/V. Given the same
+decisions, the observing loop must compute exactly what a static plan of those sets computes.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace as NS
+
+import pytest
+import torch
+from test_selective_graph import HIDDEN, LAYERS, Pool, make_model
+
+from vlcache_sglang.layer_selector import LayerSelector
+from vlcache_sglang.model_patch import selective_attention
+from vlcache_sglang.model_patch.selective_prefill import SelectiveBatch, SelectivePrefill
+from vlcache_sglang.recompute_policy import ImageSpan, PolicyParams, RecomputePolicy, TokenLayout, get_recompute_policy
+from vlcache_sglang.reuse_planner import RequestReuse
+
+SEQ, IMAGE = 24, ImageSpan(4, 16, reused=True)
+LAYOUT = TokenLayout(seq_len=SEQ, prefix_len=0, images=(IMAGE,))
+
+
+class FixedSets(RecomputePolicy):
+    """A static policy replaying given sets (what the observing run decided)."""
+
+    name = "test_fixed_sets"
+
+    def __init__(self, sets):
+        super().__init__(PolicyParams())
+        self._sets = sets
+
+    def budget(self, layout, layer, num_layers):
+        return 10**9
+
+    def _choose(self, layout, layer, num_layers, candidates, observation):
+        return candidates[torch.isin(candidates, self._sets[layer])]
+
+
+@pytest.fixture
+def run(device, monkeypatch):
+    """run(policy, pool) -> (final hidden states, selector): one request through _selective_forward."""
+    from sglang.srt.model_executor import forward_context
+
+    monkeypatch.setattr(selective_attention, "choose_backend", lambda *a, **k: "triton")
+    torch.manual_seed(1)
+    lm = make_model(device)
+    embeds = torch.randn(SEQ, HIDDEN, device=device)
+    req_to_token = torch.zeros(2, 64, dtype=torch.int32, device=device)
+    slots = torch.arange(10, 10 + SEQ, device=device)
+    req_to_token[0, :SEQ] = slots.to(torch.int32)
+    pos = torch.arange(SEQ)
+    positions = torch.stack([pos, pos // 3, pos % 5]).to(device)
+    fb = NS(extend_prefix_lens_cpu=[0], extend_seq_lens_cpu=[SEQ], req_pool_indices=torch.tensor([0]),
+            out_cache_loc=slots)
+
+    def go(policy, pool):
+        monkeypatch.setattr(forward_context, "get_token_to_kv_pool", lambda: pool)
+        monkeypatch.setattr(forward_context, "get_req_to_token_pool", lambda: NS(req_to_token=req_to_token))
+        empty = torch.empty(0, dtype=torch.long)
+        plan = RequestReuse(0, SEQ, LAYOUT, LayerSelector(policy, LAYOUT, LAYERS), empty, empty, empty)
+        sel = SelectiveBatch([plan], fb, LAYERS)
+        prefill = SelectivePrefill(torch.ones(4))
+        out = prefill._selective_forward(lm, None, positions, fb, embeds, sel)
+        return out, plan.selector
+
+    return go, slots
+
+
+def _fresh_pool(device):
+    torch.manual_seed(7)  # the "cached" K/V: what a copy-rotate would have put into the slots
+    return Pool(device)
+
+
+def test_an_observing_policy_sees_fresh_and_cached_kv_and_matches_a_static_plan_of_its_choice(run, device):
+    go, slots = run
+    seen = []
+    blend = get_recompute_policy("cacheblend", PolicyParams(recompute_ratio=0.25, check_layer=1))
+    keep = blend._keep
+    blend._keep = lambda layout, candidates, obs: seen.append(obs) or keep(layout, candidates, obs)
+    cached = _fresh_pool(device)
+    pool = _fresh_pool(device)
+    out, selector = go(blend, pool)
+
+    (obs,) = seen
+    reused_slots = slots[IMAGE.start:IMAGE.end]
+    assert obs.tokens.tolist() == list(range(IMAGE.start, IMAGE.end)), "all reused tokens of S_0"
+    torch.testing.assert_close(obs.k_cached, cached.k_buffer[1][reused_slots].reshape(16, -1))
+    # Layer 0 computed every token under cacheblend, as under full: the fresh layer-1 K is full's.
+    full_pool = _fresh_pool(device)
+    go(get_recompute_policy("full"), full_pool)
+    torch.testing.assert_close(obs.k_fresh, full_pool.k_buffer[1][reused_slots].reshape(16, -1))
+    torch.testing.assert_close(obs.v_fresh, full_pool.v_buffer[1][reused_slots].reshape(16, -1))
+
+    kept = selector.sets[1][LAYOUT.is_reused(selector.sets[1])]
+    assert kept.numel() == 4 and selector.sets[2] is selector.sets[1]
+    dropped = torch.tensor([t for t in range(IMAGE.start, IMAGE.end) if t not in kept.tolist()])
+    for layer in (1, 2):  # the dropped tokens keep their cached K/V, the kept ones get fresh K/V
+        torch.testing.assert_close(pool.k_buffer[layer][slots[dropped]], cached.k_buffer[layer][slots[dropped]])
+        assert not torch.equal(pool.k_buffer[layer][slots[kept]], cached.k_buffer[layer][slots[kept]])
+
+    static_pool = _fresh_pool(device)
+    static_out, _ = go(FixedSets(list(selector.sets)), static_pool)
+    last = SEQ - 1
+    torch.testing.assert_close(out[last], static_out[last])
+    for layer in range(LAYERS):
+        torch.testing.assert_close(pool.k_buffer[layer], static_pool.k_buffer[layer])
+        torch.testing.assert_close(pool.v_buffer[layer], static_pool.v_buffer[layer])
+
+    outcome = selector.outcome()  # QKV of all 16 reused tokens at layers 0 and 1, of 4 at layer 2
+    assert outcome.computed_token_layers == 16 + 16 + 4
+
+
+def test_a_shrinking_static_plan_runs_the_eager_loop_like_nested_fixed_sets(run, device):
+    go, slots = run
+    policy = get_recompute_policy("vlcache", PolicyParams(layer_ratios=(1.0, 0.5, 0.125)))
+    pool = _fresh_pool(device)
+    out, selector = go(policy, pool)
+    sizes = [int(LAYOUT.is_reused(s).sum()) for s in selector.sets]
+    assert sizes == [16, 8, 2] and not selector.layer_invariant
+    cached = _fresh_pool(device)
+    for layer, n in enumerate(sizes):  # the image's tail beyond its layer's head keeps the cached K
+        tail = slots[IMAGE.start + n:IMAGE.end]
+        torch.testing.assert_close(pool.k_buffer[layer][tail], cached.k_buffer[layer][tail])
+    full_out, _ = go(get_recompute_policy("full"), _fresh_pool(device))
+    assert not torch.allclose(out[SEQ - 1], full_out[SEQ - 1]), "reused KV that differs must change the answer"
+    ratio_one, _ = go(get_recompute_policy("cacheblend", PolicyParams(recompute_ratio=1.0)), _fresh_pool(device))
+    torch.testing.assert_close(ratio_one[SEQ - 1], full_out[SEQ - 1])
