@@ -2,11 +2,11 @@
 the donor's text, the request formats and the errors."""
 
 import base64
+import contextlib
 import io
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -66,26 +66,37 @@ def _chat(system: str, before: str, urls: list[str], after: str) -> dict:
 
 @pytest.fixture(scope="module")
 def requests_file(tmp_path_factory) -> Path:
+    """Two image requests (one with two images), a text-only one, and one more that --max-requests 2 leaves out."""
     path = tmp_path_factory.mktemp("req") / "requests.jsonl"
-    rows = [_chat("chart revenue quarter screenshot button", "How many red cells are there in", [_data_url(56, (200, 20, 20))],
-                  "Question: what trend?"),
-            _chat("product photo colour shelf", "Compare these two pictures", [_data_url(84, (20, 200, 20)),
-                                                                               _data_url(56, (20, 20, 200))],
-                  "Answer:")]
+    rows = [_chat("chart revenue quarter screenshot button", "How many red cells are there in",
+                  [_data_url(56, (200, 20, 20))], "Question: what trend?"),
+            _chat("product photo colour shelf", "Compare these two pictures",
+                  [_data_url(84, (20, 200, 20)), _data_url(56, (20, 20, 200))], "Answer:"),
+            {"messages": [{"role": "user", "content": "no image here"}]},
+            _chat("left out", "by max requests", [_data_url(56, (9, 9, 9))], "?")]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 @pytest.fixture(scope="module")
-def calibrated(tiny_checkpoint, requests_file, tmp_path_factory):
+def calibrated(tiny_checkpoint, requests_file, tmp_path_factory) -> tuple[Path, str, str]:
+    """(profile path, stdout, stderr) of one calibrate run."""
     out = tmp_path_factory.mktemp("out") / "profile.json"
-    calibrate.main(["--model", str(tiny_checkpoint), "--requests", str(requests_file), "--out", str(out),
-                    "--device", "cpu", "--layer-batch", "2"])
-    return out
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        calibrate.main(["--model", str(tiny_checkpoint), "--requests", str(requests_file), "--out", str(out),
+                        "--device", "cpu", "--layer-batch", "2", "--max-requests", "2"])
+    print(stdout.getvalue())  # shown with -s: the table of the tiny model
+    return out, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def calibrator(tiny_checkpoint) -> calibrate.Calibrator:
+    return calibrate.Calibrator(str(tiny_checkpoint), "cpu", torch.float32)
 
 
 def test_profile_file_loads_with_one_finite_value_per_layer(calibrated, tiny_checkpoint):
-    profile = load_layer_profile(calibrated)
+    profile = load_layer_profile(calibrated[0])
     assert profile.num_layers == LAYERS
     assert profile.metric == "first_token_kl" and profile.samples == 2 and profile.model == str(tiny_checkpoint)
     assert all(math.isfinite(s) and s >= 0 for s in profile.sensitivity)
@@ -96,27 +107,24 @@ def test_profile_file_loads_with_one_finite_value_per_layer(calibrated, tiny_che
 
 def test_layer0_reuse_is_exact_and_deeper_layers_are_not(calibrated):
     """Layer-0 image K/V depend only on the image and its positions; deeper ones see the text."""
-    s = load_layer_profile(calibrated).sensitivity
+    s = load_layer_profile(calibrated[0]).sensitivity
     assert s[0] < 1e-6, s
     assert max(s[1:]) > 1e-4, s
 
 
-def test_table_is_printed(tiny_checkpoint, requests_file, tmp_path, capsys):
-    out = tmp_path / "p.json"
-    calibrate.main(["--model", str(tiny_checkpoint), "--requests", str(requests_file), "--out", str(out),
-                    "--device", "cpu", "--max-requests", "1"])
-    captured = capsys.readouterr()
-    print(captured.out)  # shown with -s: the table of the tiny model
-    assert "r_l at mean 0.05" in captured.out
-    assert len([l for l in captured.out.splitlines() if l.strip()[:1].isdigit()]) == LAYERS
-    assert "1 usable requests" in captured.err
-    assert load_layer_profile(out).samples == 1
+def test_table_and_log(calibrated):
+    _, out, err = calibrated
+    assert "r_l at mean 0.05" in out
+    rows = [l.split() for l in out.splitlines() if l.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == list(range(LAYERS))
+    assert sum(float(r[2]) for r in rows) / LAYERS == pytest.approx(0.05, abs=1e-3)
+    assert "2 usable requests" in err and "1 without an image skipped" in err
 
 
-def test_per_request_kl_matches_a_direct_splice(tiny_checkpoint, requests_file):
+def test_per_request_kl_matches_a_direct_splice(calibrator, requests_file):
     """Batched hooks == one unbatched forward that swaps layer 1's image K/V by hand."""
     reqs, _ = calibrate.load_requests(requests_file)
-    cal = calibrate.Calibrator(str(tiny_checkpoint), "cpu", torch.float32)
+    cal = calibrator
     enc, text = cal.encode(reqs[0])
     mask = cal.content_tokens(reqs[0], enc, text)
     prep = cal.prepare(enc, mask, np.array([9707, 1052, 11]), np.random.default_rng(0))
@@ -148,13 +156,9 @@ def test_per_request_kl_matches_a_direct_splice(tiny_checkpoint, requests_file):
     assert changed.max() < np.nonzero(ids == cal.image_token_id)[0].min()
 
 
-def test_content_mask_spares_template_tokens(tiny_checkpoint, requests_file):
+def test_content_mask_spares_template_tokens(calibrator, requests_file):
     reqs, _ = calibrate.load_requests(requests_file)
-    cal = calibrate.Calibrator.__new__(calibrate.Calibrator)  # tokenizer and processor only
-    from transformers import AutoProcessor
-
-    cal.processor = AutoProcessor.from_pretrained(tiny_checkpoint)
-    cal.vision_start_id = 151652
+    cal = calibrator
     enc, text = cal.encode(reqs[0])
     mask = cal.content_tokens(reqs[0], enc, text)
     ids = enc["input_ids"][0].numpy()
@@ -184,11 +188,11 @@ def test_accuracy_dataset_records_and_file_paths(tmp_path):
                                         {"type": "text", "text": "Answer:"}]
 
 
-def test_no_request_with_an_image_is_a_clear_error(tmp_path, tiny_checkpoint):
+def test_no_request_with_an_image_is_a_clear_error(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(SystemExit, match="none of the requests .* has an image"):
-        calibrate.main(["--model", str(tiny_checkpoint), "--requests", str(path), "--out", str(tmp_path / "p.json")])
+        calibrate.main(["--model", str(tmp_path), "--requests", str(path), "--out", str(tmp_path / "p.json")])
     assert not (tmp_path / "p.json").exists()
 
 

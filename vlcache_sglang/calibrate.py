@@ -381,15 +381,18 @@ def calibrate(model_path: str, requests: list[CalibRequest], device: str, dtype:
         raise ValueError("no requests with an image to calibrate on")
     cal = Calibrator(model_path, device, dtype)
     layer_batch = layer_batch or cal.num_layers
-    encoded = []
+    usable = []
     for req in requests:
         enc, text = cal.encode(req)
-        mask = cal.content_tokens(req, enc, text)
-        encoded.append((req, enc, mask))
-    usable = [(r, e, m) for r, e, m in encoded if m.any()]
-    for r, _, _ in encoded:
-        if not any(r is u[0] for u in usable):
-            _log(f"line {r.line} skipped: no message text before its first image for the donor to change")
+        try:
+            mask = cal.content_tokens(req, enc, text)
+        except ValueError as e:
+            _log(f"line {req.line} skipped: {e}")
+            continue
+        if not mask.any():
+            _log(f"line {req.line} skipped: no message text before its first image for the donor to change")
+            continue
+        usable.append((req, enc, mask))
     if not usable:
         raise ValueError("no request has message text before its first image; calibrate varies that text "
                          "(add a system prompt or user text before the image)")
