@@ -125,8 +125,7 @@ def test_per_request_kl_matches_a_direct_splice(calibrator, requests_file):
     """Batched hooks == one unbatched forward that swaps layer 1's image K/V by hand."""
     reqs, _ = calibrate.load_requests(requests_file)
     cal = calibrator
-    enc, text = cal.encode(reqs[0])
-    mask = cal.content_tokens(reqs[0], enc, text)
+    enc, mask = cal.encode(reqs[0], *cal.content_tokens(reqs[0]))
     prep = cal.prepare(enc, mask, np.array([9707, 1052, 11]), np.random.default_rng(0))
     donor = calibrate.record_donor_kv(cal.model, prep)
     kls = calibrate.layer_kls(cal.model, prep, donor, layer_batch=1)
@@ -159,8 +158,7 @@ def test_per_request_kl_matches_a_direct_splice(calibrator, requests_file):
 def test_content_mask_spares_template_tokens(calibrator, requests_file):
     reqs, _ = calibrate.load_requests(requests_file)
     cal = calibrator
-    enc, text = cal.encode(reqs[0])
-    mask = cal.content_tokens(reqs[0], enc, text)
+    enc, mask = cal.encode(reqs[0], *cal.content_tokens(reqs[0]))
     ids = enc["input_ids"][0].numpy()
     first_image = int(np.nonzero(ids == 151655)[0].min())
     decode = cal.processor.tokenizer.decode

@@ -1,7 +1,8 @@
 """Measure a Qwen2.5-VL checkpoint's per-layer sensitivity to image-KV reuse; write a LayerProfile.
 
     python -m vlcache_sglang.calibrate --model PATH --requests FILE.jsonl --out profile.json \\
-        [--device cuda|cpu] [--dtype auto|float32|bfloat16|float16] [--max-requests N] [--layer-batch B]
+        [--device cuda|cpu] [--dtype auto|float32|bfloat16|float16] [--max-requests N] \\
+        [--batch-tokens T | --layer-batch B]
 
 PATH is any checkpoint directory transformers loads as `Qwen2_5_VLForConditionalGeneration` with its
 processor (the real 7B, or `benchmarks/tiny_vlm`'s trained one). FILE.jsonl holds one request per
@@ -22,7 +23,8 @@ Method (metric "first_token_kl"). For each request with at least one image:
 4. For each layer l, the target runs with only layer l's image-token K/V replaced by the donor's
    (every other layer computed fresh), and KL(p_full || p_l) of the next-token distribution at the
    last prompt position is taken against the target's unperturbed forward (a row of the same batch).
-   The L perturbed runs are batched (`--layer-batch` of them per forward).
+   The L perturbed runs are batched: as many per forward as fit in `--batch-tokens` (rows x prompt
+   length; default 32768, about 4 GB of transient activations on the 7B in bf16), or `--layer-batch`.
 5. sensitivity_l = mean of that KL over the requests.
 
 Layer 0's image K/V depends only on the image's embeddings and positions, not on the text before
@@ -55,6 +57,7 @@ from vlcache_sglang.layer_profile import LayerProfile, layer_ratios, save_layer_
 METRIC = "first_token_kl"
 IMAGE_MARKER = "<image>"  # the accuracy-dataset prompt's image slot (benchmarks/accuracy.py)
 DONOR_SEED = 0
+DEFAULT_BATCH_TOKENS = 32768
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -204,12 +207,11 @@ def _open_image(ref: str):
 
 # ----- donor text ---------------------------------------------------------------------------------
 
-def content_token_mask(tokenizer, prefix_text: str, prefix_ids: list[int], texts: Sequence[str]) -> np.ndarray:
-    """[len(prefix_ids)] bool: the tokens of the rendered text before the first image that lie
+def content_token_mask(tokenizer, prefix_text: str, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) of the rendered text before the first image: mask marks the tokens that lie
     wholly inside one of `texts` (message contents, found in order) — not template tokens."""
     enc = tokenizer(prefix_text, return_offsets_mapping=True, add_special_tokens=False)
-    if list(enc["input_ids"]) != list(prefix_ids):
-        raise ValueError("the text before the first image does not tokenise on its own as it does in the prompt")
+    prefix_ids = np.asarray(enc["input_ids"], dtype=np.int64)
     spans, cursor = [], 0
     for t in texts:
         if not t:
@@ -223,7 +225,7 @@ def content_token_mask(tokenizer, prefix_text: str, prefix_ids: list[int], texts
     mask = np.zeros(len(prefix_ids), dtype=bool)
     for i, ((a, b), tid) in enumerate(zip(enc["offset_mapping"], prefix_ids)):
         mask[i] = tid not in special and b > a and any(s <= a and b <= e for s, e in spans)
-    return mask
+    return prefix_ids, mask
 
 
 def donor_ids(ids: np.ndarray, mask: np.ndarray, pool: np.ndarray, rng: np.random.Generator,
@@ -342,20 +344,30 @@ class Calibrator:
         special = [i for i in tok.all_special_ids if i is not None]
         self.vocab_regular = min(special) if special else len(tok)
 
-    def encode(self, req: CalibRequest) -> tuple[dict, str]:
-        text = self.processor.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
-        images = [_open_image(ref) for ref in req.images]
-        return self.processor(text=[text], images=images, return_tensors="pt"), text
+    def render(self, req: CalibRequest) -> str:
+        """The prompt text as the server renders the request (the checkpoint's chat template)."""
+        return self.processor.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
 
-    def content_tokens(self, req: CalibRequest, enc: dict, text: str) -> np.ndarray:
-        """The ids of the request's content tokens before its first image (what a donor replaces)."""
-        ids = enc["input_ids"][0].tolist()
-        first = ids.index(self.vision_start_id)
-        prefix_text = text[:text.index(self.processor.tokenizer.convert_ids_to_tokens(self.vision_start_id))]
-        mask = content_token_mask(self.processor.tokenizer, prefix_text, ids[:first], req.texts_before_image)
-        full = np.zeros(len(ids), dtype=bool)
-        full[:first] = mask
-        return full
+    def content_tokens(self, req: CalibRequest) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) of the prompt before its first image's vision-start token; mask marks the
+        message-text tokens a donor replaces. Text only: no image is decoded."""
+        text = self.render(req)
+        start = self.processor.tokenizer.convert_ids_to_tokens(self.vision_start_id)
+        if start not in text:
+            raise ValueError(f"the chat template rendered no {start} for the request's image")
+        return content_token_mask(self.processor.tokenizer, text[:text.index(start)], req.texts_before_image)
+
+    def encode(self, req: CalibRequest, prefix_ids: np.ndarray, prefix_mask: np.ndarray) -> tuple[dict, np.ndarray]:
+        """(processor output, [T] content mask): the request with its images processed."""
+        images = [_open_image(ref) for ref in req.images]
+        enc = self.processor(text=[self.render(req)], images=images, return_tensors="pt")
+        ids = enc["input_ids"][0].numpy()
+        n = len(prefix_ids)
+        if not (np.array_equal(ids[:n], prefix_ids) and n < len(ids) and ids[n] == self.vision_start_id):
+            raise ValueError("the text before the first image does not tokenise on its own as in the whole prompt")
+        mask = np.zeros(len(ids), dtype=bool)
+        mask[:n] = prefix_mask
+        return enc, mask
 
     @torch.no_grad()
     def prepare(self, enc: dict, content_mask: np.ndarray, pool: np.ndarray, rng: np.random.Generator) -> Prepared:
@@ -375,42 +387,52 @@ class Calibrator:
 
 
 def calibrate(model_path: str, requests: list[CalibRequest], device: str, dtype: torch.dtype,
-              layer_batch: int = 0, seed: int = DONOR_SEED) -> tuple[LayerProfile, np.ndarray]:
-    """(profile, [requests, L] per-request KL). `requests` must be non-empty."""
+              layer_batch: int = 0, seed: int = DONOR_SEED,
+              batch_tokens: int = DEFAULT_BATCH_TOKENS) -> tuple[LayerProfile, np.ndarray]:
+    """(profile, [requests, L] per-request KL). `requests` must be non-empty. layer_batch: perturbed
+    layers per forward (0: as many as fit in batch_tokens, at least one)."""
     if not requests:
         raise ValueError("no requests with an image to calibrate on")
     cal = Calibrator(model_path, device, dtype)
-    layer_batch = layer_batch or cal.num_layers
+    # Pass 1, text only: which tokens each donor varies, and the pool of text it draws from. Images are
+    # processed one request at a time in pass 2 (a 4K image's pixels are ~200 MB in fp32).
     usable = []
     for req in requests:
-        enc, text = cal.encode(req)
         try:
-            mask = cal.content_tokens(req, enc, text)
+            prefix_ids, prefix_mask = cal.content_tokens(req)
         except ValueError as e:
             _log(f"line {req.line} skipped: {e}")
             continue
-        if not mask.any():
+        if not prefix_mask.any():
             _log(f"line {req.line} skipped: no message text before its first image for the donor to change")
             continue
-        usable.append((req, enc, mask))
+        usable.append((req, prefix_ids, prefix_mask))
     if not usable:
         raise ValueError("no request has message text before its first image; calibrate varies that text "
                          "(add a system prompt or user text before the image)")
-    streams = [e["input_ids"][0].numpy()[m] for _, e, m in usable]
+    streams = [ids[m] for _, ids, m in usable]
     rng = np.random.default_rng(seed)
     rows = []
-    for i, (req, enc, mask) in enumerate(usable):
+    for i, (req, prefix_ids, prefix_mask) in enumerate(usable):
         t0 = time.perf_counter()
+        try:
+            enc, mask = cal.encode(req, prefix_ids, prefix_mask)
+        except ValueError as e:
+            _log(f"line {req.line} skipped: {e}")
+            continue
         others = [s for j, s in enumerate(streams) if j != i]
         pool = np.concatenate(others) if others else rng.permutation(streams[i])
         prep = cal.prepare(enc, mask, pool, rng)
-        rows.append(layer_kls(cal.model, prep, record_donor_kv(cal.model, prep), layer_batch))
+        per_forward = layer_batch or max(1, batch_tokens // prep.target.numel() - 1)
+        rows.append(layer_kls(cal.model, prep, record_donor_kv(cal.model, prep), per_forward))
         _log(f"request {i + 1}/{len(usable)} (line {req.line}): {prep.target.numel()} tokens, "
              f"{int(prep.image_mask.sum())} image tokens, {int(mask.sum())} text tokens varied, "
              f"{time.perf_counter() - t0:.2f} s")
+    if not rows:
+        raise ValueError("every request with an image was skipped (see the log above)")
     per_request = np.stack(rows)
     profile = LayerProfile(tuple(float(x) for x in per_request.mean(0)), METRIC, model=str(model_path),
-                           samples=len(usable))
+                           samples=len(rows))
     return profile, per_request
 
 
@@ -437,13 +459,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto",
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--max-requests", type=int, default=None, help="use the first N requests that have an image")
+    p.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+                   help="most tokens (rows x prompt length) per forward; lower it if memory runs out")
     p.add_argument("--layer-batch", type=int, default=0,
-                   help="perturbed-layer runs per forward (0: all layers at once; lower it if memory runs out)")
+                   help="perturbed-layer runs per forward, overriding --batch-tokens (0: from --batch-tokens)")
     p.add_argument("--seed", type=int, default=DONOR_SEED, help="seed of the donor text")
     p.add_argument("--table-ratio", type=float, default=0.05, help="mean ratio of the r_l column in the table")
     args = p.parse_args(argv)
     if args.max_requests is not None and args.max_requests < 1:
         p.error(f"--max-requests must be >= 1, got {args.max_requests}")
+    if args.batch_tokens < 1:
+        p.error(f"--batch-tokens must be >= 1, got {args.batch_tokens}")
     if args.layer_batch < 0:
         p.error(f"--layer-batch must be >= 0, got {args.layer_batch}")
     if not 0.0 <= args.table_ratio <= 1.0:
@@ -457,7 +483,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         requests = requests[:args.max_requests] if args.max_requests else requests
         _log(f"{len(requests)} usable requests with images from {args.requests} ({no_image} without an image skipped)")
         t0 = time.perf_counter()
-        profile, _ = calibrate(args.model, requests, args.device, dtype, args.layer_batch, args.seed)
+        profile, _ = calibrate(args.model, requests, args.device, dtype, args.layer_batch, args.seed,
+                                 args.batch_tokens)
     except ValueError as e:
         raise SystemExit(f"calibrate: error: {e}") from None
     save_layer_profile(profile, args.out)
