@@ -440,7 +440,8 @@ def format_table(profile: LayerProfile, mean_ratio: float) -> str:
     r = layer_ratios(profile, mean_ratio)
     lines = [f"layer  sensitivity ({profile.metric})  r_l at mean {mean_ratio:g}",
              *(f"{l:5d}  {s:26.6g}  {x:15.4f}" for l, (s, x) in enumerate(zip(profile.sensitivity, r))),
-             f"(mean r_l = {sum(r) / len(r):.4f}: the share of reused image tokens recomputed, averaged over layers)"]
+             f"(mean r_l = {sum(r) / len(r):.4f}: the share of reused image tokens recomputed, averaged over layers;",
+             f" layer 0 is exact by construction, so its {profile.sensitivity[0]:.3g} is this measurement's rounding floor)"]
     return "\n".join(lines)
 
 

@@ -20,7 +20,9 @@ Clipping at 1 is water-filling: the budget a clipped layer cannot take goes to t
 in proportion to w_l, which keeps r_l non-increasing. When every layer with w_l > 0 is at 1 and
 budget is left (a profile whose deepest layers measured exactly 0), the rest is spread evenly over
 that zero tail. A uniform profile, or one that is all zero, gives r_l = mean_ratio at every layer
-(then `vlcache` is `first_k` with k = mean_ratio * N).
+(then `vlcache` is `first_k` with k = mean_ratio * N) — and so does any profile whose last layer is
+its most sensitive: the suffix maximum is then flat, since every layer must compute what the last
+one recomputes.
 
 Cost: the compute of the reused image tokens is the mean of r_l over layers (attention and MLP run
 for r_l * N tokens at layer l), so at `--vlcache-recompute-ratio R` the profile-driven policy costs
