@@ -47,7 +47,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ def _log(msg: str) -> None:
 
 @dataclass
 class CalibRequest:
-    """One request with its images referenced in order; `texts` are the content strings that come
+    """One request with its images referenced in order; `texts_before_image` are the content strings that come
     before the first image (the part the donor replaces)."""
 
     line: int
