@@ -153,3 +153,35 @@ def test_a_request_override_picks_its_own_policy_and_outcomes_reach_the_stats(ca
     assert cache.stats.reused_token_layers == 12 * LAYERS == cache.stats.recomputed_token_layers
     assert cache.stats.recomputed_fraction == 1.0
     assert cache.policy_for(second) is cache.policy_for(second), "one policy object per distinct override"
+
+
+def _two_images(cache, row: int, second_key: int):
+    """text(3), the stored image, text(2), a new image (same grid, another key), text(2)."""
+    req, _ = _request(cache, text_before=3, text_after=2 + N_IMG + 2, row=row)
+    pad2 = 1_000_000 + second_key % (1 << 30)
+    start2 = 3 + N_IMG + 2
+    req.origin_input_ids[start2:start2 + N_IMG] = [pad2] * N_IMG
+    mm = req.multimodal_inputs
+    item = MultimodalDataItem(modality=Modality.IMAGE, hash=second_key, pad_value=pad2,
+                              offsets=[(start2, start2 + N_IMG - 1)],
+                              model_specific_data={"image_grid_thw": torch.tensor([GRID])})
+    mm.mm_items.append(item)
+    # M-RoPE of the second image: (st, st + h, st + w) with st its first token's text position.
+    st = int(mm.mrope_positions[0, start2])
+    grid = torch.tensor([[st, st + h, st + w] for h in range(2) for w in range(6)]).T
+    mm.mrope_positions[:, start2:start2 + N_IMG] = grid
+    return req
+
+
+@pytest.mark.parametrize("policy, stored", [("first_k", False), ("full", True)])
+def test_an_image_computed_after_an_approximately_reused_one_is_not_stored(cache, policy, stored):
+    first, _ = _request(cache, text_before=5, text_after=3, row=0)
+    cache.cache_unfinished_req(first)
+    req = _two_images(cache, row=1, second_key=0xB0B)
+    req.sampling_params = SimpleNamespace(custom_params={"vlcache": {"policy": policy}})
+    slots = cache.req_to_token_pool.req_to_token[1, : len(req.origin_input_ids)].long()
+    plan = plan_request(req, 0, len(req.origin_input_ids), slots, cache, cache.policy_for(req), LAYERS)
+    assert plan is not None and plan.reused_tokens == N_IMG
+    cache.cache_unfinished_req(req)
+    assert cache.has_image(0xB0B) == stored, "its KV attended to approximate KV of the first image"
+    assert cache.stats.second_generation_skipped == (0 if stored else 1)

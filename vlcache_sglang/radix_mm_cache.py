@@ -186,6 +186,10 @@ class MultimodalRadixCache(RadixCache):
             key = item.hash
             if end > kv_len or key in state.reused_keys or key in state.stored_keys or self.has_image(key):
                 continue
+            if state.approximate_from is not None and start > state.approximate_from:
+                state.stored_keys.add(key)
+                self.stats.second_generation_skipped += 1  # its KV saw approximate reused KV
+                continue
             state.stored_keys.add(key)
             src = self.req_to_token_pool.req_to_token[req.req_pool_idx, start:end].to(torch.int64)
             entry = ImageEntry(key, image_start_pos(mm, start), image_grid(item), end - start)

@@ -65,6 +65,9 @@ class ReqReuseState:
     locked: list[Any] = dataclasses.field(default_factory=list)  # image nodes locked for this request
     reused_keys: set[int] = dataclasses.field(default_factory=set)  # images taken from the store
     stored_keys: set[int] = dataclasses.field(default_factory=set)  # images offered to the store
+    # Token index of the first reused image whose KV is approximate (a policy other than `full`):
+    # images after it were computed over approximate KV, second-generation, and are not stored.
+    approximate_from: Optional[int] = None
 
 
 def req_state(req: "Req") -> ReqReuseState:
@@ -141,6 +144,8 @@ def plan_request(
         cache.inc_lock_ref(node)
         state.locked.append(node)
         state.reused_keys.add(item.hash)
+        if policy.name != "full" and (state.approximate_from is None or start < state.approximate_from):
+            state.approximate_from = start
         shift = image_start_pos(mm, start) - node.vl_entry.start_pos
         spans.append(ImageSpan(lo, hi - lo, reused=True, offset_in_image=lo - start, image_tokens=end - start))
         src.append(node.value[lo - start : hi - start])

@@ -23,6 +23,7 @@ class VLCacheStats:
     recomputed_token_layers: int = 0
     stored_images: int = 0
     store_skipped: int = 0  # images not stored: no room even after eviction
+    second_generation_skipped: int = 0  # images not stored: computed after an approximately reused image
     evicted_images: int = 0
     store_tokens: int = 0  # KV tokens held by image nodes now
     store_bytes: int = 0  # KV bytes held by image nodes now
