@@ -201,3 +201,46 @@ def test_shrinking_sets_match_sglang_with_reused_kv(standin, triton_attention, n
         assert torch.equal(model.kv(layer, slots)[0], k) and torch.equal(model.kv(layer, slots)[1], v), \
             f"layer {layer}: the reused KV of dropped tokens is left alone"
     assert prefill._backends == ["triton"] * num_layers, "every layer's set differs: planned per layer"
+
+
+# ---- one set for every layer (first_k): the eager loop and the graph body ---------------------------
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph-body"])
+def test_first_k_matches_sglang_with_reused_kv(standin, triton_attention, monkeypatch, graph):
+    """S_l = text + each image's first 3 tokens at every layer; the other image tokens' KV comes from
+    a reuse copy at every layer. graph-body: the CUDA graph path (SelectiveGraphs, padded to its
+    bucket, fixed-capacity Triton plan) with the capture replaced by rerunning the captured body,
+    as in test_selective_graph.py; on a CPU the real server gets "no CUDA device" and the eager loop."""
+    from vlcache_sglang.model_patch import selective_graph
+    from vlcache_sglang.model_patch.selective_prefill import SelectivePrefill
+
+    batch = standin.make_batch([PREFIXED, FRESH])
+    sets = [policy_sets(spec, "first_k", standin.num_layers, first_k=3) for spec in (PREFIXED, FRESH)]
+    layer_sets = by_layer(sets, batch)
+    every = batch.slots_of([torch.arange(r.prefix_len, r.seq_len) for r in batch.requests])
+    dropped = every[~torch.isin(every, batch.slots_of(layer_sets[0]))]
+    assert dropped.numel() == (16 - 3) + (12 - 3)
+    for layer in range(standin.num_layers):
+        standin.write_kv(layer, dropped, *standin.random_kv(dropped.numel()))
+    before = standin.snapshot_kv()
+    want = standin.stock_forward(batch, layer_sets)
+    want_pool = standin.snapshot_kv()
+    standin.restore_kv(before)
+
+    prefill = SelectivePrefill(standin.inv_freq)
+    if graph:
+        def rerun(body, pool, device):
+            out = body()
+            return (lambda: out.copy_(body())), out
+
+        monkeypatch.setattr(selective_graph, "cuda_graph_capture", rerun)
+        prefill._graphs = selective_graph.SelectiveGraphs(buckets=(32,), why_not=lambda *args: None)
+    got, prefill = vlcache_forward(standin, batch, sets, prefill)
+
+    rows = batch.rows_of(layer_sets[0])
+    torch.testing.assert_close(got[rows], want[rows], atol=ATOL, rtol=RTOL)
+    # Padding tokens of a graph bucket write slot 0, SGLang's slot for padded writes.
+    assert_pools_equal(standin.snapshot_kv(), want_pool, skip_slots=(0,) if graph else ())
+    assert prefill._backends == (["triton-graph"] if graph else ["triton"])
+    if not graph:
+        assert prefill._graphs.disabled == "no CUDA device"
