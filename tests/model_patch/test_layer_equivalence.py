@@ -234,6 +234,8 @@ def test_first_k_matches_sglang_with_reused_kv(standin, triton_attention, monkey
             return (lambda: out.copy_(body())), out
 
         monkeypatch.setattr(selective_graph, "cuda_graph_capture", rerun)
+        # Its fixed grid has a tile per possible request beyond the full ones; interpreted, 64 cost 10 s.
+        monkeypatch.setattr(selective_graph, "MAX_REQUESTS_PER_GRAPH", 2)
         prefill._graphs = selective_graph.SelectiveGraphs(buckets=(32,), why_not=lambda *args: None)
     got, prefill = vlcache_forward(standin, batch, sets, prefill)
 
