@@ -121,6 +121,13 @@ class RequestSpec:
     def image_spans(self) -> list[tuple[int, int]]:
         return [(start, h * w) for start, h, w in self.images]
 
+    def token_layout(self, reused: bool = True):
+        """vlcache's TokenLayout of this request, every image reused (what recompute policies plan on)."""
+        from vlcache_sglang.recompute_policy import ImageSpan, TokenLayout
+
+        return TokenLayout(self.seq_len, self.prefix_len,
+                           tuple(ImageSpan(start, n, reused=reused) for start, n in self.image_spans()))
+
 
 def mrope_positions(spec: RequestSpec) -> torch.Tensor:
     """[3, seq_len] positions as Qwen2-VL's get_rope_index gives one image per grid (t = 1):
@@ -166,8 +173,20 @@ class Batch:
                           for i, (r, a) in enumerate(zip(self.requests, per_request_abs))])
 
     def slots_of(self, per_request_abs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """KV slots of absolute token indices given per request."""
         return torch.cat([self.slots[i][torch.as_tensor(a, dtype=torch.int64)]
                           for i, a in enumerate(per_request_abs)])
+
+    def every_token(self) -> list[torch.Tensor]:
+        """Per request, the absolute indices of its extend tokens."""
+        return [torch.arange(r.prefix_len, r.seq_len) for r in self.requests]
+
+    def by_layer(self, sets: Sequence[Optional[Sequence[torch.Tensor]]]) -> list[list[torch.Tensor]]:
+        """sets[i][l] (S_l of request i; None: every token at every layer) -> [l][i], the layout
+        `StandIn.stock_forward` takes."""
+        layers = len(next(s for s in sets if s is not None))
+        every = self.every_token()
+        return [[every[i] if s is None else s[l] for i, s in enumerate(sets)] for l in range(layers)]
 
 
 class StandIn:
@@ -345,6 +364,18 @@ class StandIn:
     def write_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.pool.k_buffer[layer][slots] = k
         self.pool.v_buffer[layer][slots] = v
+
+    def reuse_copy(self, batch: Batch, layer_sets: Sequence[Sequence[torch.Tensor]]) -> dict:
+        """What a reuse copy leaves: at every layer l, fresh random K/V in the slots of the extend
+        tokens outside S_l (layer_sets[l][i], as stock_forward takes). {layer: (slots, k, v)}."""
+        every = batch.slots_of(batch.every_token())
+        written = {}
+        for layer, sets in enumerate(layer_sets):
+            dropped = every[~torch.isin(every, batch.slots_of(sets))]
+            if dropped.numel():
+                written[layer] = (dropped, *self.random_kv(dropped.numel()))
+                self.write_kv(layer, *written[layer])
+        return written
 
     def random_kv(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.randn(n, KV_HEADS, HEAD_DIM, generator=self._gen),

@@ -87,18 +87,9 @@ def vlcache_forward(standin: StandIn, batch, sets: Sequence[Optional[Sequence[to
 
 def policy_sets(spec: RequestSpec, name: str, num_layers: int, **params) -> list[torch.Tensor]:
     """S_0..S_{L-1} of a request whose images are all reused, from the real recompute policy."""
-    from vlcache_sglang.recompute_policy import ImageSpan, PolicyParams, TokenLayout, get_recompute_policy
+    from vlcache_sglang.recompute_policy import PolicyParams, get_recompute_policy
 
-    layout = TokenLayout(spec.seq_len, spec.prefix_len,
-                         tuple(ImageSpan(start, n, reused=True) for start, n in spec.image_spans()))
-    return get_recompute_policy(name, PolicyParams(**params)).plan(layout, num_layers)
-
-
-def by_layer(sets: Sequence[Optional[Sequence[torch.Tensor]]], batch) -> list[list[torch.Tensor]]:
-    """sets per request (None: every token) -> per layer, per request (stock_forward's layer_sets)."""
-    layers = len(next(s for s in sets if s is not None))
-    every = [torch.arange(r.prefix_len, r.seq_len) for r in batch.requests]
-    return [[every[i] if s is None else s[l] for i, s in enumerate(sets)] for l in range(layers)]
+    return get_recompute_policy(name, PolicyParams(**params)).plan(spec.token_layout(), num_layers)
 
 
 def assert_pools_equal(got: list[torch.Tensor], want: list[torch.Tensor], skip_slots=()) -> None:
@@ -176,14 +167,10 @@ def test_shrinking_sets_match_sglang_with_reused_kv(standin, triton_attention, n
     model = standin if num_layers == standin.num_layers else build_standin(num_layers=num_layers)
     batch = model.make_batch([PREFIXED, FRESH])
     sets = _shrinking_sets(num_layers)
-    layer_sets = by_layer(sets, batch)
+    layer_sets = batch.by_layer(sets)
     # The reuse copy: every token outside S_l gets (other) KV at layer l before the forward.
-    every = batch.slots_of(layer_sets[0])
-    reused = {}
-    for layer in range(1, num_layers):
-        dropped = every[~torch.isin(every, batch.slots_of(layer_sets[layer]))]
-        reused[layer] = (dropped, *model.random_kv(dropped.numel()))
-        model.write_kv(layer, *reused[layer])
+    reused = model.reuse_copy(batch, layer_sets)
+    assert sorted(reused) == list(range(1, num_layers)), "S_0 is every token"
     before = model.snapshot_kv()
     want = model.stock_forward(batch, layer_sets)
     want_pool = model.snapshot_kv()
@@ -216,12 +203,9 @@ def test_first_k_matches_sglang_with_reused_kv(standin, triton_attention, monkey
 
     batch = standin.make_batch([PREFIXED, FRESH])
     sets = [policy_sets(spec, "first_k", standin.num_layers, first_k=3) for spec in (PREFIXED, FRESH)]
-    layer_sets = by_layer(sets, batch)
-    every = batch.slots_of([torch.arange(r.prefix_len, r.seq_len) for r in batch.requests])
-    dropped = every[~torch.isin(every, batch.slots_of(layer_sets[0]))]
-    assert dropped.numel() == (16 - 3) + (12 - 3)
-    for layer in range(standin.num_layers):
-        standin.write_kv(layer, dropped, *standin.random_kv(dropped.numel()))
+    layer_sets = batch.by_layer(sets)
+    reused = standin.reuse_copy(batch, layer_sets)
+    assert [slots.numel() for slots, _, _ in reused.values()] == [(16 - 3) + (12 - 3)] * standin.num_layers
     before = standin.snapshot_kv()
     want = standin.stock_forward(batch, layer_sets)
     want_pool = standin.snapshot_kv()
