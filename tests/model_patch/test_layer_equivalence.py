@@ -5,11 +5,13 @@ with attention swapped for SelectiveAttention. These tests run both on the same 
 SGLang `Qwen2Model` (standin.py: 2 layers, hidden 64, 4 q / 2 kv heads of 16, M-RoPE [2, 3, 3]) with
 SGLang's real KV pool and req_to_token pool; one request has a cached prefix in the pool, one not.
 
-Reference: SGLang's own `Qwen2Model.forward` / `Qwen2DecoderLayer.forward`, i.e. its
-RadixAttention going to the `torch_native` attention backend (SDPA over each request's
-req_to_token row) with a real EXTEND ForwardBatch, published through SGLang's forward context.
-That is the stock code path, not a re-implementation: any drift of the copy from SGLang's layer
-(op order, norms, rotary, K/V written to the pool) shows up as a mismatch. For a shrinking active
+Reference (chosen over a plain-torch re-implementation): SGLang's own `Qwen2Model.forward` /
+`Qwen2DecoderLayer.forward`, i.e. its RadixAttention going to the `torch_native` attention backend
+(SDPA over each request's req_to_token row, cached prefix included) with a real EXTEND ForwardBatch,
+published through SGLang's forward context. torch_native because it is SGLang's one attention
+backend that runs on a CPU, and it is cheap to stand up (it needs only the two pools). So the
+reference is the stock code path, not our reading of it: any drift of the copy from SGLang's
+layer (op order, norms, residuals, rotary, the K/V written to the pool) shows up as a mismatch. For a shrinking active
 set the reference still runs SGLang's layers over every token, with the pool's set_kv_buffer
 masked so that at layer l only the tokens of S_l write their K/V (the others keep the pool's,
 as after a reuse copy); tokens outside S_l then only feed garbage into their own rows, which are
@@ -19,6 +21,11 @@ vlcache side: `SelectivePrefill.around_lm_forward` (the hook on Qwen2Model.forwa
 batch's SelectiveBatch from `build_selective_batch`; on CPU the attention is the Triton scattered
 kernel under TRITON_INTERPRET=1 (conftest), forced because SelectiveAttention's choice looks only at
 run shapes and would pick FlashInfer, which needs a GPU.
+
+What these tests cannot see, because the copy ignores it and the stand-in leaves it inert:
+RadixAttention's k_scale/v_scale (an fp8 KV cache with checkpoint scales), `layers_to_capture`
+(EAGLE3) and pipeline/tensor parallelism (setup_checks refuses speculative decoding and TP/PP/DP).
+`forward_batch` to the MLP is no difference: SGLang's Qwen2DecoderLayer calls `self.mlp(h)` too.
 """
 
 from __future__ import annotations
