@@ -192,7 +192,7 @@ class Batch:
 class StandIn:
     """The real SGLang model, pools and attention backend; see the module docstring."""
 
-    def __init__(self, num_layers: int = 2, pool_size: int = 512, max_requests: int = 8,
+    def __init__(self, num_layers: int = 2, pool_size: int = 2048, max_requests: int = 32,
                  max_context: int = 256, seed: int = 0) -> None:
         ensure_cpu_runtime()
         from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
@@ -229,7 +229,7 @@ class StandIn:
         self.backend = TorchNativeAttnBackend(runner)
         self._context = ForwardContext(attn_backend=self.backend)
         self._gen = torch.Generator().manual_seed(seed + 2)
-        self._next_row = 0
+        self._free_rows = list(range(max_requests))
 
     # ---- SGLang's forward context (where both paths find the pools) ----------------------------
 
@@ -250,12 +250,11 @@ class StandIn:
         requests = list(requests)
         req_rows, slots, ids = [], [], []
         for i, spec in enumerate(requests):
-            row = self._next_row % self.req_to_token.shape[0]
-            self._next_row += 1
             got = self.allocator.alloc(spec.seq_len)
-            if got is None:
-                self.allocator.clear()
-                got = self.allocator.alloc(spec.seq_len)
+            if got is None or not self._free_rows:
+                raise RuntimeError("stand-in pools exhausted: free() batches, or build_standin(pool_size=, "
+                                   "max_requests=) larger")
+            row = self._free_rows.pop(0)
             got = got[torch.randperm(spec.seq_len, generator=self._gen)].to(torch.int64)
             self.req_to_token[row, : spec.seq_len] = got.to(self.req_to_token.dtype)
             req_rows.append(row)
@@ -269,6 +268,12 @@ class StandIn:
                                [mrope_positions(requests[i]) for i in idx])
             self.stock_forward(head)
         return self._batch(requests, req_rows, slots, ids, [mrope_positions(r) for r in requests])
+
+    def free(self, batch: Batch) -> None:
+        """Give a batch's req_to_token rows and KV slots back."""
+        for row, slots in zip(batch.req_rows, batch.slots):
+            self.allocator.free(slots)
+            self._free_rows.append(row)
 
     def _batch(self, requests, req_rows, slots, ids, positions) -> Batch:
         from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode

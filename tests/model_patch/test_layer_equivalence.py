@@ -130,6 +130,10 @@ def test_a_cached_prefix_then_its_extend_is_one_stock_prefill(standin):
     for layer in range(standin.num_layers):
         for got_kv, want_kv in zip(standin.kv(layer, chunked.slots[0]), standin.kv(layer, whole.slots[0])):
             torch.testing.assert_close(got_kv, want_kv, atol=ATOL, rtol=RTOL)
+    free_slots = standin.allocator.available_size()
+    standin.free(chunked)
+    standin.free(whole)
+    assert standin.allocator.available_size() == free_slots + 2 * PREFIXED.seq_len
 
 
 # ---- every token at every layer: policy full ------------------------------------------------------
