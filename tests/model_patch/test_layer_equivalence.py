@@ -1,0 +1,243 @@
+"""The vlcache decoder loop against SGLang's own Qwen2 decoder on a small real model (CPU, fp32).
+
+`selective_layers.selective_layer` is a copy of `Qwen2DecoderLayer.forward` + `Qwen2Attention.forward`
+with attention swapped for SelectiveAttention. These tests run both on the same batch of a real
+SGLang `Qwen2Model` (standin.py: 2 layers, hidden 64, 4 q / 2 kv heads of 16, M-RoPE [2, 3, 3]) with
+SGLang's real KV pool and req_to_token pool; one request has a cached prefix in the pool, one not.
+
+Reference (chosen over a plain-torch re-implementation): SGLang's own `Qwen2Model.forward` /
+`Qwen2DecoderLayer.forward`, i.e. its RadixAttention going to the `torch_native` attention backend
+(SDPA over each request's req_to_token row, cached prefix included) with a real EXTEND ForwardBatch,
+published through SGLang's forward context. torch_native because it is SGLang's one attention
+backend that runs on a CPU, and it is cheap to stand up (it needs only the two pools). So the
+reference is the stock code path, not our reading of it: any drift of the copy from SGLang's
+layer (op order, norms, residuals, rotary, the K/V written to the pool) shows up as a mismatch. For a shrinking active
+set the reference still runs SGLang's layers over every token, with the pool's set_kv_buffer
+masked so that at layer l only the tokens of S_l write their K/V (the others keep the pool's,
+as after a reuse copy); tokens outside S_l then only feed garbage into their own rows, which are
+not compared.
+
+vlcache side: `SelectivePrefill.around_lm_forward` (the hook on Qwen2Model.forward) with the
+batch's SelectiveBatch from `build_selective_batch`; on CPU the attention is the Triton scattered
+kernel under TRITON_INTERPRET=1 (conftest), forced because SelectiveAttention's choice looks only at
+run shapes and would pick FlashInfer, which needs a GPU.
+
+What these tests cannot see, because the copy ignores it and the stand-in leaves it inert:
+RadixAttention's k_scale/v_scale (an fp8 KV cache with checkpoint scales), `layers_to_capture`
+(EAGLE3) and pipeline/tensor parallelism (setup_checks refuses speculative decoding and TP/PP/DP).
+`forward_batch` to the MLP is no difference: SGLang's Qwen2DecoderLayer calls `self.mlp(h)` too.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Optional, Sequence
+
+import pytest
+import torch
+
+from standin import RequestSpec, StandIn, build_standin, restore_server_args
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="the stand-in is on the CPU: the Triton kernel needs TRITON_INTERPRET=1 there")
+
+ATOL = RTOL = 1e-5
+# One request with a cached 8-token prefix (text) and a 4x4 image after it, one fresh request
+# with a 3x4 image: 22 + 18 extend tokens.
+PREFIXED = RequestSpec(30, prefix_len=8, images=((12, 4, 4),))
+FRESH = RequestSpec(18, images=((3, 3, 4),))
+
+
+@pytest.fixture(scope="module")
+def standin():
+    yield build_standin(num_layers=2)
+    restore_server_args()
+
+
+@pytest.fixture
+def triton_attention(monkeypatch):
+    """SelectiveAttention's backend choice on CPU tensors: the Triton kernel (records the would-be choice)."""
+    from vlcache_sglang.model_patch import selective_attention
+
+    real = selective_attention.choose_backend
+    chosen = []
+    monkeypatch.setattr(selective_attention, "choose_backend",
+                        lambda *args: chosen.append(real(*args)) or "triton")
+    return chosen
+
+
+# ---- the vlcache side, in one place (adapt here when the per-layer policy seam lands) ------------
+
+def vlcache_forward(standin: StandIn, batch, sets: Sequence[Optional[Sequence[torch.Tensor]]],
+                    prefill=None) -> tuple[torch.Tensor, object]:
+    """The vlcache decoder loop over `batch`: sets[i][l] is S_l of request i (absolute token indices,
+    a list over layers; the same object at consecutive layers when unchanged), or None for a request
+    without a plan (every token at every layer). Returns the [n, hidden] output and the prefill."""
+    from sglang.srt.models.qwen2 import Qwen2Model
+
+    from vlcache_sglang.model_patch.selective_prefill import (SELECTIVE_ATTR, SelectivePrefill,
+                                                               build_selective_batch)
+
+    plans = [None if s is None else SimpleNamespace(layer_sets=list(s)) for s in sets]
+    fb = batch.forward_batch
+    sel = build_selective_batch(plans, fb, standin.num_layers)
+    prefill = prefill if prefill is not None else SelectivePrefill(standin.inv_freq)
+    setattr(fb, SELECTIVE_ATTR, sel)
+    try:
+        with standin.forward_context():
+            out = prefill.around_lm_forward(Qwen2Model.forward, standin.lm, batch.input_ids, batch.positions, fb)
+    finally:
+        setattr(fb, SELECTIVE_ATTR, None)
+    return out, prefill
+
+
+def policy_sets(spec: RequestSpec, name: str, num_layers: int, **params) -> list[torch.Tensor]:
+    """S_0..S_{L-1} of a request whose images are all reused, from the real recompute policy."""
+    from vlcache_sglang.recompute_policy import PolicyParams, get_recompute_policy
+
+    return get_recompute_policy(name, PolicyParams(**params)).plan(spec.token_layout(), num_layers)
+
+
+def assert_pools_equal(got: list[torch.Tensor], want: list[torch.Tensor], skip_slots=()) -> None:
+    for i, (g, w) in enumerate(zip(got, want)):
+        keep = torch.ones(g.shape[0], dtype=torch.bool)
+        keep[list(skip_slots)] = False
+        kind, layer = ("K", "V")[i // (len(got) // 2)], i % (len(got) // 2)
+        torch.testing.assert_close(g[keep], w[keep], atol=ATOL, rtol=RTOL, msg=lambda m: f"{kind} layer {layer}: {m}")
+
+
+# ---- the fixture itself --------------------------------------------------------------------------
+
+def test_standin_is_sglangs_model_with_mrope(standin):
+    from sglang.srt.layers.rotary_embedding.mrope import MRotaryEmbedding
+    from sglang.srt.models.qwen2 import Qwen2DecoderLayer, Qwen2Model
+
+    assert type(standin.lm) is Qwen2Model and all(type(layer) is Qwen2DecoderLayer for layer in standin.lm.layers)
+    rotary = standin.rotary
+    assert isinstance(rotary, MRotaryEmbedding) and rotary.mrope_section == [2, 3, 3]
+    assert rotary._forward_method == rotary.forward_native
+    torch.testing.assert_close(rotary.cos_sin_cache[5, :8], torch.cos(5 * standin.inv_freq))
+
+
+def test_a_cached_prefix_then_its_extend_is_one_stock_prefill(standin):
+    """The reference's cached prefix: a stock prefill of the prefix, then the extend over it, gives
+    what one prefill of the whole request gives (torch_native reads the prefix from the pool)."""
+    chunked = standin.make_batch([PREFIXED])
+    whole = standin.make_batch([RequestSpec(PREFIXED.seq_len, 0, PREFIXED.images)], token_ids=chunked.token_ids)
+    want = standin.stock_forward(whole)
+    torch.testing.assert_close(standin.stock_forward(chunked), want[PREFIXED.prefix_len:], atol=ATOL, rtol=RTOL)
+    for layer in range(standin.num_layers):
+        for got_kv, want_kv in zip(standin.kv(layer, chunked.slots[0]), standin.kv(layer, whole.slots[0])):
+            torch.testing.assert_close(got_kv, want_kv, atol=ATOL, rtol=RTOL)
+    free_slots = standin.allocator.available_size()
+    standin.free(chunked)
+    standin.free(whole)
+    assert standin.allocator.available_size() == free_slots + 2 * PREFIXED.seq_len
+
+
+# ---- every token at every layer: policy full ------------------------------------------------------
+
+def test_full_recompute_is_sglangs_forward(standin, triton_attention):
+    batch = standin.make_batch([PREFIXED, FRESH])
+    before = standin.snapshot_kv()
+    want = standin.stock_forward(batch)
+    want_pool = standin.snapshot_kv()
+    standin.restore_kv(before)
+
+    sets = [policy_sets(PREFIXED, "full", standin.num_layers), None]
+    assert all(s is sets[0][0] for s in sets[0]), "full: one set for every layer"
+    assert torch.equal(sets[0][0], torch.arange(PREFIXED.prefix_len, PREFIXED.seq_len))
+    got, prefill = vlcache_forward(standin, batch, sets)
+
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    assert_pools_equal(standin.snapshot_kv(), want_pool)
+    assert prefill._backends == ["triton"], "planned once, on the Triton kernel"
+    assert triton_attention == ["flashinfer"], "on a GPU the choice would be FlashInfer (2 contiguous runs)"
+
+
+# ---- a shrinking set: S_1 ⊂ S_0, the dropped tokens' layer-1 KV from a reuse copy ----------------
+
+def _shrinking_sets(num_layers: int):
+    """S_0 = every token; after layer 0 drop image tokens (scattered in the fresh request, so
+    S_1 has several runs per request); a third layer, if any, drops one more."""
+    a_img = torch.arange(12, 28)
+    a0 = torch.arange(PREFIXED.prefix_len, PREFIXED.seq_len)
+    a1 = a0[~torch.isin(a0, a_img[4:13])]  # keeps the image's first 4 and last 3 tokens
+    b0 = torch.arange(FRESH.seq_len)
+    b1 = b0[~torch.isin(b0, torch.tensor([4, 5, 8, 11, 12, 13]))]
+    a, b = [a0, a1], [b0, b1]
+    if num_layers == 3:
+        a.append(a1[a1 != 12])
+        b.append(b1)  # unchanged: the same object
+    return [a, b]
+
+
+@pytest.mark.parametrize("num_layers", [2, 3])
+def test_shrinking_sets_match_sglang_with_reused_kv(standin, triton_attention, num_layers):
+    model = standin if num_layers == standin.num_layers else build_standin(num_layers=num_layers)
+    batch = model.make_batch([PREFIXED, FRESH])
+    sets = _shrinking_sets(num_layers)
+    layer_sets = batch.by_layer(sets)
+    # The reuse copy: every token outside S_l gets (other) KV at layer l before the forward.
+    reused = model.reuse_copy(batch, layer_sets)
+    assert sorted(reused) == list(range(1, num_layers)), "S_0 is every token"
+    before = model.snapshot_kv()
+    want = model.stock_forward(batch, layer_sets)
+    want_pool = model.snapshot_kv()
+    model.restore_kv(before)
+
+    got, prefill = vlcache_forward(model, batch, sets)
+
+    last = batch.rows_of(layer_sets[-1])
+    torch.testing.assert_close(got[last], want[last], atol=ATOL, rtol=RTOL)
+    others = torch.ones(batch.num_tokens, dtype=torch.bool)
+    others[last] = False
+    assert not got[others].any(), "rows outside the last S_l stay zero"
+    assert_pools_equal(model.snapshot_kv(), want_pool)
+    for layer, (slots, k, v) in reused.items():
+        assert torch.equal(model.kv(layer, slots)[0], k) and torch.equal(model.kv(layer, slots)[1], v), \
+            f"layer {layer}: the reused KV of dropped tokens is left alone"
+    assert prefill._backends == ["triton"] * num_layers, "every layer's set differs: planned per layer"
+
+
+# ---- one set for every layer (first_k): the eager loop and the graph body ---------------------------
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph-body"])
+def test_first_k_matches_sglang_with_reused_kv(standin, triton_attention, monkeypatch, graph):
+    """S_l = text + each image's first 3 tokens at every layer; the other image tokens' KV comes from
+    a reuse copy at every layer. graph-body: the CUDA graph path (SelectiveGraphs, padded to its
+    bucket, fixed-capacity Triton plan) with the capture replaced by rerunning the captured body,
+    as in test_selective_graph.py; on a CPU the real server gets "no CUDA device" and the eager loop."""
+    from vlcache_sglang.model_patch import selective_graph
+    from vlcache_sglang.model_patch.selective_prefill import SelectivePrefill
+
+    batch = standin.make_batch([PREFIXED, FRESH])
+    sets = [policy_sets(spec, "first_k", standin.num_layers, first_k=3) for spec in (PREFIXED, FRESH)]
+    layer_sets = batch.by_layer(sets)
+    reused = standin.reuse_copy(batch, layer_sets)
+    assert [slots.numel() for slots, _, _ in reused.values()] == [(16 - 3) + (12 - 3)] * standin.num_layers
+    before = standin.snapshot_kv()
+    want = standin.stock_forward(batch, layer_sets)
+    want_pool = standin.snapshot_kv()
+    standin.restore_kv(before)
+
+    prefill = SelectivePrefill(standin.inv_freq)
+    if graph:
+        def rerun(body, pool, device):
+            out = body()
+            return (lambda: out.copy_(body())), out
+
+        monkeypatch.setattr(selective_graph, "cuda_graph_capture", rerun)
+        # Its fixed grid has a tile per possible request beyond the full ones; interpreted, 64 cost 10 s.
+        monkeypatch.setattr(selective_graph, "MAX_REQUESTS_PER_GRAPH", 2)
+        prefill._graphs = selective_graph.SelectiveGraphs(buckets=(32,), why_not=lambda *args: None)
+    got, prefill = vlcache_forward(standin, batch, sets, prefill)
+
+    rows = batch.rows_of(layer_sets[0])
+    torch.testing.assert_close(got[rows], want[rows], atol=ATOL, rtol=RTOL)
+    # Padding tokens of a graph bucket write slot 0, SGLang's slot for padded writes.
+    assert_pools_equal(standin.snapshot_kv(), want_pool, skip_slots=(0,) if graph else ())
+    assert prefill._backends == (["triton-graph"] if graph else ["triton"])
+    if not graph:
+        assert prefill._graphs.disabled == "no CUDA device"
