@@ -69,6 +69,18 @@ def triton_attention(monkeypatch):
 
 # ---- the vlcache side, in one place (adapt here when the per-layer policy seam lands) ------------
 
+class _FixedSelector:
+    """A LayerSelector's face for given sets: every layer decided, `changed` by size (sets are nested)."""
+
+    def __init__(self, sets: Sequence[torch.Tensor]) -> None:
+        self.sets = list(sets)
+        self.changed = [True] + [b.numel() != a.numel() for a, b in zip(self.sets, self.sets[1:])]
+        self.layer_invariant = not any(self.changed[1:])
+
+    def ready(self, layer: int) -> bool:
+        return True
+
+
 def vlcache_forward(standin: StandIn, batch, sets: Sequence[Optional[Sequence[torch.Tensor]]],
                     prefill=None) -> tuple[torch.Tensor, object]:
     """The vlcache decoder loop over `batch`: sets[i][l] is S_l of request i (absolute token indices,
@@ -76,12 +88,11 @@ def vlcache_forward(standin: StandIn, batch, sets: Sequence[Optional[Sequence[to
     without a plan (every token at every layer). Returns the [n, hidden] output and the prefill."""
     from sglang.srt.models.qwen2 import Qwen2Model
 
-    from vlcache_sglang.model_patch.selective_prefill import (SELECTIVE_ATTR, SelectivePrefill,
-                                                               build_selective_batch)
+    from vlcache_sglang.model_patch.selective_prefill import SELECTIVE_ATTR, SelectiveBatch, SelectivePrefill
 
-    plans = [None if s is None else SimpleNamespace(layer_sets=list(s)) for s in sets]
+    plans = [None if s is None else SimpleNamespace(selector=_FixedSelector(s), report=None) for s in sets]
     fb = batch.forward_batch
-    sel = build_selective_batch(plans, fb, standin.num_layers)
+    sel = SelectiveBatch(plans, fb, standin.num_layers)
     prefill = prefill if prefill is not None else SelectivePrefill(standin.inv_freq)
     setattr(fb, SELECTIVE_ATTR, sel)
     try:
@@ -154,6 +165,38 @@ def test_full_recompute_is_sglangs_forward(standin, triton_attention):
     assert_pools_equal(standin.snapshot_kv(), want_pool)
     assert prefill._backends == ["triton"], "planned once, on the Triton kernel"
     assert triton_attention == ["flashinfer"], "on a GPU the choice would be FlashInfer (2 contiguous runs)"
+
+
+def test_an_observing_policy_that_keeps_everything_is_sglangs_forward(standin, triton_attention):
+    """cacheblend at ratio 1 through a real LayerSelector: the check layer computes QKV, hands the
+    fresh and cached K/V to the policy, keeps every token; the result must be stock's."""
+    from vlcache_sglang.layer_selector import LayerSelector
+    from vlcache_sglang.model_patch.selective_prefill import SELECTIVE_ATTR, SelectiveBatch, SelectivePrefill
+    from vlcache_sglang.recompute_policy import PolicyParams, get_recompute_policy
+    from sglang.srt.models.qwen2 import Qwen2Model
+
+    batch = standin.make_batch([PREFIXED, FRESH])
+    before = standin.snapshot_kv()
+    want = standin.stock_forward(batch)
+    want_pool = standin.snapshot_kv()
+    standin.restore_kv(before)
+
+    layout = PREFIXED.token_layout()
+    policy = get_recompute_policy("cacheblend", PolicyParams(recompute_ratio=1.0, check_layer=1))
+    plan = SimpleNamespace(selector=LayerSelector(policy, layout, standin.num_layers), report=None)
+    assert not plan.selector.ready(1), "the check layer waits for its observation"
+    fb = batch.forward_batch
+    sel = SelectiveBatch([plan, None], fb, standin.num_layers)
+    setattr(fb, SELECTIVE_ATTR, sel)
+    try:
+        with standin.forward_context():
+            got = SelectivePrefill(standin.inv_freq).around_lm_forward(Qwen2Model.forward, standin.lm,
+                                                                        batch.input_ids, batch.positions, fb)
+    finally:
+        setattr(fb, SELECTIVE_ATTR, None)
+    assert plan.selector.ready(standin.num_layers - 1)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    assert_pools_equal(standin.snapshot_kv(), want_pool)
 
 
 # ---- a shrinking set: S_1 ⊂ S_0, the dropped tokens' layer-1 KV from a reuse copy ----------------
