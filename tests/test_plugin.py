@@ -88,6 +88,10 @@ def test_flag_routes_to_vlcache_backend_and_survives_pickling(qwen_model_dir):
         (["--attention-backend", "flashinfer", "--page-size", "16"], "--page-size 1"),
         (["--attention-backend", "flashinfer", "--vlcache-recompute-ratio", "1.5"], r"\[0, 1\]"),
         (["--attention-backend", "flashinfer", "--vlcache-mm-store-tokens", "0"], "mm-store-tokens"),
+        (["--attention-backend", "flashinfer", "--kv-cache-dtype", "fp8_e4m3"], "Drop --kv-cache-dtype"),
+        (["--attention-backend", "flashinfer", "--kv-cache-dtype", "fp8_e5m2"], "--kv-cache-dtype fp8_e5m2"),
+        (["--attention-backend", "flashinfer", "--enable-lora"], "drop --enable-lora"),
+        (["--attention-backend", "flashinfer", "--tokenizer-worker-num", "2"], "--tokenizer-worker-num"),
     ],
 )
 def test_unsupported_setups_fail_at_startup_naming_the_problem(qwen_model_dir, extra, match):
