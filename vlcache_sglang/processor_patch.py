@@ -38,7 +38,7 @@ from vlcache_sglang.image_key import (
     read_local_image,
 )
 from vlcache_sglang.processed_image_cache import ProcessedImage, ProcessedImageCache
-from vlcache_sglang.shared_pixels import DeferredUnlinks, share
+from vlcache_sglang.shared_pixels import share
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +122,8 @@ class ImageProcessingShortcut:
     def __init__(self, max_bytes: int, pixel_dtype: Optional[torch.dtype] = None, share_pixels: bool = False) -> None:
         """share_pixels: keep cached pixels in shared memory and ship only its name (single-node
         SGLang, where the scheduler unwraps ShmPointerMMData features; see shared_pixels.py)."""
-        self._unlinks = DeferredUnlinks() if share_pixels else None
-        self.cache = ProcessedImageCache(max_bytes, self._unlinks)
+        self.share_pixels = share_pixels
+        self.cache = ProcessedImageCache(max_bytes)
         # The vision tower casts pixel values to its own dtype first thing, so caching (and
         # shipping to the scheduler) them in that dtype changes no number and halves the bytes.
         self.pixel_dtype = pixel_dtype
@@ -199,9 +199,9 @@ class ImageProcessingShortcut:
 
     def _cache_pixels(self, key: int, feature: torch.Tensor, grid: tuple[int, int, int]) -> None:
         pixels = feature if self.pixel_dtype is None else feature.to(self.pixel_dtype)
-        shared = share(pixels) if self._unlinks is not None else None
+        shared = share(pixels) if self.share_pixels else None
         # With a segment, the cache's own tensor is a mapping of it: the pixels are held once.
-        entry = ProcessedImage(shared.materialize() if shared else pixels, grid, shared)
+        entry = ProcessedImage(shared.local() if shared else pixels, grid, shared)
         if not self.cache.put(key, entry) and shared is not None:
             shared.unlink()
 

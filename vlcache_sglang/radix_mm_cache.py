@@ -292,6 +292,9 @@ def vlcache_tree_cache_factory(ctx: "TreeCacheBuildContext") -> RadixCache:
         inv_freq = inv_freq_of(language_rotary_embedding(model)).to(allocator.device)
         install(inv_freq)
         _install_prefill_budget(ctx.model_config)
+        from vlcache_sglang import receive_guard
+
+        receive_guard.install()  # a request whose shared pixels vanished fails alone
     logger.info("vlcache tree cache: policy=%s, image store bound %d tokens of %d", config.policy, max_store,
                 pool_tokens)
     num_layers = ctx.model_config.num_hidden_layers
