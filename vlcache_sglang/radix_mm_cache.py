@@ -295,6 +295,9 @@ def vlcache_tree_cache_factory(ctx: "TreeCacheBuildContext") -> RadixCache:
         from vlcache_sglang import receive_guard
 
         receive_guard.install()  # a request whose shared pixels vanished fails alone
+        from vlcache_sglang.hook_check import SCHEDULER_TARGETS, verify_hooks
+
+        verify_hooks(required=SCHEDULER_TARGETS)  # all or nothing: never serve half installed
     logger.info("vlcache tree cache: policy=%s, image store bound %d tokens of %d", config.policy, max_store,
                 pool_tokens)
     num_layers = ctx.model_config.num_hidden_layers

@@ -103,6 +103,9 @@ def check_unsupported_features(server_args: Any) -> None:
 
 def check_server_args(server_args: Any) -> None:
     """All start-up checks, on a fully resolved ServerArgs."""
+    from vlcache_sglang.hook_check import check_sglang_version
+
+    check_sglang_version()
     check_attention_backends(server_args)
     check_cache_flags(server_args)
     check_parallelism(server_args)
