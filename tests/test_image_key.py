@@ -176,21 +176,28 @@ def test_only_absolute_paths_and_file_urls_are_local_files():
     assert local_image_path("https://example.com/x.png") is None
 
 
-def test_pseudo_files_and_odd_files_are_not_read(tmp_path):
-    assert read_local_image("/proc/kmsg") is None  # blocks forever if read
-    assert read_local_image("/proc/self/status") is None
-    assert read_local_image("/dev/zero") is None
+def _refused(path, **kw):
+    with pytest.raises(ValueError, match="local image"):
+        read_local_image(str(path), **kw)
+    return True
+
+
+def test_pseudo_files_and_odd_files_are_refused_without_reading(tmp_path):
+    start = time.monotonic()
+    assert _refused("/proc/kmsg")  # blocks forever if read
+    assert _refused("/proc/self/status") and _refused("/dev/zero") and _refused("/sys/kernel/mm")
     link = tmp_path / "innocent.png"
     link.symlink_to("/proc/kmsg")
-    assert read_local_image(str(link)) is None
+    assert _refused(link)
     fifo = tmp_path / "fifo.png"
     os.mkfifo(fifo)
-    assert read_local_image(str(fifo)) is None
+    assert _refused(fifo)  # opening it for reading would block
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
-    assert read_local_image(str(empty)) is None
+    assert _refused(empty) and _refused(tmp_path / "missing.png") and _refused(tmp_path)
     big = tmp_path / "big.png"
     big.write_bytes(b"x" * 1000)
-    assert read_local_image(str(big), max_bytes=999) is None
+    assert _refused(big, max_bytes=999)
     assert read_local_image(str(big), max_bytes=1000) == b"x" * 1000
-    assert read_local_image("relative.png") is None
+    assert _refused("relative.png")
+    assert time.monotonic() - start < 5

@@ -224,9 +224,7 @@ def test_a_local_file_is_read_once_off_the_event_loop_and_sglang_decodes_those_b
         path.read_bytes(), shortcut._settings).value
 
 
-def test_proc_kmsg_and_relative_paths_go_to_sglang_unread(proc, tmp_path, monkeypatch):
-    import vlcache_sglang.processor_patch as pp
-
+def test_proc_kmsg_is_a_client_error_and_relative_paths_are_base64_as_in_sglang(proc, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rel.png").write_bytes(b"\x89PNG not read")
     calls = []
@@ -237,7 +235,10 @@ def test_proc_kmsg_and_relative_paths_go_to_sglang_unread(proc, tmp_path, monkey
 
     shortcut = ImageProcessingShortcut(1 << 30)
     start = time.monotonic()
-    _run_as(shortcut, proc, ["/proc/kmsg"], _prompt(proc, 1), original=original)
-    assert time.monotonic() - start < 5 and calls[-1] == ["/proc/kmsg"], "unkeyed: SGLang's loader decides"
+    for path in ("/proc/kmsg", "file:///proc/kmsg"):
+        with pytest.raises(ValueError, match="local image"):  # stock SGLang would hang a loader thread
+            _run_as(shortcut, proc, [path], _prompt(proc, 1), original=original)
+    assert time.monotonic() - start < 5 and not calls
     with pytest.raises(ValueError, match="base64"):
         _run_as(shortcut, proc, ["rel.png"], _prompt(proc, 1), original=original)  # as SGLang: base64
+    assert not calls

@@ -40,7 +40,7 @@ KEY_ATTR = "vlcache_key"
 
 # Per-process key of the MAC (see the module docstring).
 _SECRET = os.urandom(32)
-# Local image files larger than this are not keyed (SGLang's own path still serves them).
+# Local image files larger than this are refused (a 400), as are pseudo-files and non-regular files.
 MAX_LOCAL_IMAGE_BYTES = 128 << 20
 # Never read pseudo-files: their sizes lie and reads can block forever (/proc/kmsg).
 _PSEUDO_FS = ("/proc/", "/sys/", "/dev/")
@@ -133,39 +133,39 @@ def local_image_path(entry: str) -> Optional[str]:
     return None
 
 
-def read_local_image(path: str, max_bytes: int = MAX_LOCAL_IMAGE_BYTES) -> Optional[bytes]:
-    """The bytes of a regular image file of at most `max_bytes`, or None (not read).
+def read_local_image(path: str, max_bytes: int = MAX_LOCAL_IMAGE_BYTES) -> bytes:
+    """The bytes of a regular image file of at most `max_bytes`; ValueError (a 400) otherwise.
 
-    Blocking I/O: call it off the event loop. Pseudo-files, FIFOs, devices, empty files (procfs
-    reports 0 bytes) and files that change size while read are refused without blocking."""
+    Blocking I/O: call it off the event loop. Pseudo-files (/proc, /sys, /dev: sizes lie and reads
+    can block forever, e.g. /proc/kmsg), FIFOs, devices, empty, oversized and unreadable files and
+    files that change size while read are refused without blocking. Stock SGLang would read them in
+    its loader thread (and hang that thread, or load gigabytes); no image is any of these."""
     real = os.path.realpath(path)
     if not os.path.isabs(path) or real.startswith(_PSEUDO_FS):
-        return None
+        raise ValueError(f"local image {path!r}: only absolute paths of regular files are read")
     try:
         st = os.stat(real)
         if not stat.S_ISREG(st.st_mode) or not 0 < st.st_size <= max_bytes:
-            return None
+            raise ValueError(f"local image {path!r}: not a regular non-empty file of at most {max_bytes} bytes")
         fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
+    except OSError as e:
+        raise ValueError(f"local image {path!r} cannot be read: {e.strerror}") from e
     try:
         fst = os.fstat(fd)
         if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
-            return None  # replaced between stat and open
+            raise ValueError(f"local image {path!r} was replaced while opened")
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(fst.st_size + 1)
-    except OSError:
-        return None
+    except OSError as e:
+        raise ValueError(f"local image {path!r} cannot be read: {e.strerror}") from e
     finally:
         os.close(fd)
-    return data if len(data) == fst.st_size else None
+    if len(data) != fst.st_size:
+        raise ValueError(f"local image {path!r} changed while read")
+    return data
 
 
 def image_key_from_file(path: Union[str, os.PathLike], settings: ProcessorSettings,
                         namespace: Optional[str] = None) -> ImageKey:
     """Key of an image file (blocking; the same key as its bytes in memory)."""
-    data = read_local_image(os.fspath(path))
-    if data is None:
-        raise ValueError(f"{os.fspath(path)!r} is not a readable regular image file of at most "
-                         f"{MAX_LOCAL_IMAGE_BYTES} bytes")
-    return image_key_from_bytes(data, settings, namespace)
+    return image_key_from_bytes(read_local_image(os.fspath(path)), settings, namespace)

@@ -14,7 +14,8 @@ after this hook, and SGLang's own 64-bit pixel hashes are not ours to trust).
 * An image that cannot be decoded is a ValueError naming the image: a 4xx for the client, and the
   server keeps serving. Resource errors (EMFILE, ENOSPC, ...) stay server errors.
 * Local files (`file://`, absolute paths: what SGLang itself reads) are read once, off the event
-  loop and size-capped, and the bytes read are what SGLang decodes (no second read to race).
+  loop and size-capped, and the bytes read are what SGLang decodes (no second read to race);
+  pseudo-files (/proc/kmsg), FIFOs, devices and oversized files are a 400, never read.
 """
 
 from __future__ import annotations
@@ -167,9 +168,7 @@ class ImageProcessingShortcut:
             raw = getattr(entry, "url", entry)
             path = local_image_path(raw) if isinstance(raw, str) else None
             if path is not None:
-                payload = await asyncio.to_thread(read_local_image, path)
-                if payload is None:
-                    return None, image_data  # not ours to read: SGLang's loader decides
+                payload = await asyncio.to_thread(read_local_image, path)  # ValueError: a 400
                 data[i] = _with_payload(entry, payload)
                 key = await asyncio.to_thread(image_key_from_bytes, payload, self._settings, namespace)
             elif isinstance(raw, (str, bytes, bytearray, memoryview)) and len(raw) > _KEY_OFF_LOOP_BYTES:
