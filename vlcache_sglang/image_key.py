@@ -11,8 +11,8 @@ and poison what others are served (REVIEW F1). HMAC-SHA256 under a per-process r
 PRF: without the secret nobody can find, or even check, a collision offline. Only the tokenizer
 process computes keys (the scheduler reads them off the request's items), so a per-process secret
 is enough; keys do not survive a restart, which the caches do not either. Cost on a 20 MB payload
-(AMD EPYC with SHA-NI, this repo's dev machine): HMAC-SHA256 ~22 ms, keyed BLAKE2b ~44 ms,
-xxh3-128 ~1.1 ms (README "Safety").
+(AMD EPYC with SHA-NI, this repo's dev machine): HMAC-SHA256 ~14 ms, keyed BLAKE2b ~28 ms,
+xxh3-128 ~1 ms (README "Safety").
 
 The namespace is the request's cache salt (SGLang's `extra_key`: cache_salt ‖ extra_key): the same
 image under two salts gets two keys, so no cache of ours is shared across tenants (a hit would be
