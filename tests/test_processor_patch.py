@@ -242,3 +242,42 @@ def test_proc_kmsg_is_a_client_error_and_relative_paths_are_base64_as_in_sglang(
     with pytest.raises(ValueError, match="base64"):
         _run_as(shortcut, proc, ["rel.png"], _prompt(proc, 1), original=original)  # as SGLang: base64
     assert not calls
+
+
+def test_an_image_data_path_keeps_its_other_fields(proc, tmp_path):
+    from sglang.srt.utils.common import ImageData
+
+    path = tmp_path / "img.png"
+    path.write_bytes(base64.b64decode(_data_url(80, 60, 11).split(",", 1)[1]))
+    seen = []
+
+    async def original(proc_, image_data, input_text, request_obj, *args, **kwargs):
+        seen.append(image_data)
+        return await _original()(proc_, image_data, input_text, request_obj, *args, **kwargs)
+
+    entry = ImageData(url=f"file://{path}", detail="high")
+    out = _run_as(ImageProcessingShortcut(1 << 30), proc, [entry], _prompt(proc, 1), original=original)
+    sent = seen[0][0]
+    assert sent.url == path.read_bytes() and sent.detail == "high" and entry.url == f"file://{path}"
+    assert len(out.mm_items) == 1
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/dev/shm"), reason="needs /dev/shm")
+def test_shared_pixels_of_a_cache_hit_reach_the_scheduler_and_survive_eviction(proc):
+    from sglang.srt.managers.mm_utils import _unwrap_tensor_or_list
+
+    from vlcache_sglang.shared_pixels import SharedPixels
+
+    shortcut = ImageProcessingShortcut(1 << 30, pixel_dtype=torch.bfloat16, share_pixels=True)
+    img = [_data_url(160, 120, 12)]
+    miss = _run(shortcut, proc, img, _prompt(proc, 1))
+    hit = _run(shortcut, proc, img, _prompt(proc, 1))
+    feature = hit.mm_items[0].feature
+    assert isinstance(feature, SharedPixels) and shortcut.served_from_cache == 1
+    in_flight = pickle.dumps(feature)
+    shortcut.cache.max_bytes = shortcut.cache.nbytes  # the next (smaller) image evicts this one
+    _run(shortcut, proc, [_data_url(64, 64, 13)], _prompt(proc, 1))
+    assert hit.mm_items[0].hash not in shortcut.cache and len(shortcut.cache) == 1
+    assert not __import__("os").path.exists(f"/dev/shm/{feature.shm_name}"), "unlinked at eviction, no timer"
+    mapped = _unwrap_tensor_or_list(pickle.loads(in_flight))
+    assert torch.equal(mapped, miss.mm_items[0].feature.to(torch.bfloat16)), "the request sent before eviction"
