@@ -241,6 +241,14 @@ def test_proc_kmsg_is_a_client_error_and_relative_paths_are_base64_as_in_sglang(
     assert time.monotonic() - start < 5 and not calls
     with pytest.raises(ValueError, match="base64"):
         _run_as(shortcut, proc, ["rel.png"], _prompt(proc, 1), original=original)  # as SGLang: base64
+    # Unkeyed requests too: an http image first, client mm_hashes, a video alongside.
+    for images, fields in ((["https://example.com/a.png", "/proc/kmsg"], {}),
+                           (["/proc/kmsg"], {"mm_hashes": ["ab" * 16]})):
+        with pytest.raises(ValueError, match="local image"):
+            _run_as(shortcut, proc, images, _prompt(proc, len(images)), original=original, **fields)
+    with pytest.raises(ValueError, match="local image"):
+        req = SimpleNamespace(video_data=["v.mp4"], audio_data=None, rid="t")
+        asyncio.run(shortcut.around_process(original, proc, ["/proc/kmsg"], _prompt(proc, 1), req))
     assert not calls
 
 

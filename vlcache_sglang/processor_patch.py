@@ -119,6 +119,18 @@ def _with_payload(entry: Any, payload: bytes) -> Any:
     return payload
 
 
+async def _read_local_files(image_data: list) -> list:
+    """`image_data` with every local file replaced by its bytes, read once in a worker thread; a
+    file we refuse to read (read_local_image) is a ValueError, so SGLang's loader never opens it."""
+    data = list(image_data)
+    for i, entry in enumerate(image_data):
+        raw = getattr(entry, "url", entry)
+        path = local_image_path(raw) if isinstance(raw, str) else None
+        if path is not None:
+            data[i] = _with_payload(entry, await asyncio.to_thread(read_local_image, path))
+    return data
+
+
 class ImageProcessingShortcut:
     def __init__(self, max_bytes: int, pixel_dtype: Optional[torch.dtype] = None, share_pixels: bool = False) -> None:
         """share_pixels: keep cached pixels in shared memory and ship only its name (single-node
@@ -154,29 +166,27 @@ class ImageProcessingShortcut:
 
     async def _keys(self, proc: Any, image_data: Any, request_obj: Any) -> tuple[Optional[list[ImageKey]], Any]:
         """The images' keys (None: leave the request to SGLang) and the image data to process."""
-        if not image_data or getattr(request_obj, "video_data", None) or getattr(request_obj, "audio_data", None):
+        if not image_data:
             return None, image_data
+        data = await _read_local_files(image_data)  # whether or not we key the request
+        if getattr(request_obj, "video_data", None) or getattr(request_obj, "audio_data", None):
+            return None, data
         if getattr(request_obj, "mm_hashes", None):
-            return None, image_data  # client-chosen hashes replace ours after this hook
+            return None, data  # client-chosen hashes replace ours after this hook
         usable, namespace = request_namespace(request_obj)
         if not usable:
-            return None, image_data
+            return None, data
         if self._settings is None:
             self._settings = processor_settings(proc)
-        keys, data = [], list(image_data)
-        for i, entry in enumerate(image_data):
+        keys = []
+        for entry in data:
             raw = getattr(entry, "url", entry)
-            path = local_image_path(raw) if isinstance(raw, str) else None
-            if path is not None:
-                payload = await asyncio.to_thread(read_local_image, path)  # ValueError: a 400
-                data[i] = _with_payload(entry, payload)
-                key = await asyncio.to_thread(image_key_from_bytes, payload, self._settings, namespace)
-            elif isinstance(raw, (str, bytes, bytearray, memoryview)) and len(raw) > _KEY_OFF_LOOP_BYTES:
+            if isinstance(raw, (str, bytes, bytearray, memoryview)) and len(raw) > _KEY_OFF_LOOP_BYTES:
                 key = await asyncio.to_thread(key_of, entry, self._settings, namespace)
             else:
                 key = key_of(entry, self._settings, namespace)
             if key is None:
-                return None, image_data
+                return None, data
             keys.append(key)
         return keys, data
 
