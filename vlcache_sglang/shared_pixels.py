@@ -205,6 +205,7 @@ def _unlink(name: str) -> int:
 # ----- ownership and the start-up sweep -------------------------------------------------------
 
 _lock_fd: Optional[int] = None
+_lock_file: Optional[str] = None  # its name, as created (a forked child keeps the parent's)
 
 
 def _lock_name(token: str = _TOKEN, pid: Optional[int] = None) -> str:
@@ -213,7 +214,7 @@ def _lock_name(token: str = _TOKEN, pid: Optional[int] = None) -> str:
 
 def _ensure_owner_lock() -> None:
     """Hold this process's lock file, flocked from birth (created under a temporary name)."""
-    global _lock_fd
+    global _lock_fd, _lock_file
     if _lock_fd is not None:
         return
     final = os.path.join(SHM_DIR, _lock_name())
@@ -226,7 +227,7 @@ def _ensure_owner_lock() -> None:
         os.close(fd)
         _unlink(os.path.basename(tmp))
         raise
-    _lock_fd = fd
+    _lock_fd, _lock_file = fd, os.path.basename(final)
 
 
 def _owner_dead(path: str) -> Optional[int]:
@@ -303,6 +304,6 @@ def _unlink_owned() -> None:
     for name in list(_owned) + list(_links):
         _unlink(name)
     if _lock_fd is not None:
-        _unlink(_lock_name())
+        _unlink(_lock_file)
         os.close(_lock_fd)
         _lock_fd = None
