@@ -298,9 +298,14 @@ def _sweep(shm_dir: str) -> int:
     return removed
 
 
+_CREATOR_PID = os.getpid()
+
+
 @atexit.register
 def _unlink_owned() -> None:
     global _lock_fd
+    if os.getpid() != _CREATOR_PID:
+        return  # a forked child exiting: the files are its parent's
     for name in list(_owned) + list(_links):
         _unlink(name)
     if _lock_fd is not None:
