@@ -1,13 +1,21 @@
 import base64
+import os
+import struct
+import threading
+import time
 import tracemalloc
 
 import pytest
+import xxhash
 
 from vlcache_sglang.image_key import (
     ProcessorSettings,
+    decode_base64,
     image_key_from_base64,
     image_key_from_bytes,
     image_key_from_file,
+    local_image_path,
+    read_local_image,
 )
 
 SETTINGS = ProcessorSettings(model_id="Qwen/Qwen2.5-VL-7B-Instruct", min_pixels=3136, max_pixels=12845056)
@@ -88,7 +96,108 @@ def test_20mb_hashes_without_extra_copies(tmp_path):
     b64 = base64.b64encode(data)
     peak = _peak_bytes(lambda: image_key_from_base64(b64, SETTINGS))
     assert size <= peak < size * 1.1, peak
-    # From a file: streamed in 1 MiB pieces.
+    # From a file: read once (those bytes are what SGLang then decodes), nothing else of payload size.
     path = tmp_path / "big.bin"
     path.write_bytes(data)
-    assert _peak_bytes(lambda: image_key_from_file(path, SETTINGS)) < 2 * 1024 * 1024
+    peak = _peak_bytes(lambda: image_key_from_file(path, SETTINGS))
+    assert size <= peak < size * 1.1, peak
+
+
+# XXH3's default secret, first 96 bytes (xxhash.h, XXH3_kSecret): public, which is the problem.
+_XXH3_SECRET = bytes.fromhex(
+    "b8fe6c3923a44bbe7c01812cf721ad1cded46de9839097db7240a4a4b7b3671f"
+    "cb79e64eccc0e578825ad07dccff7221b8084674f743248ee03590e6813a264c"
+    "3c2852bb91c300cb88d0658b1b532ea3716448 97a20df94e3819ef46a9deacd8".replace(" ", ""))
+
+
+def _old_key(data: bytes, settings: ProcessorSettings) -> int:
+    """The key before REVIEW F1: xxh3-128 (default secret) over length-prefixed settings and the bytes."""
+    h = xxhash.xxh3_128()
+    prefix = settings.canonical_bytes()
+    h.update(len(prefix).to_bytes(8, "little"))
+    h.update(prefix)
+    h.update(data)
+    return h.intdigest()
+
+
+def _xxh3_colliding_pair(prefix_len: int, size: int = 8192) -> tuple[bytes, bytes]:
+    """Two payloads with one xxh3-128 (default secret) after a `prefix_len`-byte prefix.
+
+    A lane whose low 32 bits of (data ^ secret) are zero multiplies to 0 and only adds its data to
+    the neighbouring accumulator; two such lanes in consecutive stripes of one block add their high
+    halves, so swapping high halves between them keeps every accumulator, hence the hash."""
+    stripe = -(-prefix_len // 64)  # first stripe wholly inside the payload; block 0 has 16 stripes
+    assert stripe + 1 < 16 and 8 * (stripe + 1) + 8 <= len(_XXH3_SECRET)
+    a, b = bytearray(os.urandom(size)), None
+    b = bytearray(a)
+    for s, hi_a, hi_b in ((stripe, 0x1234_5678, 0x0BAD_F00D), (stripe + 1, 0x0BAD_F00D, 0x1234_5678)):
+        off = 64 * s - prefix_len  # lane 0 of stripe s
+        lo = struct.unpack_from("<I", _XXH3_SECRET, 8 * s)[0]  # secret word of lane 0, stripe s
+        struct.pack_into("<II", a, off, lo, hi_a)
+        struct.pack_into("<II", b, off, lo, hi_b)
+    return bytes(a), bytes(b)
+
+
+def test_a_constructed_xxh3_collision_does_not_collide_under_the_keyed_key():
+    prefix_len = 8 + len(SETTINGS.canonical_bytes())
+    a, b = _xxh3_colliding_pair(prefix_len)
+    assert a != b
+    assert _old_key(a, SETTINGS) == _old_key(b, SETTINGS), "the construction collides the old key"
+    assert image_key_from_bytes(a, SETTINGS) != image_key_from_bytes(b, SETTINGS)
+
+
+def test_the_namespace_separates_tenants():
+    plain = image_key_from_bytes(PAYLOAD, SETTINGS)
+    a = image_key_from_bytes(PAYLOAD, SETTINGS, namespace="tenant-a")
+    assert a == image_key_from_bytes(PAYLOAD, SETTINGS, namespace="tenant-a")
+    assert len({plain, a, image_key_from_bytes(PAYLOAD, SETTINGS, namespace="tenant-b"),
+                image_key_from_bytes(PAYLOAD, SETTINGS, namespace="")}) == 4, "None and '' differ too"
+
+
+@pytest.mark.parametrize("junk", ["!", "\n", " ", "é"])
+def test_base64_is_as_strict_as_sglang(junk):
+    import pybase64
+
+    b64 = base64.b64encode(PAYLOAD).decode()
+    bad = b64[:40] + junk + b64[40:]
+    with pytest.raises(ValueError):
+        pybase64.b64decode(bad, validate=True)  # what SGLang's get_image_bytes does
+    with pytest.raises(ValueError, match="base64"):
+        image_key_from_base64(bad, SETTINGS)
+    with pytest.raises(ValueError, match="base64"):
+        image_key_from_base64("data:image/png;base64," + bad, SETTINGS)
+    assert decode_base64(b64) == PAYLOAD
+
+
+def test_only_absolute_paths_and_file_urls_are_local_files():
+    assert local_image_path("/tmp/x.png") == "/tmp/x.png"
+    assert local_image_path("file:///tmp/a%20b.png") == "/tmp/a b.png"
+    assert local_image_path("x.png") is None and local_image_path("./x.png") is None
+    assert local_image_path("https://example.com/x.png") is None
+
+
+def _refused(path, **kw):
+    with pytest.raises(ValueError, match="local image"):
+        read_local_image(str(path), **kw)
+    return True
+
+
+def test_pseudo_files_and_odd_files_are_refused_without_reading(tmp_path):
+    start = time.monotonic()
+    assert _refused("/proc/kmsg")  # blocks forever if read
+    assert _refused("/proc/self/status") and _refused("/dev/zero") and _refused("/sys/kernel/mm")
+    link = tmp_path / "innocent.png"
+    link.symlink_to("/proc/kmsg")
+    assert _refused(link)
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    assert _refused(fifo)  # opening it for reading would block
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    assert _refused(empty) and _refused(tmp_path / "missing.png") and _refused(tmp_path)
+    big = tmp_path / "big.png"
+    big.write_bytes(b"x" * 1000)
+    assert _refused(big, max_bytes=999)
+    assert read_local_image(str(big), max_bytes=1000) == b"x" * 1000
+    assert _refused("relative.png")
+    assert time.monotonic() - start < 5

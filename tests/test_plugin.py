@@ -88,6 +88,10 @@ def test_flag_routes_to_vlcache_backend_and_survives_pickling(qwen_model_dir):
         (["--attention-backend", "flashinfer", "--page-size", "16"], "--page-size 1"),
         (["--attention-backend", "flashinfer", "--vlcache-recompute-ratio", "1.5"], r"\[0, 1\]"),
         (["--attention-backend", "flashinfer", "--vlcache-mm-store-tokens", "0"], "mm-store-tokens"),
+        (["--attention-backend", "flashinfer", "--kv-cache-dtype", "fp8_e4m3"], "Drop --kv-cache-dtype"),
+        (["--attention-backend", "flashinfer", "--kv-cache-dtype", "fp8_e5m2"], "--kv-cache-dtype fp8_e5m2"),
+        (["--attention-backend", "flashinfer", "--enable-lora"], "drop --enable-lora"),
+        (["--attention-backend", "flashinfer", "--tokenizer-worker-num", "2"], "--tokenizer-worker-num"),
     ],
 )
 def test_unsupported_setups_fail_at_startup_naming_the_problem(qwen_model_dir, extra, match):
@@ -129,3 +133,77 @@ def test_factory_builds_a_radix_cache_only_for_a_vlcache_server():
         vlcache_tree_cache_factory(_ctx(SimpleNamespace(), ["Qwen2_5_VLForConditionalGeneration"]))
     with pytest.raises(VLCacheSetupError, match="LlamaForCausalLM"):
         vlcache_tree_cache_factory(_ctx(enabled, ["LlamaForCausalLM"]))
+
+
+def test_an_sglang_version_other_than_the_pinned_one_is_refused():
+    from vlcache_sglang.hook_check import check_sglang_version
+
+    check_sglang_version()  # the installed one
+    with pytest.raises(VLCacheSetupError, match="sglang==0.5.16"):
+        check_sglang_version("0.5.17")
+
+
+def test_the_processor_hook_is_verified_after_start_up(qwen_model_dir):
+    from vlcache_sglang.hook_check import TOKENIZER_TARGETS, installed_hooks
+
+    prepare_server_args(_argv(qwen_model_dir, "--attention-backend", "flashinfer", "--enable-vlcache"))
+    hooks = installed_hooks(TOKENIZER_TARGETS[0])
+    assert any(getattr(h, "__name__", "") == "around_process" for h in hooks)
+
+
+@pytest.mark.parametrize("target", [
+    "sglang.srt.managers.schedule_batch.ScheduleBatch.no_such_method",  # apply_hooks logs and carries on
+    "sglang.srt.server_args.ServerArgs.add_cli_args",  # patched before: apply_hooks skips it
+])
+def test_a_hook_that_did_not_take_is_a_setup_error(target):
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from vlcache_sglang.hook_check import verify_hooks
+    from vlcache_sglang.receive_guard import around_handle_generate_request
+
+    HookRegistry.register(target, around_handle_generate_request, HookType.AROUND)
+    try:
+        HookRegistry.apply_hooks()
+        with pytest.raises(VLCacheSetupError, match=target.rsplit(".", 1)[-1]):
+            verify_hooks()
+    finally:
+        HookRegistry._hooks[target] = [h for h in HookRegistry._hooks[target] if h[1] is not around_handle_generate_request]
+        if not HookRegistry._hooks[target]:
+            del HookRegistry._hooks[target]
+
+
+def test_a_required_hook_never_registered_is_a_setup_error():
+    from vlcache_sglang.hook_check import SCHEDULER_TARGETS, verify_hooks
+
+    with pytest.raises(VLCacheSetupError, match="half installed"):
+        verify_hooks(required=SCHEDULER_TARGETS[:1], only=())
+
+
+_SCHEDULER_INSTALL = """
+import sys, torch
+from sglang.srt.plugins import load_plugins
+load_plugins()
+from vlcache_sglang import model_patch, prefill_budget, receive_guard
+from vlcache_sglang.hook_check import SCHEDULER_TARGETS, verify_hooks
+from vlcache_sglang.setup_checks import VLCacheSetupError
+model_patch.install(torch.ones(4))  # what the cache factory installs in a scheduler
+receive_guard.install()
+if sys.argv[1] == "all":
+    prefill_budget.install(6)
+try:
+    verify_hooks(required=SCHEDULER_TARGETS)
+except VLCacheSetupError as e:
+    print("REFUSED", e)
+    sys.exit(0)
+print("VERIFIED")
+"""
+
+
+def test_a_scheduler_verifies_every_hook_and_refuses_a_half_install():
+    env = {**os.environ, "SGLANG_PLUGINS": "vlcache", "TRITON_INTERPRET": "1"}
+    for which, want in (("all", "VERIFIED"), ("no-budget", "REFUSED")):
+        out = subprocess.run([sys.executable, "-c", _SCHEDULER_INSTALL, which], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert want in out.stdout, (which, out.stdout[-2000:])
+    assert "add_one_req" in out.stdout, "the refusal names the missing hook"

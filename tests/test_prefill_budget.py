@@ -1,6 +1,7 @@
 """Reused images in the chunked-prefill budget, with SGLang's real PrefillAdder, Req and pools (CPU)."""
 
 from array import array
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,9 +13,10 @@ from sglang.srt.sampling.sampling_params import SamplingParams
 
 from kv_pool import make_kv_pool
 from vlcache_sglang.config import VLCacheConfig
+from vlcache_sglang.image_key import KEY_ATTR
 from vlcache_sglang.prefill_budget import PrefillBudget, ReuseCharge, charge_ratio, reuse_charge
 from vlcache_sglang.radix_mm_cache import ImageEntry, MultimodalRadixCache
-from vlcache_sglang.reuse_planner import req_state
+from vlcache_sglang.reuse_planner import PLANS_ATTR, plan_batch, req_state
 
 POOL, LAYERS = 1024, 2
 KEY, GRID, N_IMG = 0x5EED, (1, 10, 48), 120  # 120 merged tokens
@@ -42,18 +44,31 @@ def _store(cache: MultimodalRadixCache) -> object:
     return cache.peek_image(KEY, GRID, N_IMG)
 
 
-def _req(cache: MultimodalRadixCache, *, return_logprob: bool = False, logprob_start_len: int = -1) -> Req:
+def _mrope_positions() -> torch.Tensor:
+    """Qwen2.5-VL M-RoPE: text t -> (t, t, t); the image (0, h, w) + start; text after continues."""
+    h_n, w_n = GRID[1] // 2, GRID[2] // 2
+    pos = [[t] * 3 for t in range(TEXT_BEFORE)]
+    pos += [[TEXT_BEFORE, TEXT_BEFORE + h, TEXT_BEFORE + w] for h in range(h_n) for w in range(w_n)]
+    nxt = TEXT_BEFORE + max(h_n, w_n)
+    pos += [[nxt + i] * 3 for i in range(TEXT_AFTER)]
+    return torch.tensor(pos).T.contiguous()
+
+
+def _req(cache: MultimodalRadixCache, *, return_logprob: bool = False, logprob_start_len: int = -1,
+         return_hidden_states: bool = False, extra_key=None) -> Req:
     """text, one image (pad tokens), text — a fresh request as the scheduler holds it."""
     pad = 1_000_000 + KEY % (1 << 30)
     ids = [*range(100, 100 + TEXT_BEFORE), *[pad] * N_IMG, *range(200, 200 + TEXT_AFTER)]
     item = MultimodalDataItem(modality=Modality.IMAGE, hash=KEY, pad_value=pad,
                               offsets=[(TEXT_BEFORE, TEXT_BEFORE + N_IMG - 1)],
                               model_specific_data={"image_grid_thw": torch.tensor([GRID])})
+    setattr(item, KEY_ATTR, KEY)  # keyed by our tokenizer hook
     params = SamplingParams(max_new_tokens=4)
     params.normalize(None)
-    req = Req("r0", "", array("q", ids), params, return_logprob=return_logprob)
+    req = Req("r0", "", array("q", ids), params, return_logprob=return_logprob,
+              return_hidden_states=return_hidden_states, extra_key=extra_key)
     req.logprob_start_len = logprob_start_len
-    req.multimodal_inputs = MultimodalInputs(mm_items=[item])
+    req.multimodal_inputs = MultimodalInputs(mm_items=[item], mrope_positions=_mrope_positions())
     req.init_next_round_input(cache)
     return req
 
@@ -172,3 +187,29 @@ def test_a_request_that_does_not_fit_leaves_budgets_and_locks_alone(make_cache):
     assert adder.can_run_list == [] and node.lock_ref == 0
     cache.token_to_kv_pool_allocator.free(hog)
 
+
+
+@pytest.mark.parametrize("policy", ["none", "first_k"])
+@pytest.mark.parametrize("case", [
+    dict(), dict(return_logprob=True, logprob_start_len=-1), dict(return_logprob=True, logprob_start_len=0),
+    dict(return_logprob=True, logprob_start_len=TOTAL - 1), dict(return_logprob=True, logprob_start_len=TOTAL),
+    dict(return_hidden_states=True), dict(extra_key="another-tenant"),
+])
+def test_the_charge_is_what_the_planner_plans(make_cache, policy, case):
+    """Admission and planning answer "is this image reused" with one predicate: a request charged
+    as reused is planned as reused, token for token, and one charged in full is planned in full."""
+    cache = make_cache(policy=policy, first_k=8)
+    _store(cache)
+    req = _req(cache, **case)
+    charge = reuse_charge(req, cache, RATIO)
+    slots = cache.token_to_kv_pool_allocator.alloc(TOTAL)
+    batch = SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[TOTAL], out_cache_loc=slots)
+    plan_batch(batch, cache)
+    plan = getattr(req.multimodal_inputs, PLANS_ATTR, {}).get(0)
+    assert (charge is None) == (plan is None), f"{case}: charged {charge}, planned {plan}"
+    if plan is not None:
+        free = sum(b - a for a, b in charge.free_runs)
+        assert free == req.cached_tokens == plan.reused_tokens - int(plan.layout.is_reused(plan.selector.sets[0]).sum())
+    expect_reuse = case in (dict(), dict(return_logprob=True, logprob_start_len=-1),
+                            dict(return_logprob=True, logprob_start_len=TOTAL))
+    assert (plan is not None) == expect_reuse

@@ -2,8 +2,12 @@
 
 import asyncio
 import base64
+import errno
 import inspect
 import io
+import pickle
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -116,3 +120,172 @@ def test_processor_settings_read_the_real_processor(proc):
     assert (settings.min_pixels, settings.max_pixels) == (3136, 12845056)
     assert settings.model_id == str(proc.server_args.model_path)
     assert dict(settings.extra)["merge_size"] == "2"
+
+
+def _run_as(shortcut, proc, images, text, original=None, **req_fields):
+    req = SimpleNamespace(video_data=None, audio_data=None, rid="t", **req_fields)
+    return asyncio.run(shortcut.around_process(original or _original(), proc, images, text, req))
+
+
+def test_the_salt_namespaces_the_processed_cache_and_the_keys(proc):
+    from vlcache_sglang.image_key import KEY_ATTR
+
+    shortcut = ImageProcessingShortcut(1 << 30)
+    img = [_data_url(200, 150, 5)]
+    a = _run_as(shortcut, proc, img, _prompt(proc, 1), extra_key="tenant-a")
+    again = _run_as(shortcut, proc, img, _prompt(proc, 1), extra_key="tenant-a")
+    assert shortcut.served_from_cache == 1, "same salt: a hit"
+    b = _run_as(shortcut, proc, img, _prompt(proc, 1), extra_key="tenant-b")
+    assert shortcut.served_from_cache == 1, "another salt: no hit (a hit would be a timing oracle)"
+    assert a.mm_items[0].hash == again.mm_items[0].hash != b.mm_items[0].hash
+    for out in (a, again, b):
+        item = out.mm_items[0]
+        assert getattr(item, KEY_ATTR) == item.hash
+        assert getattr(pickle.loads(pickle.dumps(item)), KEY_ATTR) == item.hash, "reaches the scheduler"
+
+
+def test_client_supplied_mm_hashes_leave_the_request_unkeyed(proc):
+    from vlcache_sglang.image_key import KEY_ATTR
+
+    shortcut = ImageProcessingShortcut(1 << 30)
+    out = _run_as(shortcut, proc, [_data_url(100, 100, 6)], _prompt(proc, 1), mm_hashes=["ab" * 16])
+    assert not hasattr(out.mm_items[0], KEY_ATTR) and len(shortcut.cache) == 0
+
+
+def test_junk_base64_is_refused_whether_or_not_the_image_is_cached(proc):
+    shortcut = ImageProcessingShortcut(1 << 30)
+    good = _data_url(120, 90, 7)
+    head, payload = good.split(",", 1)
+    bad = f"{head},{payload[:50]}!{payload[50:]}"
+    with pytest.raises(ValueError):
+        _run(shortcut, proc, [bad], _prompt(proc, 1))  # not cached: SGLang's strict decode
+    _run(shortcut, proc, [good], _prompt(proc, 1))
+    with pytest.raises(ValueError, match="base64"):
+        _run(shortcut, proc, [bad], _prompt(proc, 1))  # cached: the same answer, not a hit
+    assert shortcut.served_from_cache == 0
+
+
+def test_a_decompression_bomb_is_a_client_error(proc, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 160x120 > 2 x 1000: DecompressionBombError
+    with pytest.raises(ValueError, match="could not be decoded"):
+        _run(ImageProcessingShortcut(1 << 30), proc, [_data_url(160, 120, 8)], _prompt(proc, 1))
+
+
+@pytest.mark.parametrize("err, client", [(OSError("broken data stream"), True),
+                                         (OSError(errno.ENOENT, "No such file"), True),
+                                         (OSError(errno.EMFILE, "Too many open files"), False),
+                                         (OSError(errno.ENOSPC, "No space left"), False)])
+def test_only_bad_images_are_client_errors(proc, err, client):
+    async def failing(*args, **kwargs):
+        try:
+            raise err
+        except OSError as e:
+            raise RuntimeError(f"Error while loading data: {e}") from e
+
+    with pytest.raises(ValueError if client else RuntimeError):
+        _run_as(ImageProcessingShortcut(1 << 30), proc, [_data_url(64, 64, 9)], _prompt(proc, 1), original=failing)
+
+
+def test_key_of_never_touches_the_file_system():
+    from vlcache_sglang.processor_patch import key_of
+    from vlcache_sglang.image_key import ProcessorSettings
+
+    settings = ProcessorSettings("m", 1, 2)
+    start = time.monotonic()
+    assert key_of("/proc/kmsg", settings) is None
+    assert key_of("file:///proc/kmsg", settings) is None
+    assert time.monotonic() - start < 1.0
+
+
+def test_a_local_file_is_read_once_off_the_event_loop_and_sglang_decodes_those_bytes(proc, tmp_path, monkeypatch):
+    import vlcache_sglang.processor_patch as pp
+
+    path = tmp_path / "img.png"
+    path.write_bytes(base64.b64decode(_data_url(90, 60, 10).split(",", 1)[1]))
+    threads, seen = [], []
+    real_read = pp.read_local_image
+
+    def spy(p, *a):
+        threads.append(threading.get_ident())
+        return real_read(p, *a)
+
+    async def original(proc_, image_data, input_text, request_obj, *args, **kwargs):
+        seen.append(image_data)
+        return await _original()(proc_, image_data, input_text, request_obj, *args, **kwargs)
+
+    monkeypatch.setattr(pp, "read_local_image", spy)
+    shortcut = ImageProcessingShortcut(1 << 30)
+    out = _run_as(shortcut, proc, [str(path)], _prompt(proc, 1), original=original)
+    assert threads and threading.get_ident() not in threads, "read in a worker thread"
+    assert seen[0] == [path.read_bytes()], "SGLang decodes the bytes that were keyed"
+    assert len(shortcut.cache) == 1 and out.mm_items[0].hash == pp.image_key_from_bytes(
+        path.read_bytes(), shortcut._settings).value
+
+
+def test_proc_kmsg_is_a_client_error_and_relative_paths_are_base64_as_in_sglang(proc, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rel.png").write_bytes(b"\x89PNG not read")
+    calls = []
+
+    async def original(proc_, image_data, input_text, request_obj, *args, **kwargs):
+        calls.append(list(image_data))
+        return SimpleNamespace(mm_items=[])
+
+    shortcut = ImageProcessingShortcut(1 << 30)
+    start = time.monotonic()
+    for path in ("/proc/kmsg", "file:///proc/kmsg"):
+        with pytest.raises(ValueError, match="local image"):  # stock SGLang would hang a loader thread
+            _run_as(shortcut, proc, [path], _prompt(proc, 1), original=original)
+    assert time.monotonic() - start < 5 and not calls
+    with pytest.raises(ValueError, match="base64"):
+        _run_as(shortcut, proc, ["rel.png"], _prompt(proc, 1), original=original)  # as SGLang: base64
+    # Unkeyed requests too: an http image first, client mm_hashes, a video alongside.
+    for images, fields in ((["https://example.com/a.png", "/proc/kmsg"], {}),
+                           (["/proc/kmsg"], {"mm_hashes": ["ab" * 16]})):
+        with pytest.raises(ValueError, match="local image"):
+            _run_as(shortcut, proc, images, _prompt(proc, len(images)), original=original, **fields)
+    with pytest.raises(ValueError, match="local image"):
+        req = SimpleNamespace(video_data=["v.mp4"], audio_data=None, rid="t")
+        asyncio.run(shortcut.around_process(original, proc, ["/proc/kmsg"], _prompt(proc, 1), req))
+    assert not calls
+
+
+def test_an_image_data_path_keeps_its_other_fields(proc, tmp_path):
+    from sglang.srt.utils.common import ImageData
+
+    path = tmp_path / "img.png"
+    path.write_bytes(base64.b64decode(_data_url(80, 60, 11).split(",", 1)[1]))
+    seen = []
+
+    async def original(proc_, image_data, input_text, request_obj, *args, **kwargs):
+        seen.append(image_data)
+        return await _original()(proc_, image_data, input_text, request_obj, *args, **kwargs)
+
+    entry = ImageData(url=f"file://{path}", detail="high")
+    out = _run_as(ImageProcessingShortcut(1 << 30), proc, [entry], _prompt(proc, 1), original=original)
+    sent = seen[0][0]
+    assert sent.url == path.read_bytes() and sent.detail == "high" and entry.url == f"file://{path}"
+    assert len(out.mm_items) == 1
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/dev/shm"), reason="needs /dev/shm")
+def test_shared_pixels_of_a_cache_hit_reach_the_scheduler_and_survive_eviction(proc):
+    from sglang.srt.managers.mm_utils import _unwrap_tensor_or_list
+
+    from vlcache_sglang.shared_pixels import SharedPixels
+
+    shortcut = ImageProcessingShortcut(1 << 30, pixel_dtype=torch.bfloat16, share_pixels=True)
+    img = [_data_url(160, 120, 12)]
+    miss = _run(shortcut, proc, img, _prompt(proc, 1))
+    hit = _run(shortcut, proc, img, _prompt(proc, 1))
+    feature = hit.mm_items[0].feature
+    assert isinstance(feature, SharedPixels) and shortcut.served_from_cache == 1
+    in_flight = pickle.dumps(feature)
+    shortcut.cache.max_bytes = shortcut.cache.nbytes  # the next (smaller) image evicts this one
+    _run(shortcut, proc, [_data_url(64, 64, 13)], _prompt(proc, 1))
+    assert hit.mm_items[0].hash not in shortcut.cache and len(shortcut.cache) == 1
+    assert not __import__("os").path.exists(f"/dev/shm/{feature.shm_name}"), "unlinked at eviction, no timer"
+    mapped = _unwrap_tensor_or_list(pickle.loads(in_flight))
+    assert torch.equal(mapped, miss.mm_items[0].feature.to(torch.bfloat16)), "the request sent before eviction"

@@ -12,6 +12,7 @@ from kv_pool import make_kv_pool
 from vlcache_sglang.config import VLCacheConfig
 from vlcache_sglang.kernels import rotate_neox
 from vlcache_sglang.radix_mm_cache import MultimodalRadixCache
+from vlcache_sglang.image_key import KEY_ATTR
 from vlcache_sglang.reuse_planner import plan_request
 
 POOL, LAYERS, HEADS, DIM = 512, 2, 2, 16
@@ -31,7 +32,7 @@ def cache(device):
                                 max_store_tokens=200, num_layers=LAYERS, inv_freq=INV_FREQ.to(device))
 
 
-def _request(cache, text_before: int, text_after: int, row: int):
+def _request(cache, text_before: int, text_after: int, row: int, extra_key=None):
     """A prefilled request: text, one image (pad tokens), text; slots allocated and written."""
     pad = 1_000_000 + IMAGE_KEY % (1 << 30)
     ids = list(range(100, 100 + text_before)) + [pad] * N_IMG + list(range(200, 200 + text_after))
@@ -39,6 +40,7 @@ def _request(cache, text_before: int, text_after: int, row: int):
     item = MultimodalDataItem(modality=Modality.IMAGE, hash=IMAGE_KEY, pad_value=pad,
                               offsets=[(start, start + N_IMG - 1)],
                               model_specific_data={"image_grid_thw": torch.tensor([GRID])})
+    setattr(item, KEY_ATTR, IMAGE_KEY)  # keyed by our tokenizer hook
     # Qwen2.5-VL M-RoPE: text t -> (t, t, t); image -> (0, h, w) + start; text after continues at max + 1.
     pos = [[t] * 3 for t in range(start)]
     pos += [[start, start + h, start + w] for h in range(2) for w in range(6)]
@@ -49,8 +51,8 @@ def _request(cache, text_before: int, text_after: int, row: int):
     cache.req_to_token_pool.req_to_token[row, : len(ids)] = slots.to(torch.int32)
     return SimpleNamespace(
         rid=f"r{row}", multimodal_inputs=mm, req_pool_idx=row, origin_input_ids=ids, output_ids=[],
-        extra_key=None, cache_protected_len=0, last_node=cache.root_node, prefix_indices=torch.empty(0),
-        return_logprob=False, cached_tokens=0, priority=0, session_id=None, get_fill_ids=lambda: ids,
+        extra_key=extra_key, cache_protected_len=0, last_node=cache.root_node, prefix_indices=torch.empty(0),
+        return_logprob=False, logprob_start_len=-1, return_hidden_states=False, cached_tokens=0, priority=0, session_id=None, get_fill_ids=lambda: ids,
     ), slots
 
 
@@ -112,8 +114,10 @@ def test_mismatched_grid_is_a_miss(cache):
 
 
 @pytest.mark.parametrize("return_logprob, logprob_start, reused", [
-    (False, None, True),
-    (True, "extend_len", True),  # OpenAI `logprobs`: output tokens only -> reuse
+    (False, -1, True),
+    (True, -1, True),  # token_ids_logprob only: no input-token logprobs -> reuse
+    (True, "len", True),  # OpenAI `logprobs`: output tokens only (SGLang sets the start to L) -> reuse
+    (True, "len-1", False),  # the last prompt token's input logprob: not planned (nor charged)
     (True, 0, False),  # input-token logprobs need every token's hidden state -> no reuse
 ])
 def test_plan_batch_attaches_plans_and_counts_cached_tokens(cache, return_logprob, logprob_start, reused):
@@ -122,10 +126,10 @@ def test_plan_batch_attaches_plans_and_counts_cached_tokens(cache, return_logpro
     first, _ = _request(cache, text_before=5, text_after=3, row=0)
     cache.cache_unfinished_req(first)
     second, slots = _request(cache, text_before=9, text_after=4, row=1)
-    second.return_logprob = return_logprob
     extend = len(second.origin_input_ids)
-    batch = SimpleNamespace(reqs=[second], prefix_lens=[0], extend_lens=[extend], out_cache_loc=slots,
-                            extend_logprob_start_lens=[extend if logprob_start == "extend_len" else logprob_start])
+    second.return_logprob = return_logprob
+    second.logprob_start_len = {"len": extend, "len-1": extend - 1}.get(logprob_start, logprob_start)
+    batch = SimpleNamespace(reqs=[second], prefix_lens=[0], extend_lens=[extend], out_cache_loc=slots)
     plan_batch(batch, cache)
     plans = getattr(second.multimodal_inputs, PLANS_ATTR, {})
     assert (0 in plans) == reused
@@ -165,6 +169,7 @@ def _two_images(cache, row: int, second_key: int):
     item = MultimodalDataItem(modality=Modality.IMAGE, hash=second_key, pad_value=pad2,
                               offsets=[(start2, start2 + N_IMG - 1)],
                               model_specific_data={"image_grid_thw": torch.tensor([GRID])})
+    setattr(item, KEY_ATTR, second_key)
     mm.mm_items.append(item)
     # M-RoPE of the second image: (st, st + h, st + w) with st its first token's text position.
     st = int(mm.mrope_positions[0, start2])
@@ -185,3 +190,68 @@ def test_an_image_computed_after_an_approximately_reused_one_is_not_stored(cache
     cache.cache_unfinished_req(req)
     assert cache.has_image(0xB0B) == stored, "its KV attended to approximate KV of the first image"
     assert cache.stats.second_generation_skipped == (0 if stored else 1)
+def _plan_batch_of(cache, req, slots):
+    from vlcache_sglang.reuse_planner import PLANS_ATTR, plan_batch
+
+    extend = len(req.origin_input_ids)
+    plan_batch(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[extend], out_cache_loc=slots), cache)
+    return getattr(req.multimodal_inputs, PLANS_ATTR, {}).get(0)
+
+
+@pytest.mark.parametrize("first_salt, second_salt, reused", [
+    (None, None, True), ("tenant-a", "tenant-a", True),
+    ("tenant-a", "tenant-b", False), ("tenant-a", None, False), (None, "tenant-b", False),
+    ("tenant-a", "tenant-alora-1", False),  # Req.extra_key = cache_salt ‖ extra_key ‖ LoRA id
+])
+def test_the_image_store_is_namespaced_by_extra_key(cache, first_salt, second_salt, reused):
+    first, _ = _request(cache, text_before=5, text_after=3, row=0, extra_key=first_salt)
+    cache.cache_unfinished_req(first)
+    assert cache.has_image(IMAGE_KEY, first_salt) and not cache.has_image(IMAGE_KEY, "someone else")
+    second, slots = _request(cache, text_before=9, text_after=4, row=1, extra_key=second_salt)
+    plan = _plan_batch_of(cache, second, slots)
+    assert (plan is not None) == reused
+    assert second.cached_tokens == (10 if reused else 0), "cached_tokens tells no tenant about another's images"
+    assert cache.stats.key_hits == (1 if reused else 0)
+    if not reused:  # the other tenant computes the image itself, and gets a node of its own
+        cache.cache_unfinished_req(second)
+        assert cache.has_image(IMAGE_KEY, second_salt) and cache.has_image(IMAGE_KEY, first_salt)
+
+
+def test_items_not_keyed_by_our_hook_are_never_reused_or_stored(cache):
+    first, _ = _request(cache, text_before=5, text_after=3, row=0)
+    cache.cache_unfinished_req(first)
+    second, slots = _request(cache, text_before=9, text_after=4, row=1)
+    setattr(second.multimodal_inputs.mm_items[0], KEY_ATTR, None)  # e.g. a client's mm_hashes replaced the hash
+    assert _plan_batch_of(cache, second, slots) is None and second.cached_tokens == 0
+    cache.cache_unfinished_req(second)
+    assert cache.stats.stored_images == 1
+
+
+def test_return_hidden_states_is_not_reused(cache):
+    first, _ = _request(cache, text_before=5, text_after=3, row=0)
+    cache.cache_unfinished_req(first)
+    second, slots = _request(cache, text_before=9, text_after=4, row=1)
+    second.return_hidden_states = True  # skipped tokens would have no hidden state
+    assert _plan_batch_of(cache, second, slots) is None and second.cached_tokens == 0
+
+
+@pytest.mark.parametrize("damage", ["no_grid", "grid_2d", "no_positions", "positions_not_st", "positions_short"])
+def test_unusual_items_are_counted_misses_not_exceptions(cache, damage):
+    first, _ = _request(cache, text_before=5, text_after=3, row=0)
+    cache.cache_unfinished_req(first)
+    second, slots = _request(cache, text_before=9, text_after=4, row=1)
+    mm, item = second.multimodal_inputs, second.multimodal_inputs.mm_items[0]
+    if damage == "no_grid":
+        del item.model_specific_data["image_grid_thw"]
+    elif damage == "grid_2d":
+        item.model_specific_data["image_grid_thw"] = torch.tensor([[4, 12]])
+    elif damage == "no_positions":
+        mm.mrope_positions = None
+    elif damage == "positions_not_st":
+        mm.mrope_positions[1, 9] += 1
+    else:
+        mm.mrope_positions = mm.mrope_positions[:, :5]
+    assert _plan_batch_of(cache, second, slots) is None
+    assert cache.stats.key_mismatches == 1
+    cache.cache_unfinished_req(second)  # storing skips what it cannot place
+    assert cache.stats.stored_images == 1

@@ -49,6 +49,9 @@ def apply_config(server_args: Any, config: VLCacheConfig) -> None:
     # from our option unless the user sized it. Scheduler processes inherit the environment.
     os.environ.setdefault("SGLANG_VLM_CACHE_SIZE_MB", str(config.encoder_cache_mb))
     _install_processor_shortcut(server_args, config)
+    from vlcache_sglang.hook_check import TOKENIZER_TARGETS, verify_hooks
+
+    verify_hooks(required=TOKENIZER_TARGETS, only=TOKENIZER_TARGETS)
     logger.info("vlcache enabled: %s", config)
 
 
@@ -65,8 +68,17 @@ def _check_policy(server_args: Any, config: VLCacheConfig) -> None:
     logger.info("vlcache recompute %s", resolver.describe())
 
 
+_shortcut = None  # the one ImageProcessingShortcut of this process
+
+
 def _install_processor_shortcut(server_args: Any, config: VLCacheConfig) -> None:
-    """Tokenizer side (this process): key images by raw bytes, skip processing recurring ones."""
+    """Tokenizer side (this process): key images by raw bytes, skip processing recurring ones.
+
+    Once per process: HookRegistry skips a target patched before, so a second shortcut's hook
+    would never run (and hook_check would refuse it)."""
+    global _shortcut
+    if _shortcut is not None:
+        return
     import torch
 
     from sglang.srt.managers.tokenizer_manager import _determine_tensor_transport_mode
@@ -80,7 +92,7 @@ def _install_processor_shortcut(server_args: Any, config: VLCacheConfig) -> None
     share_pixels = _determine_tensor_transport_mode(server_args) != "default" and not server_args.skip_tokenizer_init
     if share_pixels:
         sweep_stale()
-    shortcut = ImageProcessingShortcut(config.processed_cache_mb * 1024 * 1024,
+    shortcut = _shortcut = ImageProcessingShortcut(config.processed_cache_mb * 1024 * 1024,
                                        pixel_dtype=dtype if dtype in (torch.bfloat16, torch.float16) else None,
                                        share_pixels=share_pixels)
     HookRegistry.register(

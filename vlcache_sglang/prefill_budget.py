@@ -22,7 +22,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from vlcache_sglang.recompute_policy import ImageSpan, RecomputePolicy, TokenLayout
-from vlcache_sglang.reuse_planner import image_grid, image_items, req_state
+from vlcache_sglang.reuse_planner import image_grid, image_items, image_start_pos, req_state, reuse_allowed
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
@@ -72,15 +72,6 @@ class ReuseCharge:
         return lo
 
 
-def _credit_eligible(req: "Req") -> bool:
-    """Input-token logprobs need every token computed (the planner reuses nothing for them)."""
-    if req.multimodal_inputs is None:
-        return False
-    if not req.return_logprob:
-        return True
-    return req.logprob_start_len >= len(req.origin_input_ids) - 1
-
-
 def _recomputed_head(policy: RecomputePolicy, span: ImageSpan, num_layers: int) -> int:
     """Tokens of a reused span the policy may recompute at layer 0 (the widest layer), counted as
     the span's first ones: exact for first_k, a charge-only approximation for ratio policies."""
@@ -90,7 +81,7 @@ def _recomputed_head(policy: RecomputePolicy, span: ImageSpan, num_layers: int) 
 
 def reuse_charge(req: "Req", cache: "MultimodalRadixCache", ratio: int) -> Optional[ReuseCharge]:
     """The charge of `req`'s remaining extend tokens, or None when none of its images is stored."""
-    if not _credit_eligible(req):
+    if not reuse_allowed(req):  # the planner's own predicate: charged as reused only if planned so
         return None
     start, end = len(req.prefix_indices), len(req.full_untruncated_fill_ids)
     last_prompt = len(req.origin_input_ids) - 1  # always computed (its logits are read)
@@ -99,7 +90,9 @@ def reuse_charge(req: "Req", cache: "MultimodalRadixCache", ratio: int) -> Optio
         lo, hi = max(img_start, start), min(img_end, end, last_prompt)
         if lo >= hi:
             continue
-        node = cache.peek_image(item.hash, image_grid(item), img_end - img_start)
+        if image_start_pos(req.multimodal_inputs, img_start) is None:
+            continue  # the planner cannot place it: no reuse, no credit
+        node = cache.peek_image(item.hash, image_grid(item), img_end - img_start, getattr(req, "extra_key", None))
         if node is None:
             continue
         span = ImageSpan(lo, hi - lo, reused=True, offset_in_image=lo - img_start, image_tokens=img_end - img_start)

@@ -3,7 +3,8 @@
 A hit lets a request skip decoding, resizing and normalising the image, and (because the item's
 hash is the key) SGLang's SHA-256 over the pixels. LRU, bounded in bytes. An entry may own a
 shared-memory copy of its pixels (`SharedPixels`, what requests ship to the scheduler); evicting it
-hands that segment to a deferred unlink.
+unlinks the segment's base name at once (requests in flight hold links of their own), so /dev/shm
+holds at most `max_bytes` of cached pixels plus those of requests in flight.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 if TYPE_CHECKING:
-    from vlcache_sglang.shared_pixels import DeferredUnlinks, SharedPixels
+    from vlcache_sglang.shared_pixels import SharedPixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +39,8 @@ class ProcessedImage:
 
 
 class ProcessedImageCache:
-    def __init__(self, max_bytes: int, unlinks: Optional["DeferredUnlinks"] = None) -> None:
+    def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._unlinks = unlinks
         self._entries: OrderedDict[int, ProcessedImage] = OrderedDict()
         self._bytes = 0
         self.hits = 0
@@ -59,15 +59,17 @@ class ProcessedImageCache:
         return key in self._entries
 
     def put(self, key: int, entry: ProcessedImage) -> bool:
-        if self._unlinks is not None:
-            self._unlinks.sweep()
+        if entry.shared is not None:
+            from vlcache_sglang.shared_pixels import reap_links
+
+            reap_links()
         if key in self._entries or entry.nbytes > self.max_bytes:
             return False
         while self._bytes + entry.nbytes > self.max_bytes:
             _, old = self._entries.popitem(last=False)
             self._bytes -= old.nbytes
-            if old.shared is not None and self._unlinks is not None:
-                self._unlinks.add(old.shared)
+            if old.shared is not None:
+                old.shared.unlink()
         self._entries[key] = entry
         self._bytes += entry.nbytes
         return True

@@ -1,46 +1,79 @@
 """Tokenizer-side shortcut for recurring images (Qwen2.5-VL multimodal processor).
 
-Every image of a request is keyed by xxh3-128 over its raw encoded bytes plus the processor
-settings (`image_key`). The key becomes the image item's `hash` (and so its pad value, the key of
-SGLang's encoder-output cache and of our image KV store), so SGLang never SHA-256-hashes the pixels.
+Every image of a request is keyed by a secret-keyed MAC over its raw encoded bytes, the processor
+settings and the request's cache salt (`image_key`). The key becomes the image item's `hash` (and so
+its pad value, the key of SGLang's encoder-output cache and of our image KV store), so SGLang never
+SHA-256-hashes the pixels. Items keyed here carry the key a second time as `KEY_ATTR`; the scheduler
+reuses and stores only items whose hash still equals it (a client's `mm_hashes` replaces hashes
+after this hook, and SGLang's own 64-bit pixel hashes are not ours to trust).
 
-* All images of the request seen before: the request is built from the processed-image cache —
-  no decode, resize or normalisation; only the text is tokenised and M-RoPE positions computed,
-  exactly as SGLang's QwenVLImageProcessor does.
+* All images of the request seen before (under the same salt): the request is built from the
+  processed-image cache — no decode, resize or normalisation; only the text is tokenised and M-RoPE
+  positions computed, exactly as SGLang's QwenVLImageProcessor does.
 * Otherwise SGLang's processor runs as stock; its per-image pixel values are then cached.
 * An image that cannot be decoded is a ValueError naming the image: a 4xx for the client, and the
-  server keeps serving.
+  server keeps serving. Resource errors (EMFILE, ENOSPC, ...) stay server errors.
+* Local files (`file://`, absolute paths: what SGLang itself reads) are read once, off the event
+  loop and size-capped, and the bytes read are what SGLang decodes (no second read to race);
+  pseudo-files (/proc/kmsg), FIFOs, devices and oversized files are a 400, never read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import binascii
+import copy
+import errno
 import logging
-import os
 from typing import Any, Callable, Optional
 
 import torch
 
 from vlcache_sglang.image_key import (
+    KEY_ATTR,
     ImageKey,
     ProcessorSettings,
     image_key_from_base64,
     image_key_from_bytes,
-    image_key_from_file,
+    local_image_path,
+    read_local_image,
 )
 from vlcache_sglang.processed_image_cache import ProcessedImage, ProcessedImageCache
-from vlcache_sglang.shared_pixels import DeferredUnlinks, share
+from vlcache_sglang.shared_pixels import share
 
 logger = logging.getLogger(__name__)
 
+# Payloads above this are keyed in a worker thread (decode + MAC of 20 MB is ~25 ms of CPU).
+_KEY_OFF_LOOP_BYTES = 1 << 20
+# OSErrors that mean "the request named a file that cannot be read", not "the server is short of
+# something" (EMFILE, ENOSPC, ENOMEM, EIO stay 5xx).
+_CLIENT_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.ELOOP, errno.ENAMETOOLONG}
+
 
 def _is_decode_error(e: BaseException) -> bool:
-    """True when an image failed to decode (SGLang wraps PIL's OSError in a RuntimeError)."""
+    """True when an image of the request is bad: it failed to decode (SGLang wraps PIL's errors in a
+    RuntimeError), is a decompression bomb, or names an unreadable file."""
+    from PIL import Image
+
     while e is not None:
-        if isinstance(e, (OSError, binascii.Error)):
+        if isinstance(e, (binascii.Error, Image.DecompressionBombError)):
             return True
+        if isinstance(e, OSError):  # PIL's decode errors are OSErrors without an errno
+            return e.errno is None or e.errno in _CLIENT_ERRNOS
         e = e.__cause__ or e.__context__
     return False
+
+
+def request_namespace(request_obj: Any) -> tuple[bool, Optional[str]]:
+    """(usable, namespace): the request's cache namespace as SGLang builds `Req.extra_key`
+    (cache_salt ‖ extra_key, then the LoRA id); usable is False for a shape we do not know."""
+    extra = getattr(request_obj, "extra_key", None)
+    lora = getattr(request_obj, "lora_id", None)
+    if not isinstance(extra, (str, type(None))) or not isinstance(lora, (str, type(None))):
+        return False, None
+    if lora:
+        extra = (extra or "") + lora
+    return True, extra
 
 
 def processor_settings(proc: Any) -> ProcessorSettings:
@@ -62,28 +95,48 @@ def processor_settings(proc: Any) -> ProcessorSettings:
                              max_pixels=int(max_pixels), extra=extra)
 
 
-def key_of(entry: Any, settings: ProcessorSettings) -> Optional[ImageKey]:
-    """Key of one `image_data` entry, or None when it is not raw bytes we can hash (an http URL)."""
+def key_of(entry: Any, settings: ProcessorSettings, namespace: Optional[str] = None) -> Optional[ImageKey]:
+    """Key of one in-memory `image_data` entry (bytes, base64, data URL), or None for anything that
+    must be fetched or read first (http URLs, local paths). Never touches the file system."""
     data = getattr(entry, "url", entry)
     if isinstance(data, (bytes, bytearray, memoryview)):
-        return image_key_from_bytes(data, settings)
+        return image_key_from_bytes(data, settings, namespace)
     if not isinstance(data, str):
         return None
     if data.startswith("data:"):
-        return image_key_from_base64(data, settings)
-    if "://" in data:
+        return image_key_from_base64(data, settings, namespace)
+    if "://" in data or local_image_path(data) is not None:
         return None
-    if os.path.isfile(data):
-        return image_key_from_file(data, settings)
-    return image_key_from_base64(data, settings)
+    return image_key_from_base64(data, settings, namespace)  # SGLang decodes any other string as base64
+
+
+def _with_payload(entry: Any, payload: bytes) -> Any:
+    """`entry` with its file replaced by the bytes read from it (ImageData keeps its other fields)."""
+    if hasattr(entry, "url"):
+        entry = copy.copy(entry)
+        entry.url = payload
+        return entry
+    return payload
+
+
+async def _read_local_files(image_data: list) -> list:
+    """`image_data` with every local file replaced by its bytes, read once in a worker thread; a
+    file we refuse to read (read_local_image) is a ValueError, so SGLang's loader never opens it."""
+    data = list(image_data)
+    for i, entry in enumerate(image_data):
+        raw = getattr(entry, "url", entry)
+        path = local_image_path(raw) if isinstance(raw, str) else None
+        if path is not None:
+            data[i] = _with_payload(entry, await asyncio.to_thread(read_local_image, path))
+    return data
 
 
 class ImageProcessingShortcut:
     def __init__(self, max_bytes: int, pixel_dtype: Optional[torch.dtype] = None, share_pixels: bool = False) -> None:
         """share_pixels: keep cached pixels in shared memory and ship only its name (single-node
         SGLang, where the scheduler unwraps ShmPointerMMData features; see shared_pixels.py)."""
-        self._unlinks = DeferredUnlinks() if share_pixels else None
-        self.cache = ProcessedImageCache(max_bytes, self._unlinks)
+        self.share_pixels = share_pixels
+        self.cache = ProcessedImageCache(max_bytes)
         # The vision tower casts pixel values to its own dtype first thing, so caching (and
         # shipping to the scheduler) them in that dtype changes no number and halves the bytes.
         self.pixel_dtype = pixel_dtype
@@ -92,7 +145,7 @@ class ImageProcessingShortcut:
 
     async def around_process(self, original: Callable[..., Any], proc: Any, image_data: Any, input_text: Any,
                              request_obj: Any, *args: Any, **kwargs: Any) -> Any:
-        keys = self._keys(proc, image_data, request_obj)
+        keys, image_data = await self._keys(proc, image_data, request_obj)
         if keys is not None and isinstance(input_text, str):
             cached = [self.cache.get(k.value) for k in keys]
             if all(c is not None for c in cached):
@@ -111,13 +164,31 @@ class ImageProcessingShortcut:
             self._adopt(out, keys)
         return out
 
-    def _keys(self, proc: Any, image_data: Any, request_obj: Any) -> Optional[list[ImageKey]]:
-        if not image_data or getattr(request_obj, "video_data", None) or getattr(request_obj, "audio_data", None):
-            return None
+    async def _keys(self, proc: Any, image_data: Any, request_obj: Any) -> tuple[Optional[list[ImageKey]], Any]:
+        """The images' keys (None: leave the request to SGLang) and the image data to process."""
+        if not image_data:
+            return None, image_data
+        data = await _read_local_files(image_data)  # whether or not we key the request
+        if getattr(request_obj, "video_data", None) or getattr(request_obj, "audio_data", None):
+            return None, data
+        if getattr(request_obj, "mm_hashes", None):
+            return None, data  # client-chosen hashes replace ours after this hook
+        usable, namespace = request_namespace(request_obj)
+        if not usable:
+            return None, data
         if self._settings is None:
             self._settings = processor_settings(proc)
-        keys = [key_of(entry, self._settings) for entry in image_data]
-        return keys if all(k is not None for k in keys) else None
+        keys = []
+        for entry in data:
+            raw = getattr(entry, "url", entry)
+            if isinstance(raw, (str, bytes, bytearray, memoryview)) and len(raw) > _KEY_OFF_LOOP_BYTES:
+                key = await asyncio.to_thread(key_of, entry, self._settings, namespace)
+            else:
+                key = key_of(entry, self._settings, namespace)
+            if key is None:
+                return None, data
+            keys.append(key)
+        return keys, data
 
     def _adopt(self, out: Any, keys: list[ImageKey]) -> None:
         """Give SGLang's freshly processed items our keys as hashes, and cache their pixels."""
@@ -128,6 +199,7 @@ class ImageProcessingShortcut:
             return  # an unexpected layout: leave SGLang's own hashing in charge
         for item, key in zip(images, keys):
             item.hash, item.pad_value = key.value, key.pad_value
+            setattr(item, KEY_ATTR, key.value)
             grid = item.model_specific_data.get("image_grid_thw")
             if isinstance(item.feature, torch.Tensor) and grid is not None and key.value not in self.cache:
                 g = tuple(int(x) for x in torch.as_tensor(grid).reshape(-1)[:3].tolist())
@@ -136,9 +208,9 @@ class ImageProcessingShortcut:
 
     def _cache_pixels(self, key: int, feature: torch.Tensor, grid: tuple[int, int, int]) -> None:
         pixels = feature if self.pixel_dtype is None else feature.to(self.pixel_dtype)
-        shared = share(pixels) if self._unlinks is not None else None
+        shared = share(pixels) if self.share_pixels else None
         # With a segment, the cache's own tensor is a mapping of it: the pixels are held once.
-        entry = ProcessedImage(shared.materialize() if shared else pixels, grid, shared)
+        entry = ProcessedImage(shared.local() if shared else pixels, grid, shared)
         if not self.cache.put(key, entry) and shared is not None:
             shared.unlink()
 
@@ -167,6 +239,8 @@ def build_output_from_cache(proc: Any, text: str, keys: list[ImageKey], cached: 
                            feature=c.feature(), model_specific_data={"image_grid_thw": grids[i : i + 1]})
         for i, (key, c, off) in enumerate(zip(keys, cached, offsets))
     ]
+    for item, key in zip(items, keys):
+        setattr(item, KEY_ATTR, key.value)
     mrope_positions, mrope_delta = MRotaryEmbedding.get_rope_index(
         spatial_merge_size=merge, image_token_id=tokens.image_token_id, video_token_id=tokens.video_token_id,
         vision_start_token_id=proc.vision_start_token_id, model_type=proc.model_type,

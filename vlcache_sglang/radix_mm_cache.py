@@ -11,7 +11,10 @@ Life of an image node:
 * stored (`store_image`) when a request that computed the image in full is cached: new slots are
   allocated and the image's KV copied in (copy-rotate kernel with δ = 0);
 * looked up (`lookup_image`) when a later request holds the same image after its matched prefix;
-  a key whose grid or token count differs is a miss, counted;
+  a key whose grid or token count differs is a miss, counted. Nodes are keyed by (namespace, image
+  key), the namespace being the request's `extra_key` (cache_salt ‖ extra_key ‖ LoRA id, as SGLang
+  keeps salted prefixes apart): reused KV carries the context of the request that computed it, and
+  a hit shows in `cached_tokens` and TTFT, so it never crosses tenants;
 * locked from scheduling until that request's prefill is cached (`lock_for`/`release_for`);
 * evicted LRU-first, by SGLang's `evict()` under pressure or to keep the store under its bound.
 """
@@ -48,6 +51,7 @@ class ImageNodeKey:
     """`extra_key` of an image node: a namespace no request's extra_key (str or None) equals."""
 
     image_key: int
+    namespace: Optional[str] = None  # the storing request's extra_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +62,7 @@ class ImageEntry:
     start_pos: int  # M-RoPE start `st` of the image when its KV was computed
     grid_thw: tuple[int, int, int]
     num_tokens: int
+    namespace: Optional[str] = None  # extra_key of the request that computed it (Req.extra_key)
 
 
 class MultimodalRadixCache(RadixCache):
@@ -77,7 +82,7 @@ class MultimodalRadixCache(RadixCache):
         self.policy = self.policies.default
         self.stats = VLCacheStats()
         self.metrics = None  # VLCacheMetrics when the server exports metrics
-        self._image_nodes: dict[int, TreeNode] = {}
+        self._image_nodes: dict[tuple[Optional[str], int], TreeNode] = {}
         super().__init__(params)
 
     def publish_stats(self) -> None:
@@ -98,40 +103,43 @@ class MultimodalRadixCache(RadixCache):
     # ----- image nodes -------------------------------------------------------------------------
 
     def lookup_image(
-        self, image_key: int, grid_thw: tuple[int, int, int], num_tokens: int, count: bool = True
+        self, image_key: int, grid_thw: Optional[tuple[int, int, int]], num_tokens: int, count: bool = True,
+        namespace: Optional[str] = None,
     ) -> Optional[TreeNode]:
-        """The image node for `image_key` if its grid and token count match the request's.
+        """The image node for (`namespace`, `image_key`) if its grid and token count match the request's.
 
-        `count=False` for the later chunks of an image split by chunked prefill (counted once)."""
-        node = self._image_nodes.get(image_key)
+        `namespace`: the request's `extra_key`. `count=False` for the later chunks of an image split
+        by chunked prefill (counted once)."""
+        node = self._image_nodes.get((namespace, image_key))
         if node is None:
             self.stats.key_misses += count
             return None
-        if self.peek_image(image_key, grid_thw, num_tokens) is None:
+        if self.peek_image(image_key, grid_thw, num_tokens, namespace) is None:
             entry: ImageEntry = node.vl_entry
             self.stats.key_mismatches += count
             logger.warning("vlcache: key %032x found with grid %s/%d tokens, request has %s/%d: miss",
-                           image_key, entry.grid_thw, entry.num_tokens, tuple(grid_thw), num_tokens)
+                           image_key, entry.grid_thw, entry.num_tokens, grid_thw, num_tokens)
             return None
         self.stats.key_hits += count
         node.last_access_time = time.monotonic()
         return node
 
-    def peek_image(self, image_key: int, grid_thw: tuple[int, int, int], num_tokens: int) -> Optional[TreeNode]:
+    def peek_image(self, image_key: int, grid_thw: Optional[tuple[int, int, int]], num_tokens: int,
+                   namespace: Optional[str] = None) -> Optional[TreeNode]:
         """`lookup_image` without counting, logging or touching the LRU clock (for the scheduler's
         admission, which asks before the planner does)."""
-        node = self._image_nodes.get(image_key)
-        if node is None:
+        node = self._image_nodes.get((namespace, image_key))
+        if node is None or grid_thw is None:
             return None
         entry: ImageEntry = node.vl_entry
         return node if entry.grid_thw == tuple(grid_thw) and entry.num_tokens == num_tokens else None
 
-    def has_image(self, image_key: int) -> bool:
-        return image_key in self._image_nodes
+    def has_image(self, image_key: int, namespace: Optional[str] = None) -> bool:
+        return (namespace, image_key) in self._image_nodes
 
     def store_image(self, entry: ImageEntry, src_slots: torch.Tensor) -> bool:
         """Copy one image's KV (all layers) from `src_slots` into slots owned by a new image node."""
-        if self.disable or entry.image_key in self._image_nodes:
+        if self.disable or (entry.namespace, entry.image_key) in self._image_nodes:
             return False
         n = entry.num_tokens
         if src_slots.numel() != n:
@@ -144,12 +152,13 @@ class MultimodalRadixCache(RadixCache):
             self.stats.store_skipped += 1
             return False
         self.copy_kv(src_slots, slots, delta=0)
-        key = RadixKey(array("q", [_pad_value(entry.image_key)] * n), extra_key=ImageNodeKey(entry.image_key))
+        key = RadixKey(array("q", [_pad_value(entry.image_key)] * n),
+                       extra_key=ImageNodeKey(entry.image_key, entry.namespace))
         result = self.insert(InsertParams(key=key, value=slots))
         node = result.last_device_node
         assert result.prefix_len == 0 and len(node.key) == n, f"{result.prefix_len=}, {len(node.key)=}, {n=}"
         node.vl_entry = entry
-        self._image_nodes[entry.image_key] = node
+        self._image_nodes[(entry.namespace, entry.image_key)] = node
         self.stats.stored_images += 1
         self._account(n)
         return True
@@ -182,17 +191,22 @@ class MultimodalRadixCache(RadixCache):
         mm = req.multimodal_inputs
         if mm is None or req.req_pool_idx is None or self.disable:
             return
+        namespace = getattr(req, "extra_key", None)
         for item, start, end in image_items(mm):
             key = item.hash
-            if end > kv_len or key in state.reused_keys or key in state.stored_keys or self.has_image(key):
+            if (end > kv_len or key in state.reused_keys or key in state.stored_keys
+                    or self.has_image(key, namespace)):
                 continue
             if state.approximate_from is not None and start > state.approximate_from:
                 state.stored_keys.add(key)
                 self.stats.second_generation_skipped += 1  # its KV saw approximate reused KV
                 continue
             state.stored_keys.add(key)
+            start_pos, grid = image_start_pos(mm, start), image_grid(item)
+            if start_pos is None or grid is None:
+                continue  # an item we cannot place again (counted by the planner's lookup)
             src = self.req_to_token_pool.req_to_token[req.req_pool_idx, start:end].to(torch.int64)
-            entry = ImageEntry(key, image_start_pos(mm, start), image_grid(item), end - start)
+            entry = ImageEntry(key, start_pos, grid, end - start, namespace)
             stored = self.store_image(entry, src)
             logger.debug("vlcache: image %032x (%d tokens at %d) %s; store %d tokens", key, end - start,
                          entry.start_pos, "stored" if stored else "not stored", self.image_store_tokens)
@@ -207,8 +221,8 @@ class MultimodalRadixCache(RadixCache):
     def _delete_leaf(self, node: TreeNode) -> None:
         super()._delete_leaf(node)
         entry: Optional[ImageEntry] = getattr(node, "vl_entry", None)
-        if entry is not None and self._image_nodes.get(entry.image_key) is node:
-            del self._image_nodes[entry.image_key]
+        if entry is not None and self._image_nodes.get((entry.namespace, entry.image_key)) is node:
+            del self._image_nodes[(entry.namespace, entry.image_key)]
             self.stats.evicted_images += 1
             self._account(-entry.num_tokens)
 
@@ -292,6 +306,12 @@ def vlcache_tree_cache_factory(ctx: "TreeCacheBuildContext") -> RadixCache:
         inv_freq = inv_freq_of(language_rotary_embedding(model)).to(allocator.device)
         prefill = install(inv_freq)
         _install_prefill_budget(ctx.model_config)
+        from vlcache_sglang import receive_guard
+
+        receive_guard.install()  # a request whose shared pixels vanished fails alone
+        from vlcache_sglang.hook_check import SCHEDULER_TARGETS, verify_hooks
+
+        verify_hooks(required=SCHEDULER_TARGETS)  # all or nothing: never serve half installed
         prefill.capture_graphs(model.model, ctx.model_config.dtype, ctx.params.req_to_token_pool.req_to_token,
                                allocator.get_kvcache())
     num_layers = ctx.model_config.num_hidden_layers

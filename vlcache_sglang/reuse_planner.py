@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
+from vlcache_sglang.image_key import KEY_ATTR
 from vlcache_sglang.layer_selector import LayerSelector, ReuseOutcome
 from vlcache_sglang.recompute_policy import ImageSpan, RecomputePolicy, TokenLayout
 
@@ -79,10 +80,13 @@ def req_state(req: "Req") -> ReqReuseState:
 
 
 def image_items(mm_inputs: Any) -> list[tuple[Any, int, int]]:
-    """(item, start, end_exclusive) for each image item with a single run of pad tokens."""
+    """(item, start, end_exclusive) for each image item with a single run of pad tokens, keyed by
+    our tokenizer-side hook (its hash still equals our key: not a client's `mm_hashes`, not one of
+    SGLang's unkeyed 64-bit pixel hashes)."""
     out = []
     for item in getattr(mm_inputs, "mm_items", None) or []:
-        if not item.is_image() or not item.offsets or len(item.offsets) != 1 or item.hash is None:
+        if (not item.is_image() or not item.offsets or len(item.offsets) != 1 or item.hash is None
+                or getattr(item, KEY_ATTR, None) != item.hash):
             logger.debug("vlcache: image item not reusable: modality=%s offsets=%s hash=%s", item.modality,
                         item.offsets, item.hash)
             continue
@@ -91,30 +95,49 @@ def image_items(mm_inputs: Any) -> list[tuple[Any, int, int]]:
     return out
 
 
-def image_grid(item: Any) -> tuple[int, int, int]:
-    grid = item.model_specific_data.get("image_grid_thw")
-    return tuple(int(x) for x in torch.as_tensor(grid).reshape(-1)[:3].tolist())
+def image_grid(item: Any) -> tuple[int, int, int] | None:
+    """The item's (t, h, w) grid, or None when it has none we can read (a counted miss, never an
+    exception in the scheduler)."""
+    grid = getattr(item, "model_specific_data", {}).get("image_grid_thw")
+    try:
+        values = torch.as_tensor(grid).reshape(-1).tolist()
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if len(values) != 3 or not all(isinstance(v, int) and v > 0 for v in values):
+        return None
+    return tuple(values)
 
 
-def image_start_pos(mm_inputs: Any, start: int) -> int:
-    """The image's M-RoPE start `st`: its first token sits at (0, 0, 0) + st on all three axes."""
-    pos = mm_inputs.mrope_positions[:, start]
-    st = int(pos[0])
-    if int(pos[1]) != st or int(pos[2]) != st:
-        raise ValueError(f"image first-token M-RoPE position {pos.tolist()} is not (st, st, st)")
-    return st
+def image_start_pos(mm_inputs: Any, start: int) -> int | None:
+    """The image's M-RoPE start `st`: its first token sits at (0, 0, 0) + st on all three axes.
+    None when the positions are missing or not of that form (client-supplied processor output)."""
+    positions = getattr(mm_inputs, "mrope_positions", None)
+    if not isinstance(positions, torch.Tensor) or positions.ndim != 2 or positions.shape[0] != 3 \
+            or not 0 <= start < positions.shape[1]:
+        return None
+    st, h, w = (int(x) for x in positions[:, start].tolist())
+    return st if h == st and w == st else None
 
 
-def _eligible(batch: "ScheduleBatch", i: int, extend_len: int) -> bool:
-    req = batch.reqs[i]
-    if req.multimodal_inputs is None:
+def reuse_allowed(req: "Req") -> bool:
+    """Whether any image of `req` may be served from the store: the one predicate that admission
+    (`prefill_budget.reuse_charge`) and planning (`plan_batch`) share, so a request is never charged
+    as reused and then computed in full.
+
+    Not for requests that read hidden states (skipped tokens have none) or input-token logprobs
+    (they need every token from `logprob_start_len` at the last layer). -1 and starts at or past
+    the prompt's end mean output logprobs only (the OpenAI `logprobs` option), which need only the
+    last prompt token, always computed."""
+    if req.multimodal_inputs is None or getattr(req, "return_hidden_states", False):
         return False
     if not req.return_logprob:
         return True
-    # Input-token logprobs need the hidden state of every token from their start at the last layer;
-    # output logprobs (the OpenAI `logprobs` option) need only the last prompt token, always computed.
-    starts = getattr(batch, "extend_logprob_start_lens", None)
-    return starts is not None and starts[i] >= extend_len
+    start = req.logprob_start_len
+    return start == -1 or start >= len(req.origin_input_ids)
+
+
+def _eligible(batch: "ScheduleBatch", i: int, extend_len: int) -> bool:
+    return reuse_allowed(batch.reqs[i])
 
 
 def plan_request(
@@ -131,12 +154,15 @@ def plan_request(
     is_last_chunk = seq_len >= len(req.origin_input_ids)
     spans, src, dst, delta = [], [], [], []
     state = req_state(req)
+    namespace = getattr(req, "extra_key", None)
     for item, start, end in image_items(mm):
         lo = max(start, prefix_len)
         hi = min(end, seq_len - 1 if is_last_chunk else seq_len)  # the last prompt token is always computed
         if lo >= hi:
             continue
-        node = cache.lookup_image(item.hash, image_grid(item), end - start, count=start >= prefix_len)
+        start_pos = image_start_pos(mm, start)
+        grid = image_grid(item) if start_pos is not None else None  # None: a counted mismatch below
+        node = cache.lookup_image(item.hash, grid, end - start, count=start >= prefix_len, namespace=namespace)
         logger.debug("vlcache: req %s image %032x tokens [%d, %d) of chunk [%d, %d): %s", req.rid, item.hash,
                     start, end, prefix_len, seq_len, "hit" if node is not None else "miss")
         if node is None:
@@ -146,7 +172,7 @@ def plan_request(
         state.reused_keys.add(item.hash)
         if policy.name != "full" and (state.approximate_from is None or start < state.approximate_from):
             state.approximate_from = start
-        shift = image_start_pos(mm, start) - node.vl_entry.start_pos
+        shift = start_pos - node.vl_entry.start_pos
         spans.append(ImageSpan(lo, hi - lo, reused=True, offset_in_image=lo - start, image_tokens=end - start))
         src.append(node.value[lo - start : hi - start])
         dst.append(out_loc[lo - prefix_len : hi - prefix_len])

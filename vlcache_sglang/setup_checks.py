@@ -68,9 +68,47 @@ def check_parallelism(server_args: Any) -> None:
         )
 
 
+# KV cache dtypes whose pool buffers the copy-rotate kernel reads and writes (SGLang keeps fp8 KV as
+# uint8 with scales, which copy_rotate does not dequantise yet).
+SUPPORTED_KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16")
+
+
+def check_kv_cache_dtype(server_args: Any) -> None:
+    dtype = getattr(server_args, "kv_cache_dtype", "auto")
+    if dtype not in SUPPORTED_KV_CACHE_DTYPES:
+        raise VLCacheSetupError(
+            f"--enable-vlcache copies and rotates KV in the model dtype and does not support "
+            f"--kv-cache-dtype {dtype} yet (the pool would hold quantised uint8 KV). Drop "
+            f"--kv-cache-dtype (or pass auto), or drop --enable-vlcache."
+        )
+
+
+def check_unsupported_features(server_args: Any) -> None:
+    if getattr(server_args, "enable_lora", None) or getattr(server_args, "lora_paths", None):
+        # The selective forward runs qkv/o/mlp on a row subset; SGLang's LoRA layers index the
+        # batch's full extend tokens, and reused KV was computed under another adapter.
+        raise VLCacheSetupError(
+            "--enable-vlcache does not support LoRA adapters yet; drop --enable-lora/--lora-paths, "
+            "or drop --enable-vlcache."
+        )
+    workers = getattr(server_args, "tokenizer_worker_num", 1) or 1
+    if workers > 1:
+        # Image keys are computed, with a per-process secret, by the tokenizer process that
+        # installed the shortcut; extra tokenizer workers would neither key nor reuse images.
+        raise VLCacheSetupError(
+            f"--enable-vlcache keys images in one tokenizer process; got --tokenizer-worker-num "
+            f"{workers}. Drop --tokenizer-worker-num (or pass 1)."
+        )
+
+
 def check_server_args(server_args: Any) -> None:
     """All start-up checks, on a fully resolved ServerArgs."""
+    from vlcache_sglang.hook_check import check_sglang_version
+
+    check_sglang_version()
     check_attention_backends(server_args)
     check_cache_flags(server_args)
     check_parallelism(server_args)
+    check_kv_cache_dtype(server_args)
+    check_unsupported_features(server_args)
     check_architecture(server_args.get_model_config().hf_config.architectures)
