@@ -16,6 +16,7 @@ from test_selective_graph import HIDDEN, LAYERS, Pool, make_model
 
 from vlcache_sglang.layer_selector import LayerSelector
 from vlcache_sglang.model_patch import selective_attention
+from vlcache_sglang.model_patch.selective_graph import SelectiveGraphs
 from vlcache_sglang.model_patch.selective_prefill import SelectiveBatch, SelectivePrefill
 from vlcache_sglang.recompute_policy import ImageSpan, PolicyParams, RecomputePolicy, TokenLayout, get_recompute_policy
 from vlcache_sglang.reuse_planner import RequestReuse
@@ -64,6 +65,7 @@ def run(device, monkeypatch):
         plan = RequestReuse(0, SEQ, LAYOUT, LayerSelector(policy, LAYOUT, LAYERS), empty, empty, empty)
         sel = SelectiveBatch([plan], fb, LAYERS)
         prefill = SelectivePrefill(torch.ones(4))
+        prefill._graphs = SelectiveGraphs(why_not=lambda *args: "these tests run the eager loop")
         out = prefill._selective_forward(lm, None, positions, fb, embeds, sel)
         return out, plan.selector
 
