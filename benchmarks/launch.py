@@ -85,6 +85,19 @@ def http_get(url: str, timeout_s: float = 10.0) -> tuple[int, str]:
         return 0, ""
 
 
+def http_post(url: str, body: Optional[dict] = None, timeout_s: float = 30.0) -> tuple[int, str]:
+    """POST a JSON body (or none); (status, body), status 0 when nothing answers."""
+    data = json.dumps(body).encode() if body is not None else b""
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return 0, ""
+
+
 def tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
