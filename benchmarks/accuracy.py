@@ -765,6 +765,8 @@ def write_sweep(args: argparse.Namespace, sets: dict, plan: list[Config], runs: 
                     knob_md(knob) if knob["shares"] else "(no data set with layout tags)", "",
                     "## Summary (accuracy on repeats / measured recomputed fraction)", "", table, ""])
     (out / "sweep.md").write_text(md)
+    (out / "summary.md").write_text("Accuracy on repeats / measured recomputed fraction (details: sweep.md)\n\n"
+                                    + table + "\n")
     data = {"meta": {"sets": {n: s["path"] for n, s in sets.items()}, "image_tokens": image_tokens,
                      "configs": [dataclasses.asdict(c) for c in plan]},
             "summary": all_rows, "stock": stock_rows, "knob": knob}
