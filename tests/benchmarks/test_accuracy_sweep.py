@@ -284,3 +284,32 @@ def test_sweep_past_the_deadline_reports_skipped_passes(tmp_path, monkeypatch):
         srv.shutdown()
     assert all(s.get("skipped") and s["error"] == "skipped: time budget" for s in data["summary"]["A"])
     assert "skipped: time budget" in (tmp_path / "o" / "A" / "accuracy.md").read_text()
+
+
+def test_report_tables_on_canned_rows():
+    import accuracy_report as report
+
+    def row(config, policy, fraction, acc, frac, **kw):
+        return {"config": config, "policy": policy, "fraction": fraction, "repeat_accuracy": acc,
+                "recomputed_fraction": frac, "n_repeat": 10, "agreement": acc, "kl_mean": 0.1, "kl_max": 0.5,
+                "hit_rate": 0.8, "n_errors": 0, "error": None, **kw}
+
+    rows = {"A": [row("full", "full", 1.0, 0.9, 1.0), row("none", "none", 0.0, 0.3, 0.0),
+                  row("vlcache:0.05", "vlcache", 0.05, 0.8, 0.06), row("vlcache:0.2", "vlcache", 0.2, 0.85, 0.2),
+                  row("error_bounded:0.1", "error_bounded", None, 0.88, 0.31)],
+            "multi": [row("full", "full", 1.0, 0.7, 1.0)]}
+    stock = {"A": {"repeat_accuracy": 0.9, "agreement": 1.0}, "multi": None}
+    lines = report.short_table(rows, stock, ["A", "multi"]).splitlines()
+    assert lines[2] == "| stock (= full?) | 0.900 / agree 1.000 | – |"
+    assert [l.split(" |")[0][2:] for l in lines[3:]] == ["full", "none", "vlcache:0.05", "error_bounded:0.1"]
+    assert lines[-1] == "| error_bounded:0.1 | 0.880 / 0.310 | – |"
+    reqs = [{"server": "full", "n_reused": n, "correct": c, "id": f"m{i}-multi.total", "kind": "multi.total"}
+            for i, (n, c) in enumerate([(0, True), (1, True), (2, False), (2, True)])]
+    by_reused = report.group_table(rows["multi"], reqs, lambda r: str(r["n_reused"]), "reused").splitlines()
+    assert by_reused[0] == "| config | reused 0 | reused 1 | reused 2 |"
+    assert by_reused[2] == "| full | 1.000 (1) | 1.000 (1) | 0.500 (2) |"
+    by_kind = report.group_table(rows["multi"], reqs, report.kind_of, "").splitlines()
+    assert by_kind[0] == "| config | multi.total |" and by_kind[2] == "| full | 0.667 (3) |"  # repeats only
+    knob = {"shares": [("B", 0.0), ("mix-0.5", 0.5), ("A", 1.0)], "rows": {"none": {"B": 0.8, "A": 0.3}}}
+    assert report.knob_md(knob).splitlines()[2] == "| none | 0.800 | – | 0.300 |"
+    assert "not run" in report.exactness_md(None)
