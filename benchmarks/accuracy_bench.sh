@@ -19,10 +19,10 @@ t0=$(date +%s)  # before the bundle is unpacked: the budget is the whole command
 source benchmarks/gpu_env.sh  # OUT, PYTHONPATH; unpacks the dummy 7B directory (our tokenizer source)
 QUICK=${QUICK:-0}
 if [ "$QUICK" = 1 ]; then
-  MINUTES=${MINUTES:-1.5}; BUDGET_S=${BUDGET_S:-330}; IMAGES=${IMAGES:-24}; REPEATS=${REPEATS:-4}; MULTI=24
+  MINUTES=${MINUTES:-1.5}; BUDGET_S=${BUDGET_S:-320}; IMAGES=${IMAGES:-24}; REPEATS=${REPEATS:-4}; MULTI=24
   KNOB=mix:0.5; FRACTIONS=0,2,5,20; BOUNDS=0.05,0.2; CAL_IMAGES=8
 else
-  MINUTES=${MINUTES:-2.5}; BUDGET_S=${BUDGET_S:-570}; IMAGES=${IMAGES:-48}; REPEATS=${REPEATS:-5}; MULTI=48
+  MINUTES=${MINUTES:-2.5}; BUDGET_S=${BUDGET_S:-560}; IMAGES=${IMAGES:-48}; REPEATS=${REPEATS:-5}; MULTI=48
   KNOB=mix:0.25,mix:0.5,mix:0.75; FRACTIONS=0,1,2,5,10,20,50; BOUNDS=0.05,0.1,0.2; CAL_IMAGES=12
 fi
 LAYOUTS=${LAYOUTS:-a:0.45,b:0.3,multi:0.25}
@@ -53,7 +53,8 @@ stamp "servers (stock; calibrate; vlcache with the profile) + sweep until $(( DE
 rc=0
 python3 -m benchmarks.tiny_vlm.serve_eval --model "$CKPT" --data-dir "$DATA" --sets A,B,multi \
   --knob-sets "$KNOB_SETS" --out-dir "$OUT/accuracy" --log-dir /tmp/tiny_server_logs \
-  --calibration "$DATA/calibration.jsonl" --profile "$OUT/profile.json" --deadline-unix "$DEADLINE" \
+  --calibration "$DATA/calibration.jsonl" --profile "$OUT/profile.json" --calibration-timeout-s 120 \
+  --deadline-unix "$DEADLINE" \
   --progress "$OUT/progress.log" --vlcache-flags "${VLCACHE_FLAGS:-}" --tails-to "$OUT/server_tails.txt" \
   --sweep-args "--fractions $FRACTIONS --error-bounds $BOUNDS ${SWEEP_ARGS:-}" >"$OUT/sweep.log" 2>&1 || rc=$?
 cp /tmp/tiny_server_logs/calibrate.log "$OUT/" 2>/dev/null || true
