@@ -302,8 +302,8 @@ def running(servers: Sequence[Server], first_alone: bool = False,
 
 
 def gauge_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, Optional[float]]:
-    """Rates over a window between two metrics() snapshots: hit rate and recomputed fraction of the
-    requests in between (the gauges themselves are cumulative), store size at the end.
+    """Rates over a window between two metrics() snapshots: hit rate and recomputed fraction (reused
+    tokens computed, summed over layers, over reused tokens times layers) of the requests in between (the gauges themselves are cumulative), store size at the end.
     None where the window saw no images (or the server is stock)."""
     def d(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -315,7 +315,9 @@ def gauge_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str,
         "hit_rate": d("key_hits") / lookups if lookups else None,
         "reused_tokens": d("reused_tokens"),
         "recomputed_tokens": d("recomputed_tokens"),
-        "recomputed_fraction": d("recomputed_tokens") / d("reused_tokens") if d("reused_tokens") else None,
+        # Per layer, a check layer's QKV of every scored token included (VLCache's r averaged over layers).
+        "recomputed_fraction": (d("recomputed_token_layers") / d("reused_token_layers")
+                                if d("reused_token_layers") else None),
         "store_tokens": after.get("store_tokens"),
         "store_bytes": after.get("store_bytes"),
     }

@@ -363,7 +363,7 @@ def report_md(meta: dict, rows: list[dict]) -> str:
            "TTFT p50 speed-up: stock's p50 / this server's at the same preset and concurrency. Prefix-hit "
            "TTFT: median over a few workload requests each sent twice, the second one's TTFT (an exact "
            "prefix hit). Hit rate, recomputed fraction: vlcache gauges over the measured run (images found "
-           "in the store / looked up; recomputed / reused image tokens). Store tokens: KV tokens held by "
+           "in the store / looked up; reused image tokens computed per layer, averaged over layers). Store tokens: KV tokens held by "
            "image nodes after the run.", ""]
     for label, s in meta["servers"].items():
         state = f"error: {_first_last(s['error'])}" if s.get("error") else \

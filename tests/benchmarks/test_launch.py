@@ -79,9 +79,11 @@ def test_parse_vlcache_gauges():
 
 
 def test_gauge_deltas_are_window_rates():
-    before = {"key_hits": 2, "key_misses": 6, "key_mismatches": 0, "reused_tokens": 1000, "recomputed_tokens": 0}
+    before = {"key_hits": 2, "key_misses": 6, "key_mismatches": 0, "reused_tokens": 1000, "recomputed_tokens": 0,
+              "reused_token_layers": 28000, "recomputed_token_layers": 0}
     after = {"key_hits": 11, "key_misses": 9, "key_mismatches": 0, "reused_tokens": 5000,
-             "recomputed_tokens": 400, "store_tokens": 777, "store_bytes": 9}
+             "recomputed_tokens": 4000, "store_tokens": 777, "store_bytes": 9,
+             "reused_token_layers": 140000, "recomputed_token_layers": 11200}  # layer 0 in full, none after
     d = launch.gauge_deltas(before, after)
     assert d["hit_rate"] == pytest.approx(9 / 12)
     assert d["recomputed_fraction"] == pytest.approx(0.1)
