@@ -43,17 +43,24 @@ def base_flags(model_path: str, dummy: bool = True) -> list[str]:
 
 
 def vlcache_flags(spec: str) -> list[str]:
-    """Server flags for a label `stock`, `POLICY` or `POLICY:PARAM` (PARAM is K for first_k, the
-    recompute ratio for other policies): `first_k:16` -> --enable-vlcache --vlcache-policy first_k
-    --vlcache-first-k 16."""
+    """Server flags for a label `stock`, `POLICY`, `POLICY:PARAM` or `POLICY:PARAM:name=value...`
+    (PARAM is K for first_k, the recompute ratio for other policies; each name=value adds
+    --vlcache-name value): `first_k:16` -> --enable-vlcache --vlcache-policy first_k --vlcache-first-k
+    16; `vlcache:0.05:profile=p.json` adds --vlcache-profile p.json."""
     if spec == "stock":
         return []
-    policy, _, param = spec.partition(":")
+    policy, _, rest = spec.partition(":")
     if not policy:
         raise ValueError(f"empty policy in {spec!r}")
+    param, *extras = rest.split(":") if rest else [""]
     flags = ["--enable-vlcache", "--vlcache-policy", policy]
     if param:
         flags += ["--vlcache-first-k" if policy == "first_k" else "--vlcache-recompute-ratio", param]
+    for extra in extras:
+        name, eq, value = extra.partition("=")
+        if not name or not eq:
+            raise ValueError(f"expected name=value after the parameter in {spec!r}, got {extra!r}")
+        flags += [f"--vlcache-{name}", value]
     return flags
 
 

@@ -53,8 +53,12 @@ def test_vlcache_flags_from_labels():
     assert launch.vlcache_flags("none") == ["--enable-vlcache", "--vlcache-policy", "none"]
     assert launch.vlcache_flags("first_k:16")[-2:] == ["--vlcache-first-k", "16"]
     assert launch.vlcache_flags("full:0.1")[-2:] == ["--vlcache-recompute-ratio", "0.1"]
+    assert launch.vlcache_flags("vlcache:0.05:profile=p.json:check-layer=2")[-6:] == [
+        "--vlcache-recompute-ratio", "0.05", "--vlcache-profile", "p.json", "--vlcache-check-layer", "2"]
     with pytest.raises(ValueError):
         launch.vlcache_flags(":3")
+    with pytest.raises(ValueError, match="name=value"):
+        launch.vlcache_flags("vlcache:0.05:profile")
 
 
 def test_argv_adds_port_and_memory(tmp_path):
