@@ -185,6 +185,9 @@ class FakeVlcache(http.server.BaseHTTPRequestHandler):
                     g["key_hits"] = g.get("key_hits", 0) + 1
                     g["reused_tokens"] = g.get("reused_tokens", 0) + N_TOKENS
                     g["recomputed_tokens"] = g.get("recomputed_tokens", 0) + round(frac * N_TOKENS)
+                    # Per layer (4 layers), what the fraction is computed from.
+                    g["reused_token_layers"] = g.get("reused_token_layers", 0) + 4 * N_TOKENS
+                    g["recomputed_token_layers"] = g.get("recomputed_token_layers", 0) + 4 * round(frac * N_TOKENS)
                     wrong |= frac < 0.05
                 else:
                     g["key_misses"] = g.get("key_misses", 0) + 1
