@@ -494,7 +494,9 @@ def parse_sweep_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--fractions", default="0,1,2,5,10,20,50", help="recompute fractions in percent")
     p.add_argument("--policies", default=",".join(RATIO_POLICIES), help="ratio policies to sweep")
-    p.add_argument("--error-bounds", default="0.05,0.1,0.2", help="error_bounded's bounds (the server's unit)")
+    p.add_argument("--error-bounds", default="0.1,0.25,0.05,0.5",
+                   help="error_bounded's bounds τ: the largest relative K/V error at the check layer served from "
+                        "cache (run in this order when time is short)")
     p.add_argument("--error-floor", type=float, default=0.02, help="error_bounded's recompute_ratio (its floor)")
     p.add_argument("--knob-fractions", default="5", help="percent; the knob data sets' configs")
     p.add_argument("--image-tokens", type=int, default=None, help="tokens per image (default: read from the PNG)")
