@@ -40,7 +40,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy_report as report  # noqa: E402
@@ -536,15 +536,17 @@ class _Progress:
                 f.write(line + "\n")
 
 
-def sweep_main(argv: Optional[list[str]] = None) -> dict:
+def sweep_main(argv: Optional[list[str]] = None, restart: Optional[Callable[[], None]] = None,
+               max_restarts: int = 2) -> dict:
     """Every (policy, recompute fraction) config through one vlcache server by per-request overrides.
 
     Per data set and config: POST /flush_cache, then the records wave by wave (`phases`: first
     occurrences before the repeats that reuse them), `--concurrency` requests in flight, greedy, the
     first token's top logprobs. `full` runs first: the reference for agreement and first-token KL
     (`first_token_kl`). A stock server, if given, runs every data set once beside it (exactness row).
-    A config that fails is recorded with its error and the sweep goes on; past --deadline-unix the
-    remaining passes are reported skipped. Writes DIR/<set>/accuracy.{json,md,png} (plot: accuracy on
+    A config that fails is recorded with its error and the sweep goes on; if the vlcache server is down
+    after a pass, `restart` (the launcher's, from serve_eval; at most max_restarts times) brings it
+    back, else the remaining passes are reported skipped, as they are past --deadline-unix. Writes DIR/<set>/accuracy.{json,md,png} (plot: accuracy on
     repeats vs measured recomputed fraction, one line per policy), DIR/knob.{json,png} (accuracy on
     repeats vs the share of layout-a records), DIR/sweep.{json,md}; prints a short table last."""
     args = parse_sweep_args(argv)
@@ -589,7 +591,7 @@ def sweep_main(argv: Optional[list[str]] = None) -> dict:
     runs: dict[tuple[str, str], dict] = {}
     per_record_s: dict[str, float] = {}
     vl = Target("vlcache", args.vlcache.rstrip("/"))
-    down = None
+    down, restarts = None, 0
     for config, name in jobs:
         s = sets[name]
         est = per_record_s.get(name, 0.0) * len(s["records"])
@@ -610,9 +612,21 @@ def sweep_main(argv: Optional[list[str]] = None) -> dict:
         acc = _rate([r["correct"] for r in res if r.get("n_reused", 0) > 0]) if res else None
         progress(f"{name} {config.label}: {elapsed:.1f} s, repeats acc {_fmt(acc, '.3f')}, recomputed "
                  f"{_fmt(window.get('recomputed_fraction'), '.3f')}, errors {n_err if res else window.get('error')}")
-        if (not res or n_err == len(res)) and launch.http_get(vl.url + "/health", timeout_s=10)[0] != 200:
-            down = "vlcache server down"
-            progress(f"{down}: the remaining passes are skipped")
+        if (not res or n_err) and launch.http_get(vl.url + "/health", timeout_s=10)[0] != 200:
+            why = f"vlcache server down after {name} {config.label}"
+            runs[(name, config.label)]["crashed"] = True
+            if restart is not None and restarts < max_restarts:
+                restarts += 1
+                progress(f"{why}: restarting it ({restarts} of at most {max_restarts})")
+                try:
+                    restart()
+                    progress("vlcache server back")
+                except Exception as e:  # noqa: BLE001
+                    down = f"{why}; restart failed: {type(e).__name__}: {str(e)[:200]}"
+            else:
+                down = why
+            if down:
+                progress(f"{down}: the remaining passes are skipped")
     if stock_thread:
         stock_thread.join()
     return write_sweep(args, sets, plan, runs, stock_runs, image_tokens)
@@ -647,6 +661,8 @@ def write_sweep(args: argparse.Namespace, sets: dict, plan: list[Config], runs: 
                 rows.append({**skipped_row(config, run["window"].get("error")), "skipped": False, "n_errors": 1})
                 continue
             rows.append(summarise_config(config, run["results"], full, run["window"], run["elapsed_s"]))
+            if run.get("crashed"):
+                rows[-1]["error"] = f"the server went down during this pass: {rows[-1]['error']}"
             for r in run["results"]:
                 kl = first_token_kl(full_top.get(r["id"]), r.get("top"))
                 requests.append({**{k: v for k, v in r.items() if k != "top"}, "kl": kl})

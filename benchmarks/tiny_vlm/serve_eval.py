@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -71,7 +72,25 @@ def calibrate(model: str, requests: str, profile: str, log_path: Path, timeout_s
 
 
 def log_tails(servers: list[launch.Server], lines: int = 40) -> str:
-    return "\n\n".join(f"===== {s.label}: {s.log_path}\n{launch.tail(s.log_path, lines)}" for s in servers)
+    paths = [(s.label, s.log_path) for s in servers]
+    paths += [(p.stem, p) for s in servers for p in sorted(s.log_path.parent.glob(f"{s.log_path.stem}.crash*.log"))]
+    return "\n\n".join(f"===== {label}: {path}\n{launch.tail(path, lines)}" for label, path in paths)
+
+
+def restarter(server: launch.Server):
+    """A sweep's `restart`: keep the crashed server's log, start it again, wait for /health."""
+    count = [0]
+
+    def restart() -> None:
+        count[0] += 1
+        server.stop()
+        if server.log_path.exists():
+            shutil.copy(server.log_path, server.log_path.with_name(f"{server.log_path.stem}.crash{count[0]}.log"))
+        server.startup_s = None
+        server.start()
+        server.wait_healthy()
+
+    return restart
 
 
 def sweep_argv(args: argparse.Namespace, stock: launch.Server, vl: launch.Server) -> list[str]:
@@ -140,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with launch.running([stock, vl], after_first_start=calibrate_then_add_profile):
             note(f"servers healthy: stock {stock.startup_s:.0f} s, vlcache {vl.startup_s:.0f} s from their starts")
-            accuracy.main(sweep_argv(args, stock, vl))
+            accuracy.sweep_main(sweep_argv(args, stock, vl)[1:], restart=restarter(vl))
     finally:
         if args.tails_to:
             Path(args.tails_to).write_text(log_tails([stock, vl]))

@@ -152,6 +152,8 @@ class FakeVlcache(http.server.BaseHTTPRequestHandler):
     lock = threading.Lock()
     flushes = 0
     stock = False
+    die_on: dict = {}  # an override that "crashes" the server (500s and a failing /health until restarted)
+    dead = False
 
     def _send(self, code, body, ctype="application/json"):
         data = body.encode() if isinstance(body, str) else body
@@ -170,6 +172,10 @@ class FakeVlcache(http.server.BaseHTTPRequestHandler):
             return self._send(200, "Cache flushed.", "text/plain")
         body = json.loads(raw)
         override = body.get("custom_params", {}).get("vlcache", {})
+        if self.die_on and override == self.die_on:
+            type(self).dead = True
+        if self.dead:
+            return self._send(500, "scheduler died")
         if self.stock:
             assert not override
         if override.get("error_bound", 0) > 1:
@@ -201,7 +207,7 @@ class FakeVlcache(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/health":
-            return self._send(200, "", "text/plain")
+            return self._send(503 if self.dead else 200, "", "text/plain")
         with self.lock:
             text = "".join(f"sglang:vlcache_{k} {float(v)}\n" for k, v in self.gauges.items())
         self._send(200, text, "text/plain")
@@ -316,3 +322,30 @@ def test_report_tables_on_canned_rows():
     knob = {"shares": [("B", 0.0), ("mix-0.5", 0.5), ("A", 1.0)], "rows": {"none": {"B": 0.8, "A": 0.3}}}
     assert report.knob_md(knob).splitlines()[2] == "| none | 0.800 | – | 0.300 |"
     assert "not run" in report.exactness_md(None)
+
+
+@pytest.mark.parametrize("can_restart", [True, False])
+def test_a_server_crash_is_recorded_and_the_server_restarted(tmp_path, monkeypatch, can_restart):
+    monkeypatch.setattr(accuracy.plot, "try_plot", lambda kind, out: None)
+    vl = type("VL3", (FakeVlcache,), {"store": set(), "gauges": {}, "lock": threading.Lock(), "dead": False,
+                                      "die_on": {"policy": "vlcache", "recompute_ratio": 0.05}})
+    srv, url = _serve(vl)
+    a = _dataset(tmp_path / "A.jsonl", ["RED", "BLUE"], 2)
+    restarts = []
+
+    def restart():
+        restarts.append(1)
+        vl.dead, vl.die_on = False, {}
+
+    try:
+        data = accuracy.sweep_main(["--dataset", f"A={a}", "--vlcache", url, "--out-dir", str(tmp_path / "o"),
+                                    "--fractions", "5,20", "--error-bounds", "", "--image-tokens", "16",
+                                    "--policies", "vlcache"], restart=restart if can_restart else None)
+    finally:
+        srv.shutdown()
+    rows = {s["config"]: s for s in data["summary"]["A"]}
+    assert rows["vlcache:0.05"]["n_errors"] == 4 and "went down during this pass" in rows["vlcache:0.05"]["error"]
+    if can_restart:
+        assert restarts == [1] and rows["vlcache:0.2"]["repeat_accuracy"] == 1.0
+    else:
+        assert rows["vlcache:0.2"].get("skipped") and "server down after A vlcache:0.05" in rows["vlcache:0.2"]["error"]

@@ -46,3 +46,25 @@ def test_sweep_argv_names_every_set(tmp_path):
     assert argv[argv.index("--deadline-unix") + 1] == "123.0"
     accuracy_args = __import__("accuracy").parse_sweep_args(argv[1:])
     assert [n for n, _ in accuracy_args.sets] == ["A", "B", "multi"]
+
+
+def test_restarter_keeps_the_crashed_log_and_brings_the_server_back(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = ("import http.server, sys; print('serving', flush=True)\n"
+            "class H(http.server.BaseHTTPRequestHandler):\n"
+            "    def do_GET(self): self.send_response(200); self.end_headers()\n"
+            "    def log_message(self, *a): pass\n"
+            f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")
+    server = launch.Server("vlcache", [], port, tmp_path, command=[sys.executable, "-c", code], timeout_s=20,
+                           poll_s=0.05)
+    with launch.running([server]):
+        first = server.proc.pid
+        serve_eval.restarter(server)()
+        assert server.proc.pid != first and server.startup_s is not None
+        assert launch.http_get(server.url + "/health")[0] == 200
+    assert (tmp_path / "server_vlcache.crash1.log").read_text().startswith("serving")
+    assert "server_vlcache.crash1" in serve_eval.log_tails([server])
