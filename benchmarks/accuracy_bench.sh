@@ -13,7 +13,7 @@
 # Results in $OUT: progress.log, train.log, profile.json, sweep.log, server_tails.txt, accuracy/
 # (summary.md, sweep.md, sweep.json, knob.png, <set>/accuracy.{md,json,png}). The short table comes last.
 # Knobs: QUICK=1, MINUTES, BUDGET_S (whole script), IMAGES, REPEATS, TRAIN_ARGS, LAYOUTS, SWEEP_ARGS (sweep
-# options, e.g. "--error-bounds 0.02,0.1"), VLCACHE_FLAGS (e.g. "--vlcache-check-layer 0"), REUSE_SIM=1.
+# options, e.g. "--error-bounds 0.02,0.1"), VLCACHE_FLAGS (e.g. "--vlcache-blend-score v"), REUSE_SIM=1.
 set -euo pipefail
 t0=$(date +%s)  # before the bundle is unpacked: the budget is the whole command's
 source benchmarks/gpu_env.sh  # OUT, PYTHONPATH; unpacks the dummy 7B directory (our tokenizer source)

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", default=None, help="where calibration writes the profile")
     p.add_argument("--calibration-timeout-s", type=float, default=240)
     p.add_argument("--server-policy", default="vlcache", help="the vlcache server's default --vlcache-policy")
-    p.add_argument("--vlcache-flags", default="", help="more flags for the vlcache server (e.g. --vlcache-check-layer 0)")
+    p.add_argument("--vlcache-flags", default="", help="more flags for the vlcache server (e.g. --vlcache-blend-score v)")
     p.add_argument("--mem-fraction", type=float, default=0.3,
                    help="--mem-fraction-static per server: room for neighbours' allocations during its start")
     p.add_argument("--max-total-tokens", type=int, default=MAX_TOTAL_TOKENS, help="KV slots per server")

@@ -14,8 +14,8 @@ def test_one_stock_and_one_vlcache_server_flags():
     flags = serve_eval.server_flags("/ckpt", 1000)
     assert flags[:2] == ["--model-path", "/ckpt"] and "--load-format" not in flags
     assert flags[flags.index("--max-total-tokens") + 1] == "1000" and "--disable-cuda-graph" in flags
-    vl = serve_eval.vlcache_server_flags("vlcache", "--vlcache-check-layer 0")
-    assert vl == ["--enable-vlcache", "--vlcache-policy", "vlcache", "--vlcache-check-layer", "0"]
+    vl = serve_eval.vlcache_server_flags("vlcache", "--vlcache-blend-score v")
+    assert vl == ["--enable-vlcache", "--vlcache-policy", "vlcache", "--vlcache-blend-score", "v"]
 
 
 def test_calibration_command_and_failure_is_reported_not_raised(tmp_path, monkeypatch):
