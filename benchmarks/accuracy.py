@@ -675,6 +675,7 @@ def write_sweep(args: argparse.Namespace, sets: dict, plan: list[Config], runs: 
         meta = {"dataset": name, "path": s["path"], "date": datetime.date.today().isoformat(),
                 "n": len(s["records"]), "n_repeat": sum(r.n_reused > 0 for r in s["records"]),
                 "waves": len(s["waves"]), "image_tokens": image_tokens, "a_share": s["a_share"],
+                "expected_hit_rate": sum(r.n_reused for r in s["records"]) / max(1, sum(len(set(r.images)) for r in s["records"])),
                 "reference": "full", "max_tokens": args.max_tokens, "top_logprobs": args.top_logprobs,
                 "concurrency": args.concurrency, "plot_y": "repeat_accuracy", "error_floor": args.error_floor}
         d = out / name

@@ -63,7 +63,9 @@ def kind_of(r: dict) -> Optional[str]:
 def dataset_md(name: str, meta: dict, rows: list[dict], stock: Optional[dict], requests: list[dict]) -> str:
     parts = [f"## {name}: {meta['path']}", "",
              f"{meta['n']} records, {meta['n_repeat']} with a reused image (repeats), {meta['waves']} waves; "
-             f"image tokens {meta['image_tokens']}; A-share {_fmt(meta['a_share'], '.2f')}.", "",
+             f"image tokens {meta['image_tokens']}; A-share {_fmt(meta['a_share'], '.2f')}; hit rate if every "
+             f"image is stored at its first occurrence {meta['expected_hit_rate']:.2f} (lower measured: the server "
+             "declined to store some, e.g. second-generation KV after a reused image).", "",
              exactness_md(stock), "", sweep_table_md(rows), ""]
     unflushed = [s["config"] for s in rows if s.get("first_wave_hits")]
     if unflushed:
