@@ -13,8 +13,8 @@ Regimes (batches.LAYOUTS):
 - mix:S: the same images as A and B, each occurrence in layout a with probability S, else b (the knob
   between them: S = 1 is A, S = 0 is B; an image stored under one layout is reused under the other).
 - multi: 2-4 images per request, question (a total count over all images) before them; requests come
-  in rounds, round 0 all new images, later rounds some images of earlier rounds, some new, in shuffled
-  order (errors add up over the reused images).
+  in rounds, round 0 all new images, later rounds some images of round 0, some new, in shuffled order
+  (errors add up over the reused images).
 Single-image sets: held-out images, each asked `repeats` times after different text (the text before
 the image differs every time, so no prefix-cache hit reaches the image), in groups: all first
 occurrences of a group, then the second ones in another order, and so on. The same image is the same
@@ -122,8 +122,8 @@ def eval_records(task: TaskConfig, images: int, repeats: int, group: int, seed: 
 
 def multi_records(task: TaskConfig, requests: int, rounds: int = 3, seed: int = EVAL_SEED + MULTI_SEED_OFFSET) -> list[dict]:
     """Multi-image records in rounds: round 0 only new images; in later rounds each request takes
-    1..n of its n images from earlier rounds (so reused images were stored in an earlier round) and the
-    rest new, in shuffled order. `n_reused` says how many of a record's images recur."""
+    1..n of its n images from round 0 and the rest new, in shuffled order. `n_reused` says how many of
+    a record's images recur."""
     if requests < rounds or rounds < 1:
         raise ValueError(f"need rounds >= 1 and requests >= rounds, got {requests} requests, {rounds} rounds")
     lo, hi = task.multi_images
@@ -150,7 +150,10 @@ def multi_records(task: TaskConfig, requests: int, rounds: int = 3, seed: int = 
                     befores.add(sample.parts()[0])
                     break
             records.append(record(f"m{len(records):04d}-r{rnd}", sample, [urls[i] for i in chosen], n_reused=m))
-        available = len(urls)
+        if rnd == 0:
+            # Reuse only round 0's images: each was stored at its first occurrence after new text only,
+            # so it is first-generation KV whatever the server does with images stored after a reused one.
+            available = len(urls)
     return records
 
 

@@ -145,6 +145,9 @@ def test_multi_requests_come_in_rounds_with_reused_and_new_images(tmp_path):
     assert all(wave_of[r.id] <= int(r.id.split("-r")[1][0]) for r in loaded) and len(waves) <= 3
     assert [r.id for r in waves[0]] == [r.id for r in loaded if "-r0-" in r.id]
     assert all(r.n_reused == 0 for r in waves[0]) and all(r.n_reused >= 1 for w in waves[1:] for r in w)
+    round0 = {u for r in loaded if "-r0-" in r.id for u in r.images}
+    recurring = {u for r in loaded for u in r.images if sum(u in x.images for x in loaded) > 1}
+    assert recurring and recurring <= round0  # first-generation KV only: stored after new text
     assert [r.n_reused for r in loaded] == [r["n_reused"] for r in records]
     assert any(0 < r.n_reused < len(r.images) for r in loaded)  # some reused, some new
     for r in records:
