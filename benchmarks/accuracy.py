@@ -557,9 +557,11 @@ def sweep_main(argv: Optional[list[str]] = None, restart: Optional[Callable[[], 
             records = load_dataset(path)
         except ValueError as e:
             raise SystemExit(f"bad dataset {name}: {e}") from None
-        layouts = [r.layout for r in records if r.layout]
+        layouts = [r.layout for r in records]
+        # The A-B knob's position: single-image sets whose records all say layout a or b.
+        a_share = sum(x == "a" for x in layouts) / len(layouts) if set(layouts) <= {"a", "b"} else None
         sets[name] = {"path": path, "records": records, "waves": phases(records), "knob": (name, path) in args.knob_sets,
-                      "a_share": sum(x == "a" for x in layouts) / len(layouts) if len(layouts) == len(records) else None}
+                      "a_share": a_share}
     first = next(r for s in sets.values() for r in s["records"] if r.images)
     image_tokens = args.image_tokens or image_tokens_of(first.images[0])
     plan = plan_configs(args.plan_fractions, image_tokens, args.bounds, args.error_floor,
