@@ -292,6 +292,8 @@ FRACTIONS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 FRACTION_ORDER = (0.05, 0.02, 0.2, 0.1, 0.5, 0.01, 0.0)
 RATIO_POLICIES = ("first_k", "vlcache", "cacheblend")
 KNOB_DELAY = 3  # tiers
+HARD_GRACE_S = 20.0
+RESTART_ROOM_S = 120.0  # a restart (stop, start, /health) and a pass must fit before the deadline
 TOKEN_PX = 28  # one merged Qwen2.5-VL image token: 14-px patches merged 2x2
 
 
@@ -390,17 +392,38 @@ def flush_cache(url: str, tries: int = 20, wait_s: float = 0.25) -> None:
     raise RuntimeError(f"POST {url}/flush_cache answered {status} {tries} times: {body[:200]!r}")
 
 
+def _not_sent(target: Target, rec: Record, why: str) -> dict:
+    return {"id": rec.id, "server": target.label, "text": "", "answer": "", "correct": False, "repeat": rec.repeat,
+            "latency_s": 0.0, "error": why, "top": None, "n_reused": rec.n_reused, "kind": rec.kind,
+            "layout": rec.layout}
+
+
 def run_pass(target: Target, waves: list[list[Record]], max_tokens: int, concurrency: int,
-             override: Optional[dict], top_logprobs: int, flush: bool, timeout_s: float = 120) -> tuple[list[dict], dict]:
+             override: Optional[dict], top_logprobs: int, flush: bool, timeout_s: float = 120,
+             stop_at: Optional[float] = None) -> tuple[list[dict], dict]:
     """One config over a data set: flush, then wave by wave with `concurrency` requests in flight; the
-    gauges over the pass (and `first_wave_hits`: store hits in wave 0, 0 when the flush emptied it)."""
+    gauges over the pass (and `first_wave_hits`: store hits in wave 0, 0 when the flush emptied it).
+    After a request times out, or past `stop_at` (UNIX s), the pass's remaining requests are not sent:
+    a hung server must not hold the run past its time limit, one timeout per worker at a time."""
     if flush:
         flush_cache(target.url)
     before = fetch_gauges(target.url)
+    abort = threading.Event()
+
+    def one(rec: Record) -> dict:
+        if not abort.is_set() and stop_at is not None and time.time() > stop_at:
+            abort.set()
+        if abort.is_set():
+            return _not_sent(target, rec, "not sent: the pass was cut short (a request hit --timeout-s, or past the deadline)")
+        out = ask(target, rec, max_tokens, override, top_logprobs, timeout_s)
+        if out["error"] and "timed out" in out["error"]:
+            abort.set()
+        return out
+
     results, after_first = [], None
     with ThreadPoolExecutor(concurrency) as pool:
         for i, wave in enumerate(waves):
-            results += pool.map(lambda r: ask(target, r, max_tokens, override, top_logprobs, timeout_s), wave)
+            results += pool.map(one, wave)
             if i == 0:
                 after_first = fetch_gauges(target.url)
     window = launch.gauge_deltas(before, fetch_gauges(target.url))
@@ -503,7 +526,8 @@ def parse_sweep_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=4)
     p.add_argument("--top-logprobs", type=int, default=20)
-    p.add_argument("--timeout-s", type=float, default=120, help="per request")
+    p.add_argument("--timeout-s", type=float, default=60,
+                   help="per request; after a timeout the rest of that pass is not sent")
     p.add_argument("--deadline-unix", type=float, default=None,
                    help="start no pass that would end after this time (UNIX seconds); those are reported skipped")
     p.add_argument("--progress", default=None, help="append a line per pass to this file")
@@ -574,13 +598,16 @@ def sweep_main(argv: Optional[list[str]] = None, restart: Optional[Callable[[], 
              f"({sum(len(s['records']) for s in sets.values())} records); image tokens {image_tokens}")
 
     stock_runs: dict[str, tuple[list[dict], float]] = {}
+    # A pass that started in time but runs long is cut HARD_GRACE_S after the deadline.
+    stop_at = args.deadline_unix + HARD_GRACE_S if args.deadline_unix is not None else None
 
     def run_stock() -> None:
         for name, s in sets.items():
             t0 = time.monotonic()
             try:
                 res, _ = run_pass(Target("stock", args.stock.rstrip("/")), s["waves"], args.max_tokens,
-                                  args.concurrency, None, args.top_logprobs, flush=False, timeout_s=args.timeout_s)
+                                  args.concurrency, None, args.top_logprobs, flush=False, timeout_s=args.timeout_s,
+                                  stop_at=stop_at)
             except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
                 res = [{"id": r.id, "server": "stock", "error": f"{type(e).__name__}: {e}", "correct": False,
                         "answer": "", "n_reused": r.n_reused} for r in s["records"]]
@@ -603,7 +630,8 @@ def sweep_main(argv: Optional[list[str]] = None, restart: Optional[Callable[[], 
         t0 = time.monotonic()
         try:
             res, window = run_pass(Target(config.label, vl.url), s["waves"], args.max_tokens, args.concurrency,
-                                   config.override, args.top_logprobs, flush=True, timeout_s=args.timeout_s)
+                                   config.override, args.top_logprobs, flush=True, timeout_s=args.timeout_s,
+                                   stop_at=stop_at)
         except Exception as e:  # noqa: BLE001 - one config failing must not end the run
             res, window = [], {"error": f"{type(e).__name__}: {e}"}
         elapsed = time.monotonic() - t0
@@ -617,7 +645,8 @@ def sweep_main(argv: Optional[list[str]] = None, restart: Optional[Callable[[], 
         if (not res or n_err) and launch.http_get(vl.url + "/health", timeout_s=10)[0] != 200:
             why = f"vlcache server down after {name} {config.label}"
             runs[(name, config.label)]["crashed"] = True
-            if restart is not None and restarts < max_restarts:
+            room = args.deadline_unix is None or time.time() + RESTART_ROOM_S < args.deadline_unix
+            if restart is not None and restarts < max_restarts and room:
                 restarts += 1
                 progress(f"{why}: restarting it ({restarts} of at most {max_restarts})")
                 try:
@@ -626,7 +655,7 @@ def sweep_main(argv: Optional[list[str]] = None, restart: Optional[Callable[[], 
                 except Exception as e:  # noqa: BLE001
                     down = f"{why}; restart failed: {type(e).__name__}: {str(e)[:200]}"
             else:
-                down = why
+                down = why if room else f"{why}, too close to the deadline to restart it"
             if down:
                 progress(f"{down}: the remaining passes are skipped")
     if stock_thread:

@@ -154,6 +154,7 @@ class FakeVlcache(http.server.BaseHTTPRequestHandler):
     stock = False
     die_on: dict = {}  # an override that "crashes" the server (500s and a failing /health until restarted)
     dead = False
+    hang_on: dict = {}  # an override under which every request takes 1 s
 
     def _send(self, code, body, ctype="application/json"):
         data = body.encode() if isinstance(body, str) else body
@@ -174,6 +175,9 @@ class FakeVlcache(http.server.BaseHTTPRequestHandler):
         override = body.get("custom_params", {}).get("vlcache", {})
         if self.die_on and override == self.die_on:
             type(self).dead = True
+        if self.hang_on and override == self.hang_on:
+            import time
+            time.sleep(1.0)
         if self.dead:
             return self._send(500, "scheduler died")
         if self.stock:
@@ -216,8 +220,15 @@ class FakeVlcache(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    request_queue_size = 64  # 16 in flight and more: the default 5 resets connections
+
+    def handle_error(self, request, client_address):  # a client that timed out closed the socket
+        pass
+
+
 def _serve(handler):
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv = _QuietServer(("127.0.0.1", 0), handler)
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     return srv, f"http://127.0.0.1:{srv.server_address[1]}"
 
@@ -350,3 +361,23 @@ def test_a_server_crash_is_recorded_and_the_server_restarted(tmp_path, monkeypat
         assert restarts == [1] and rows["vlcache:0.2"]["repeat_accuracy"] == 1.0
     else:
         assert rows["vlcache:0.2"].get("skipped") and "server down after A vlcache:0.05" in rows["vlcache:0.2"]["error"]
+
+
+def test_a_request_timeout_cuts_the_pass_short(tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy.plot, "try_plot", lambda kind, out: None)
+    vl = type("VL4", (FakeVlcache,), {"store": set(), "gauges": {}, "lock": threading.Lock(),
+                                      "hang_on": {"policy": "none"}})
+    srv, url = _serve(vl)
+    a = _dataset(tmp_path / "A.jsonl", ["RED", "BLUE", "GREEN", "PINK"], 4)
+    try:
+        data = accuracy.sweep_main(["--dataset", f"A={a}", "--vlcache", url, "--out-dir", str(tmp_path / "o"),
+                                    "--fractions", "5", "--error-bounds", "", "--image-tokens", "16",
+                                    "--policies", "vlcache", "--timeout-s", "0.3", "--concurrency", "2"])
+    finally:
+        srv.shutdown()
+    rows = {s["config"]: s for s in data["summary"]["A"]}
+    assert rows["none"]["n_errors"] == 16 and rows["none"]["elapsed_s"] < 3  # not 16 timeouts in a row
+    saved = json.loads((tmp_path / "o" / "A" / "accuracy.json").read_text())
+    errors = [r["error"] for r in saved["requests"] if r["server"] == "none"]
+    assert sum("timed out" in e for e in errors) <= 2 and sum(e.startswith("not sent") for e in errors) >= 14
+    assert rows["vlcache:0.05"]["n_errors"] == 0 and rows["full"]["repeat_accuracy"] == 1.0
