@@ -351,8 +351,8 @@ def plan_configs(fractions: tuple[float, ...] | list[float] = FRACTIONS, image_t
 def knob_subset(configs: list[Config], fractions: tuple[float, ...] | list[float]) -> list[Config]:
     """The configs the knob data sets run: full, none, each ratio policy at `fractions`, the first bound."""
     bounds = [c for c in configs if c.policy == "error_bounded"][:1]
-    return [c for c in configs if c.policy in ("full", "none") or (c.fraction in fractions and c.policy != "error_bounded")
-            or c in bounds]
+    return [c for c in configs if c.policy in ("full", "none") or c in bounds
+            or (c.fraction in fractions and c.policy != "error_bounded")]
 
 
 def image_tokens_of(data_url: str) -> int:
@@ -414,7 +414,8 @@ def run_pass(target: Target, waves: list[list[Record]], max_tokens: int, concurr
         if not abort.is_set() and stop_at is not None and time.time() > stop_at:
             abort.set()
         if abort.is_set():
-            return _not_sent(target, rec, "not sent: the pass was cut short (a request hit --timeout-s, or past the deadline)")
+            return _not_sent(target, rec, "not sent: the pass was cut short (a request hit --timeout-s, "
+                                          "or past the deadline)")
         out = ask(target, rec, max_tokens, override, top_logprobs, timeout_s)
         if out["error"] and "timed out" in out["error"]:
             abort.set()
@@ -478,7 +479,8 @@ def summarise_config(config: Config, results: list[dict], reference: Optional[li
     kls = [k for k in (first_token_kl(f.get("top"), r.get("top")) for r, f in pairs) if k is not None]
     errors = [r["error"] for r in results if r["error"] is not None]
     return {"server": config.label, "config": config.label, "policy": config.policy, "param": config.param,
-            "fraction": config.fraction, "n": len(results), "n_errors": len(errors), "error": errors[0] if errors else None,
+            "fraction": config.fraction, "n": len(results), "n_errors": len(errors),
+            "error": errors[0] if errors else None,
             "accuracy": _rate([r["correct"] for r in results]) if len(errors) < len(results) else None,
             "n_repeat": len(repeats),
             "repeat_accuracy": _rate([r["correct"] for r in repeats]) if len(errors) < len(results) else None,
@@ -570,9 +572,10 @@ def sweep_main(argv: Optional[list[str]] = None, restart: Optional[Callable[[], 
     (`first_token_kl`). A stock server, if given, runs every data set once beside it (exactness row).
     A config that fails is recorded with its error and the sweep goes on; if the vlcache server is down
     after a pass, `restart` (the launcher's, from serve_eval; at most max_restarts times) brings it
-    back, else the remaining passes are reported skipped, as they are past --deadline-unix. Writes DIR/<set>/accuracy.{json,md,png} (plot: accuracy on
-    repeats vs measured recomputed fraction, one line per policy), DIR/knob.{json,png} (accuracy on
-    repeats vs the share of layout-a records), DIR/sweep.{json,md}; prints a short table last."""
+    back, else the remaining passes are reported skipped, as they are past --deadline-unix.
+    Writes DIR/<set>/accuracy.{json,md,png} (plot: accuracy on repeats vs measured recomputed
+    fraction, one line per policy), DIR/knob.{json,png} (accuracy on repeats vs the share of layout-a
+    records), DIR/sweep.{json,md}, DIR/summary.md; prints the short summary table last."""
     args = parse_sweep_args(argv)
     progress = _Progress(args.progress)
     sets: dict[str, dict] = {}
@@ -584,8 +587,8 @@ def sweep_main(argv: Optional[list[str]] = None, restart: Optional[Callable[[], 
         layouts = [r.layout for r in records]
         # The A-B knob's position: single-image sets whose records all say layout a or b.
         a_share = sum(x == "a" for x in layouts) / len(layouts) if set(layouts) <= {"a", "b"} else None
-        sets[name] = {"path": path, "records": records, "waves": phases(records), "knob": (name, path) in args.knob_sets,
-                      "a_share": a_share}
+        sets[name] = {"path": path, "records": records, "waves": phases(records), "a_share": a_share,
+                      "knob": (name, path) in args.knob_sets}
     first = next(r for s in sets.values() for r in s["records"] if r.images)
     image_tokens = args.image_tokens or image_tokens_of(first.images[0])
     plan = plan_configs(args.plan_fractions, image_tokens, args.bounds, args.error_floor,
@@ -706,7 +709,8 @@ def write_sweep(args: argparse.Namespace, sets: dict, plan: list[Config], runs: 
         meta = {"dataset": name, "path": s["path"], "date": datetime.date.today().isoformat(),
                 "n": len(s["records"]), "n_repeat": sum(r.n_reused > 0 for r in s["records"]),
                 "waves": len(s["waves"]), "image_tokens": image_tokens, "a_share": s["a_share"],
-                "expected_hit_rate": sum(r.n_reused for r in s["records"]) / max(1, sum(len(set(r.images)) for r in s["records"])),
+                "expected_hit_rate": (sum(r.n_reused for r in s["records"])
+                                      / max(1, sum(len(set(r.images)) for r in s["records"]))),
                 "reference": "full", "max_tokens": args.max_tokens, "top_logprobs": args.top_logprobs,
                 "concurrency": args.concurrency, "plot_y": "repeat_accuracy", "error_floor": args.error_floor}
         d = out / name

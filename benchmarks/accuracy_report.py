@@ -16,7 +16,8 @@ def sweep_table_md(rows: list[dict]) -> str:
              "recomputed fraction (asked / measured) | hit rate | errors |", "|---|---|---|---|---|---|---|"]
     for s in rows:
         if s.get("skipped"):
-            lines.append(f"| {s['config']} | – | – | – | {_fmt(s['fraction'], '.2f')} / – | – | {s['error']} |")
+            asked = _fmt(s["fraction"], ".2f")
+            lines.append(f"| {s['config']} | – | – | – | {asked} / – | – | {s['error']} |")
             continue
         kl = "–" if s["kl_mean"] is None else f"{s['kl_mean']:.4f} / {s['kl_max']:.3f}"
         err = f"{s['n_errors']}" + (f" ({s['error'][:60]})".replace("|", "/") if s["n_errors"] else "")

@@ -120,7 +120,8 @@ def eval_records(task: TaskConfig, images: int, repeats: int, group: int, seed: 
     return records
 
 
-def multi_records(task: TaskConfig, requests: int, rounds: int = 3, seed: int = EVAL_SEED + MULTI_SEED_OFFSET) -> list[dict]:
+def multi_records(task: TaskConfig, requests: int, rounds: int = 3,
+                  seed: int = EVAL_SEED + MULTI_SEED_OFFSET) -> list[dict]:
     """Multi-image records in rounds: round 0 only new images; in later rounds each request takes
     1..n of its n images from round 0 and the rest new, in shuffled order. `n_reused` says how many of
     a record's images recur."""
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     for path, records in sets.items():
         write_jsonl(path, records)
         kinds = {k: sum(r["kind"] == k for r in records) for k in sorted({r["kind"] for r in records})}
-        print(f"wrote {len(records)} records ({len({u for r in records for u in r['images']})} images; {kinds}) to {path}")
+        n_images = len({u for r in records for u in r["images"]})
+        print(f"wrote {len(records)} records ({n_images} images; {kinds}) to {path}")
     if args.out_dir and args.calibration:
         path = Path(args.out_dir) / "calibration.jsonl"
         write_jsonl(path, calibration_requests(task, args.calibration, min(args.repeats, 4)))

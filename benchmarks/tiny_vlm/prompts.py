@@ -102,7 +102,8 @@ def chat_context(rng: np.random.Generator, max_filler_words: int, favourite: str
 IMAGE_TAGS = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
-def render_messages(system: str | None, history: tuple[tuple[str, str], ...] | list, parts: tuple[str, ...] | list) -> str:
+def render_messages(system: str | None, history: tuple[tuple[str, str], ...] | list,
+                    parts: tuple[str, ...] | list) -> str:
     """The prompt text SGLang builds for [system] + history (string contents) + one user turn whose
     content is parts[0], image, parts[1], ..., image, parts[-1] (len(parts) - 1 images), generation prompt
     included, each image still one `<|image_pad|>`. system None: the template's default system turn."""

@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", default=None, help="where calibration writes the profile")
     p.add_argument("--calibration-timeout-s", type=float, default=240)
     p.add_argument("--server-policy", default="vlcache", help="the vlcache server's default --vlcache-policy")
-    p.add_argument("--vlcache-flags", default="", help="more flags for the vlcache server (e.g. --vlcache-blend-score v)")
+    p.add_argument("--vlcache-flags", default="",
+                   help="more flags for the vlcache server (e.g. --vlcache-blend-score v)")
     p.add_argument("--mem-fraction", type=float, default=0.3,
                    help="--mem-fraction-static per server: room for neighbours' allocations during its start")
     p.add_argument("--max-total-tokens", type=int, default=MAX_TOTAL_TOKENS, help="KV slots per server")
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     stock = launch.Server("stock", flags, args.base_port, args.log_dir, mem_fraction=args.mem_fraction,
                           timeout_s=args.server_timeout_s)
     vl = launch.Server("vlcache", flags + vlcache_server_flags(args.server_policy, args.vlcache_flags),
-                       args.base_port + 1, args.log_dir, mem_fraction=args.mem_fraction, timeout_s=args.server_timeout_s)
+                       args.base_port + 1, args.log_dir, mem_fraction=args.mem_fraction,
+                       timeout_s=args.server_timeout_s)
 
     def calibrate_then_add_profile() -> None:
         if not args.calibration:
