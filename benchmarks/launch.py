@@ -60,6 +60,8 @@ def vlcache_flags(spec: str) -> list[str]:
         name, eq, value = extra.partition("=")
         if not name or not eq:
             raise ValueError(f"expected name=value after the parameter in {spec!r}, got {extra!r}")
+        if name == "profile" and "/" not in value:  # a bare name: one of benchmarks/profiles/
+            value = str(Path(__file__).resolve().parent / "profiles" / value)
         flags += [f"--vlcache-{name}", value]
     return flags
 

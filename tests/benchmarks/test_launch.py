@@ -53,8 +53,10 @@ def test_vlcache_flags_from_labels():
     assert launch.vlcache_flags("none") == ["--enable-vlcache", "--vlcache-policy", "none"]
     assert launch.vlcache_flags("first_k:16")[-2:] == ["--vlcache-first-k", "16"]
     assert launch.vlcache_flags("full:0.1")[-2:] == ["--vlcache-recompute-ratio", "0.1"]
-    assert launch.vlcache_flags("vlcache:0.05:profile=p.json:check-layer=2")[-6:] == [
-        "--vlcache-recompute-ratio", "0.05", "--vlcache-profile", "p.json", "--vlcache-check-layer", "2"]
+    assert launch.vlcache_flags("vlcache:0.05:profile=./p.json:check-layer=2")[-6:] == [
+        "--vlcache-recompute-ratio", "0.05", "--vlcache-profile", "./p.json", "--vlcache-check-layer", "2"]
+    bare = launch.vlcache_flags("vlcache:0.05:profile=synthetic-7b-decreasing.json")[-1]
+    assert bare.endswith("benchmarks/profiles/synthetic-7b-decreasing.json") and Path(bare).is_file()
     with pytest.raises(ValueError):
         launch.vlcache_flags(":3")
     with pytest.raises(ValueError, match="name=value"):
