@@ -13,7 +13,8 @@
 # Results in $OUT: progress.log, train.log, profile.json, sweep.log, server_tails.txt, accuracy/
 # (summary.md, sweep.md, sweep.json, knob.png, <set>/accuracy.{md,json,png}). The short table comes last.
 # Knobs: QUICK=1, MINUTES, BUDGET_S (whole script), IMAGES, REPEATS, TRAIN_ARGS, LAYOUTS, SWEEP_ARGS (sweep
-# options, e.g. "--error-bounds 0.02,0.1"), VLCACHE_FLAGS (e.g. "--vlcache-blend-score v"), REUSE_SIM=1.
+# options, e.g. "--error-bounds 0.02,0.1"), VLCACHE_FLAGS (e.g. "--vlcache-blend-score v"), REUSE_SIM=1,
+# REUSE_CKPT=1 (a warm machine: keep /tmp/tiny-qwen2.5-vl from the last run, skip training).
 set -euo pipefail
 t0=$(date +%s)  # before the bundle is unpacked: the budget is the whole command's
 source benchmarks/gpu_env.sh  # OUT, PYTHONPATH; unpacks the dummy 7B directory (our tokenizer source)
@@ -34,9 +35,14 @@ stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$OUT/progress.log"; }
 quiet() { grep -v -i -e warn -e "loading weights" || true; }  # library chatter; never fails the pipe
 stamp "start (QUICK=$QUICK, budget $BUDGET_S s)"
 
-stamp "train ($MINUTES min, layouts $LAYOUTS)"
-python3 -m benchmarks.tiny_vlm.train --out "$CKPT" --minutes "$MINUTES" --tokenizer-from "$MODEL" \
-  --layouts "$LAYOUTS" ${TRAIN_ARGS:-} 2>&1 | quiet | tee "$OUT/train.log" | tail -3
+if [ "${REUSE_CKPT:-0}" = 1 ] && [ -f "$CKPT/model.safetensors" ] && [ -f "$CKPT/train_log.json" ]; then
+  stamp "REUSE_CKPT=1: the checkpoint in $CKPT from an earlier run on this machine, no training"
+  cp "$CKPT/train_log.json" "$OUT/train_log.json"
+else
+  stamp "train ($MINUTES min, layouts $LAYOUTS)"
+  python3 -m benchmarks.tiny_vlm.train --out "$CKPT" --minutes "$MINUTES" --tokenizer-from "$MODEL" \
+    --layouts "$LAYOUTS" ${TRAIN_ARGS:-} 2>&1 | quiet | tee "$OUT/train.log" | tail -3
+fi
 
 if [ "${REUSE_SIM:-0}" = 1 ]; then
   stamp "reuse_sim (plain torch, layout a)"

@@ -68,3 +68,19 @@ def test_restarter_keeps_the_crashed_log_and_brings_the_server_back(tmp_path):
         assert launch.http_get(server.url + "/health")[0] == 200
     assert (tmp_path / "server_vlcache.crash1.log").read_text().startswith("serving")
     assert "server_vlcache.crash1" in serve_eval.log_tails([server])
+
+
+def test_accuracy_bench_script_parses_and_passes_serve_eval_known_options():
+    import re
+    import subprocess
+
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "accuracy_bench.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    call = text[text.index("python3 -m benchmarks.tiny_vlm.serve_eval"):]
+    call = call[:call.index(">\"$OUT/sweep.log\"")]
+    own, sweep = call.split("--sweep-args", 1)
+    for flags, module in ((own + "--sweep-args", serve_eval), (sweep, __import__("accuracy"))):
+        source = Path(module.__file__).read_text()
+        for flag in re.findall(r"(--[a-z][a-z-]+)", flags):
+            assert f'"{flag}"' in source, f"accuracy_bench.sh passes {flag}, which {module.__name__} does not take"
