@@ -398,6 +398,18 @@ def _not_sent(target: Target, rec: Record, why: str) -> dict:
             "layout": rec.layout}
 
 
+def nudge_gauges(url: str) -> None:
+    """One text-only request, so the server publishes what its last batch counted: the per-layer
+    recompute counters are added after a forward but exported when the next batch is planned, so
+    without this the pass's last batch would land in the next pass's window."""
+    body = {"model": "default", "messages": [{"role": "user", "content": "Hello."}], "max_tokens": 1,
+            "temperature": 0}
+    try:
+        post_chat(url, body, timeout_s=30)
+    except (RuntimeError, OSError, ValueError):
+        pass  # the gauges read next say what they say; a dead server shows in the pass's errors
+
+
 def run_pass(target: Target, waves: list[list[Record]], max_tokens: int, concurrency: int,
              override: Optional[dict], top_logprobs: int, flush: bool, timeout_s: float = 120,
              stop_at: Optional[float] = None) -> tuple[list[dict], dict]:
@@ -427,6 +439,7 @@ def run_pass(target: Target, waves: list[list[Record]], max_tokens: int, concurr
             results += pool.map(one, wave)
             if i == 0:
                 after_first = fetch_gauges(target.url)
+    nudge_gauges(target.url)
     window = launch.gauge_deltas(before, fetch_gauges(target.url))
     if after_first:  # {} from a stock server
         window["first_wave_hits"] = after_first.get("key_hits", 0.0) - before.get("key_hits", 0.0)

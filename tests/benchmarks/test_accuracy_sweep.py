@@ -149,6 +149,7 @@ class FakeVlcache(http.server.BaseHTTPRequestHandler):
 
     store: set = set()
     gauges: dict = {}
+    pending: dict = {}
     lock = threading.Lock()
     flushes = 0
     stock = False
@@ -184,7 +185,14 @@ class FakeVlcache(http.server.BaseHTTPRequestHandler):
             assert not override
         if override.get("error_bound", 0) > 1:
             return self._send(400, json.dumps({"error": "error_bound must be <= 1"}))
-        images = [c["image_url"]["url"] for c in body["messages"][-1]["content"] if c["type"] == "image_url"]
+        with self.lock:  # like the server: a batch's per-layer counts are exported when the next one is planned
+            for k, v in self.pending.items():
+                self.gauges[k] = self.gauges.get(k, 0) + v
+            self.pending.clear()
+        content = body["messages"][-1]["content"]
+        if isinstance(content, str):  # text only (accuracy.nudge_gauges)
+            return self._send(200, json.dumps({"choices": [{"message": {"content": "hi"}}]}))
+        images = [c["image_url"]["url"] for c in content if c["type"] == "image_url"]
         policy = override.get("policy", "full")
         frac = {"full": 1.0, "none": 0.0}.get(policy, override.get("recompute_ratio", override.get("first_k", 0) / N_TOKENS))
         wrong = False
@@ -195,9 +203,11 @@ class FakeVlcache(http.server.BaseHTTPRequestHandler):
                     g["key_hits"] = g.get("key_hits", 0) + 1
                     g["reused_tokens"] = g.get("reused_tokens", 0) + N_TOKENS
                     g["recomputed_tokens"] = g.get("recomputed_tokens", 0) + round(frac * N_TOKENS)
-                    # Per layer (4 layers), what the fraction is computed from.
-                    g["reused_token_layers"] = g.get("reused_token_layers", 0) + 4 * N_TOKENS
-                    g["recomputed_token_layers"] = g.get("recomputed_token_layers", 0) + 4 * round(frac * N_TOKENS)
+                    # Per layer (4 layers), what the fraction is computed from; exported one request late.
+                    pending = self.pending
+                    pending["reused_token_layers"] = pending.get("reused_token_layers", 0) + 4 * N_TOKENS
+                    pending["recomputed_token_layers"] = (pending.get("recomputed_token_layers", 0)
+                                                          + 4 * round(frac * N_TOKENS))
                     wrong |= frac < 0.05
                 else:
                     g["key_misses"] = g.get("key_misses", 0) + 1
@@ -245,8 +255,8 @@ def _dataset(path, names, repeats, layout="a"):
 
 def test_sweep_against_a_fake_server(tmp_path, monkeypatch):
     monkeypatch.setattr(accuracy.plot, "try_plot", lambda kind, out: None)
-    vl = type("VL", (FakeVlcache,), {"store": set(), "gauges": {}, "lock": threading.Lock()})
-    st = type("ST", (FakeVlcache,), {"store": set(), "gauges": {}, "lock": threading.Lock(), "stock": True})
+    vl = type("VL", (FakeVlcache,), {"store": set(), "gauges": {}, "pending": {}, "lock": threading.Lock()})
+    st = type("ST", (FakeVlcache,), {"store": set(), "gauges": {}, "pending": {}, "lock": threading.Lock(), "stock": True})
     (srv_v, url_v), (srv_s, url_s) = _serve(vl), _serve(st)
     a = _dataset(tmp_path / "A.jsonl", ["RED", "BLUE", "GREEN"], 3, "a")
     mu = _dataset(tmp_path / "multi.jsonl", ["PINK"], 2, "multi")  # no place on the A-B knob
@@ -295,7 +305,7 @@ def test_sweep_against_a_fake_server(tmp_path, monkeypatch):
 
 def test_sweep_past_the_deadline_reports_skipped_passes(tmp_path, monkeypatch):
     monkeypatch.setattr(accuracy.plot, "try_plot", lambda kind, out: None)
-    vl = type("VL2", (FakeVlcache,), {"store": set(), "gauges": {}, "lock": threading.Lock()})
+    vl = type("VL2", (FakeVlcache,), {"store": set(), "gauges": {}, "pending": {}, "lock": threading.Lock()})
     srv, url = _serve(vl)
     a = _dataset(tmp_path / "A.jsonl", ["RED"], 2)
     try:
@@ -339,7 +349,7 @@ def test_report_tables_on_canned_rows():
 @pytest.mark.parametrize("can_restart", [True, False])
 def test_a_server_crash_is_recorded_and_the_server_restarted(tmp_path, monkeypatch, can_restart):
     monkeypatch.setattr(accuracy.plot, "try_plot", lambda kind, out: None)
-    vl = type("VL3", (FakeVlcache,), {"store": set(), "gauges": {}, "lock": threading.Lock(), "dead": False,
+    vl = type("VL3", (FakeVlcache,), {"store": set(), "gauges": {}, "pending": {}, "lock": threading.Lock(), "dead": False,
                                       "die_on": {"policy": "vlcache", "recompute_ratio": 0.05}})
     srv, url = _serve(vl)
     a = _dataset(tmp_path / "A.jsonl", ["RED", "BLUE"], 2)
@@ -365,7 +375,7 @@ def test_a_server_crash_is_recorded_and_the_server_restarted(tmp_path, monkeypat
 
 def test_a_request_timeout_cuts_the_pass_short(tmp_path, monkeypatch):
     monkeypatch.setattr(accuracy.plot, "try_plot", lambda kind, out: None)
-    vl = type("VL4", (FakeVlcache,), {"store": set(), "gauges": {}, "lock": threading.Lock(),
+    vl = type("VL4", (FakeVlcache,), {"store": set(), "gauges": {}, "pending": {}, "lock": threading.Lock(),
                                       "hang_on": {"policy": "none"}})
     srv, url = _serve(vl)
     a = _dataset(tmp_path / "A.jsonl", ["RED", "BLUE", "GREEN", "PINK"], 4)
