@@ -37,11 +37,12 @@ stamp "start (QUICK=$QUICK, budget $BUDGET_S s)"
 
 if [ "${REUSE_CKPT:-0}" = 1 ] && [ -f "$CKPT/model.safetensors" ] && [ -f "$CKPT/train_log.json" ]; then
   stamp "REUSE_CKPT=1: the checkpoint in $CKPT from an earlier run on this machine, no training"
-  cp "$CKPT/train_log.json" "$OUT/train_log.json"
+  cp "$CKPT/train_log.json" "$CKPT/tiny_vlm_task.json" "$OUT/"
 else
   stamp "train ($MINUTES min, layouts $LAYOUTS)"
   python3 -m benchmarks.tiny_vlm.train --out "$CKPT" --minutes "$MINUTES" --tokenizer-from "$MODEL" \
     --layouts "$LAYOUTS" ${TRAIN_ARGS:-} 2>&1 | quiet | tee "$OUT/train.log" | tail -3
+  cp "$CKPT/train_log.json" "$CKPT/tiny_vlm_task.json" "$OUT/"
 fi
 
 if [ "${REUSE_SIM:-0}" = 1 ]; then
