@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 GAUGE_PREFIX = "sglang:vlcache_"
 # One sample line of the Prometheus text format: name, optional {labels}, value, optional timestamp.
@@ -88,6 +88,19 @@ def http_get(url: str, timeout_s: float = 10.0) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as r:
             return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return 0, ""
+
+
+def http_post(url: str, body: Optional[dict] = None, timeout_s: float = 30.0) -> tuple[int, str]:
+    """POST a JSON body (or none); (status, body), status 0 when nothing answers."""
+    data = json.dumps(body).encode() if body is not None else b""
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return r.status, r.read().decode(errors="replace")
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode(errors="replace")
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
@@ -259,19 +272,38 @@ def stop_all(servers: Sequence[Server]) -> None:
 
 
 @contextlib.contextmanager
-def running(servers: Sequence[Server], first_alone: bool = False) -> Iterator[Sequence[Server]]:
+def running(servers: Sequence[Server], first_alone: bool = False,
+            after_first_start: Optional[Callable[[], None]] = None) -> Iterator[Sequence[Server]]:
     """`with running([...]) as servers:` start them all (small models fit side by side), wait for
     every /health, and stop every started one on the way out, or at once if one fails to come up.
 
     first_alone: the first comes up before the others start, filling the FlashInfer/Triton kernel
-    caches that the others then load instead of all compiling at once."""
+    caches that the others then load instead of all compiling at once.
+    after_first_start: called once the first has started (and, with first_alone, is healthy), before
+    the others start: work that overlaps the first's start-up and that the others' flags depend on
+    (accuracy_bench: calibration, whose profile the vlcache server loads). It may change their flags."""
     started: list[Server] = []
     try:
-        for group in ([servers[:1], servers[1:]] if first_alone else [servers]):
-            for s in group:
+        if first_alone or after_first_start is not None:
+            head, rest = list(servers[:1]), list(servers[1:])
+            for s in head:
                 started.append(s)
                 s.start()
-            for s in group:
+            if first_alone:
+                for s in head:
+                    s.wait_healthy()
+            if after_first_start is not None:
+                after_first_start()
+            for s in rest:
+                started.append(s)
+                s.start()
+            for s in (rest if first_alone else head + rest):
+                s.wait_healthy()
+        else:
+            for s in servers:
+                started.append(s)
+                s.start()
+            for s in servers:
                 s.wait_healthy()
         yield servers
     finally:

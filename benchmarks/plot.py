@@ -2,6 +2,7 @@
 
     python benchmarks/plot.py serving results/2025-01-01-nvidia-h200    # serving.json  -> serving.png
     python benchmarks/plot.py accuracy DIR                              # accuracy.json -> accuracy.png
+    python benchmarks/plot.py knob DIR                                  # knob.json     -> knob.png (sweep)
 """
 
 from __future__ import annotations
@@ -72,19 +73,21 @@ def plot_serving(run_dir: str | Path) -> Path:
 
 
 def plot_accuracy(run_dir: str | Path) -> Path:
-    """accuracy.json -> accuracy.png: accuracy against recomputed fraction, one line per policy
-    (its parameters are the points), the stock server as a dashed level."""
+    """accuracy.json -> accuracy.png: accuracy against the measured recomputed fraction, one line per
+    policy (its parameters are the points), the stock server as a dashed level. The y value is
+    meta.plot_y (the sweep: accuracy on repeats), else accuracy."""
     run_dir = Path(run_dir)
     data = _load(run_dir / "accuracy.json")
+    y_key = data.get("meta", {}).get("plot_y", "accuracy")
     lines: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
     levels: list[tuple[str, float]] = []
     for s in data["summary"]:
-        if s.get("accuracy") is None:
+        if s.get(y_key) is None:
             continue
         if s["policy"] == "stock" or s.get("recomputed_fraction") is None:
-            levels.append((s["server"], s["accuracy"]))  # nothing reused: no x position
+            levels.append((s["server"], s[y_key]))  # nothing reused: no x position
         else:
-            lines[s["policy"]].append((s["recomputed_fraction"], s["accuracy"], s["server"]))
+            lines[s["policy"]].append((s["recomputed_fraction"], s[y_key], s["server"]))
     if not lines and not levels:
         raise SystemExit(f"{run_dir / 'accuracy.json'} has no server with an accuracy to plot")
     plt = _pyplot()
@@ -96,8 +99,8 @@ def plot_accuracy(run_dir: str | Path) -> Path:
             ax.annotate(label.partition(":")[2], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for i, (label, acc) in enumerate(levels):
         ax.axhline(acc, linestyle="--", color=f"C{len(lines) + i}", label=f"{label} (no reuse)")
-    ax.set_xlabel("recomputed fraction of reused image tokens")
-    ax.set_ylabel("accuracy (exact match)")
+    ax.set_xlabel("recomputed fraction of reused image tokens (measured)")
+    ax.set_ylabel("accuracy on repeats (exact match)" if y_key == "repeat_accuracy" else "accuracy (exact match)")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
     ax.set_title(f"accuracy vs recompute — {data.get('meta', {}).get('dataset', '')}", fontsize=9)
@@ -108,7 +111,35 @@ def plot_accuracy(run_dir: str | Path) -> Path:
     return out
 
 
-PLOTS = {"serving": plot_serving, "accuracy": plot_accuracy}
+def plot_knob(run_dir: str | Path) -> Path:
+    """knob.json (accuracy.py sweep) -> knob.png: accuracy on repeats against the share of records
+    whose question comes before the image (0 = regime B, 1 = regime A), one line per config."""
+    run_dir = Path(run_dir)
+    data = _load(run_dir / "knob.json")
+    shares = [(name, share) for name, share in data.get("shares", [])]
+    series = {label: [(share, values.get(name)) for name, share in shares if values.get(name) is not None]
+              for label, values in data.get("rows", {}).items()}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        raise SystemExit(f"{run_dir / 'knob.json'} has no config with an accuracy to plot")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for label, points in series.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label,
+                linestyle="--" if label in ("full", "none") else "-")
+    ax.set_xlabel("share of records with the question before the image (0: regime B, 1: regime A)")
+    ax.set_ylabel("accuracy on repeats (exact match)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    ax.set_title("accuracy along the A-B knob", fontsize=9)
+    fig.tight_layout()
+    out = run_dir / "knob.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+PLOTS = {"serving": plot_serving, "accuracy": plot_accuracy, "knob": plot_knob}
 
 
 def try_plot(kind: str, run_dir: str | Path) -> None:

@@ -13,13 +13,15 @@ import io
 import numpy as np
 from PIL import Image
 
+from benchmarks.tiny_vlm.prompts import FAVOURITE_QUESTION
+
 # Names are single Qwen2 tokens with and without a leading space (checked by the tests).
 RGB: dict[str, tuple[int, int, int]] = {
     "white": (255, 255, 255), "red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220),
     "yellow": (240, 210, 40), "purple": (140, 50, 170), "orange": (245, 130, 20), "black": (20, 20, 20),
 }
 BACKGROUND = "white"
-KINDS = ("count", "cell", "most")
+KINDS = ("count", "cell", "most")  # random_question's kinds; `ref` and `total` need more context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,19 @@ def png_bytes(img: Image.Image) -> bytes:
 def count_question(grid: np.ndarray, spec: GridSpec, colour: str) -> Question:
     n = int((grid == spec.palette.index(colour)).sum())
     return Question("count", f"How many {colour} cells are there?", str(n))
+
+
+def favourite_count_question(grid: np.ndarray, spec: GridSpec, colour: str) -> Question:
+    """Regime B's `ref` kind: the colour was named before the image (prompts.chat_context), the question
+    after it does not name it, so the answer needs text from before the image."""
+    n = int((grid == spec.palette.index(colour)).sum())
+    return Question("ref", FAVOURITE_QUESTION, str(n))
+
+
+def total_question(grids: list[np.ndarray] | tuple, spec: GridSpec, colour: str) -> Question:
+    """The multi-image kind: a count over every image of the request (errors add up across images)."""
+    n = sum(int((g == spec.palette.index(colour)).sum()) for g in grids)
+    return Question("total", f"How many {colour} cells are there in all the images?", str(n))
 
 
 def cell_question(grid: np.ndarray, spec: GridSpec, row: int, col: int) -> Question:

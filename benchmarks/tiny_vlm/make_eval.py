@@ -1,13 +1,29 @@
-"""Write the accuracy data set for a trained tiny model (benchmarks/accuracy.py's JSONL format).
+"""Write the accuracy data sets for a trained tiny model (benchmarks/accuracy.py's JSONL format), one
+file per regime, and a calibration request file.
 
-    python -m benchmarks.tiny_vlm.make_eval --model /tmp/tiny-qwen2.5-vl --out /tmp/eval.jsonl
+    python -m benchmarks.tiny_vlm.make_eval --model /tmp/tiny-qwen2.5-vl --out /tmp/eval.jsonl      (regime A)
+    python -m benchmarks.tiny_vlm.make_eval --model /tmp/tiny-qwen2.5-vl --out-dir /tmp/tiny_eval \\
+        --regimes A,B,multi,mix:0.5 --calibration 16           (A.jsonl B.jsonl multi.jsonl mix-0.5.jsonl calibration.jsonl)
 
-Held-out images, each asked `repeats` times with different questions and different filler lengths
-before the question, so the image sits at a different position each time. Images come in groups: all
-first occurrences of a group, then the second ones in another order, and so on. Only a first
-occurrence computes the image; later ones are where reuse policies differ. The same image is the same
-PNG bytes every time (the vlcache key is over the raw bytes). Ids are `<image>-<occurrence>-<kind>`;
-each record also carries its `kind`.
+Regimes (batches.LAYOUTS):
+- A: the question before the image (layout a): reusing the image's KV computed after another question
+  is wrong where the answer reads the question through the image tokens.
+- B: a system prompt and earlier chat turns before the image, the question after it (layout b); `ref`
+  questions ask about a colour named in that context, so reuse costs a little, not nothing.
+- mix:S: the same images as A and B, each occurrence in layout a with probability S, else b (the knob
+  between them: S = 1 is A, S = 0 is B; an image stored under one layout is reused under the other).
+- multi: 2-4 images per request, question (a total count over all images) before them; requests come
+  in rounds, round 0 all new images, later rounds some images of round 0, some new, in shuffled order
+  (errors add up over the reused images).
+Single-image sets: held-out images, each asked `repeats` times after different text (the text before
+the image differs every time, so no prefix-cache hit reaches the image), in groups: all first
+occurrences of a group, then the second ones in another order, and so on. The same image is the same
+PNG bytes every time (the vlcache key is over the raw bytes). Ids end in the record's `kind`
+(`count`, `b.ref`, `multi.total`, ...), which each record also carries.
+
+Calibration (`--calibration N`): N fresh training-distribution images (not the eval images), each
+asked `repeats` times in the layouts the checkpoint was trained on, plus multi requests, written as
+OpenAI chat requests `{"messages": [...]}` for `python -m vlcache_sglang.calibrate --requests`.
 """
 
 from __future__ import annotations
@@ -15,15 +31,21 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.tiny_vlm import prompts
-from benchmarks.tiny_vlm.batches import TaskConfig
+from benchmarks.tiny_vlm.batches import Sample, TaskConfig, layout_b_sample, layout_multi_sample
 from benchmarks.tiny_vlm.grid_task import Question, png_bytes, random_grids, random_question, render
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import accuracy  # noqa: E402  (one dataset format, one message builder)
+
 EVAL_SEED = 30_000  # apart from training (< 10_000 + held-out) and reuse_sim (20_000) streams
+CALIB_SEED = 40_000  # calibration images: the training distribution, neither eval nor held-out images
+MULTI_SEED_OFFSET = 7
 
 
 def distinct_questions(grid: np.ndarray, task: TaskConfig, n: int, rng: np.random.Generator) -> list[Question]:
@@ -45,41 +67,167 @@ def distinct_fillers(n: int, max_words: int, rng: np.random.Generator) -> list[s
     return [prompts.filler_of_length(rng, int(c)) for c in counts]
 
 
-def eval_records(task: TaskConfig, images: int, repeats: int, group: int, seed: int = EVAL_SEED) -> list[dict]:
+def data_url(grid: np.ndarray, task: TaskConfig) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(render(grid, task.spec))).decode()
+
+
+def record(rid: str, sample: Sample, urls: list[str], **extra) -> dict:
+    """One accuracy.py record for a sample whose images are `urls` (in order)."""
+    rec = {"id": f"{rid}-{sample.kind}", "prompt": sample.dataset_prompt(), "images": urls,
+           "answer": sample.question.answer, "kind": sample.kind, "layout": sample.layout}
+    if sample.system is not None:
+        rec["system"] = sample.system
+    if sample.history:
+        rec["history"] = [{"role": r, "content": t} for r, t in sample.history]
+    return {**rec, **extra}
+
+
+def _distinct_b_sample(grid: np.ndarray, task: TaskConfig, rng: np.random.Generator, seen: set) -> Sample:
+    """A layout b sample whose context before the image (system prompt + turns) is new for this image."""
+    for _ in range(200):
+        s = layout_b_sample(grid, task, rng)
+        if (s.system, s.history) not in seen:
+            seen.add((s.system, s.history))
+            return s
+    raise ValueError("could not draw distinct regime-B contexts for one image; lower --repeats")
+
+
+def eval_records(task: TaskConfig, images: int, repeats: int, group: int, seed: int = EVAL_SEED,
+                 a_share: float = 1.0) -> list[dict]:
+    """Single-image records; each occurrence in layout a with probability a_share, else b. The images
+    and the layout-a questions depend on the seed only, so every a_share asks about the same images."""
     if images < 1 or repeats < 1 or group < 1:
         raise ValueError(f"images, repeats and group must be >= 1, got {images}, {repeats}, {group}")
+    if not 0.0 <= a_share <= 1.0:
+        raise ValueError(f"a_share must be in [0, 1], got {a_share}")
     rng = np.random.default_rng(seed)
     grids = random_grids(task.spec, images, rng)
-    urls = ["data:image/png;base64," + base64.b64encode(png_bytes(render(g, task.spec))).decode() for g in grids]
+    urls = [data_url(g, task) for g in grids]
     asks = [list(zip(distinct_questions(g, task, repeats, rng), distinct_fillers(repeats, task.max_filler_words, rng)))
             for g in grids]
+    b_rng = np.random.default_rng([seed, 1])  # layout b draws apart, so a_share = 1 is the old stream
+    samples: list[list[Sample]] = []
+    for i, g in enumerate(grids):
+        seen: set = set()
+        samples.append([Sample(g, q, filler) if b_rng.random() < a_share else _distinct_b_sample(g, task, b_rng, seen)
+                        for q, filler in asks[i]])
     records = []
     for start in range(0, images, group):
         members = list(range(start, min(start + group, images)))
         for occ in range(repeats):
             for i in rng.permutation(members):
-                q, filler = asks[i][occ]
-                before, after = prompts.user_text(filler, q.text)
-                records.append({"id": f"{i:04d}-{occ}-{q.kind}", "prompt": prompts.dataset_prompt(before, after),
-                                "images": [urls[i]], "answer": q.answer, "kind": q.kind})
+                records.append(record(f"{i:04d}-{occ}", samples[i][occ], [urls[i]]))
     return records
+
+
+def multi_records(task: TaskConfig, requests: int, rounds: int = 3,
+                  seed: int = EVAL_SEED + MULTI_SEED_OFFSET) -> list[dict]:
+    """Multi-image records in rounds: round 0 only new images; in later rounds each request takes
+    1..n of its n images from round 0 and the rest new, in shuffled order. `n_reused` says how many of
+    a record's images recur."""
+    if requests < rounds or rounds < 1:
+        raise ValueError(f"need rounds >= 1 and requests >= rounds, got {requests} requests, {rounds} rounds")
+    lo, hi = task.multi_images
+    rng = np.random.default_rng(seed)
+    urls: list[str] = []
+    grids: list[np.ndarray] = []
+    befores: set[str] = set()
+    records, available = [], 0  # images of rounds before the current one: indices < available
+    per_round = [requests // rounds + (r < requests % rounds) for r in range(rounds)]
+    for rnd, n_req in enumerate(per_round):
+        for _ in range(n_req):
+            n = int(rng.integers(lo, hi + 1))
+            m = 0 if rnd == 0 or available == 0 else int(rng.integers(1, min(n, available) + 1))
+            chosen = [int(i) for i in rng.choice(available, size=m, replace=False)] if m else []
+            for g in random_grids(task.multi_spec, n - m, rng):
+                grids.append(g)
+                urls.append(data_url(g, task))
+                chosen.append(len(urls) - 1)
+            chosen = [chosen[i] for i in rng.permutation(len(chosen))]
+            for _ in range(200):  # a new text before the first image: no prefix-cache hit into the images
+                filler = prompts.filler_of_length(rng, int(rng.integers(1, task.max_filler_words + 1)))
+                sample = layout_multi_sample([grids[i] for i in chosen], task, rng, filler)
+                if sample.parts()[0] not in befores:
+                    befores.add(sample.parts()[0])
+                    break
+            records.append(record(f"m{len(records):04d}-r{rnd}", sample, [urls[i] for i in chosen], n_reused=m))
+        if rnd == 0:
+            # Reuse only round 0's images: each was stored at its first occurrence after new text only,
+            # so it is first-generation KV whatever the server does with images stored after a reused one.
+            available = len(urls)
+    return records
+
+
+def calibration_requests(task: TaskConfig, images: int, repeats: int, seed: int = CALIB_SEED) -> list[dict]:
+    """OpenAI chat requests from the training distribution: the layouts in the checkpoint's shares."""
+    a, b, multi = (task.layout_share(k) for k in ("a", "b", "multi"))
+    recs = eval_records(task, images, repeats, group=max(1, images), seed=seed, a_share=a / (a + b) if a + b else 1.0)
+    if multi > 0:
+        recs += multi_records(task, max(3, images), rounds=3, seed=seed + MULTI_SEED_OFFSET)
+    return [{"id": r["id"], "messages": accuracy.parse_record(r, Path(".")).messages()} for r in recs]
+
+
+def regime_records(task: TaskConfig, regime: str, args: argparse.Namespace) -> list[dict]:
+    """Records of one regime name: A, B, mix:S or multi."""
+    def need(layout: str) -> None:
+        if task.layout_share(layout) <= 0:
+            raise SystemExit(f"regime {regime} needs layout {layout!r}, which the checkpoint was not trained on "
+                             f"(its layouts: {task.layouts}); train with --layouts a:...,b:...,multi:...")
+
+    if regime == "A":
+        return eval_records(task, args.images, args.repeats, args.group, args.seed, a_share=1.0)
+    if regime == "B":
+        need("b")
+        return eval_records(task, args.images, args.repeats, args.group, args.seed, a_share=0.0)
+    if regime.startswith("mix:"):
+        need("b")
+        return eval_records(task, args.images, args.repeats, args.group, args.seed, a_share=float(regime[4:]))
+    if regime == "multi":
+        need("multi")
+        return multi_records(task, args.multi_requests, args.multi_rounds, args.seed + MULTI_SEED_OFFSET)
+    raise SystemExit(f"unknown regime {regime!r}; choose from A, B, mix:S (0 <= S <= 1), multi")
+
+
+def regime_file(regime: str) -> str:
+    return regime.replace(":", "-") + ".jsonl"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory written by tiny_vlm.train (its task)")
-    p.add_argument("--out", required=True, help="JSONL file to write")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="one JSONL file: regime A")
+    out.add_argument("--out-dir", help="one JSONL file per --regimes entry (and calibration.jsonl)")
+    p.add_argument("--regimes", default="A,B,multi", help="with --out-dir: A, B, mix:S, multi (comma-separated)")
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5, help="occurrences per image (1 first + repeats - 1 reuses)")
     p.add_argument("--group", type=int, default=8, help="images interleaved together")
+    p.add_argument("--multi-requests", type=int, default=48)
+    p.add_argument("--multi-rounds", type=int, default=3)
+    p.add_argument("--calibration", type=int, default=0,
+                   help="with --out-dir: this many training-distribution images for calibration.jsonl (0: none)")
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     args = p.parse_args(argv)
-    records = eval_records(TaskConfig.load(args.model), args.images, args.repeats, args.group, args.seed)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in records))
-    kinds = {k: sum(r["kind"] == k for r in records) for k in sorted({r["kind"] for r in records})}
-    print(f"wrote {len(records)} records ({args.images} images x {args.repeats}; {kinds}) to {out}")
+    task = TaskConfig.load(args.model)
+    if args.out:
+        sets = {Path(args.out): regime_records(task, "A", args)}
+    else:
+        regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
+        sets = {Path(args.out_dir) / regime_file(r): regime_records(task, r, args) for r in regimes}
+    for path, records in sets.items():
+        write_jsonl(path, records)
+        kinds = {k: sum(r["kind"] == k for r in records) for k in sorted({r["kind"] for r in records})}
+        n_images = len({u for r in records for u in r["images"]})
+        print(f"wrote {len(records)} records ({n_images} images; {kinds}) to {path}")
+    if args.out_dir and args.calibration:
+        path = Path(args.out_dir) / "calibration.jsonl"
+        write_jsonl(path, calibration_requests(task, args.calibration, min(args.repeats, 4)))
+        print(f"wrote calibration requests ({args.calibration} training-distribution images) to {path}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,12 @@ For each pair: one held-out image and filler, question A and question B of the s
 length (so the image sits at the same positions). Request B is answered with full recomputation and
 with the image's K/V recorded in request A (`none`), or all but the first k image tokens from A
 (`first_k`); see kv_splice.py. Prints accuracy per kind and how often B got A's answer.
+Kind `ref` (regime B, checkpoints trained with layout b): the same system prompt and earlier turns but
+another favourite colour before the image, the same question after it.
+
+Also (simulation, not the server): the per-layer relative KV error of the reused image tokens under
+`none`, ||K_A - K_B|| / ||K_B|| over the image tokens of every pair (V alike), K_B the fresh K/V of
+request B (pre-RoPE, same positions, so the same as after RoPE: a rotation keeps norms).
 """
 
 from __future__ import annotations
@@ -21,13 +27,13 @@ import numpy as np
 import torch
 
 from benchmarks.tiny_vlm.batches import (Batch, Sample, TaskConfig, answer_logits, encode, greedy_correct,
-                                         load_tokenizer, make_batch)
+                                         layout_b_sample, load_tokenizer, make_batch)
 from benchmarks.tiny_vlm.checkpoint import load_checkpoint
 from benchmarks.tiny_vlm.grid_task import (GridSpec, Question, cell_question, count_question, random_coloured_cell,
                                            random_grids)
 from benchmarks.tiny_vlm.kv_splice import record_image_kv, splice_image_kv
 from benchmarks.tiny_vlm.pixels import tokens_per_image
-from benchmarks.tiny_vlm.prompts import filler_text
+from benchmarks.tiny_vlm.prompts import favourite_statement, filler_text
 
 SIM_SEED = 20_000  # images unseen in training (train.py draws from seeds < 10_000 + its held-out set)
 
@@ -58,12 +64,39 @@ class PairBatch:
     n_image: int
 
 
+def ref_pair(grid: np.ndarray, task: TaskConfig, rng: np.random.Generator) -> tuple[Sample, Sample]:
+    """Two layout-b `ref` samples that differ only in the favourite colour named before the image
+    (single-token names: equal lengths)."""
+    sb = layout_b_sample(grid, task, rng, kind="ref")
+    context = " ".join([sb.system or ""] + [t for _, t in sb.history])
+    colour_b = next(c for c in task.spec.colours if favourite_statement(c, True) in context
+                    or favourite_statement(c, False) in context)
+    colour_a = task.spec.colours[(task.spec.colours.index(colour_b) + 1 + int(rng.integers(len(task.spec.colours) - 1)))
+                                 % len(task.spec.colours)]
+
+    def swap(text: str) -> str:
+        for in_system in (True, False):
+            text = text.replace(favourite_statement(colour_b, in_system), favourite_statement(colour_a, in_system))
+        return text
+
+    n_a = int((grid == task.spec.palette.index(colour_a)).sum())
+    sa = dataclasses.replace(sb, system=swap(sb.system or ""), history=tuple((r, swap(t)) for r, t in sb.history),
+                             question=dataclasses.replace(sb.question, answer=str(n_a)))
+    return sa, sb
+
+
 def make_pairs(task: TaskConfig, tok, kind: str, n: int, rng: np.random.Generator, mean, std,
                device: str) -> PairBatch:
     spec = task.spec
     grids = random_grids(spec, n, rng)
     a, b, ba = [], [], []
     for g in grids:
+        if kind == "ref":
+            sa, sb = ref_pair(g, task, rng)
+            a.append(sa)
+            b.append(sb)
+            ba.append(dataclasses.replace(sb, question=dataclasses.replace(sb.question, answer=sa.question.answer)))
+            continue
         filler = filler_text(rng, task.max_filler_words)
         qa, qb = question_pair(g, spec, kind, rng)
         a.append(Sample(g, qa, filler))
@@ -88,7 +121,13 @@ def run_pairs(model, pairs: PairBatch, keep_first: list[int]) -> dict[str, np.nd
     store: dict = {}
     with record_image_kv(model, a.image_start, pairs.n_image, store):
         answer_logits(model, a)
-    out = {"full": greedy_correct(answer_logits(model, b), b).cpu().numpy()}
+    fresh: dict = {}
+    with record_image_kv(model, b.image_start, pairs.n_image, fresh):
+        out = {"full": greedy_correct(answer_logits(model, b), b).cpu().numpy()}
+    for (layer, which), kb in fresh.items():  # squared error and squared norm per layer, summed later
+        ka = store[(layer, which)].float()
+        out[f"kv_sq_err:{which}:{layer}"] = np.array([float(((ka - kb.float()) ** 2).sum())])
+        out[f"kv_sq_norm:{which}:{layer}"] = np.array([float((kb.float() ** 2).sum())])
     with splice_image_kv(model, b.image_start, pairs.n_image, store, keep_first=0):
         out["none"] = greedy_correct(answer_logits(model, b), b).cpu().numpy()
         out["none_gave_A_answer"] = greedy_correct(answer_logits(model, pairs.b_with_a_answer),
@@ -109,15 +148,23 @@ def simulate(model_dir: str | Path, pairs: int, keep_first: list[int], device: s
     model = load_checkpoint(model_dir, device)
     rng = np.random.default_rng(seed)
     report = {}
-    trained = {k for k, w in task.weights if w > 0}
-    for kind in [k for k in ("count", "cell") if k in trained]:
+    trained = {k for k, w in task.weights if w > 0} if task.layout_share("a") > 0 else set()
+    if task.layout_share("b") > 0 and dict(task.b_weights).get("ref", 0) > 0:
+        trained.add("ref")
+    for kind in [k for k in ("count", "cell", "ref") if k in trained]:
         results: dict[str, list] = {}
         for i in range(0, pairs, batch):
             pb = make_pairs(task, tok, kind, min(batch, pairs - i), rng, pre["image_mean"], pre["image_std"], device)
             for name, v in run_pairs(model, pb, keep_first).items():
                 results.setdefault(name, []).append(v)
-        report[kind] = {name: float(np.concatenate(v).mean()) for name, v in results.items()}
+        report[kind] = {name: float(np.concatenate(v).mean()) for name, v in results.items()
+                        if not name.startswith("kv_sq_")}
         report[kind]["n"] = pairs
+        layers = sorted({int(name.rsplit(":", 1)[1]) for name in results if name.startswith("kv_sq_err:")})
+        report[kind]["kv_rel_error_none"] = {  # simulation: cached vs fresh image K/V, per layer
+            which: [float(np.sqrt(np.concatenate(results[f"kv_sq_err:{which}:{l}"]).sum()
+                                  / np.concatenate(results[f"kv_sq_norm:{which}:{l}"]).sum())) for l in layers]
+            for which in ("k", "v")}
     return report
 
 
@@ -146,6 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     print("kind   " + " ".join(f"{c:>18}" for c in cols) + "      n")
     for kind, r in report.items():
         print(f"{kind:6} " + " ".join(f"{r[c]:18.3f}" for c in cols) + f" {r['n']:6d}")
+    print("per-layer relative KV error of the reused image tokens under none (simulation):")
+    for kind, r in report.items():
+        for which, errs in r["kv_rel_error_none"].items():
+            print(f"  {kind:6} {which}: " + " ".join(f"{e:.3f}" for e in errs))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -1,22 +1,29 @@
-"""Serve the trained checkpoint with stock SGLang and with vlcache under several policies at once, run
-benchmarks/accuracy.py against all of them, stop them, and add a per-question-kind table.
+"""Serve the trained checkpoint with stock SGLang and ONE vlcache server, calibrate a layer profile
+while the stock server starts, and run `accuracy.py sweep` (every policy and recompute fraction by a
+per-request override) over the regimes' data sets.
 
-    python -m benchmarks.tiny_vlm.serve_eval --model /tmp/tiny-qwen2.5-vl --dataset /tmp/eval.jsonl \\
-        --out-dir $OUT/accuracy --log-dir /tmp/tiny_logs [--first-k 2,4,8,16,32]
+    python -m benchmarks.tiny_vlm.serve_eval --model /tmp/tiny-qwen2.5-vl --data-dir /tmp/tiny_eval \\
+        --sets A,B,multi --knob-sets mix-0.25,mix-0.5,mix-0.75 --out-dir $OUT/accuracy \\
+        --log-dir /tmp/tiny_logs --calibration /tmp/tiny_eval/calibration.jsonl --profile $OUT/profile.json \\
+        [--deadline-unix T] [--progress $OUT/progress.log] [--sweep-args "--fractions 0,2,5,20"]
 
-Servers: stock, full, none and first_k:K (labels as accuracy.py reads them), real weights,
---mem-fraction-static 0.3 and a --max-total-tokens cap each so they fit one GPU side by side; the reference is
-`full`. SGLang sizes a KV pool as (free after loading) - (free before) x (1 - mem fraction): a
-neighbour allocating in between counts against it ("Loaded weights leave no GPU memory for the KV
-cache"). A fraction of 0.3 leaves ~40 GB of room for that on an H100/H200, and --max-total-tokens keeps
-each pool small, so the servers can start together.
+Order: the stock server starts; `python -m vlcache_sglang.calibrate` writes the profile meanwhile (on
+the calibration requests: training-distribution images, not the eval set); then the vlcache server
+starts with `--vlcache-profile` (without it, and saying so, if calibration failed); both /health; the
+sweep; both stop. Real weights, --mem-fraction-static 0.3 and a --max-total-tokens cap each: SGLang
+sizes a KV pool as (free after loading) - (free before) x (1 - mem fraction), so a neighbour allocating
+in between (the other server, the calibration) counts against it; 0.3 leaves ~40 GB of room for that
+on an H100/H200, and --max-total-tokens keeps each pool small.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import shlex
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1]
@@ -24,75 +31,140 @@ sys.path.insert(0, str(BENCH))
 import accuracy  # noqa: E402
 import launch  # noqa: E402
 
-# KV slots per server: the eval set's prompts are ~100-300 tokens, a few hundred at a time; the cap
-# keeps each server's pool small so later servers still find most of the GPU free.
+# KV slots per server: prompts are ~100-400 tokens, a few dozen in flight.
 MAX_TOTAL_TOKENS = 262_144
 # Capturing the decode CUDA graphs took 54 s of a 136 s start on the H200 (4 batch sizes, tiny model);
-# answers are at most 8 tokens, so every server (stock included) decodes eagerly and starts faster.
+# answers are a few tokens, so both servers decode eagerly and start faster.
 NO_CUDA_GRAPH = ["--disable-cuda-graph"]
 
 
-def server_plan(first_ks: list[int]) -> list[tuple[str, list[str]]]:
-    """(accuracy.py label, extra flags) per server; the reference `full` recomputes every token."""
-    labels = ["stock", "full", "none", *(f"first_k:{k}" for k in first_ks)]
-    return [(label, launch.vlcache_flags(label)) for label in labels]
+def server_flags(model: str, max_total_tokens: int) -> list[str]:
+    return launch.base_flags(model, dummy=False) + ["--max-total-tokens", str(max_total_tokens)] + NO_CUDA_GRAPH
 
 
-def kind_table(accuracy_json: Path) -> str:
-    """Accuracy on repeat occurrences per server and question kind (the kind ends each record id)."""
-    data = json.loads(accuracy_json.read_text())
-    cells: dict[str, dict[str, list[bool]]] = {}
-    for r in data["requests"]:
-        if r["repeat"]:
-            cells.setdefault(r["server"], {}).setdefault(r["id"].rsplit("-", 1)[-1], []).append(r["correct"])
-    kinds = sorted({k for v in cells.values() for k in v})
-    lines = ["| server | " + " | ".join(f"{k} (repeats)" for k in kinds) + " |",
-             "|---|" + "---|" * len(kinds)]
-    for s in data["summary"]:
-        row = cells.get(s["server"], {})
-        lines.append(f"| {s['server']} | " + " | ".join(
-            f"{sum(row[k]) / len(row[k]):.3f} ({len(row[k])})" if row.get(k) else "–" for k in kinds) + " |")
-    return "\n".join(lines)
+def vlcache_server_flags(policy: str, extra: str = "") -> list[str]:
+    """--enable-vlcache with a default policy (every sweep request overrides it) and extra flags."""
+    return launch.vlcache_flags(policy) + shlex.split(extra)
+
+
+def calibrate_command(model: str, requests: str, profile: str) -> list[str]:
+    return [sys.executable, "-m", "vlcache_sglang.calibrate", "--model", model, "--requests", requests,
+            "--out", profile, "--device", "cuda"]
+
+
+def calibrate(model: str, requests: str, profile: str, log_path: Path, timeout_s: float) -> tuple[bool, str]:
+    """(profile written, a line saying what happened); never raises: a run without a profile still
+    measures every other policy (the server uses a uniform profile then)."""
+    t0 = time.monotonic()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(log_path, "w") as log:
+            rc = subprocess.run(calibrate_command(model, requests, profile), stdout=log, stderr=subprocess.STDOUT,
+                                timeout=timeout_s).returncode
+    except subprocess.TimeoutExpired:
+        return False, f"calibration: no profile after {timeout_s:.0f} s ({log_path})"
+    except OSError as e:
+        return False, f"calibration could not start: {e}"
+    took = time.monotonic() - t0
+    if rc != 0 or not Path(profile).is_file():
+        return False, f"calibration failed (exit {rc}, {took:.0f} s); {log_path} ends:\n{launch.tail(log_path, 15)}"
+    return True, f"calibration: {profile} in {took:.0f} s"
 
 
 def log_tails(servers: list[launch.Server], lines: int = 40) -> str:
-    return "\n\n".join(f"===== {s.label}: {s.log_path}\n{launch.tail(s.log_path, lines)}" for s in servers)
+    paths = [(s.label, s.log_path) for s in servers]
+    paths += [(p.stem, p) for s in servers for p in sorted(s.log_path.parent.glob(f"{s.log_path.stem}.crash*.log"))]
+    return "\n\n".join(f"===== {label}: {path}\n{launch.tail(path, lines)}" for label, path in paths)
+
+
+def restarter(server: launch.Server):
+    """A sweep's `restart`: keep the crashed server's log, start it again, wait for /health."""
+    count = [0]
+
+    def restart() -> None:
+        count[0] += 1
+        server.stop()
+        if server.log_path.exists():
+            shutil.copy(server.log_path, server.log_path.with_name(f"{server.log_path.stem}.crash{count[0]}.log"))
+        server.startup_s = None
+        server.start()
+        server.wait_healthy()
+
+    return restart
+
+
+def sweep_argv(args: argparse.Namespace, stock: launch.Server, vl: launch.Server) -> list[str]:
+    data = Path(args.data_dir)
+    argv = ["sweep", "--vlcache", vl.url, "--stock", stock.url, "--out-dir", args.out_dir]
+    for name in [n for n in args.sets.split(",") if n]:
+        argv += ["--dataset", f"{name}={data / (name + '.jsonl')}"]
+    for name in [n for n in args.knob_sets.split(",") if n]:
+        argv += ["--knob-dataset", f"{name}={data / (name + '.jsonl')}"]
+    if args.deadline_unix:
+        argv += ["--deadline-unix", str(args.deadline_unix)]
+    if args.progress:
+        argv += ["--progress", args.progress]
+    return argv + shlex.split(args.sweep_args)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--out-dir", required=True, help="accuracy.py's results go here")
-    p.add_argument("--log-dir", required=True, help="server logs (many files; keep them out of $OUT)")
-    p.add_argument("--first-k", default="2,4,8,16,32")
+    p.add_argument("--data-dir", required=True, help="make_eval --out-dir: <set>.jsonl files")
+    p.add_argument("--sets", default="A,B,multi", help="data sets that run every config")
+    p.add_argument("--knob-sets", default="", help="data sets that run the knob's configs only")
+    p.add_argument("--out-dir", required=True, help="accuracy.py sweep's results go here")
+    p.add_argument("--log-dir", required=True, help="server and calibration logs (keep them out of $OUT)")
+    p.add_argument("--calibration", default=None, help="requests for vlcache_sglang.calibrate (none: no profile)")
+    p.add_argument("--profile", default=None, help="where calibration writes the profile")
+    p.add_argument("--calibration-timeout-s", type=float, default=240)
+    p.add_argument("--server-policy", default="vlcache", help="the vlcache server's default --vlcache-policy")
+    p.add_argument("--vlcache-flags", default="",
+                   help="more flags for the vlcache server (e.g. --vlcache-blend-score v)")
     p.add_argument("--mem-fraction", type=float, default=0.3,
-                   help="--mem-fraction-static per server: room for neighbours' allocations during its "
-                        "start; its pool is --max-total-tokens")
+                   help="--mem-fraction-static per server: room for neighbours' allocations during its start")
     p.add_argument("--max-total-tokens", type=int, default=MAX_TOTAL_TOKENS, help="KV slots per server")
     p.add_argument("--base-port", type=int, default=30100)
-    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--server-timeout-s", type=float, default=360)
+    p.add_argument("--deadline-unix", type=float, default=None, help="passed to the sweep")
+    p.add_argument("--progress", default=None, help="progress lines go here too")
+    p.add_argument("--sweep-args", default="", help="more accuracy.py sweep options, one string")
     p.add_argument("--tails-to", default=None, help="write the server log tails here at the end")
     args = p.parse_args(argv)
+    if bool(args.calibration) != bool(args.profile):
+        p.error("--calibration and --profile go together")
+
+    def note(line: str) -> None:
+        print(line, flush=True)
+        if args.progress:
+            with open(args.progress, "a") as f:
+                f.write(line + "\n")
+
     launch.stop_servers_on_sigterm()
-    plan = server_plan([int(k) for k in args.first_k.split(",") if k.strip()])
-    flags = launch.base_flags(args.model, dummy=False) + ["--max-total-tokens", str(args.max_total_tokens)]
-    flags += NO_CUDA_GRAPH
-    servers = [launch.Server(label.replace(":", "-"), flags + extra, args.base_port + i, args.log_dir,
-                             mem_fraction=args.mem_fraction, timeout_s=420)
-               for i, (label, extra) in enumerate(plan)]
+    flags = server_flags(args.model, args.max_total_tokens)
+    stock = launch.Server("stock", flags, args.base_port, args.log_dir, mem_fraction=args.mem_fraction,
+                          timeout_s=args.server_timeout_s)
+    vl = launch.Server("vlcache", flags + vlcache_server_flags(args.server_policy, args.vlcache_flags),
+                       args.base_port + 1, args.log_dir, mem_fraction=args.mem_fraction,
+                       timeout_s=args.server_timeout_s)
+
+    def calibrate_then_add_profile() -> None:
+        if not args.calibration:
+            note("no calibration requests: the vlcache server runs without --vlcache-profile (uniform profile)")
+            return
+        ok, line = calibrate(args.model, args.calibration, args.profile, Path(args.log_dir) / "calibrate.log",
+                             args.calibration_timeout_s)
+        note(line if ok else line + "\n  -> the vlcache server runs without --vlcache-profile (uniform profile)")
+        if ok:
+            vl.flags = vl.flags + ["--vlcache-profile", args.profile]
+
     try:
-        with launch.running(servers, first_alone=True):
-            accuracy.main(["--dataset", args.dataset, "--reference", "full", "--out-dir", args.out_dir,
-                           "--max-tokens", str(args.max_tokens)]
-                          + [a for (label, _), s in zip(plan, servers) for a in ("--server", f"{label}={s.url}")])
+        with launch.running([stock, vl], after_first_start=calibrate_then_add_profile):
+            note(f"servers healthy: stock {stock.startup_s:.0f} s, vlcache {vl.startup_s:.0f} s from their starts")
+            accuracy.sweep_main(sweep_argv(args, stock, vl)[1:], restart=restarter(vl))
     finally:
         if args.tails_to:
-            Path(args.tails_to).write_text(log_tails(servers))
-    table = kind_table(Path(args.out_dir) / "accuracy.json")
-    with open(Path(args.out_dir) / "accuracy.md", "a") as f:
-        f.write("\n## Accuracy on repeat occurrences by question kind\n\n" + table + "\n")
-    print("\nAccuracy on repeat occurrences by question kind\n" + table)
+            Path(args.tails_to).write_text(log_tails([stock, vl]))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Train the small Qwen2.5-VL on the grid task and write a checkpoint directory SGLang serves.
 
-    python -m benchmarks.tiny_vlm.train --out /tmp/tiny-qwen2.5-vl --minutes 4          (GPU)
+    python -m benchmarks.tiny_vlm.train --out /tmp/tiny-qwen2.5-vl --minutes 4          (GPU, layout a)
+    python -m benchmarks.tiny_vlm.train --out /tmp/tiny-qwen2.5-vl --minutes 2.5 \
+        --layouts a:0.45,b:0.3,multi:0.25                                   (GPU, every regime: accuracy_bench.sh)
     python -m benchmarks.tiny_vlm.train --out /tmp/tiny-cpu --minutes 8 --size small --cells 4 \
         --max-count 3 --kinds count:1 --batch 32 --max-filler-words 8                           (CPU)
 
@@ -22,8 +24,8 @@ import numpy as np
 import torch
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
-from benchmarks.tiny_vlm.batches import (TaskConfig, answer_logits, greedy_correct, load_tokenizer,
-                                         make_batch, random_samples)
+from benchmarks.tiny_vlm.batches import (B_KINDS, LAYOUTS, TaskConfig, answer_logits, greedy_correct,
+                                         load_tokenizer, make_batch, random_samples)
 from benchmarks.tiny_vlm.checkpoint import save_checkpoint
 from benchmarks.tiny_vlm.grid_task import BACKGROUND, KINDS, RGB, GridSpec
 from benchmarks.tiny_vlm.model_config import SIZES, write_tiny_model_dir
@@ -83,7 +85,7 @@ def held_out_accuracy(model, batches, device: str) -> dict[str, float]:
         with autocast(device):
             ok = greedy_correct(answer_logits(model, batch), batch).tolist()
         for s, o in zip(batch.samples, ok):
-            right.setdefault(s.question.kind, []).append(o)
+            right.setdefault(s.kind, []).append(o)
             right.setdefault("all", []).append(o)
     model.train()
     return {k: float(np.mean(v)) for k, v in sorted(right.items())}
@@ -98,7 +100,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--colours", type=int, default=4, help="number of object colours")
     p.add_argument("--max-count", type=int, default=5, help="most cells of one colour")
     p.add_argument("--max-filler-words", type=int, default=32)
-    p.add_argument("--kinds", default="count:0.7,cell:0.2,most:0.1", help="question kinds and weights")
+    p.add_argument("--kinds", default="count:0.7,cell:0.2,most:0.1", help="layout a's question kinds and weights")
+    p.add_argument("--layouts", default="a:1",
+                   help="share of samples per layout (batches.LAYOUTS): a = question before the image, b = system "
+                        "prompt / chat turns before it and the question after, multi = 2-4 images, a total count")
+    p.add_argument("--kinds-b", default="count:0.25,cell:0.15,most:0.1,ref:0.5",
+                   help="layout b's kinds (ref: how many cells have the favourite colour named before the image)")
+    p.add_argument("--multi-images", default="2,4", help="fewest,most images of a multi sample")
+    p.add_argument("--multi-max-count", type=int, default=2, help="most cells of one colour per multi image")
     # small: the size whose training the CPU runs checked (it learned faster per step than base there).
     p.add_argument("--size", choices=list(SIZES), default="small", help="model_config.SIZES entry")
     p.add_argument("--layers", type=int, default=None, help="text layers (default: the size's)")
@@ -108,9 +117,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--route-p", type=float, default=0.5,
                    help="share of --route-kinds samples trained with batches.route_mask (the question "
                         "reaches the answer only through the image tokens); held-out accuracy never uses it")
-    p.add_argument("--route-kinds", default="count",
-                   help="question kinds the route mask may apply to (answering a cell question through "
-                        "the image alone would need image tokens to work out their own row and column)")
+    p.add_argument("--route-kinds", default="count,total",
+                   help="layout a / multi question kinds the route mask may apply to (answering a cell question "
+                        "through the image alone would need image tokens to work out their own row and column)")
+    # Weaker than --route-p: layout b is the case where reuse should cost little, but not nothing.
+    p.add_argument("--route-p-ref", type=float, default=0.25,
+                   help="share of layout b `ref` samples trained with the route mask (the favourite colour "
+                        "reaches the answer only through the image tokens)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
@@ -126,18 +139,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _weights(flag: str, text: str, names: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    try:
+        weights = tuple((k, float(w)) for k, w in (item.split(":") for item in text.split(",")))
+    except ValueError:
+        raise ValueError(f"{flag} wants name:weight,... (names {names}), got {text!r}") from None
+    unknown = [k for k, _ in weights if k not in names]
+    if unknown:
+        raise ValueError(f"{flag}: unknown names {unknown}; choose from {names}")
+    return weights
+
+
 def task_from_args(args: argparse.Namespace) -> TaskConfig:
     if not 1 <= args.colours <= len(ALL_COLOURS):
         raise ValueError(f"--colours must be 1..{len(ALL_COLOURS)}, got {args.colours}")
     spec = GridSpec(cells=args.cells, colours=ALL_COLOURS[:args.colours], max_count=args.max_count)
     try:
-        weights = tuple((k, float(w)) for k, w in (item.split(":") for item in args.kinds.split(",")))
+        lo, hi = (int(x) for x in args.multi_images.split(","))
     except ValueError:
-        raise ValueError(f"--kinds wants kind:weight,... (kinds {KINDS}), got {args.kinds!r}") from None
-    unknown = [k for k, _ in weights if k not in KINDS]
-    if unknown:
-        raise ValueError(f"unknown question kinds {unknown}; choose from {KINDS}")
-    return TaskConfig(spec=spec, weights=weights, max_filler_words=args.max_filler_words)
+        raise ValueError(f"--multi-images wants FEWEST,MOST, got {args.multi_images!r}") from None
+    return TaskConfig(spec=spec, weights=_weights("--kinds", args.kinds, KINDS), max_filler_words=args.max_filler_words,
+                      layouts=_weights("--layouts", args.layouts, LAYOUTS),
+                      b_weights=_weights("--kinds-b", args.kinds_b, B_KINDS), multi_images=(lo, hi),
+                      multi_max_count=args.multi_max_count)
+
+
+def routed_samples(samples, route_p: float, route_kinds: set[str], route_p_ref: float,
+                   rng: np.random.Generator) -> np.ndarray:
+    """[B] bool: which samples train with batches.route_mask."""
+    u = rng.random(len(samples))
+    return np.array([(s.layout in ("a", "multi") and s.question.kind in route_kinds and x < route_p)
+                     or (s.layout == "b" and s.question.kind == "ref" and x < route_p_ref)
+                     for s, x in zip(samples, u)], dtype=bool)
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -174,7 +207,7 @@ def train(args: argparse.Namespace) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, elapsed / budget_s, args.lr, args.warmup)
         samples = random_samples(task, args.batch, rng)
-        routed = (rng.random(args.batch) < args.route_p) & np.array([s.question.kind in route_kinds for s in samples])
+        routed = routed_samples(samples, args.route_p, route_kinds, args.route_p_ref, rng)
         batch = make_batch(samples, tok, task.spec, mean, std, device, routed)
         with autocast(device):
             logits = answer_logits(model, batch)

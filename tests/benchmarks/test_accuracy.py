@@ -110,9 +110,12 @@ def test_summary_on_canned_answers(tmp_path, monkeypatch, capsys):
               "http://none:2": ["red", "blue", "green", "green"],
               "http://fk:3": ["red", "blue", "red", RuntimeError("HTTP 500")]}
     gauges = {"http://stock:1": [{}, {}],
-              "http://none:2": [{}, {"key_hits": 2, "key_misses": 2, "reused_tokens": 100, "recomputed_tokens": 0}],
-              "http://fk:3": [{"key_hits": 5, "key_misses": 5, "reused_tokens": 500, "recomputed_tokens": 50},
-                              {"key_hits": 7, "key_misses": 7, "reused_tokens": 700, "recomputed_tokens": 100}]}
+              "http://none:2": [{}, {"key_hits": 2, "key_misses": 2, "reused_tokens": 100, "recomputed_tokens": 0,
+                                     "reused_token_layers": 400, "recomputed_token_layers": 0}],
+              "http://fk:3": [{"key_hits": 5, "key_misses": 5, "reused_tokens": 500, "recomputed_tokens": 50,
+                               "reused_token_layers": 2000, "recomputed_token_layers": 200},
+                              {"key_hits": 7, "key_misses": 7, "reused_tokens": 700, "recomputed_tokens": 100,
+                               "reused_token_layers": 2800, "recomputed_token_layers": 400}]}
     order, lock = [], threading.Lock()
 
     def post_chat(url, body, timeout_s=300):

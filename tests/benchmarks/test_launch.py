@@ -225,6 +225,21 @@ def test_first_server_comes_up_alone_then_the_rest_together_and_all_stop():
                       ("stop", "a"), ("stop", "b"), ("stop", "c")]
 
 
+def test_work_between_the_first_start_and_the_rest_may_change_their_flags():
+    events = []
+    servers = [_FakeServer(x, events) for x in "ab"]
+
+    def calibrate():
+        events.append(("calibrate", ""))
+        servers[1].flags = ["--vlcache-profile", "p.json"]
+
+    with launch.running(servers, after_first_start=calibrate):
+        events.append(("run", ""))
+    assert events == [("start", "a"), ("calibrate", ""), ("start", "b"), ("healthy", "a"), ("healthy", "b"),
+                      ("run", ""), ("stop", "a"), ("stop", "b")]
+    assert servers[1].flags == ["--vlcache-profile", "p.json"]
+
+
 def test_a_first_server_that_fails_stops_it_and_the_rest_never_start():
     events = []
     servers = [_FakeServer("a", events, fail=True), _FakeServer("b", events), _FakeServer("c", events)]

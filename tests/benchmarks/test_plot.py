@@ -56,3 +56,21 @@ def test_try_plot_after_a_run_reports_instead_of_failing(tmp_path, capsys):
     plot.try_plot("serving", tmp_path)  # no serving.json: the run's table must still be printed after this
     out = capsys.readouterr().out
     assert "does not exist" in out and f"plot later with `python benchmarks/plot.py serving {tmp_path}`" in out
+
+
+def test_sweep_plots_accuracy_on_repeats_and_the_knob(tmp_path):
+    _needs_matplotlib()
+    summary = [{"server": "full", "policy": "full", "accuracy": 0.9, "repeat_accuracy": 0.88, "recomputed_fraction": 1.0},
+               {"server": "vlcache:0.05", "policy": "vlcache", "accuracy": 0.8, "repeat_accuracy": None,
+                "recomputed_fraction": 0.06},  # e.g. every request failed: no point
+               {"server": "stock", "policy": "stock", "accuracy": 0.9, "repeat_accuracy": 0.88, "recomputed_fraction": None}]
+    (tmp_path / "accuracy.json").write_text(json.dumps({"meta": {"plot_y": "repeat_accuracy"}, "summary": summary}))
+    assert plot.plot_accuracy(tmp_path).read_bytes()[:8] == PNG_MAGIC
+    knob = {"shares": [["B", 0.0], ["mix-0.5", 0.5], ["A", 1.0]],
+            "rows": {"full": {"B": 0.9, "mix-0.5": 0.85, "A": 0.8}, "none": {"B": 0.8, "A": 0.3}}}
+    (tmp_path / "knob.json").write_text(json.dumps(knob))
+    plot.main(["knob", str(tmp_path)])
+    assert (tmp_path / "knob.png").read_bytes()[:8] == PNG_MAGIC
+    (tmp_path / "knob.json").write_text(json.dumps({"shares": [], "rows": {}}))
+    with pytest.raises(SystemExit, match="no config"):
+        plot.plot_knob(tmp_path)

@@ -61,6 +61,7 @@ def _canned(ttft, rps):
 def test_table_speedups_and_gauges():
     window = launch.gauge_deltas({"key_hits": 0, "key_misses": 6, "reused_tokens": 0},
                                  {"key_hits": 8, "key_misses": 6, "reused_tokens": 8000, "recomputed_tokens": 200,
+                                  "reused_token_layers": 8000 * 28, "recomputed_token_layers": 200 * 28,
                                   "store_tokens": 15000, "store_bytes": 1})
     rows = [{"preset": "p", "server": "stock", "concurrency": 1, **serving.summarise(_canned(200.0, 4), launch.gauge_deltas({}, {}), 8)},
             {"preset": "p", "server": "vlcache-first_k", "concurrency": 1, **serving.summarise(_canned(50.0, 9), window, 8)},
@@ -148,7 +149,7 @@ FAKE_SGLANG = textwrap.dedent("""\
             if self.path == "/metrics":
                 n = state["chats"]
                 g = {"key_hits": n, "key_misses": 1, "reused_tokens": 100 * n, "recomputed_tokens": 5 * n,
-                     "store_tokens": 321}
+                     "reused_token_layers": 2800 * n, "recomputed_token_layers": 140 * n, "store_tokens": 321}
                 return self._send("".join(f"sglang:vlcache_{k} {v}\\n" for k, v in g.items()) if vlcache else "")
             self.send_response(404); self.end_headers()
         def do_POST(self):

@@ -6,12 +6,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from benchmarks.tiny_vlm import prompts
 from benchmarks.tiny_vlm.batches import TaskConfig
 from benchmarks.tiny_vlm.grid_task import RGB, GridSpec, cell_question, count_question, most_question
-from benchmarks.tiny_vlm.make_eval import eval_records
+from benchmarks.tiny_vlm.make_eval import eval_records, multi_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 import accuracy  # noqa: E402
@@ -76,3 +77,117 @@ def test_groups_interleave_first_occurrences_before_repeats():
     first_group = [int(r["id"].split("-")[0]) for r in records[:9]]
     assert set(first_group) == {0, 1, 2}
     assert [int(r["id"].split("-")[1]) for r in records[:9]] == [0] * 3 + [1] * 3 + [2] * 3
+
+
+# ----- regimes B, the A-B knob, multi, calibration ----------------------------------------------
+
+MIXED = TaskConfig(spec=GridSpec(cells=4, colours=("red", "green", "blue"), max_count=3), max_filler_words=12,
+                   layouts=(("a", 0.4), ("b", 0.4), ("multi", 0.2)), multi_images=(2, 4), multi_max_count=2)
+
+
+def _load(tmp_path, records, name="eval.jsonl"):
+    import json
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return accuracy.load_dataset(path)
+
+
+def _favourite(rec) -> str:
+    context = " ".join([rec.get("system", "")] + [t["content"] for t in rec.get("history", [])])
+    import re
+    return re.search(r"favourite colour is (\w+)\.", context).group(1)
+
+
+def test_regime_b_puts_the_context_before_and_the_question_after_the_image(tmp_path):
+    records = eval_records(MIXED, images=6, repeats=4, group=3, a_share=0.0)
+    loaded = _load(tmp_path, records)
+    assert {r["layout"] for r in records} == {"b"} and sum(r.repeat for r in loaded) == 18
+    for r, rec in zip(records, loaded):
+        assert r["prompt"].startswith(prompts.IMAGE_MARKER) and r["prompt"].endswith("\n" + prompts.ANSWER_CUE)
+        msgs = rec.messages()
+        assert msgs[0]["role"] == "system" and msgs[-1]["content"][0]["type"] == "image_url"
+        assert [m["role"] for m in msgs[1:-1]] == ["user", "assistant"] * ((len(msgs) - 2) // 2)
+        grid = _grid_of(r["images"][0], MIXED.spec)
+        question = r["prompt"].split(prompts.IMAGE_MARKER)[1].split("\n")[0]
+        if r["kind"] == "b.ref":
+            assert question == prompts.FAVOURITE_QUESTION
+            assert r["answer"] == str(int((grid == MIXED.spec.palette.index(_favourite(r))).sum()))
+        else:
+            assert r["answer"] == _answer(grid, MIXED.spec, question)
+    # Every occurrence of an image has its own context before it: no prefix-cache hit reaches the image.
+    by_image: dict = {}
+    for r in records:
+        by_image.setdefault(r["images"][0], set()).add((r.get("system"), str(r.get("history"))))
+    assert all(len(v) == 4 for v in by_image.values())
+    assert {r["kind"] for r in eval_records(MIXED, images=30, repeats=4, group=8, a_share=0.0)} >= {"b.ref", "b.count"}
+
+
+def test_the_knob_keeps_the_images_and_mixes_the_layouts():
+    shares = {}
+    images = None
+    for s in (0.0, 0.5, 1.0):
+        records = eval_records(MIXED, images=20, repeats=4, group=5, a_share=s)
+        shares[s] = sum(r["layout"] == "a" for r in records) / len(records)
+        urls = sorted({r["images"][0] for r in records})
+        assert images is None or urls == images
+        images = urls
+    assert shares[0.0] == 0.0 and shares[1.0] == 1.0 and 0.35 < shares[0.5] < 0.65
+    # a_share 1 is the regime-A stream of earlier versions.
+    assert eval_records(MIXED, 5, 3, 2, a_share=1.0) == eval_records(MIXED, 5, 3, 2)
+
+
+def test_multi_requests_come_in_rounds_with_reused_and_new_images(tmp_path):
+    records = multi_records(MIXED, requests=12, rounds=3)
+    loaded = _load(tmp_path, records)
+    waves = accuracy.phases(loaded)
+    # A record runs in a wave no later than its round (after the rounds it reuses from); round 0 first.
+    wave_of = {r.id: i for i, w in enumerate(waves) for r in w}
+    assert all(wave_of[r.id] <= int(r.id.split("-r")[1][0]) for r in loaded) and len(waves) <= 3
+    assert [r.id for r in waves[0]] == [r.id for r in loaded if "-r0-" in r.id]
+    assert all(r.n_reused == 0 for r in waves[0]) and all(r.n_reused >= 1 for w in waves[1:] for r in w)
+    round0 = {u for r in loaded if "-r0-" in r.id for u in r.images}
+    recurring = {u for r in loaded for u in r.images if sum(u in x.images for x in loaded) > 1}
+    assert recurring and recurring <= round0  # first-generation KV only: stored after new text
+    assert [r.n_reused for r in loaded] == [r["n_reused"] for r in records]
+    assert any(0 < r.n_reused < len(r.images) for r in loaded)  # some reused, some new
+    for r in records:
+        assert 2 <= len(r["images"]) <= 4 and len(set(r["images"])) == len(r["images"])
+        assert r["prompt"].count(prompts.IMAGE_MARKER) == len(r["images"]) and r["kind"] == "multi.total"
+        colour = r["prompt"].split("How many ")[1].split(" cells")[0]
+        spec = MIXED.multi_spec
+        total = sum(int((_grid_of(u, spec) == spec.palette.index(colour)).sum()) for u in r["images"])
+        assert r["answer"] == str(total)
+    assert len({r["prompt"].split(prompts.IMAGE_MARKER)[0] for r in records}) == len(records)
+
+
+def test_regimes_need_the_layouts_the_checkpoint_was_trained_on(tmp_path):
+    import argparse
+
+    from benchmarks.tiny_vlm.make_eval import regime_records
+
+    args = argparse.Namespace(images=2, repeats=2, group=2, seed=1, multi_requests=3, multi_rounds=3)
+    with pytest.raises(SystemExit, match="needs layout 'b'"):
+        regime_records(TASK, "B", args)
+    with pytest.raises(SystemExit, match="unknown regime"):
+        regime_records(MIXED, "C", args)
+    assert {r["layout"] for r in regime_records(MIXED, "mix:0.5", args)} <= {"a", "b"}
+
+
+def test_cli_writes_one_file_per_regime_and_calibration_requests(tmp_path, capsys):
+    import json
+
+    from benchmarks.tiny_vlm.make_eval import main
+
+    (tmp_path / "ckpt").mkdir()
+    MIXED.save(tmp_path / "ckpt")
+    main(["--model", str(tmp_path / "ckpt"), "--out-dir", str(tmp_path / "d"), "--regimes", "A,B,multi,mix:0.5",
+          "--images", "4", "--repeats", "3", "--group", "2", "--multi-requests", "6", "--calibration", "3"])
+    names = sorted(p.name for p in (tmp_path / "d").iterdir())
+    assert names == ["A.jsonl", "B.jsonl", "calibration.jsonl", "mix-0.5.jsonl", "multi.jsonl"]
+    cal = [json.loads(line) for line in (tmp_path / "d" / "calibration.jsonl").read_text().splitlines()]
+    assert all(set(c) == {"id", "messages"} and c["messages"][-1]["role"] == "user" for c in cal)
+    cal_urls = {p["image_url"]["url"] for c in cal for p in c["messages"][-1]["content"] if p["type"] == "image_url"}
+    eval_urls = {u for f in names if f != "calibration.jsonl"
+                 for line in (tmp_path / "d" / f).read_text().splitlines() for u in json.loads(line)["images"]}
+    assert cal_urls and not cal_urls & eval_urls  # training-distribution images, never the eval images
+    assert "wrote calibration requests" in capsys.readouterr().out

@@ -75,3 +75,48 @@ def test_mrope_positions_match_sglang_get_rope_index():
         vision_start_token_id=prompts.VISION_START, model_type="qwen2_5_vl", tokens_per_second=2,
         input_ids=torch.tensor([ids]), image_grid_thw=torch.tensor([[1, 16, 16]]), video_grid_thw=None)
     np.testing.assert_array_equal(prompts.mrope_positions(ids, (8, 8)), pos[:, 0].numpy())
+
+
+def test_render_messages_with_system_history_and_several_images_is_the_template(tiny_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    img = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    system = "You are a concise assistant. The user's favourite colour is red."
+    history = (("user", "Good morning. My favourite colour is blue."), ("assistant", "Hello there."))
+    messages = [{"role": "system", "content": system}, *({"role": r, "content": t} for r, t in history),
+                {"role": "user", "content": [img, {"type": "text", "text": "How many? Answer:"}]}]
+    expected = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompts.render_messages(system, history, ("", "How many? Answer:")) == expected
+    multi = [{"role": "user", "content": [{"type": "text", "text": "Count."}, img, img, img,
+                                          {"type": "text", "text": "Answer:"}]}]
+    expected = tok.apply_chat_template(multi, add_generation_prompt=True, tokenize=False)
+    assert prompts.render_messages(None, (), ("Count.", "", "", "Answer:")) == expected
+
+
+def test_chat_context_names_the_favourite_colour_once():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        system, history = prompts.chat_context(rng, 10, "green")
+        text = " ".join([system] + [t for _, t in history])
+        assert text.count("favourite colour is green.") == 1
+        assert [r for r, _ in history] == ["user", "assistant"] * (len(history) // 2)
+    assert all("favourite" not in prompts.chat_context(rng, 10, None)[0] for _ in range(20))
+
+
+def test_expand_pads_and_mrope_for_several_images_match_sglang():
+    from sglang.srt.layers.rotary_embedding import MRotaryEmbedding
+
+    vs, ve, pad = prompts.VISION_START, prompts.VISION_END, prompts.IMAGE_PAD
+    ids = [100] * 5 + [vs, pad, ve, vs, pad, ve] + [200] * 3 + [vs, pad, ve] + [300] * 4
+    expanded = prompts.expand_image_pad(ids, 64, n_images=3)
+    assert expanded.count(pad) == 192 and len(prompts.image_runs(expanded)) == 3
+    pos, _ = MRotaryEmbedding.get_rope_index(
+        spatial_merge_size=2, image_token_id=pad, video_token_id=151656, vision_start_token_id=vs,
+        model_type="qwen2_5_vl", tokens_per_second=2, input_ids=torch.tensor([expanded]),
+        image_grid_thw=torch.tensor([[1, 16, 16]] * 3), video_grid_thw=None)
+    np.testing.assert_array_equal(prompts.mrope_positions(expanded, (8, 8), n_images=3), pos[:, 0].numpy())
+    with pytest.raises(ValueError, match="expected 3 <"):
+        prompts.expand_image_pad(ids[:8], 64, n_images=3)
+    with pytest.raises(ValueError, match="expected 2 image"):
+        prompts.mrope_positions(expanded, (8, 8), n_images=2)

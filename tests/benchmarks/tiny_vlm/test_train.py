@@ -84,3 +84,58 @@ def test_steps_under_bf16_autocast_keep_the_loss_finite(tiny_dir, tmp_path, monk
     monkeypatch.setattr(train_mod, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     result = train(_tiny_args(tiny_dir, tmp_path / "ckpt", "--warmup", "1", "--eval-every-s", "0"))
     assert len(result["log"]) == 3 and all(np.isfinite(e["loss"]) for e in result["log"])
+
+
+MIXED_ARGS = ("--layouts", "a:0.4,b:0.3,multi:0.3", "--multi-images", "2,3", "--multi-max-count", "2")
+
+
+def test_one_run_trains_every_layout_and_saves_them_with_the_task(tiny_dir, tmp_path):
+    out = tmp_path / "mixed"
+    result = train(_tiny_args(tiny_dir, out, "--eval-every-s", "1e9", "--held-out", "24", "--batch", "6", *MIXED_ARGS))
+    assert result["steps"] == 3
+    assert {k.split(".")[0] for k in result["held_out_acc"]} >= {"all", "b", "multi"}
+    task = TaskConfig.load(out)
+    assert task.layouts == (("a", 0.4), ("b", 0.3), ("multi", 0.3)) and task.multi_images == (2, 3)
+
+
+def test_old_task_files_load_as_layout_a(tmp_path):
+    spec_only = {"spec": {"cells": 4, "colours": ["red", "green"], "max_count": 3, "cell_px": 28},
+                 "weights": [["count", 1.0]], "max_filler_words": 8}
+    (tmp_path / "tiny_vlm_task.json").write_text(json.dumps(spec_only))
+    task = TaskConfig.load(tmp_path)
+    assert task.layouts == (("a", 1.0),) and task.spec.cells == 4
+    with pytest.raises(ValueError, match="one digit"):
+        TaskConfig(multi_images=(2, 5), multi_max_count=2)
+    with pytest.raises(ValueError, match="unknown layouts"):
+        TaskConfig(layouts=(("c", 1.0),))
+
+
+def test_batches_of_mixed_layouts_and_their_route_masks(tiny_dir, spec):
+    from benchmarks.tiny_vlm.batches import layout_b_sample, layout_multi_sample
+    from benchmarks.tiny_vlm.grid_task import random_grids
+    from benchmarks.tiny_vlm.pixels import tokens_per_image
+
+    task = TaskConfig(spec=spec, max_filler_words=6, layouts=(("a", 1.0), ("b", 1.0), ("multi", 1.0)),
+                      multi_images=(2, 3))
+    tok = load_tokenizer(tiny_dir)
+    rng = np.random.default_rng(2)
+    grids = random_grids(spec, 4, rng)
+    samples = [layout_b_sample(grids[0], task, rng, kind="ref"), layout_multi_sample(list(grids[1:4]), task, rng)]
+    batch = make_batch(samples, tok, spec, [0.5] * 3, [0.5] * 3, "cpu", routed=np.array([True, True]))
+    n = tokens_per_image(spec)
+    assert batch.image_grid_thw.shape[0] == 4 and batch.pixel_values.shape[0] == 4 * n * 4
+    mask = batch.attention_mask[:, 0].numpy()
+    for b, s in enumerate(samples):
+        seq = batch.input_ids[b].tolist()
+        assert seq.count(prompts.IMAGE_PAD) == n * len(s.grids)
+        vs = seq.index(prompts.VISION_START)
+        ve = len(seq) - 1 - seq[::-1].index(prompts.VISION_END)
+        start = 3 if s.layout == "b" else [i for i, t in enumerate(seq) if t == prompts.IM_START][1] + 3
+        assert not mask[b, ve:, start:vs + 1].any() and mask[b, ve:, :start].all()
+        assert mask[b, vs + 1:ve, :vs + 1].all()  # image tokens see the context
+    # Layout b: the question is after the image, the favourite colour before it.
+    text = tok.decode(batch.input_ids[0].tolist(), skip_special_tokens=False)
+    assert text.index("favourite colour is") < text.index("<|vision_start|>") < text.index("my favourite colour?")
+    routed = __import__("benchmarks.tiny_vlm.train", fromlist=["routed_samples"]).routed_samples(
+        samples * 50, 1.0, {"count", "total"}, 0.0, rng)
+    assert not routed[0::2].any() and routed[1::2].all()  # ref at route-p-ref 0, total at route-p 1
