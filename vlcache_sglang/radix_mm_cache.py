@@ -99,6 +99,7 @@ class MultimodalRadixCache(RadixCache):
         """Per-layer recompute counts of one request chunk, once its forward decided every layer."""
         self.stats.reused_token_layers += outcome.reused_tokens * outcome.num_layers
         self.stats.recomputed_token_layers += outcome.computed_token_layers
+        self.publish_stats()  # else /metrics would lag by one batch
 
     # ----- image nodes -------------------------------------------------------------------------
 
