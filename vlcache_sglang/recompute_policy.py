@@ -121,7 +121,7 @@ class PolicyParams:
     layer_ratios: Optional[tuple[float, ...]] = None
     check_layer: int = 1  # cacheblend / error_bounded: the layer whose K/V deviation decides
     blend_score: str = "k"  # cacheblend ranks by the deviation of "k" (LMCache) or "v" (authors' code)
-    error_bound: float = 0.25  # error_bounded: the largest relative K/V error served from cache
+    error_bound: float = 0.1  # error_bounded: the largest relative K/V error served from cache
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recompute_ratio <= 1.0:
