@@ -253,13 +253,15 @@ class Prepared:
     image_mask: torch.Tensor  # [T] bool
 
 
-def _text_layers(model) -> list[torch.nn.Module]:
+def text_layers(model) -> list[torch.nn.Module]:
     return list(model.model.language_model.layers)
 
 
 @contextlib.contextmanager
-def _hooks(model, make_hook) -> Iterator[None]:
-    handles = [proj.register_forward_hook(make_hook(i, w)) for i, layer in enumerate(_text_layers(model))
+def kv_projection_hooks(model, make_hook) -> Iterator[None]:
+    """make_hook(layer, 'k'|'v') as a forward hook on every text layer's K and V projection, for the
+    block (also used by benchmarks/tiny_vlm/kv_splice.py)."""
+    handles = [proj.register_forward_hook(make_hook(i, w)) for i, layer in enumerate(text_layers(model))
                for w, proj in (("k", layer.self_attn.k_proj), ("v", layer.self_attn.v_proj))]
     try:
         yield
@@ -292,7 +294,7 @@ def record_donor_kv(model, prep: Prepared) -> dict[tuple[int, str], torch.Tensor
             store[(layer, which)] = output[0, prep.image_mask].clone()
         return fn
 
-    with _hooks(model, hook):
+    with kv_projection_hooks(model, hook):
         _last_logits(model, _embeds(model, prep.donor, prep, 1), prep.position_ids)
     return store
 
@@ -300,7 +302,7 @@ def record_donor_kv(model, prep: Prepared) -> dict[tuple[int, str], torch.Tensor
 @torch.no_grad()
 def layer_kls(model, prep: Prepared, donor_kv: dict, layer_batch: int) -> np.ndarray:
     """[L] KL(p_full || p_l) at the last prompt position, p_l with layer l's image K/V from the donor."""
-    n_layers = len(_text_layers(model))
+    n_layers = len(text_layers(model))
     kls = np.zeros(n_layers)
     for lo in range(0, n_layers, layer_batch):
         chunk = list(range(lo, min(n_layers, lo + layer_batch)))
@@ -314,7 +316,7 @@ def layer_kls(model, prep: Prepared, donor_kv: dict, layer_batch: int) -> np.nda
             return fn
 
         b = 1 + len(chunk)
-        with _hooks(model, hook):
+        with kv_projection_hooks(model, hook):
             logits = _last_logits(model, _embeds(model, prep.target, prep, b), prep.position_ids.expand(-1, b, -1))
         logp = torch.log_softmax(logits.double(), dim=-1)
         kl = (logp[0].exp() * (logp[0] - logp[1:])).sum(-1).clamp_min(0.0)
@@ -339,7 +341,7 @@ class Calibrator:
         self.device = torch.device(device)
         self.image_token_id = self.model.config.image_token_id
         self.vision_start_id = self.model.config.vision_start_token_id
-        self.num_layers = len(_text_layers(self.model))
+        self.num_layers = len(text_layers(self.model))
         tok = self.processor.tokenizer
         special = [i for i in tok.all_special_ids if i is not None]
         self.vocab_regular = min(special) if special else len(tok)

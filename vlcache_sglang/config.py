@@ -10,7 +10,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Optional
 
-from vlcache_sglang.recompute_policy import registered_recompute_policies
+from vlcache_sglang.recompute_policy import PolicyParams, registered_recompute_policies
 
 # Attention backends whose extend path the selective prefill is written against.
 SUPPORTED_ATTENTION_BACKENDS = ("flashinfer", "triton")
@@ -39,21 +39,12 @@ class VLCacheConfig:
         policies = registered_recompute_policies()
         if self.policy not in policies:
             raise ValueError(f"--vlcache-policy={self.policy!r} is unknown; choose one of {policies}")
-        if not 0.0 <= self.recompute_ratio <= 1.0:
-            raise ValueError(
-                f"--vlcache-recompute-ratio must lie in [0, 1], got {self.recompute_ratio}"
-            )
-        if self.first_k < 0:
-            raise ValueError(f"--vlcache-first-k must be >= 0, got {self.first_k}")
-        if self.check_layer < 1:
-            raise ValueError(
-                f"--vlcache-check-layer must be >= 1, got {self.check_layer} (layer-0 K/V depend only on token "
-                "and position, so a cached K/V never deviates there)"
-            )
-        if self.blend_score not in ("k", "v"):
-            raise ValueError(f"--vlcache-blend-score must be k or v, got {self.blend_score!r}")
-        if not self.error_bound >= 0.0:
-            raise ValueError(f"--vlcache-error-bound must be >= 0, got {self.error_bound}")
+        try:  # the policy's own checks, one place; the message names the flag
+            PolicyParams(recompute_ratio=self.recompute_ratio, first_k=self.first_k, check_layer=self.check_layer,
+                         blend_score=self.blend_score, error_bound=self.error_bound)
+        except ValueError as exc:
+            field = str(exc).split()[0]
+            raise ValueError(f"--vlcache-{field.replace('_', '-')}: {exc}") from exc
         if self.mm_store_tokens is not None and self.mm_store_tokens <= 0:
             raise ValueError(
                 f"--vlcache-mm-store-tokens must be > 0 (omit it for a quarter of the KV pool), "

@@ -17,9 +17,7 @@ from typing import Iterator
 
 import torch
 
-
-def _text_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return list(model.model.language_model.layers)
+from vlcache_sglang.calibrate import kv_projection_hooks
 
 
 def _image_index(image_start: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,18 +25,6 @@ def _image_index(image_start: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor
     b = torch.arange(len(image_start), device=image_start.device).repeat_interleave(n_tokens)
     pos = (image_start[:, None] + torch.arange(n_tokens, device=image_start.device)).flatten()
     return b, pos
-
-
-@contextlib.contextmanager
-def _kv_projection_hooks(model: torch.nn.Module, make_hook) -> Iterator[None]:
-    """make_hook(layer, 'k'|'v') as a forward hook on every text layer's K and V projection, for the block."""
-    handles = [proj.register_forward_hook(make_hook(i, w)) for i, layer in enumerate(_text_layers(model))
-               for w, proj in (("k", layer.self_attn.k_proj), ("v", layer.self_attn.v_proj))]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager
@@ -53,7 +39,7 @@ def record_image_kv(model: torch.nn.Module, image_start: torch.Tensor, n_tokens:
             store[(layer, which)] = output[b, pos].reshape(len(image_start), n_tokens, -1).detach()
         return fn
 
-    with _kv_projection_hooks(model, hook):
+    with kv_projection_hooks(model, hook):
         yield
 
 
@@ -77,5 +63,5 @@ def splice_image_kv(model: torch.nn.Module, image_start: torch.Tensor, n_tokens:
             return output
         return fn
 
-    with _kv_projection_hooks(model, hook):
+    with kv_projection_hooks(model, hook):
         yield
