@@ -5,10 +5,13 @@ Two AROUND hooks, active only for batches that carry a vlcache plan (else stock 
 * `Qwen2_5_VLForConditionalGeneration.forward`: takes the requests' RequestReuse plans off their
   MultimodalInputs (SGLang clears `forward_batch.mm_inputs` during embedding), copies every reused
   image's KV into the request's slots with K rotated by δ (one copy-rotate launch for the batch),
-  and builds the batch's per-layer active-token index sets;
+  and wraps the requests' LayerSelectors in one SelectiveBatch;
 * `Qwen2Model.forward`: the decoder loop over active tokens only. At layer l it gathers the hidden
   states of S_l (S_l ⊆ S_{l-1}), runs QKV/RoPE for them, writes their K/V into their own slots,
   attends over each request's whole KV (SelectiveAttention), and runs the MLP for them alone.
+  Where a request's policy observes at l, QKV/RoPE run for S_{l-1} first, the policy sees those
+  fresh K/V beside the cached ones in the slots and picks S_l, and only then are S_l's K/V written
+  (the reused tokens it left out keep the cached K/V).
   The final hidden states are scattered back to the extend layout; the last prompt token of every
   request is always active, so the logits processor reads what it always reads. When every layer
   has the same S_l and it is small, the loop runs as one CUDA graph replay (selective_graph.py).
