@@ -76,10 +76,11 @@ def runs_of(active_abs: list[torch.Tensor], req_rows: list[int]) -> RunLayout:
 def kv_indices_for(runs: RunLayout, req_to_token: torch.Tensor) -> torch.Tensor:
     """[sum(kv_len)] slot ids: req_to_token[row, 0:kv_len] for each run, concatenated (device)."""
     device = req_to_token.device
+    total = int(runs.kv_len.sum())  # on the host: repeat_interleave without output_size syncs the device
     kv_len = runs.kv_len.to(device)
-    rows = torch.repeat_interleave(runs.req_rows.to(device), kv_len)
+    rows = torch.repeat_interleave(runs.req_rows.to(device), kv_len, output_size=total)
     starts = torch.cumsum(kv_len, 0) - kv_len
-    cols = torch.arange(int(runs.kv_len.sum()), device=device) - torch.repeat_interleave(starts, kv_len)
+    cols = torch.arange(total, device=device) - torch.repeat_interleave(starts, kv_len, output_size=total)
     return req_to_token[rows, cols].to(torch.int32)
 
 
@@ -158,17 +159,19 @@ class SelectiveAttention:
             rows, positions = query_tokens(runs)
             self._triton.plan(rows, positions, req_to_token, num_qo_heads, num_kv_heads, head_dim, sm_scale)
             return
-        device = req_to_token.device
         n_runs = runs.run_len.numel()
         qo_indptr = torch.zeros(n_runs + 1, dtype=torch.int32)
         qo_indptr[1:] = torch.cumsum(runs.run_len, 0)
         kv_indptr = torch.zeros(n_runs + 1, dtype=torch.int32)
         kv_indptr[1:] = torch.cumsum(runs.kv_len, 0)
+        # Host indptrs: FlashInfer's plan reads them on the host (`.to("cpu")`), and a device tensor
+        # there is a copy back that waits for every kernel queued before it — once per token set, so
+        # a loop whose set changes at each layer could not run ahead of the GPU.
         self._flashinfer().plan(
-            qo_indptr.to(device),
-            kv_indptr.to(device),
+            qo_indptr,
+            kv_indptr,
             kv_indices_for(runs, req_to_token),
-            torch.ones(n_runs, dtype=torch.int32, device=device),
+            torch.ones(n_runs, dtype=torch.int32),
             num_qo_heads,
             num_kv_heads,
             head_dim,
