@@ -1,0 +1,1 @@
+"""VL-Cache KV compression after prefill (foundations): budgets, scores, selection, the seam."""
