@@ -103,6 +103,19 @@ class CompressionPlan:
     def num_layers(self) -> int:
         return len(self.kv_indices)
 
+    def slots_to_free_on_finish(self, row: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """The request's slots to free when it finishes or is retracted: its retained prompt slots
+        row[p : retained_len] and its decode slots row[m : kv_len]; never the prefix's (the tree's)
+        nor row[retained_len : m] (freed when the plan was applied).
+
+        row: the request's req_to_token row (at least kv_len wide); kv_len >= m, SGLang's
+        `kv_len_to_handle` (committed KV length).
+        """
+        if kv_len < self.prompt_len or row.numel() < kv_len:
+            raise ValueError(f"kv_len must lie in [m = {self.prompt_len}, {row.numel()}], got {kv_len}")
+        row = row.to(torch.int64)
+        return torch.cat([row[self.shared_prefix_len: self.retained_len], row[self.prompt_len: kv_len]])
+
 
 def plan_compaction(row_slots: torch.Tensor, kept_positions: Sequence[torch.Tensor],
                     shared_prefix_len: int) -> CompressionPlan:
