@@ -75,6 +75,7 @@ def test_compression_keeps_budgets_and_the_kv_each_layer_reads():
         assert torch.equal(view.k_buffers[layer][plan.kv_indices[layer]], k0[layer][row[kept]])
     assert plan.free_slots.tolist() == row[plan.retained_len:].tolist()
     assert info["freed"] == M - max(info["kept"])
+    assert plan.table_lengths == info["kept"]  # no prefix: each table is row[0 : kept_l]
 
 
 def test_uniform_baseline_keeps_alpha_m_at_every_layer():
@@ -92,9 +93,13 @@ def test_recent_window_and_shared_prefix():
     plan = step.run(view).plan
     for layer, kept in enumerate(plan.kept_positions):
         assert set(range(45, 60)) <= set(kept.tolist())
-        # The tree's prefix slots keep their KV at every layer; nothing is freed there.
+        # The tree's prefix is kept whole at every layer, its slots and KV untouched; nothing freed there.
+        assert kept[:6].tolist() == list(range(6))
         assert torch.equal(view.k_buffers[layer][row[:6]], k0[layer][row[:6]])
+        assert plan.kv_indices[layer].tolist() == row[: plan.table_lengths[layer]].tolist()
     assert not set(plan.free_slots.tolist()) & set(row[:6].tolist())
+    # alpha = 0.05 of the 54 own tokens is 2: the 15-token window wins at every layer.
+    assert plan.table_lengths == [6 + 15] * LAYERS
 
 
 def test_trimmed_flag_and_release_slots():

@@ -98,6 +98,12 @@ def test_compaction_keeps_what_each_layer_attends(case):
         table = set(plan.kv_indices[layer].tolist())
         assert table <= set(row[: plan.retained_len].tolist())
         assert not table & set(plan.free_slots.tolist())
+    # A whole prefix at every layer makes each table one range of the row.
+    if all(set(range(p)) <= set(s) for s in kept):
+        assert plan.table_lengths == [p + n for n in own]
+        assert all(t.tolist() == row[:n].tolist() for t, n in zip(plan.kv_indices, plan.table_lengths))
+    else:
+        assert plan.table_lengths is None
     # Freed: exactly the own slots past the retained ones; the tree's prefix slots are untouched.
     assert plan.free_slots.tolist() == row[plan.retained_len:].tolist()
     untouched = torch.ones(slots, dtype=torch.bool)
@@ -123,6 +129,10 @@ def test_worked_example():
     assert plan.kv_indices[1].tolist() == [12, 13]
     assert [(s.tolist(), d.tolist()) for s, d in plan.copies] == [([13, 15], [12, 13]), ([14, 15], [12, 13])]
     assert plan.retained_len == 4 and plan.free_slots.tolist() == [14, 15]
+    assert plan.table_lengths is None  # layer 1 drops prefix position 0 and 1: no contiguous table
+    whole = plan_compaction(row, [torch.tensor([0, 1, 3, 5]), torch.tensor([0, 1, 4])], shared_prefix_len=2)
+    assert whole.table_lengths == [4, 3]
+    assert [t.tolist() for t in whole.kv_indices] == [[10, 11, 12, 13], [10, 11, 12]]
 
 
 def test_compaction_on_sglang_pool():

@@ -2,8 +2,9 @@
 
 Per request, after its prefill: s_l(j) and gamma_l from the post-vision queries (`scores.py`),
 beta_l from the gammas (or alpha everywhere for the uniform baseline, `budget.py`), kept_l =
-max(floor(beta_l * m), w) with w the voting queries plus the recent window, the top-scored tokens
-per layer (`selection.py`), and the kept K/V moved into the front of the request's own slots. The
+p + max(floor(beta_l * (m - p)), w) with p the shared radix prefix (kept whole) and w the voting
+queries plus the recent window, the top-scored tokens per layer (`selection.py`), and the kept K/V
+moved into the front of the request's own slots. The
 caller frees `plan.free_slots` and marks the request trimmed. alpha = 1 keeps every token and
 returns no plan: the request is served exactly as without compression.
 """
@@ -48,14 +49,19 @@ class VLCacheCompression(PostPrefillStep):
             budgets = vlcache_budgets(sparsity, alpha)
         else:
             budgets = uniform_budgets(len(layers), alpha)
-        # The voting queries are the last tokens of the prompt: they and the recent window always stay.
+        # Only the request's own tokens [p, m) are compressed: the radix prefix stays whole at every
+        # layer (tree slots cannot be freed, and a whole prefix keeps each layer's table contiguous).
+        # The voting queries are the last prompt tokens: they and the recent window always stay.
+        p = view.shared_prefix_len
         protected = max(m - int(view.query_positions.min()), cfg.recent_window)
-        counts = kept_counts(budgets, m, min_keep=protected)
-        info = {"alpha": alpha, "sparsity": sparsity, "budgets": budgets.tolist(), "kept": counts}
-        if all(c == m for c in counts):
+        counts = kept_counts(budgets, m - p, min_keep=protected)
+        info = {"alpha": alpha, "sparsity": sparsity, "budgets": budgets.tolist(), "kept": [p + c for c in counts]}
+        if all(c == m - p for c in counts):
             return PostPrefillResult(None, info)
-        kept = select_layers([layer.token_scores for layer in layers], counts, protected)
-        plan = plan_compaction(view.row_slots, kept, view.shared_prefix_len)
+        own = select_layers([layer.token_scores[p:] for layer in layers], counts, protected)
+        prefix = torch.arange(p, dtype=torch.int64, device=own[0].device)
+        kept = [torch.cat([prefix, p + o]) for o in own]
+        plan = plan_compaction(view.row_slots, kept, p)
         apply_compaction(view.k_buffers, view.v_buffers, plan)
         info["freed"] = int(plan.free_slots.numel())
         return PostPrefillResult(plan, info)

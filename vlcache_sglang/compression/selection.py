@@ -26,6 +26,11 @@ tokens occupy. `plan_compaction` uses that:
 * `kv_indices[l]` = kept prefix slots ++ row[p : p + n'_l]: the prompt part of layer l's decode
   table (order does not matter to decode attention: every prompt key precedes every decode query).
   The decode path appends the request's decode slots row[m : seq_len] for every layer.
+* `VLCacheCompression` keeps the whole prefix at every layer (it cannot be freed anyway), so layer
+  l's table is two contiguous ranges of the unchanged row, row[0 : p + n'_l] ++ row[m : seq_len]:
+  one int per (request, layer) describes it (`plan.table_lengths`), and the decode tables are
+  built on the GPU from req_to_token like SGLang's own (`kernels/kept_kv_indices.py`), CUDA-graph
+  safe. Dropping prefix tokens too would need copies of them in own slots (an open question).
 
 Positions stay the true ones: K is stored after RoPE, so moving a K row between slots does not
 change its position, and `req.seq_len` keeps counting every prompt token (SGLang derives decode
@@ -45,7 +50,7 @@ request is marked `kv_trimmed` (`step.mark_kv_trimmed`), and the cache must chec
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -94,6 +99,9 @@ class CompressionPlan:
     copies: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (src, dst) int64 slots, src != dst
     retained_len: int  # row[p : retained_len] stay the request's; the tail of the prompt is freed
     free_slots: torch.Tensor  # int64 row[retained_len : m], back to the allocator after the copies
+    # When every layer keeps the whole prefix: layer l's table is row[0 : table_lengths[l]], one
+    # contiguous range (decode: ++ row[m : seq_len]); None otherwise.
+    table_lengths: Optional[list[int]] = None
 
     @property
     def kept_lengths(self) -> list[int]:
@@ -144,8 +152,11 @@ def plan_compaction(row_slots: torch.Tensor, kept_positions: Sequence[torch.Tens
         kept_list.append(kept)
         indices.append(torch.cat([row[prefix], dst]))
         copies.append((src[moved], dst[moved]))
-    retained = p + max(int((k >= p).sum()) for k in kept_list)
-    return CompressionPlan(m, p, kept_list, indices, copies, retained, row[retained:m].clone())
+    own_counts = [int((k >= p).sum()) for k in kept_list]
+    retained = p + max(own_counts)
+    whole_prefix = all(int((k < p).sum()) == p for k in kept_list)
+    lengths = [p + n for n in own_counts] if whole_prefix else None
+    return CompressionPlan(m, p, kept_list, indices, copies, retained, row[retained:m].clone(), lengths)
 
 
 def apply_compaction(k_buffers: Sequence[torch.Tensor], v_buffers: Sequence[torch.Tensor],
