@@ -9,7 +9,8 @@ config.py     CompressionConfig (compress_ratio alpha; off by default)
 compressor.py VLCacheCompression: the step that puts the above together
 """
 
-from vlcache_sglang.compression.budget import kept_counts, layer_sparsity, uniform_budgets, vlcache_budgets
+from vlcache_sglang.compression.budget import (kept_counts, layer_sparsity, layers_sparsity, uniform_budgets,
+                                               vlcache_budgets)
 from vlcache_sglang.compression.compressor import VLCacheCompression, build_post_prefill_step
 from vlcache_sglang.compression.config import CompressionConfig
 from vlcache_sglang.compression.decode_tables import KeptLengthTable
@@ -19,7 +20,7 @@ from vlcache_sglang.compression.selection import (CompressionPlan, apply_compact
 from vlcache_sglang.compression.step import (PostPrefillResult, PostPrefillStep, PrefillView, is_kv_trimmed,
                                              mark_kv_trimmed, trimmed_plan)
 
-__all__ = ["kept_counts", "layer_sparsity", "uniform_budgets", "vlcache_budgets", "VLCacheCompression",
+__all__ = ["kept_counts", "layer_sparsity", "layers_sparsity", "uniform_budgets", "vlcache_budgets", "VLCacheCompression",
            "build_post_prefill_step", "CompressionConfig", "KeptLengthTable", "LayerScores", "post_vision_positions", "score_layer",
            "score_request", "CompressionPlan", "apply_compaction", "plan_compaction", "select_kept_positions",
            "select_layers", "PostPrefillResult", "PostPrefillStep", "PrefillView", "is_kv_trimmed",

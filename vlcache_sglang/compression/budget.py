@@ -41,13 +41,19 @@ def layer_sparsity(sparse_counts: torch.Tensor, query_positions: torch.Tensor) -
     query_positions: [tau] int, position p_i of post-vision query i; its row has p_i + 1 valid entries
     Each row's fraction counts equally (the mean over heads and queries); returns a float in [0, 1).
     """
-    if sparse_counts.dim() != 2 or query_positions.shape != sparse_counts.shape[:1]:
-        raise ValueError(f"sparse_counts must be [tau, heads] and query_positions [tau], got "
-                         f"{tuple(sparse_counts.shape)} and {tuple(query_positions.shape)}")
-    if sparse_counts.numel() == 0:
+    return layers_sparsity([sparse_counts], query_positions)[0]
+
+
+def layers_sparsity(sparse_counts: Sequence[torch.Tensor], query_positions: torch.Tensor) -> list[float]:
+    """layer_sparsity of every layer, read back to the host once (the counts may live on the GPU)."""
+    for counts in sparse_counts:
+        if counts.dim() != 2 or query_positions.shape != counts.shape[:1]:
+            raise ValueError(f"sparse_counts must be [tau, heads] and query_positions [tau], got "
+                             f"{tuple(counts.shape)} and {tuple(query_positions.shape)}")
+    if query_positions.numel() == 0 or not sparse_counts or sparse_counts[0].shape[1] == 0:
         raise ValueError("no post-vision queries: gamma_l is undefined (score at least the last prompt token)")
-    valid = (query_positions.to(torch.float64) + 1.0)[:, None]
-    return float((sparse_counts.to(torch.float64) / valid).mean())
+    valid = (query_positions.to(device=sparse_counts[0].device, dtype=torch.float64) + 1.0)[:, None]
+    return torch.stack([(counts.to(torch.float64) / valid).mean() for counts in sparse_counts]).tolist()
 
 
 def vlcache_budgets(sparsity: Floats, alpha: float, min_budget: float = MIN_BUDGET) -> torch.Tensor:

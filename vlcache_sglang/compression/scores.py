@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from vlcache_sglang.compression.budget import SPARSITY_THRESHOLD, layer_sparsity
+from vlcache_sglang.compression.budget import SPARSITY_THRESHOLD, layers_sparsity
 from vlcache_sglang.kernels.attention_scores import post_vision_scores
 
 # Signature of post_vision_scores (and of its torch reference, which tests pass instead).
@@ -60,18 +60,23 @@ def score_layer(q_post: torch.Tensor, k_cache: torch.Tensor, req_to_token: torch
                 threshold: float = SPARSITY_THRESHOLD, scorer: Scorer = post_vision_scores) -> LayerScores:
     """s_l and gamma_l of one layer. Shapes as `kernels.attention_scores.post_vision_scores`:
     q_post [tau, num_qo_heads, head_dim] (after RoPE), k_cache [slots, num_kv_heads, head_dim]."""
-    scores, sparse = scorer(q_post, k_cache, req_to_token, req_row, q_positions, num_prompt_tokens,
-                            sm_scale, threshold=threshold)
-    return LayerScores(scores, sparse, layer_sparsity(sparse.cpu(), q_positions.cpu()))
+    return score_request([q_post], [k_cache], req_to_token, req_row, q_positions, num_prompt_tokens, sm_scale,
+                         threshold, scorer)[0]
 
 
 def score_request(q_post_layers: Sequence[torch.Tensor], k_buffers: Sequence[torch.Tensor],
                   req_to_token: torch.Tensor, req_row: int, q_positions: torch.Tensor, num_prompt_tokens: int,
                   sm_scale: float, threshold: float = SPARSITY_THRESHOLD,
                   scorer: Scorer = post_vision_scores) -> list[LayerScores]:
-    """score_layer for every layer l: q_post_layers[l] against k_buffers[l] (SGLang's `k_buffer`)."""
+    """s_l and gamma_l for every layer l: q_post_layers[l] against k_buffers[l] (SGLang's `k_buffer`).
+
+    The kernels of all layers are launched before any result is read back: one synchronisation
+    per request (the gammas), not one per layer.
+    """
     if len(q_post_layers) != len(k_buffers):
         raise ValueError(f"one post-vision query tensor per layer: got {len(q_post_layers)} for "
                          f"{len(k_buffers)} layers")
-    return [score_layer(q, k, req_to_token, req_row, q_positions, num_prompt_tokens, sm_scale, threshold, scorer)
-            for q, k in zip(q_post_layers, k_buffers)]
+    results = [scorer(q, k, req_to_token, req_row, q_positions, num_prompt_tokens, sm_scale, threshold=threshold)
+               for q, k in zip(q_post_layers, k_buffers)]
+    gammas = layers_sparsity([sparse for _, sparse in results], q_positions)
+    return [LayerScores(scores, sparse, gamma) for (scores, sparse), gamma in zip(results, gammas)]
