@@ -1,0 +1,99 @@
+"""VL-Cache layer budgets: the formula, its clip, the uniform baseline and kept counts (properties)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vlcache_sglang.compression.budget import (MIN_BUDGET, kept_counts, layer_sparsity, uniform_budgets,
+                                               vlcache_budgets)
+
+gammas = st.lists(st.floats(0.0, 0.999), min_size=1, max_size=40)
+alphas = st.floats(0.01, 1.0)
+
+
+def test_formula_on_a_worked_example():
+    # L = 3, densities 0.5, 0.25, 0.25 (sum 1): beta = 0.1 * 3 * density / 1
+    got = vlcache_budgets([0.5, 0.75, 0.75], alpha=0.1)
+    torch.testing.assert_close(got, torch.tensor([0.15, 0.075, 0.075], dtype=torch.float64))
+
+
+@given(gamma=gammas, alpha=alphas)
+@settings(max_examples=200, deadline=None)
+def test_budgets_are_clipped_and_follow_density(gamma, alpha):
+    beta = vlcache_budgets(gamma, alpha)
+    assert beta.shape == (len(gamma),)
+    assert bool(((beta >= MIN_BUDGET) & (beta <= 1.0)).all())
+    # Denser layers (lower gamma) never get less.
+    order = sorted(range(len(gamma)), key=lambda l: gamma[l])
+    assert all(beta[a] >= beta[b] - 1e-12 for a, b in zip(order, order[1:]))
+    # Unclipped, the mean is alpha exactly.
+    raw = alpha * len(gamma) * (1 - torch.tensor(gamma, dtype=torch.float64))
+    raw = raw / (1 - torch.tensor(gamma, dtype=torch.float64)).sum()
+    if bool(((raw >= MIN_BUDGET) & (raw <= 1.0)).all()):
+        assert math.isclose(float(beta.mean()), alpha, rel_tol=1e-9)
+
+
+@given(gamma=st.floats(0.0, 0.999), num_layers=st.integers(1, 40), alpha=alphas)
+@settings(max_examples=100, deadline=None)
+def test_equal_sparsity_is_the_uniform_baseline(gamma, num_layers, alpha):
+    torch.testing.assert_close(vlcache_budgets([gamma] * num_layers, alpha), uniform_budgets(num_layers, alpha))
+
+
+def test_alpha_one_keeps_everything_at_every_layer():
+    assert vlcache_budgets([0.1, 0.9, 0.5, 0.0], 1.0).tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert kept_counts(vlcache_budgets([0.1, 0.9], 1.0), 37) == [37, 37]
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan")])
+def test_bad_alpha_is_refused(bad):
+    with pytest.raises(ValueError, match="alpha"):
+        vlcache_budgets([0.5], bad)
+    with pytest.raises(ValueError, match="alpha"):
+        uniform_budgets(3, bad)
+
+
+def test_bad_sparsity_is_refused():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        vlcache_budgets([0.5, 1.2], 0.1)
+    with pytest.raises(ValueError, match="at least one layer"):
+        vlcache_budgets([], 0.1)
+
+
+def test_all_sparse_falls_back_to_uniform():
+    assert vlcache_budgets([1.0, 1.0], 0.3).tolist() == [0.3, 0.3]
+
+
+@given(beta=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=30), m=st.integers(0, 5000),
+       min_keep=st.integers(0, 100))
+@settings(max_examples=200, deadline=None)
+def test_kept_counts_properties(beta, m, min_keep):
+    counts = kept_counts(beta, m, min_keep)
+    for b, c in zip(beta, counts):
+        assert min(min_keep, m) <= c <= m
+        assert c == max(math.floor(b * m + 1e-9), min(min_keep, m))
+
+
+def test_kept_counts_examples():
+    assert kept_counts([0.1, 0.5, 1.0], 1000) == [100, 500, 1000]
+    assert kept_counts([0.01], 1) == [0]  # floor(0.01): only the protected tokens survive
+    assert kept_counts([0.01], 1, min_keep=4) == [1]
+    assert kept_counts([0.07], 100) == [7]  # 0.07 * 100 = 7.000000000000001 or 6.99...: floor is 7
+
+
+def test_layer_sparsity_averages_row_fractions():
+    # Two queries at positions 1 and 3 (2 and 4 valid entries), two heads.
+    counts = torch.tensor([[1, 0], [2, 4]])
+    got = layer_sparsity(counts, torch.tensor([1, 3]))
+    assert math.isclose(got, (1 / 2 + 0 / 2 + 2 / 4 + 4 / 4) / 4)
+
+
+def test_layer_sparsity_contract():
+    with pytest.raises(ValueError, match="tau"):
+        layer_sparsity(torch.zeros(3, 2), torch.zeros(2))
+    with pytest.raises(ValueError, match="no post-vision"):
+        layer_sparsity(torch.zeros(0, 2), torch.zeros(0))

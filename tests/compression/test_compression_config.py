@@ -1,0 +1,37 @@
+"""CompressionConfig: off by default, validated, per-request overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlcache_sglang.compression.config import CompressionConfig
+
+
+def test_off_by_default():
+    assert not CompressionConfig().enabled
+    assert CompressionConfig(compress_ratio=0.1).enabled
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.5, 1.01, float("nan"), float("inf"), "0.1", True])
+def test_ratio_out_of_range_is_refused(bad):
+    with pytest.raises(ValueError, match="compress_ratio"):
+        CompressionConfig(compress_ratio=bad)
+
+
+@pytest.mark.parametrize("field, bad, match", [("budget", "h2o", "unknown"), ("recent_window", -1, "recent_window"),
+                                               ("sparsity_threshold", 1.0, "sparsity_threshold"),
+                                               ("fallback_queries", 0, "fallback_queries"),
+                                               ("max_queries", 0, "max_queries")])
+def test_other_fields_are_validated(field, bad, match):
+    with pytest.raises(ValueError, match=match):
+        CompressionConfig(**{field: bad})
+
+
+def test_overrides():
+    base = CompressionConfig(compress_ratio=0.1)
+    assert base.with_overrides(compress_ratio=0.5).compress_ratio == 0.5
+    assert base.with_overrides(budget="uniform").compress_ratio == 0.1
+    with pytest.raises(ValueError, match="unknown compression option"):
+        base.with_overrides(ratio=0.5)
+    with pytest.raises(ValueError, match="compress_ratio"):
+        base.with_overrides(compress_ratio=2.0)

@@ -1,0 +1,105 @@
+"""Per-layer KV budgets: VL-Cache's sparsity-aware allocation and the uniform (H2O-like) baseline.
+
+VL-Cache (Tu et al., arXiv 2410.23317) measures, after the prefill, how concentrated each layer's
+post-vision attention A'_l = softmax(Q_post K^T / sqrt(d)) (causal) is, and gives dense layers more
+of the cache than sparse ones:
+
+    gamma_l = mean over heads h and post-vision queries i of
+              |{j <= p_i : A'_l[h, i, j] < t * max_j' A'_l[h, i, j']}| / (p_i + 1)      (t = 1 %)
+    beta_l  = clip(alpha * L * (1 - gamma_l) / sum_j (1 - gamma_j), 0.01, 1)
+    kept_l  = floor(beta_l * m)                                                          (m prompt tokens)
+
+Before clipping the mean of beta_l is alpha (the global keep ratio); alpha = 1 is special-cased to
+beta_l = 1 (no compression). The clip follows the paper
+and is not rebalanced: a layer clipped at 1 keeps everything, so the mean may fall below alpha.
+The sparse counts come from `scores.attention_scores` (pass 2 of the kernel), never from a
+materialised attention matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import torch
+
+MIN_BUDGET = 0.01  # beta_l's lower clip (the paper's)
+SPARSITY_THRESHOLD = 0.01  # t: an entry is sparse below this fraction of its row's maximum
+
+Floats = Union[Sequence[float], torch.Tensor]
+
+
+def _check_ratio(alpha: float) -> None:
+    if not (0.0 < alpha <= 1.0):
+        raise ValueError(f"keep ratio alpha must lie in (0, 1], got {alpha} (1.0 keeps every token)")
+
+
+def layer_sparsity(sparse_counts: torch.Tensor, query_positions: torch.Tensor) -> float:
+    """gamma_l of one layer from the kernel's per-row sparse-entry counts.
+
+    sparse_counts:   [tau, num_qo_heads] int, entries of row (i, h) below t x the row max
+    query_positions: [tau] int, position p_i of post-vision query i; its row has p_i + 1 valid entries
+    Each row's fraction counts equally (the mean over heads and queries); returns a float in [0, 1).
+    """
+    return layers_sparsity([sparse_counts], query_positions)[0]
+
+
+def layers_sparsity(sparse_counts: Sequence[torch.Tensor], query_positions: torch.Tensor) -> list[float]:
+    """layer_sparsity of every layer, read back to the host once (the counts may live on the GPU)."""
+    for counts in sparse_counts:
+        if counts.dim() != 2 or query_positions.shape != counts.shape[:1]:
+            raise ValueError(f"sparse_counts must be [tau, heads] and query_positions [tau], got "
+                             f"{tuple(counts.shape)} and {tuple(query_positions.shape)}")
+    if query_positions.numel() == 0 or not sparse_counts or sparse_counts[0].shape[1] == 0:
+        raise ValueError("no post-vision queries: gamma_l is undefined (score at least the last prompt token)")
+    valid = (query_positions.to(device=sparse_counts[0].device, dtype=torch.float64) + 1.0)[:, None]
+    return torch.stack([(counts.to(torch.float64) / valid).mean() for counts in sparse_counts]).tolist()
+
+
+def vlcache_budgets(sparsity: Floats, alpha: float, min_budget: float = MIN_BUDGET) -> torch.Tensor:
+    """beta_l = clip(alpha * L * (1 - gamma_l) / sum_j (1 - gamma_j), min_budget, 1); [L] float64.
+
+    sparsity: [L] gamma_l in [0, 1]. A layer whose post-vision attention is denser gets more budget.
+    alpha = 1 keeps every token at every layer: the formula itself would still move budget from
+    sparse layers to dense ones clipped at 1 (mean below 1), but alpha = 1.0 is the no-compression
+    anchor (token-for-token equal to the uncompressed server).
+    """
+    _check_ratio(alpha)
+    gamma = torch.as_tensor(sparsity, dtype=torch.float64).flatten()
+    if gamma.numel() == 0:
+        raise ValueError("need the sparsity of at least one layer")
+    if not bool(((gamma >= 0) & (gamma <= 1)).all()):
+        raise ValueError(f"sparsity gamma_l must lie in [0, 1], got {gamma.tolist()}")
+    if alpha >= 1.0:
+        return torch.ones_like(gamma)
+    density = 1.0 - gamma
+    total = float(density.sum())
+    if total <= 0.0:
+        # Impossible from real counts (a row's maximum is never below t x itself); fall back to uniform.
+        return uniform_budgets(gamma.numel(), alpha, min_budget)
+    return (alpha * gamma.numel() * density / total).clamp(min_budget, 1.0)
+
+
+def uniform_budgets(num_layers: int, alpha: float, min_budget: float = MIN_BUDGET) -> torch.Tensor:
+    """The baseline at equal alpha: beta_l = alpha at every layer (H2O-like top-k per layer); [L] float64."""
+    _check_ratio(alpha)
+    if num_layers <= 0:
+        raise ValueError(f"num_layers must be > 0, got {num_layers}")
+    return torch.full((num_layers,), max(alpha, min_budget), dtype=torch.float64)
+
+
+def kept_counts(budgets: Floats, num_prompt_tokens: int, min_keep: int = 0) -> list[int]:
+    """Tokens layer l keeps of the m prompt tokens: max(floor(beta_l * m), min(min_keep, m)).
+
+    min_keep: tokens every layer keeps whatever its budget (the post-vision queries and the recent
+    window that `selection` always protects), so the window is part of the count, not extra.
+    beta = 1 keeps all m exactly (the alpha = 1.0 anchor: no compression).
+    """
+    if num_prompt_tokens < 0 or min_keep < 0:
+        raise ValueError(f"num_prompt_tokens and min_keep must be >= 0, got {num_prompt_tokens}, {min_keep}")
+    beta = torch.as_tensor(budgets, dtype=torch.float64).flatten().tolist()
+    if any(not (0.0 <= b <= 1.0) for b in beta):
+        raise ValueError(f"budgets must lie in [0, 1], got {beta}")
+    floor_keep = min(min_keep, num_prompt_tokens)
+    # A tiny epsilon so that beta * m landing a rounding error below an integer is not cut by one.
+    return [max(min(math.floor(b * num_prompt_tokens + 1e-9), num_prompt_tokens), floor_keep) for b in beta]

@@ -1,0 +1,56 @@
+"""CompressionConfig: the options of VL-Cache KV compression, validated once.
+
+Kept apart from `vlcache_sglang/config.py` until the server flags are wired
+(`--vlcache-compress-ratio` and friends); a per-request override will replace fields through
+`with_overrides`, as `request_policy.py` does for recompute policies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+BUDGET_METHODS = ("vlcache", "uniform")
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    # alpha, the share of prompt KV kept (mean over layers); None: compression off (the default).
+    compress_ratio: Optional[float] = None
+    # "vlcache": sparsity-aware beta_l; "uniform": beta_l = alpha (the H2O-like baseline).
+    budget: str = "vlcache"
+    recent_window: int = 0  # last prompt tokens every layer keeps besides the post-vision queries
+    sparsity_threshold: float = 0.01  # an entry is sparse below this share of its row's maximum
+    fallback_queries: int = 32  # queries that vote when no text follows the last image
+    max_queries: Optional[int] = None  # cap on the voting queries (scoring costs tau x m per layer)
+
+    def __post_init__(self) -> None:
+        alpha = self.compress_ratio
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                  or not math.isfinite(alpha) or not 0 < alpha <= 1):
+            raise ValueError(f"compress_ratio must lie in (0, 1] (1.0 keeps every token; omit it to turn "
+                             f"compression off), got {alpha!r}")
+        if self.budget not in BUDGET_METHODS:
+            raise ValueError(f"budget {self.budget!r} is unknown; choose one of {BUDGET_METHODS}")
+        if self.recent_window < 0:
+            raise ValueError(f"recent_window must be >= 0, got {self.recent_window}")
+        if not 0 < self.sparsity_threshold < 1:
+            raise ValueError(f"sparsity_threshold must lie in (0, 1), got {self.sparsity_threshold}")
+        if self.fallback_queries < 1:
+            raise ValueError(f"fallback_queries must be >= 1, got {self.fallback_queries}")
+        if self.max_queries is not None and self.max_queries < 1:
+            raise ValueError(f"max_queries must be >= 1 or None, got {self.max_queries}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.compress_ratio is not None
+
+    def with_overrides(self, **fields: Any) -> "CompressionConfig":
+        """A copy with some fields replaced (validated again); unknown names are refused."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown compression option(s) {unknown}; choose from {sorted(known)}")
+        return dataclasses.replace(self, **fields)
