@@ -54,6 +54,30 @@ def _split_range(max_pos, num_splits, split, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(q, q_pos, tile, kv_head, num_q, stride_qt, stride_qh,
+                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows: (query index, head, valid, position, q [BLOCK_ROWS, BLOCK_D], d, dmask)."""
+    qi, head, valid = _rows(tile, kv_head, num_q, GROUP, BLOCK_ROWS)
+    pos = tl.load(q_pos + qi, mask=valid, other=-1)  # a padding row sees no key
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    qv = tl.load(q + qi[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                 mask=valid[:, None] & dmask[None, :], other=0.0)
+    return qi, head, valid, pos, qv, d, dmask
+
+
+@triton.jit
+def _key_block(k_cache, slot_row, start, hi, kv_off, d, dmask, stride_kt, BLOCK_N: tl.constexpr):
+    """Keys [start, start + BLOCK_N) ∩ [.., hi): (their indices j, in-range mask, K^T [BLOCK_D, BLOCK_N])."""
+    j = start + tl.arange(0, BLOCK_N)
+    jmask = j < hi
+    slots = tl.load(slot_row + j, mask=jmask, other=0).to(tl.int64)
+    k = tl.load(k_cache + slots[None, :] * stride_kt + kv_off + d[:, None],
+                mask=jmask[None, :] & dmask[:, None], other=0.0)
+    return j, jmask, k
+
+
+@triton.jit
 def _row_stats_kernel(
     q,  # [tau, num_qo_heads, head_dim]
     k_cache,  # [slots, num_kv_heads, head_dim]
@@ -67,23 +91,14 @@ def _row_stats_kernel(
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     tile, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    qi, head, valid = _rows(tile, kv_head, num_q, GROUP, BLOCK_ROWS)
-    pos = tl.load(q_pos + qi, mask=valid, other=-1)  # a padding row sees no key
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < HEAD_DIM
-    qv = tl.load(q + qi[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                 mask=valid[:, None] & dmask[None, :], other=0.0)
+    qi, head, valid, pos, qv, d, dmask = _query_tile(q, q_pos, tile, kv_head, num_q, stride_qt, stride_qh,
+                                                     GROUP, HEAD_DIM, BLOCK_ROWS, BLOCK_D)
     kv_off = kv_head.to(tl.int64) * stride_kh
     lo, hi = _split_range(tl.max(pos, 0), num_splits, split, BLOCK_N)
-    n = tl.arange(0, BLOCK_N)
     m_i = tl.zeros([BLOCK_ROWS], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        j = start + n
-        jmask = j < hi
-        slots = tl.load(slot_row + j, mask=jmask, other=0).to(tl.int64)
-        k = tl.load(k_cache + slots[None, :] * stride_kt + kv_off + d[:, None],
-                    mask=jmask[None, :] & dmask[:, None], other=0.0)
+        j, jmask, k = _key_block(k_cache, slot_row, start, hi, kv_off, d, dmask, stride_kt, BLOCK_N)
         s = _dot(qv, k, UPCAST_DOT, DOT_PRECISION) * scale_log2
         s = tl.where((j[None, :] <= pos[:, None]) & jmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -108,26 +123,17 @@ def _scores_kernel(
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     tile, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    qi, head, valid = _rows(tile, kv_head, num_q, GROUP, BLOCK_ROWS)
-    pos = tl.load(q_pos + qi, mask=valid, other=-1)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < HEAD_DIM
-    qv = tl.load(q + qi[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                 mask=valid[:, None] & dmask[None, :], other=0.0)
+    qi, head, valid, pos, qv, d, dmask = _query_tile(q, q_pos, tile, kv_head, num_q, stride_qt, stride_qh,
+                                                     GROUP, HEAD_DIM, BLOCK_ROWS, BLOCK_D)
     stat = qi * stride_st + head
     m_row = tl.load(row_max + stat, mask=valid, other=0.0)
     lse_row = tl.load(lse + stat, mask=valid, other=0.0)
     kv_off = kv_head.to(tl.int64) * stride_kh
     part = score_part + tile * stride_pt + kv_head * stride_ph
     lo, hi = _split_range(tl.max(pos, 0), num_splits, split, BLOCK_N)
-    n = tl.arange(0, BLOCK_N)
     sparse = tl.zeros([BLOCK_ROWS], dtype=tl.int32)
     for start in range(lo, hi, BLOCK_N):
-        j = start + n
-        jmask = j < hi
-        slots = tl.load(slot_row + j, mask=jmask, other=0).to(tl.int64)
-        k = tl.load(k_cache + slots[None, :] * stride_kt + kv_off + d[:, None],
-                    mask=jmask[None, :] & dmask[:, None], other=0.0)
+        j, jmask, k = _key_block(k_cache, slot_row, start, hi, kv_off, d, dmask, stride_kt, BLOCK_N)
         s = _dot(qv, k, UPCAST_DOT, DOT_PRECISION) * scale_log2
         seen = (j[None, :] <= pos[:, None]) & jmask[None, :]
         p = tl.where(seen, tl.math.exp2(s - lse_row[:, None]), 0.0)
