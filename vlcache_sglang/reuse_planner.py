@@ -136,10 +136,6 @@ def reuse_allowed(req: "Req") -> bool:
     return start == -1 or start >= len(req.origin_input_ids)
 
 
-def _eligible(batch: "ScheduleBatch", i: int, extend_len: int) -> bool:
-    return reuse_allowed(batch.reqs[i])
-
-
 def plan_request(
     req: "Req",
     prefix_len: int,
@@ -197,7 +193,7 @@ def plan_batch(batch: "ScheduleBatch", cache: "MultimodalRadixCache") -> None:
     pt = 0
     for i, req in enumerate(batch.reqs):
         prefix_len, extend_len = int(batch.prefix_lens[i]), int(batch.extend_lens[i])
-        if _eligible(batch, i, extend_len):
+        if reuse_allowed(req):
             out_loc = batch.out_cache_loc[pt : pt + extend_len]
             plan = plan_request(req, prefix_len, prefix_len + extend_len, out_loc, cache,
                                 cache.policy_for(req), cache.num_layers)
