@@ -436,8 +436,10 @@ def compare(steps: list[Step], stock: dict[str, dict], vl: dict[str, dict]) -> d
 
 
 def tally(steps: list[Step], results: dict[str, dict]) -> dict:
-    """Per server: steps sent, served, errors by status (expected / unexpected), aborts, not sent."""
+    """Per server: steps sent, chat requests served, errors by status (expected / unexpected), flushes by
+    status, aborts, not sent."""
     out: dict[str, Any] = {"sent": 0, "served": 0, "aborted": 0, "completed_before_close": 0, "not_sent": 0,
+                           "flushes": collections.Counter(),
                            "driver_errors": 0, "expected": collections.Counter(), "unexpected": collections.Counter(),
                            "unexpected_ids": [], "unclear_messages": []}
     for s in steps:
@@ -453,7 +455,9 @@ def tally(steps: list[Step], results: dict[str, dict]) -> dict:
             out["unexpected_ids"].append((s.id, res.get("why")))
             continue
         out["sent"] += 1
-        if v == "served":
+        if s.kind.startswith("flush") and v != "unexpected":
+            out["flushes"][f"{s.kind} {res['status']}"] += 1
+        elif v == "served":
             out["served"] += 1
         elif v == "expected error":
             out["expected"][res["status"]] += 1
@@ -467,6 +471,7 @@ def tally(steps: list[Step], results: dict[str, dict]) -> dict:
         if clear_message(s, res) is False:
             out["unclear_messages"].append((s.id, res.get("message", "")[:160]))
     out["expected"] = dict(out["expected"])
+    out["flushes"] = dict(out["flushes"])
     out["unexpected"] = {str(k): v for k, v in out["unexpected"].items()}
     return out
 
@@ -526,9 +531,10 @@ def short_table(report: dict) -> str:
     twin_bad = sum(not t["same"] for t in report["twins"])
     rows = [
         ("requests sent (not sent: deadline)", f"{st['sent']} ({st['not_sent']})", f"{vl['sent']} ({vl['not_sent']})"),
-        ("served (200)", st["served"], vl["served"]),
+        ("chat requests served (200)", st["served"], vl["served"]),
         ("errors, expected (status×n)", _counts(st["expected"]), _counts(vl["expected"])),
         ("errors, UNEXPECTED (status×n; 0 = no answer)", _counts(st["unexpected"]), _counts(vl["unexpected"])),
+        ("/flush_cache (idle / under load: status×n)", _counts(st["flushes"]), _counts(vl["flushes"])),
         ("client aborts (closed mid-request / server done first)",
          f"{st['aborted']} / {st['completed_before_close']}", f"{vl['aborted']} / {vl['completed_before_close']}"),
         ("answers compared with stock / WRONG", "–", f"{report['compare']['compared']} / "
