@@ -351,7 +351,8 @@ class Stream:
                     for f in pending:
                         f.result()
                     pending = []
-                    time.sleep(0.5)  # let the scheduler go idle (SGLang's idle check) before the flush
+                    if not self._cut():
+                        time.sleep(0.5)  # let the scheduler go idle (SGLang's idle check) before the flush
                     one(step)
                     continue
                 pending.append(pool.submit(one, step))
@@ -677,6 +678,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--stream-s", type=float, default=150, help="the stream's length (or until --deadline-unix)")
     p.add_argument("--deadline-unix", type=float, default=None, help="no step starts after this")
     p.add_argument("--idle-s", type=float, default=8, help="idle after the stream: SGLang's idle leak check runs")
+    p.add_argument("--health-every-s", type=float, default=1.0, help="/health poll interval per server")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mem-fraction", type=float, default=0.3)
     p.add_argument("--max-total-tokens", type=int, default=65_536)
@@ -742,7 +744,7 @@ def soak(args: argparse.Namespace, stock_url: str, vl_url: str, logs: dict[str, 
     stock_stream = Stream("stock", stock_url, args.concurrency, args.timeout_s, deadline, stock=True, progress=note)
     vl_stream = Stream("vlcache", vl_url, args.concurrency, args.timeout_s, deadline, progress=note)
     try:
-        with HealthPoller({"stock": stock_url, "vlcache": vl_url}) as health:
+        with HealthPoller({"stock": stock_url, "vlcache": vl_url}, every_s=args.health_every_s) as health:
             launch.http_post(vl_url + "/flush_cache")
             probe = Stream("vlcache-probe", vl_url, 1, args.timeout_s, deadline, progress=note).run(probe_steps)
             vl_stream.results.update(probe)

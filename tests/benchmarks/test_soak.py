@@ -230,7 +230,7 @@ def _dry_run(tmp_path, vl_faults=None, rounds=2, extra=()):
         report = soak.main(["--stock-url", u1, "--vlcache-url", u2, "--vlcache-log", str(log),
                             "--data-dir", str(data), "--out-dir", str(tmp_path / "out"), "--rounds", str(rounds),
                             "--stream-s", "60", "--idle-s", "0.2", "--concurrency", "4", "--image-tokens", "64",
-                            "--progress", str(tmp_path / "progress.log"), *extra])
+                            "--progress", str(tmp_path / "progress.log"), "--health-every-s", "0.1", *extra])
     finally:
         s1.shutdown()
         s2.shutdown()
@@ -280,12 +280,13 @@ def test_the_dry_run_catches_each_fault(tmp_path):
 def test_a_deadline_leaves_the_rest_not_sent_and_the_first_round_whole(tmp_path, monkeypatch):
     real_run = soak.Stream._run
 
-    def slow(self, step):  # ~20 ms per step: two rounds of ~60 steps cannot fit in 1.5 s at 4 in flight
-        time.sleep(0.02)
+    def slow(self, step):  # ~40 ms per step sent: 30 rounds of ~60 steps cannot fit in 4 s at 4 in flight
+        if not self._cut():
+            time.sleep(0.04)
         return real_run(self, step)
 
     monkeypatch.setattr(soak.Stream, "_run", slow)
-    report, _ = _dry_run(tmp_path, rounds=30, extra=("--stream-s", "1.5"))
+    report, _ = _dry_run(tmp_path, rounds=30, extra=("--stream-s", "4"))
     vl = report["tally"]["vlcache"]
     assert vl["not_sent"] > 0 and report["rounds_complete"]["vlcache"] >= 1
     assert report["passed"], report["failures"]
