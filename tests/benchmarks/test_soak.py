@@ -333,3 +333,28 @@ def test_the_script_parses_and_passes_only_options_soak_takes():
     for flag in re.findall(r"(--[a-z][a-z-]+)", call[:call.index("\n\n")]):
         assert f'"{flag}"' in make_eval, f"soak.sh passes {flag}, which make_eval does not take"
     assert "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE=1" in text and "REUSE_CKPT" in text
+
+
+def test_a_dry_run_on_make_evals_sets_as_soak_sh_writes_them(tmp_path):
+    """The data path of the GPU run: make_eval's A, B and multi for the benchmark's task (8 x 8 cells of
+    28 px: 64 tokens per image, read from the PNG), with soak.sh's sizes."""
+    from benchmarks.tiny_vlm.batches import TaskConfig
+    from benchmarks.tiny_vlm.make_eval import main as make_eval
+
+    (tmp_path / "ckpt").mkdir()
+    TaskConfig(layouts=(("a", 0.45), ("b", 0.3), ("multi", 0.25))).save(tmp_path / "ckpt")
+    make_eval(["--model", str(tmp_path / "ckpt"), "--out-dir", str(tmp_path / "eval"), "--regimes", "A,B,multi",
+               "--images", "16", "--repeats", "4", "--multi-requests", "16"])
+    stock_h, vl_h = fake_sglang.make_handler(), fake_sglang.make_handler()
+    (s1, u1), (s2, u2) = fake_sglang.serve(stock_h), fake_sglang.serve(vl_h)
+    try:
+        report = soak.main(["--stock-url", u1, "--vlcache-url", u2, "--data-dir", str(tmp_path / "eval"),
+                            "--out-dir", str(tmp_path / "out"), "--rounds", "1", "--idle-s", "0",
+                            "--health-every-s", "0.1"])
+    finally:
+        s1.shutdown()
+        s2.shutdown()
+    assert report["meta"]["image_tokens"] == 64 and report["meta"]["records"] == 16 * 4 * 2 + 16
+    assert report["meta"]["store_tokens"] == 6 * 64
+    assert report["passed"], report["failures"]
+    assert report["compare"]["compared"] == 16 * 4 * 2 + 16 + 1 + 3
