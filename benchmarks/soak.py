@@ -368,7 +368,7 @@ class Stream:
 class HealthPoller:
     """GET /health of each server every `every_s` in a thread; every answer recorded."""
 
-    def __init__(self, urls: dict[str, str], every_s: float = 1.0, timeout_s: float = 10.0):
+    def __init__(self, urls: dict[str, str], every_s: float = 1.0, timeout_s: float = 20.0):
         self.urls, self.every_s, self.timeout_s = urls, every_s, timeout_s
         self.polls: dict[str, list[tuple[float, int, float]]] = {k: [] for k in urls}
         self._stop = threading.Event()
@@ -674,7 +674,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=40, help="at most; the deadline usually ends the stream first")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=6)
-    p.add_argument("--timeout-s", type=float, default=60, help="per request")
+    p.add_argument("--timeout-s", type=float, default=30, help="per request")
     p.add_argument("--stream-s", type=float, default=150, help="the stream's length (or until --deadline-unix)")
     p.add_argument("--deadline-unix", type=float, default=None, help="no step starts after this")
     p.add_argument("--idle-s", type=float, default=8, help="idle after the stream: SGLang's idle leak check runs")

@@ -359,3 +359,14 @@ def test_the_soaks_bad_overrides_are_400s_with_the_fix(catalogue, name):
     h = catalogue[1][name]
     with pytest.raises(ValueError, match=h.message):
         validate_override(None, SimpleNamespace(custom_params={"vlcache": h.override}), 151000)
+
+
+def test_the_soaks_odd_but_valid_images_are_processed_and_then_served_from_the_cache(proc):
+    """28 x 5000 (aspect 179, under SGLang's 200), 56 x 56, an 8000 x 8000 PNG under PIL's bomb limit:
+    the soak expects a 200 for each (compared with stock), so the processor must take them."""
+    shortcut = ImageProcessingShortcut(1 << 30)
+    for name, url in _soak().odd_valid_images():
+        first = _run(shortcut, proc, [url], _prompt(proc, 1))
+        again = _run(shortcut, proc, [url], _prompt(proc, 1, "other text"))
+        assert len(first.mm_items) == 1 and first.mm_items[0].hash == again.mm_items[0].hash, name
+    assert shortcut.served_from_cache == 3
