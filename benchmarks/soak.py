@@ -146,11 +146,17 @@ class Step:
     after: Optional[str] = None  # start only once this step has finished
     abort: Optional[dict] = None  # {"after_s", "stream", "half_body"}
     compare: bool = False
+    barrier: bool = False  # runs alone, after every earlier step has finished (flush_idle, the twins' before)
+
+
+# Compared requests ask for the top 2 logprobs of each token: a mismatch then shows its margin (a near
+# tie that batching moved reads differently from a reuse that changed the answer).
+TOP_LOGPROBS = 2
 
 
 def chat_body(rec: accuracy.Record, max_tokens: int, salt: Optional[str] = None, n: int = 1,
-              override: Optional[dict] = None) -> dict:
-    body = accuracy.chat_body(rec, max_tokens, override)
+              override: Optional[dict] = None, top_logprobs: int = 0) -> dict:
+    body = accuracy.chat_body(rec, max_tokens, override, top_logprobs)
     if salt is not None:
         body["cache_salt"] = salt  # SGLang 0.5.16's ChatCompletionRequest field; Req.extra_key starts with it
     if n > 1:
@@ -182,18 +188,20 @@ def plan_round(r: int, records: list[accuracy.Record], catalogue: list[Hostile],
     rng = random.Random(seed * 1000 + r)
     twin_rec = next(rec for rec in records if len(rec.images) == 1)
     twin_salt = rng.choice(SALTS)
-    steps = [Step(f"r{r}-flush-idle", "flush_idle", r, expect=(200,))]
+    steps = [Step(f"r{r}-flush-idle", "flush_idle", r, expect=(200,), barrier=True)]
     by_name = {h.name: h for h in catalogue}
     for name in TWIN_KINDS:
         steps.append(_hostile_step(f"r{r}-{name}-before", by_name[name], twin_rec, r, max_tokens, twin_salt,
                                    name + ":before"))
+        steps[-1].barrier = True  # answered before the twin image is sent
     main: list[Step] = []
     twin_ok = f"r{r}-twin"
-    main.append(Step(twin_ok, "ok", r, chat_body(twin_rec, max_tokens, twin_salt), compare=True))
+    main.append(Step(twin_ok, "ok", r, chat_body(twin_rec, max_tokens, twin_salt, top_logprobs=TOP_LOGPROBS),
+                     compare=True))
     for i, rec in enumerate(records):
         n = 2 if rng.random() < n2_share else 1
         main.append(Step(f"r{r}-{rec.id}" + ("-n2" if n > 1 else ""), "ok", r,
-                         chat_body(rec, max_tokens, rng.choice(SALTS), n), compare=True))
+                         chat_body(rec, max_tokens, rng.choice(SALTS), n, top_logprobs=TOP_LOGPROBS), compare=True))
     extras: list[Step] = []
     for h in catalogue:
         if h.name not in TWIN_KINDS:
@@ -202,7 +210,8 @@ def plan_round(r: int, records: list[accuracy.Record], catalogue: list[Hostile],
     for name, url in odd:
         rec = rng.choice([x for x in records if len(x.images) == 1])
         odd_rec = dataclasses.replace(rec, images=[url])
-        extras.append(Step(f"r{r}-{name}", "ok", r, chat_body(odd_rec, max_tokens, rng.choice(SALTS)), compare=True))
+        extras.append(Step(f"r{r}-{name}", "ok", r, chat_body(odd_rec, max_tokens, rng.choice(SALTS),
+                                                              top_logprobs=TOP_LOGPROBS), compare=True))
     variants = [{"after_s": 0.0, "stream": True}, {"after_s": 0.05, "stream": True},
                 {"after_s": 0.3, "stream": True}, {"after_s": 0.05, "stream": False},
                 {"after_s": 1.0, "stream": False}, {"after_s": 0.0, "stream": False, "half_body": True}]
@@ -271,6 +280,9 @@ def parse_chat(status: int, text: str) -> dict:
     if status == 200 and isinstance(data, dict) and "choices" in data:
         choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
         out["texts"] = [(c.get("message") or {}).get("content") for c in choices]
+        tops = [_token_tops(c) for c in choices]
+        if any(tops):
+            out["tops"] = tops
         details = (data.get("usage") or {}).get("prompt_tokens_details") or {}
         out["cached_tokens"] = details.get("cached_tokens")
     else:
@@ -279,6 +291,31 @@ def parse_chat(status: int, text: str) -> dict:
             msg = data["error"].get("message")
         out["message"] = str(msg if msg is not None else text)[:500]
     return out
+
+
+def _token_tops(choice: dict) -> Optional[list]:
+    """[[token, logprob of the best, of the second best], ...] per generated token, or None."""
+    try:
+        content = choice["logprobs"]["content"]
+        rows = []
+        for t in content:
+            top = sorted((float(x["logprob"]) for x in t.get("top_logprobs") or []), reverse=True)
+            rows.append([t["token"], top[0] if top else float(t["logprob"]), top[1] if len(top) > 1 else None])
+        return rows
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def first_difference_margin(a: Optional[list], b: Optional[list]) -> Optional[float]:
+    """At the first token where two answers' token lists differ, the smaller of the two servers' gaps
+    between their best and second-best logprob: near 0 means a near tie. None without logprobs."""
+    if not a or not b:
+        return None
+    for x, y in zip(a, b):
+        if x[0] != y[0]:
+            gaps = [r[1] - r[2] for r in (x, y) if r[2] is not None]
+            return min(gaps) if gaps else None
+    return None
 
 
 class Stream:
@@ -347,11 +384,11 @@ class Stream:
 
         with ThreadPoolExecutor(self.concurrency) as pool:
             for step in steps:
-                if step.kind == "flush_idle":
+                if step.barrier:
                     for f in pending:
                         f.result()
                     pending = []
-                    if not self._cut():
+                    if step.kind == "flush_idle" and not self._cut():
                         time.sleep(0.5)  # let the scheduler go idle (SGLang's idle check) before the flush
                     one(step)
                     continue
@@ -431,8 +468,11 @@ def compare(steps: list[Step], stock: dict[str, dict], vl: dict[str, dict]) -> d
             continue
         compared += 1
         if a.get("texts") != b.get("texts"):
+            margins = [first_difference_margin(x, y) for x, y, tx, ty in
+                       zip(a.get("tops") or [], b.get("tops") or [], a["texts"], b["texts"]) if tx != ty]
             wrong.append({"id": s.id, "stock": a.get("texts"), "vlcache": b.get("texts"),
-                          "salt": (s.body or {}).get("cache_salt"), "n": (s.body or {}).get("n", 1)})
+                          "salt": (s.body or {}).get("cache_salt"), "n": (s.body or {}).get("n", 1),
+                          "margin": min((m for m in margins if m is not None), default=None)})
     return {"compared": compared, "wrong": wrong}
 
 
@@ -637,8 +677,11 @@ def write_report(out_dir: Path, report: dict, steps: list[Step], stock: dict, vl
         f"({report['rounds_complete']['vlcache']} complete on vlcache), {m['concurrency']} in flight per server, "
         f"stream {m['stream_s']:.0f} s.", "",
         "## Hostile inputs (vlcache server)", "", hostile_md(report["hostile"]), "",
-        "## Wrong answers", "", json.dumps(report["compare"]["wrong"][:20], indent=1) if report["compare"]["wrong"]
-        else "none", "",
+        "## Wrong answers", "",
+        "margin: at the first token where the answers differ, the smaller of the two servers' gaps between "
+        "the best and the second-best logprob (near 0: a near tie that batching can move; large: the answer "
+        "changed).", "",
+        json.dumps(report["compare"]["wrong"][:20], indent=1) if report["compare"]["wrong"] else "none", "",
         "## Unexpected statuses", "",
         "\n".join(f"- {label} {i}: {why}" for label in ("stock", "vlcache")
                   for i, why in report["tally"][label]["unexpected_ids"][:30]) or "none", "",

@@ -150,9 +150,14 @@ class Fake(http.server.BaseHTTPRequestHandler):
         n = int(body.get("n") or 1)
         if body.get("stream"):
             return self._stream(answer)
-        choices = [{"index": i, "message": {"role": "assistant", "content": answer + ("x" if self.wrong_when_n2 and n > 1
-                                                                                       and i == 1 else "")},
-                    "finish_reason": "stop"} for i in range(n)]
+        choices = []
+        for i in range(n):
+            text = answer + ("x" if self.wrong_when_n2 and n > 1 and i == 1 else "")
+            choice = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            if body.get("logprobs"):  # one token: the whole answer, 3 nats ahead of the runner-up
+                top = [{"token": text, "logprob": -0.01}, {"token": "other", "logprob": -3.01}]
+                choice["logprobs"] = {"content": [{"token": text, "logprob": -0.01, "top_logprobs": top}]}
+            choices.append(choice)
         self._send(200, json.dumps({"choices": choices, "usage": {"prompt_tokens": 100, "completion_tokens": 2,
                                                                   "prompt_tokens_details": {"cached_tokens": cached}}}))
 

@@ -58,6 +58,8 @@ def test_a_round_starts_cold_and_holds_every_kind_spread_through_the_records(rec
     assert [s.name for s in steps[1:3]] == ["junk_base64:before", "non_ascii_base64:before"]
     assert [s.name for s in steps[-2:]] == ["junk_base64:after", "non_ascii_base64:after"]
     assert all(s.after == "r3-twin" for s in steps[-2:])
+    assert [s.barrier for s in steps[:4]] == [True, True, True, False], "the 'before' twins run alone"
+    assert all(s.body.get("top_logprobs") == soak.TOP_LOGPROBS for s in steps if s.compare)
     twin = next(s for s in steps if s.id == "r3-twin")
     assert twin.compare and all(s.body.get("cache_salt") == twin.body.get("cache_salt") for s in steps[-2:] + steps[1:3])
     kinds = {s.kind for s in steps}
@@ -125,6 +127,20 @@ def test_parse_chat_reads_choices_in_order_cached_tokens_and_error_messages():
 
 def _step(id_, kind="ok", **kw):
     return soak.Step(id_, kind, body={"messages": []}, compare=kind == "ok", **kw)
+
+
+def test_logprobs_of_a_choice_and_the_margin_where_two_answers_part():
+    choice = {"logprobs": {"content": [
+        {"token": "3", "logprob": -0.1, "top_logprobs": [{"token": "4", "logprob": -2.5}, {"token": "3", "logprob": -0.1}]},
+        {"token": "<|im_end|>", "logprob": 0.0, "top_logprobs": []}]}}
+    tops = soak._token_tops(choice)
+    assert tops == [["3", -0.1, -2.5], ["<|im_end|>", 0.0, None]]
+    other = [["4", -0.6, -0.7], ["<|im_end|>", 0.0, None]]
+    assert soak.first_difference_margin(tops, other) == pytest.approx(0.1)
+    assert soak.first_difference_margin(tops, tops) is None and soak._token_tops({"message": {}}) is None
+    body = soak.chat_body(accuracy.Record("x", "<image>Q", ["data:image/png;base64,AA"], "a"), 6, "tenant-a", 2,
+                          top_logprobs=soak.TOP_LOGPROBS)
+    assert body["logprobs"] is True and body["top_logprobs"] == 2 and body["n"] == 2 and body["cache_salt"] == "tenant-a"
 
 
 def test_comparison_counts_only_requests_both_served_and_every_choice():
@@ -270,6 +286,7 @@ def test_the_dry_run_catches_each_fault(tmp_path):
     assert not report["passed"]
     f = report["failures"]
     assert any("wrong answers" in x for x in f) and all(w["n"] == 2 for w in report["compare"]["wrong"])
+    assert all(w["margin"] == pytest.approx(3.0) for w in report["compare"]["wrong"]), "not a near tie"
     assert any("unexpected statuses 200×" in x and "500×3" in x for x in f), f
     assert "base64 verdict differs cached vs not" in f and "an image was reused across salts" in f
     assert "vlcache: 2 /health failures" in f
