@@ -720,6 +720,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--timeout-s", type=float, default=30, help="per request")
     p.add_argument("--stream-s", type=float, default=150, help="the stream's length (or until --deadline-unix)")
     p.add_argument("--deadline-unix", type=float, default=None, help="no step starts after this")
+    p.add_argument("--min-stream-s", type=float, default=45,
+                   help="the stream runs at least this long even past --deadline-unix (slow server starts)")
     p.add_argument("--idle-s", type=float, default=8, help="idle after the stream: SGLang's idle leak check runs")
     p.add_argument("--health-every-s", type=float, default=1.0, help="/health poll interval per server")
     p.add_argument("--seed", type=int, default=0)
@@ -781,8 +783,8 @@ def soak(args: argparse.Namespace, stock_url: str, vl_url: str, logs: dict[str, 
     note(f"{len(records)} records, {image_tokens} tokens per image; {args.rounds} rounds planned "
          f"({len(steps)} steps, {sum(s.kind == 'hostile' for s in steps)} hostile)")
     deadline = time.time() + args.stream_s
-    if args.deadline_unix is not None:
-        deadline = min(deadline, args.deadline_unix)
+    if args.deadline_unix is not None:  # but never less than --min-stream-s: a soak that sends nothing says nothing
+        deadline = min(deadline, max(args.deadline_unix, time.time() + min(args.min_stream_s, args.stream_s)))
     t0 = time.monotonic()
     stock_stream = Stream("stock", stock_url, args.concurrency, args.timeout_s, deadline, stock=True, progress=note)
     vl_stream = Stream("vlcache", vl_url, args.concurrency, args.timeout_s, deadline, progress=note)

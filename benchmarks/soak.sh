@@ -11,13 +11,13 @@
 #    /flush_cache idle and under load; /health polled), every vlcache answer compared with stock's
 # Results in $OUT: progress.log, train.log, soak/soak.{md,json}, soak/server_tails.txt, soak.log. The
 # short table comes last; the exit status is 0 only if every check passed.
-# Knobs: MINUTES, BUDGET_S (whole script, default 530), REUSE_CKPT=1, IMAGES, REPEATS, STORE_IMAGES,
+# Knobs: MINUTES, BUDGET_S (whole script, default 520), REUSE_CKPT=1, IMAGES, REPEATS, STORE_IMAGES,
 # CONCURRENCY, SOAK_ARGS (more soak.py options).
 set -euo pipefail
 t0=$(date +%s)
 source benchmarks/gpu_env.sh  # OUT, PYTHONPATH; unpacks the dummy 7B directory (our tokenizer source)
 MINUTES=${MINUTES:-1.5}
-BUDGET_S=${BUDGET_S:-530}
+BUDGET_S=${BUDGET_S:-520}
 IMAGES=${IMAGES:-16}
 REPEATS=${REPEATS:-4}
 STORE_IMAGES=${STORE_IMAGES:-6}
@@ -25,7 +25,8 @@ CONCURRENCY=${CONCURRENCY:-16}
 CKPT=/tmp/tiny-qwen2.5-vl
 DATA=/tmp/soak_eval
 LOGS=/tmp/soak_server_logs
-# No step of the stream starts after this; ~40 s stay for the idle check, stopping the servers, tables.
+# No step of the stream starts after this (but it runs >= 45 s); ~40 s stay for the idle check, stopping
+# the servers and the tables.
 DEADLINE=$(( t0 + BUDGET_S - 40 ))
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$OUT/progress.log"; }
 quiet() { grep -v -i -e warn -e "loading weights" || true; }

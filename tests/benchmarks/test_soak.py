@@ -294,7 +294,9 @@ def test_the_dry_run_catches_each_fault(tmp_path):
     assert rows["bomb_20000x20000"]["statuses"] == {500: 3} and not rows["bomb_20000x20000"]["clear"]
 
 
-def test_a_deadline_leaves_the_rest_not_sent_and_the_first_round_whole(tmp_path, monkeypatch):
+@pytest.mark.parametrize("limit", [("--stream-s", "4"), ("--deadline-unix", "1", "--min-stream-s", "4")],
+                         ids=["stream-s", "past-deadline-min-stream"])
+def test_a_deadline_leaves_the_rest_not_sent_and_the_first_round_whole(tmp_path, monkeypatch, limit):
     real_run = soak.Stream._run
 
     def slow(self, step):  # ~40 ms per step sent: 30 rounds of ~60 steps cannot fit in 4 s at 4 in flight
@@ -303,7 +305,7 @@ def test_a_deadline_leaves_the_rest_not_sent_and_the_first_round_whole(tmp_path,
         return real_run(self, step)
 
     monkeypatch.setattr(soak.Stream, "_run", slow)
-    report, _ = _dry_run(tmp_path, rounds=30, extra=("--stream-s", "4"))
+    report, _ = _dry_run(tmp_path, rounds=30, extra=limit)
     vl = report["tally"]["vlcache"]
     assert vl["not_sent"] > 0 and report["rounds_complete"]["vlcache"] >= 1
     assert report["passed"], report["failures"]
