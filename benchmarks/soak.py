@@ -94,6 +94,9 @@ def hostile_catalogue(twin_url: str, big_file: str) -> list[Hostile]:
                                                               "image/jpeg"), (400,), unknown),
         Hostile("empty_payload", "data:image/png;base64,", (400,), unknown),
         Hostile("text_as_image", images.bytes_data_url(b"just some text, not an image", "image/png"), (400,), unknown),
+        Hostile("empty_url", "", (400,), unknown),
+        # A relative name: SGLang decodes it as base64 (it reads only absolute paths and file:// URLs).
+        Hostile("relative_path", "image.png", (400,), r"base64"),
         Hostile("junk_base64", f"{head},{payload[:40]}!{payload[40:]}", (400,), r"base64"),
         Hostile("non_ascii_base64", f"{head},{payload[:40]}é{payload[40:]}", (400,), r"base64"),
         Hostile("bomb_20000x20000", images.bytes_data_url(images.bomb_png(20000, 20000)), (400,),
@@ -727,6 +730,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mem-fraction", type=float, default=0.3)
     p.add_argument("--max-total-tokens", type=int, default=65_536)
+    p.add_argument("--chunked-prefill-size", type=int, default=256,
+                   help="both servers: multi-image prompts (~250-400 tokens) prefill in chunks, an image's reuse "
+                        "split across them, and aborts land mid-prefill (0: SGLang's default)")
     p.add_argument("--base-port", type=int, default=30200)
     p.add_argument("--server-timeout-s", type=float, default=360)
     p.add_argument("--progress", default=None, help="progress lines go here too")
@@ -838,6 +844,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     records = load_records(args.data_dir, args.sets)
     image_tokens = args.image_tokens or accuracy.image_tokens_of(next(r for r in records if r.images).images[0])
     flags = serve_eval.server_flags(args.model, args.max_total_tokens)
+    if args.chunked_prefill_size:
+        flags += ["--chunked-prefill-size", str(args.chunked_prefill_size)]
     stock = launch.Server("stock", flags, args.base_port, args.log_dir, mem_fraction=args.mem_fraction,
                           timeout_s=args.server_timeout_s)
     vl = launch.Server("vlcache", flags + vlcache_flags(args.store_images * image_tokens, args.vlcache_flags),

@@ -126,7 +126,10 @@ class Fake(http.server.BaseHTTPRequestHandler):
             data, err = self._load(i, url)
             if err:
                 code = 500 if (self.bomb_is_500 and "decompression bomb" in err) else 400
-                if self.junk_served_when_cached and "base64" in err and any(k[1] == _fix(url) for k in self.store):
+                with self.lock:
+                    stored = {k[1] for k in self.store}
+                if self.junk_served_when_cached and err.startswith("image payload is not valid base64") \
+                        and _fix(url) in stored:
                     data, err = b"junk-but-cached", None
                 else:
                     return self._error(err, code)
