@@ -187,7 +187,7 @@ class Fake(http.server.BaseHTTPRequestHandler):
                 f"index {i}: Error while loading data {url[:100]}...: "
         if url.startswith(("http://", "https://")):
             if "127.0.0.1" in url:
-                return None, where + "Max retries exceeded (Caused by NewConnectionError: [Errno 111] Connection refused)"
+                return None, where + "Max retries exceeded (NewConnectionError: [Errno 111] Connection refused)"
             return None, where + "NameResolutionError: Failed to resolve the host"
         if url.startswith(("file://", "/")):
             path = url[len("file://"):] if url.startswith("file://") else url

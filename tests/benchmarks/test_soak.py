@@ -61,7 +61,8 @@ def test_a_round_starts_cold_and_holds_every_kind_spread_through_the_records(rec
     assert [s.barrier for s in steps[:4]] == [True, True, True, False], "the 'before' twins run alone"
     assert all(s.body.get("top_logprobs") == soak.TOP_LOGPROBS for s in steps if s.compare)
     twin = next(s for s in steps if s.id == "r3-twin")
-    assert twin.compare and all(s.body.get("cache_salt") == twin.body.get("cache_salt") for s in steps[-2:] + steps[1:3])
+    salt = twin.body.get("cache_salt")
+    assert twin.compare and all(s.body.get("cache_salt") == salt for s in steps[-2:] + steps[1:3])
     kinds = {s.kind for s in steps}
     assert kinds == {"flush_idle", "flush_load", "ok", "hostile", "abort"}
     hostile = {s.name.split(":")[0] for s in steps if s.kind == "hostile"}
@@ -131,7 +132,8 @@ def _step(id_, kind="ok", **kw):
 
 def test_logprobs_of_a_choice_and_the_margin_where_two_answers_part():
     choice = {"logprobs": {"content": [
-        {"token": "3", "logprob": -0.1, "top_logprobs": [{"token": "4", "logprob": -2.5}, {"token": "3", "logprob": -0.1}]},
+        {"token": "3", "logprob": -0.1,
+         "top_logprobs": [{"token": "4", "logprob": -2.5}, {"token": "3", "logprob": -0.1}]},
         {"token": "<|im_end|>", "logprob": 0.0, "top_logprobs": []}]}}
     tops = soak._token_tops(choice)
     assert tops == [["3", -0.1, -2.5], ["<|im_end|>", 0.0, None]]
@@ -140,7 +142,8 @@ def test_logprobs_of_a_choice_and_the_margin_where_two_answers_part():
     assert soak.first_difference_margin(tops, tops) is None and soak._token_tops({"message": {}}) is None
     body = soak.chat_body(accuracy.Record("x", "<image>Q", ["data:image/png;base64,AA"], "a"), 6, "tenant-a", 2,
                           top_logprobs=soak.TOP_LOGPROBS)
-    assert body["logprobs"] is True and body["top_logprobs"] == 2 and body["n"] == 2 and body["cache_salt"] == "tenant-a"
+    assert body["logprobs"] is True and body["top_logprobs"] == 2
+    assert body["n"] == 2 and body["cache_salt"] == "tenant-a"
 
 
 def test_comparison_counts_only_requests_both_served_and_every_choice():
@@ -189,7 +192,8 @@ def test_the_verdict_names_each_failed_check_and_the_table_shows_it():
     table = soak.short_table(good)
     assert table.splitlines()[0] == "| | stock | vlcache full |" and table.rstrip().endswith("**PASS**")
     assert "| answers compared with stock / WRONG | – | 10 / **0** |" in table
-    assert "| vlcache gauges: stored / evicted / store_skipped / second_generation_skipped | – | – / 2 / – / – |" in table
+    gauges = "| vlcache gauges: stored / evicted / store_skipped / second_generation_skipped | – | – / 2 / – / – |"
+    assert gauges in table
     bad = _report(compare={"compared": 10, "wrong": [{"id": "x"}]}, twins=[{"same": False}],
                   leaks={"stock": {"count": 0, "lines": []}, "vlcache": {"count": 2, "lines": ["leak"]}},
                   health={"stock": {"polls": 5, "failures": 0, "max_latency_s": 0.1},
@@ -227,7 +231,8 @@ def test_a_dry_run_against_well_behaved_fakes_passes_every_check(tmp_path, capsy
     assert report["passed"], report["failures"]
     vl = report["tally"]["vlcache"]
     assert vl["unexpected"] == {} and vl["not_sent"] == 0 and vl["driver_errors"] == 0
-    # 2 rounds x 22 hostile kinds (2 of them twice: before and after) answered 400; idle flushes 200; flushes under load 200 or 400.
+    # 2 rounds x 22 hostile kinds (2 of them twice: before and after) answered 400; idle flushes 200,
+    # flushes under load 200 or 400.
     assert vl["expected"] == {400: 2 * 24}
     assert vl["flushes"]["flush_idle 200"] == 2 and sum(vl["flushes"].values()) == 2 + 2 * 2
     assert vl["aborted"] + vl["completed_before_close"] == 2 * 6 and vl["aborted"] >= 6
