@@ -356,7 +356,10 @@ class Stream:
             status, text = launch.http_post(self.url + "/flush_cache" + query, timeout_s=self.timeout_s)
             res = {"status": status, "message": text[:200]}
         elif step.kind == "abort":
-            res = launch.post_and_disconnect(self.url + CHAT, step.body, **step.abort)
+            try:
+                res = launch.post_and_disconnect(self.url + CHAT, step.body, **step.abort)
+            except OSError as e:  # nothing answers: the server is gone, not a client that went away
+                res = {"status": 0, "complete": False, "message": f"{type(e).__name__}: {e}"}
         else:
             body = stock_body(step.body) if self.stock else step.body
             res = parse_chat(*launch.http_post(self.url + CHAT, body, timeout_s=self.timeout_s))
@@ -445,6 +448,8 @@ def outcome(step: Step, res: dict) -> str:
     if res.get("outcome") in ("not sent", "driver error"):
         return res["outcome"]
     if step.kind == "abort":
+        if res.get("status") == 0:
+            return "unexpected"
         return "completed" if res.get("complete") else "aborted"
     status = res.get("status")
     if status == 200 and 200 in step.expect:
@@ -838,9 +843,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
         logs = {"stock": Path(args.stock_log) if args.stock_log else None,
                 "vlcache": Path(args.vlcache_log) if args.vlcache_log else None}
         return soak(args, args.stock_url, args.vlcache_url, logs, lambda: {"stock": None, "vlcache": None}, note)
+    launch.stop_servers_on_sigterm()
+    return run_with_servers(args, build_servers(args), note)
+
+
+def build_servers(args: argparse.Namespace) -> list[launch.Server]:
+    """(stock, vlcache full with a small store) on the checkpoint, the same SGLang flags otherwise."""
     from tiny_vlm import serve_eval
 
-    launch.stop_servers_on_sigterm()
     records = load_records(args.data_dir, args.sets)
     image_tokens = args.image_tokens or accuracy.image_tokens_of(next(r for r in records if r.images).images[0])
     flags = serve_eval.server_flags(args.model, args.max_total_tokens)
@@ -851,7 +861,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     vl = launch.Server("vlcache", flags + vlcache_flags(args.store_images * image_tokens, args.vlcache_flags),
                        args.base_port + 1, args.log_dir, mem_fraction=args.mem_fraction,
                        timeout_s=args.server_timeout_s)
-    return run_with_servers(args, [stock, vl], note)
+    return [stock, vl]
 
 
 def run_with_servers(args: argparse.Namespace, servers: list[launch.Server], note: Callable[[str], None]) -> dict:

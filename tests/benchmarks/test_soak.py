@@ -310,6 +310,28 @@ def test_the_launcher_path_with_fake_server_processes_greps_their_logs(tmp_path)
     assert "fake SGLang serving" in (tmp_path / "out" / "server_tails.txt").read_text()
 
 
+def test_the_servers_differ_only_by_vlcache_full_with_a_small_store(tmp_path):
+    data = _dataset(tmp_path / "data")
+    args = soak.parse_args(["--model", "/ckpt", "--log-dir", str(tmp_path), "--data-dir", str(data),
+                            "--out-dir", str(tmp_path / "o"), "--image-tokens", "64"])
+    stock, vl = soak.build_servers(args)
+    a, b = stock.argv(), vl.argv()
+    extra = b[len(a) - 6:len(b) - 6]  # before --host/--port/--mem-fraction-static
+    assert a[:len(a) - 6] == b[:len(a) - 6] and stock.port != vl.port
+    assert extra == ["--enable-vlcache", "--vlcache-policy", "full", "--vlcache-mm-store-tokens", "384"]
+    for flag in ("--disable-cuda-graph", "--enable-metrics", "--enable-cache-report"):
+        assert flag in a
+    assert a[a.index("--chunked-prefill-size") + 1] == "256" and a[a.index("--model-path") + 1] == "/ckpt"
+
+
+def test_an_abort_that_cannot_connect_is_unexpected():
+    step = soak.Step("a", "abort", body={}, expect=(), abort={"after_s": 0.0})
+    assert soak.outcome(step, {"status": 0, "complete": False}) == "unexpected"
+    assert soak.outcome(step, {"status": 200, "complete": False}) == "aborted"
+    stream = soak.Stream("x", "http://127.0.0.1:9", 1, 1.0, None)
+    assert stream._run(step)["status"] == 0
+
+
 def test_the_script_parses_and_passes_only_options_soak_takes():
     import re
 
