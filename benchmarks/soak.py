@@ -512,13 +512,13 @@ def tally(steps: list[Step], results: dict[str, dict]) -> dict:
             out["expected"][res["status"]] += 1
         elif v == "unexpected":
             out["unexpected"][res.get("status")] += 1
-            out["unexpected_ids"].append((s.id, f"{res.get('status')} {res.get('message', '')[:160]}"))
+            out["unexpected_ids"].append((s.id, f"{res.get('status')} {elide(res.get('message', ''))}"))
         elif v == "aborted":
             out["aborted"] += 1
         elif v == "completed":
             out["completed_before_close"] += 1
         if clear_message(s, res) is False:
-            out["unclear_messages"].append((s.id, res.get("message", "")[:160]))
+            out["unclear_messages"].append((s.id, elide(res.get("message", ""))))
     out["expected"] = dict(out["expected"])
     out["flushes"] = dict(out["flushes"])
     out["unexpected"] = {str(k): v for k, v in out["unexpected"].items()}
@@ -563,10 +563,16 @@ def hostile_rows(steps: list[Step], results: dict[str, dict]) -> list[dict]:
         row["clear"] &= clear_message(s, res) is not False and res["status"] in s.expect
         row["message"] = row["message"] or res.get("message")
         row["latency_max_s"] = max(row["latency_max_s"], res.get("latency_s", 0.0))
-    return [{**r, "statuses": dict(r["statuses"])} for r in rows.values()]
+    return [{**r, "statuses": dict(r["statuses"])} for _, r in sorted(rows.items())]
 
 
 # ----- report -----------------------------------------------------------------------------------
+
+def elide(text: str, n: int = 160) -> str:
+    """The head and the tail of a long message (SGLang's loader errors put the reason last)."""
+    text = " ".join((text or "").split())
+    return text if len(text) <= n else text[: n // 3] + " … " + text[-(n - n // 3 - 3):]
+
 
 def _counts(d: dict) -> str:
     return ", ".join(f"{k}×{v}" for k, v in sorted(d.items(), key=lambda kv: str(kv[0]))) or "0"
@@ -579,7 +585,7 @@ def short_table(report: dict) -> str:
     probe = report["probe"]
     twin_bad = sum(not t["same"] for t in report["twins"])
     rows = [
-        ("requests sent (not sent: deadline)", f"{st['sent']} ({st['not_sent']})", f"{vl['sent']} ({vl['not_sent']})"),
+        ("steps sent: requests, flushes, aborts (not sent: deadline)", f"{st['sent']} ({st['not_sent']})", f"{vl['sent']} ({vl['not_sent']})"),
         ("chat requests served (200)", st["served"], vl["served"]),
         ("errors, expected (status×n)", _counts(st["expected"]), _counts(vl["expected"])),
         ("errors, UNEXPECTED (status×n; 0 = no answer)", _counts(st["unexpected"]), _counts(vl["unexpected"])),
@@ -620,7 +626,7 @@ def hostile_md(rows: list[dict]) -> str:
     lines = ["| hostile input | expected | got (status×n) | clear message | slowest s | message |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        msg = (r["message"] or "").replace("|", "\\|").replace("\n", " ")[:120]
+        msg = elide(r["message"] or "", 150).replace("|", "\\|")
         lines.append(f"| {r['kind']} | {r['expect']} | {_counts(r['statuses'])} | {'yes' if r['clear'] else 'NO'} "
                      f"| {r['latency_max_s']:.2f} | {msg} |")
     return "\n".join(lines)
@@ -689,7 +695,8 @@ def write_report(out_dir: Path, report: dict, steps: list[Step], stock: dict, vl
         "margin: at the first token where the answers differ, the smaller of the two servers' gaps between "
         "the best and the second-best logprob (near 0: a near tie that batching can move; large: the answer "
         "changed).", "",
-        json.dumps(report["compare"]["wrong"][:20], indent=1) if report["compare"]["wrong"] else "none", "",
+        "\n".join(f"- {w['id']} (salt {w['salt']}, n {w['n']}, margin {w['margin']}): stock {w['stock']!r}, "
+                  f"vlcache {w['vlcache']!r}" for w in report["compare"]["wrong"][:30]) or "none", "",
         "## Unexpected statuses", "",
         "\n".join(f"- {label} {i}: {why}" for label in ("stock", "vlcache")
                   for i, why in report["tally"][label]["unexpected_ids"][:30]) or "none", "",
