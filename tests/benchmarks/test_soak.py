@@ -186,6 +186,13 @@ def _report(**over):
     return base
 
 
+def test_long_messages_keep_their_head_and_their_reason():
+    msg = "an image of the request could not be decoded: " + "A" * 500 + "...: image file is truncated"
+    short = soak.elide(msg, 120)
+    assert len(short) <= 120 and short.startswith("an image of the") and short.endswith("image file is truncated")
+    assert soak.elide("short\nmessage") == "short message"
+
+
 def test_the_verdict_names_each_failed_check_and_the_table_shows_it():
     good = _report()
     assert good["passed"] and good["failures"] == []
