@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Soak of a vlcache `full` server against stock SGLang on the trained tiny Qwen2.5-VL, on the GPU host,
-# one command (repo root, .gpu_bundle carried; ~7-8.5 min, REUSE_CKPT=1 ~6 min):
+# one command (repo root, .gpu_bundle carried; ~8.5 min: the stream runs until BUDGET_S - 40 s, so
+# REUSE_CKPT=1 gives a longer stream, not a shorter run):
 #   bash benchmarks/soak.sh
 # 1. train benchmarks/tiny_vlm for MINUTES (default 1.5: a 2.5-min run once diverged to NaN), or keep
 #    the last run's checkpoint (REUSE_CKPT=1)
