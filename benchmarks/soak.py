@@ -95,6 +95,7 @@ def hostile_catalogue(twin_url: str, big_file: str) -> list[Hostile]:
         Hostile("empty_payload", "data:image/png;base64,", (400,), unknown),
         Hostile("text_as_image", images.bytes_data_url(b"just some text, not an image", "image/png"), (400,), unknown),
         Hostile("empty_url", "", (400,), unknown),
+        Hostile("data_url_without_comma", "data:image/png;base64", (400,), r"malformed data URL"),
         # A relative name: SGLang decodes it as base64 (it reads only absolute paths and file:// URLs).
         Hostile("relative_path", "image.png", (400,), r"base64"),
         Hostile("junk_base64", f"{head},{payload[:40]}!{payload[40:]}", (400,), r"base64"),

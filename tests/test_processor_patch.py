@@ -315,8 +315,9 @@ def catalogue(tmp_path_factory):
 
 
 _IMAGE_KINDS = ["corrupt_png", "truncated_png", "truncated_jpeg", "corrupt_jpeg_soi_eoi", "empty_payload",
-                "text_as_image", "empty_url", "relative_path", "junk_base64", "non_ascii_base64",
-                "bomb_20000x20000", "aspect_28x8000", "bad_second_image", "url_refused", "url_unresolvable",
+                "text_as_image", "empty_url", "data_url_without_comma", "relative_path", "junk_base64",
+                "non_ascii_base64", "bomb_20000x20000", "aspect_28x8000", "bad_second_image", "url_refused",
+                "url_unresolvable",
                 "proc_kmsg_abs", "proc_kmsg_file_url", "large_file_abs", "large_file_file_url", "missing_file"]
 
 

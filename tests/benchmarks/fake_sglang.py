@@ -192,6 +192,8 @@ class Fake(http.server.BaseHTTPRequestHandler):
         if url.startswith(("file://", "/")):
             path = url[len("file://"):] if url.startswith("file://") else url
             return None, f"local image {path!r}: only absolute paths of regular files are read"
+        if url.startswith("data:") and "," not in url:
+            return None, "malformed data URL: expected 'data:<mime>;base64,<payload>'"
         payload = url.split(",", 1)[1] if url.startswith("data:") else url
         try:
             data = base64.b64decode(payload.encode("ascii"), validate=True)

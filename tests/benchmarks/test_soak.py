@@ -238,9 +238,9 @@ def test_a_dry_run_against_well_behaved_fakes_passes_every_check(tmp_path, capsy
     assert report["passed"], report["failures"]
     vl = report["tally"]["vlcache"]
     assert vl["unexpected"] == {} and vl["not_sent"] == 0 and vl["driver_errors"] == 0
-    # 2 rounds x 22 hostile kinds (2 of them twice: before and after) answered 400; idle flushes 200,
+    # 2 rounds x 23 hostile kinds (2 of them twice: before and after) answered 400; idle flushes 200,
     # flushes under load 200 or 400.
-    assert vl["expected"] == {400: 2 * 24}
+    assert vl["expected"] == {400: 2 * 25}
     assert vl["flushes"]["flush_idle 200"] == 2 and sum(vl["flushes"].values()) == 2 + 2 * 2
     assert vl["aborted"] + vl["completed_before_close"] == 2 * 6 and vl["aborted"] >= 6
     assert report["compare"]["compared"] == 2 * (12 + 12 + 4 + 1 + 3) and report["compare"]["wrong"] == []
