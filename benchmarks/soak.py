@@ -2,10 +2,12 @@
 concurrent stream, every successful vlcache answer compared with stock's (what benchmarks/soak.sh runs).
 
     python -m benchmarks.soak --model /tmp/tiny-qwen2.5-vl --data-dir /tmp/soak_eval --out-dir $OUT/soak \\
-        --log-dir /tmp/soak_logs [--deadline-unix T] [--store-images 6] [--rounds 40]
+        --log-dir /tmp/soak_logs [--deadline-unix T] [--store-images 6] [--chunked-prefill-size 256]
     python -m benchmarks.soak --stock-url URL --vlcache-url URL --vlcache-log FILE ...   (servers already up)
 
-The stream, in rounds until --rounds or the deadline (every round starts with an idle `/flush_cache`, so
+Both servers get the same SGLang flags (prefill in --chunked-prefill-size chunks, so an image's reuse is
+split across chunks and aborts land mid-prefill); the vlcache one adds --enable-vlcache --vlcache-policy
+full and a store of --store-images images. The stream, in rounds until --rounds or the deadline (every round starts with an idle `/flush_cache`, so
 rounds are independent and the first one is always whole): every record of the eval sets (A, B, multi:
 each image asked several times after different text) under a cache salt drawn per request (none,
 tenant-a, tenant-b), some with `n` 2; a few valid odd images (28 x 5000, 56 x 56, an 8000 x 8000 PNG
@@ -688,7 +690,8 @@ def write_report(out_dir: Path, report: dict, steps: list[Step], stock: dict, vl
     m = report["meta"]
     md = "\n".join([
         f"# Soak, {m['date']}", "",
-        f"Model {m['model']}; stock vs vlcache `{m['vlcache_flags']}`; {m['rounds_planned']} rounds planned "
+        f"Model {m['model']}; stock vs vlcache `{m['vlcache_flags']}`, both `--chunked-prefill-size "
+        f"{m['chunked_prefill_size']}` (0: SGLang's default); {m['rounds_planned']} rounds planned "
         f"({report['rounds_complete']['vlcache']} complete on vlcache), {m['concurrency']} in flight per server, "
         f"stream {m['stream_s']:.0f} s.", "",
         "## Hostile inputs (vlcache server)", "", hostile_md(report["hostile"]), "",
@@ -844,7 +847,7 @@ def soak(args: argparse.Namespace, stock_url: str, vl_url: str, logs: dict[str, 
             "vlcache_flags": " ".join(vlcache_flags(args.store_images * image_tokens, args.vlcache_flags)),
             "rounds_planned": args.rounds, "concurrency": args.concurrency, "stream_s": stream_s,
             "image_tokens": image_tokens, "store_tokens": args.store_images * image_tokens,
-            "records": len(records)}
+            "records": len(records), "chunked_prefill_size": args.chunked_prefill_size}
     report = build_report(steps, probe_steps, stock_stream.results, vl_stream.results, health, leaks, alive,
                           gauges, image_tokens, meta)
     table = write_report(Path(args.out_dir), report, steps + probe_steps, stock_stream.results, vl_stream.results)
