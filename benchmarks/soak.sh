@@ -10,7 +10,7 @@
 #    STORE_IMAGES images so it evicts, SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE=1), a salt probe, then
 #    a mixed concurrent stream until the deadline (salts, repeats, n 2, hostile inputs, client aborts,
 #    /flush_cache idle and under load; /health polled), every vlcache answer compared with stock's
-# Results in $OUT: progress.log, train.log, soak/soak.{md,json}, soak/server_tails.txt, soak.log. The
+# Results in $OUT: progress.log, train.seed0.log, soak/soak.{md,json}, soak/server_tails.txt, soak.log. The
 # short table comes last; the exit status is 0 only if every check passed.
 # Knobs: MINUTES, BUDGET_S (whole script, default 520), REUSE_CKPT=1, IMAGES, REPEATS, STORE_IMAGES,
 # CONCURRENCY, SOAK_ARGS (more soak.py options).
@@ -37,9 +37,15 @@ stamp "start (budget $BUDGET_S s)"
 if [ "${REUSE_CKPT:-0}" = 1 ] && [ -f "$CKPT/model.safetensors" ] && [ -f "$CKPT/train_log.json" ]; then
   stamp "REUSE_CKPT=1: the checkpoint in $CKPT from an earlier run on this machine, no training"
 else
+  train() {  # a loss that goes NaN stops train.py with an error and no checkpoint
+    python3 -m benchmarks.tiny_vlm.train --out "$CKPT" --minutes "$MINUTES" --tokenizer-from "$MODEL" \
+      --layouts a:0.45,b:0.3,multi:0.25 --seed "$1" 2>&1 | quiet | tee "$OUT/train.seed$1.log" | tail -3
+  }
   stamp "train ($MINUTES min)"
-  python3 -m benchmarks.tiny_vlm.train --out "$CKPT" --minutes "$MINUTES" --tokenizer-from "$MODEL" \
-    --layouts a:0.45,b:0.3,multi:0.25 2>&1 | quiet | tee "$OUT/train.log" | tail -3
+  if ! train 0; then
+    stamp "training failed (train.seed0.log); once more with another seed (the stream gets shorter)"
+    train 1
+  fi
 fi
 cp "$CKPT/train_log.json" "$OUT/" 2>/dev/null || true
 
