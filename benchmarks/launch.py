@@ -18,10 +18,12 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -105,6 +107,55 @@ def http_post(url: str, body: Optional[dict] = None, timeout_s: float = 30.0) ->
         return e.code, e.read().decode(errors="replace")
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return 0, ""
+
+
+def post_and_disconnect(url: str, body: dict, after_s: float, stream: bool = False,
+                        half_body: bool = False) -> dict:
+    """A client that goes away: POST `body` as JSON over a raw socket, read the answer for `after_s`,
+    then reset the connection (SO_LINGER 0, as a killed client does). half_body: send half the body
+    and reset (the server never gets a whole request). `stream` only names what the body asks for.
+    Returns {"status": the status line's code or None, "received": bytes, "complete": True when the
+    server finished (closed, or sent the stream's [DONE]) before we went away}."""
+    u = urllib.parse.urlsplit(url)
+    data = json.dumps(body).encode()
+    head = (f"POST {u.path or '/'} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
+    got, complete = b"", False
+    with socket.create_connection((u.hostname, u.port or 80), timeout=10) as sock:
+        sock.sendall(head + (data[: len(data) // 2] if half_body else data))
+        end = time.monotonic() + after_s
+        while not half_body and (left := end - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                chunk = sock.recv(65536)
+            except (socket.timeout, OSError):
+                break
+            if not chunk:
+                complete = True
+                break
+            got += chunk
+            if b"data: [DONE]" in got:
+                complete = True
+                break
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    m = re.match(rb"HTTP/1\.[01] (\d{3})", got)
+    return {"status": int(m.group(1)) if m else None, "received": len(got), "complete": complete,
+            "stream": stream}
+
+
+# SGLang's idle invariant reports (scheduler_components/invariant_checker.py); a bare "leak" also matches
+# torch's NCCL shutdown warning. Under SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE=1 each one raises.
+LEAK_PATTERN = re.compile(r"memory leak detected|KV double free|use-after-free")
+
+
+def leak_reports(path: Path, max_lines: int = 50) -> dict:
+    """The leak-report lines of a server log: {"count", "lines" (the first max_lines), "log"}."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return {"count": 0, "lines": [], "log": f"{path} (missing)"}
+    hits = [line for line in text.splitlines() if LEAK_PATTERN.search(line)]
+    return {"count": len(hits), "lines": hits[:max_lines], "log": str(path)}
 
 
 def tail(path: Path, lines: int = 40) -> str:

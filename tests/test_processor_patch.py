@@ -289,3 +289,85 @@ def test_shared_pixels_of_a_cache_hit_reach_the_scheduler_and_survive_eviction(p
     assert not __import__("os").path.exists(f"/dev/shm/{feature.shm_name}"), "unlinked at eviction, no timer"
     mapped = _unwrap_tensor_or_list(pickle.loads(in_flight))
     assert torch.equal(mapped, miss.mm_items[0].feature.to(torch.bfloat16)), "the request sent before eviction"
+
+
+# ----- the soak's hostile catalogue (benchmarks/soak.py), each kind through the real hook ---------
+# SGLang's OpenAI chat serving answers a ValueError from request processing with 400 and its text
+# (serving_chat._handle_non_streaming_request, serving_base.handle_request); anything else is a 500.
+# So the verdict here is the status the soak expects on the GPU, and the message it must match.
+
+def _soak():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import soak
+
+    return soak
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    soak = _soak()
+    big = soak.make_large_file(tmp_path_factory.mktemp("soak") / "large.png")
+    twin = _data_url(64, 48, 21)
+    return twin, {h.name: h for h in soak.hostile_catalogue(twin, big)}
+
+
+_IMAGE_KINDS = ["corrupt_png", "truncated_png", "truncated_jpeg", "corrupt_jpeg_soi_eoi", "empty_payload",
+                "text_as_image", "empty_url", "data_url_without_comma", "relative_path", "junk_base64",
+                "non_ascii_base64", "bomb_20000x20000", "aspect_28x8000", "bad_second_image", "url_refused",
+                "url_unresolvable",
+                "proc_kmsg_abs", "proc_kmsg_file_url", "large_file_abs", "large_file_file_url", "missing_file"]
+
+
+def test_the_catalogue_is_covered_here():
+    soak = _soak()
+    names = {h.name for h in soak.hostile_catalogue("data:image/png;base64,AAAA", "/tmp/x")}
+    assert names == set(_IMAGE_KINDS) | {"bad_override_policy", "bad_override_ratio"}
+
+
+@pytest.mark.parametrize("name", _IMAGE_KINDS)
+def test_each_hostile_image_is_a_400_with_a_clear_message_and_the_hook_keeps_serving(proc, catalogue, name):
+    import re
+
+    twin, by_name = catalogue
+    h = by_name[name]
+    assert h.expect == (400,)
+    shortcut = ImageProcessingShortcut(1 << 30)
+    images = [twin] * h.extra_images + [h.image]
+    start = time.monotonic()
+    with pytest.raises(ValueError) as info:
+        _run(shortcut, proc, images, _prompt(proc, len(images)))
+    message = str(info.value)
+    assert re.search(h.message, message, re.IGNORECASE | re.DOTALL), message
+    assert len(message) < 1000, "the message names the problem, it does not echo the payload"
+    assert time.monotonic() - start < 10, "no request may hold the tokenizer (a 200 MB file, /proc/kmsg)"
+    if name in _soak().TWIN_KINDS:  # the same answer once the valid image is cached
+        _run(shortcut, proc, [twin], _prompt(proc, 1))
+        with pytest.raises(ValueError, match=h.message):
+            _run(shortcut, proc, images, _prompt(proc, len(images)))
+        assert shortcut.served_from_cache == 0
+    # The same shortcut serves the next good request (nothing half-cached by the bad one).
+    ok = _run(shortcut, proc, [twin], _prompt(proc, 1))
+    assert len(ok.mm_items) == 1
+
+
+@pytest.mark.parametrize("name", ["bad_override_policy", "bad_override_ratio"])
+def test_the_soaks_bad_overrides_are_400s_with_the_fix(catalogue, name):
+    from vlcache_sglang.request_policy import validate_override
+
+    h = catalogue[1][name]
+    with pytest.raises(ValueError, match=h.message):
+        validate_override(None, SimpleNamespace(custom_params={"vlcache": h.override}), 151000)
+
+
+def test_the_soaks_odd_but_valid_images_are_processed_and_then_served_from_the_cache(proc):
+    """28 x 5000 (aspect 179, under SGLang's 200), 56 x 56, an 8000 x 8000 PNG under PIL's bomb limit:
+    the soak expects a 200 for each (compared with stock), so the processor must take them."""
+    shortcut = ImageProcessingShortcut(1 << 30)
+    for name, url in _soak().odd_valid_images():
+        first = _run(shortcut, proc, [url], _prompt(proc, 1))
+        again = _run(shortcut, proc, [url], _prompt(proc, 1, "other text"))
+        assert len(first.mm_items) == 1 and first.mm_items[0].hash == again.mm_items[0].hash, name
+    assert shortcut.served_from_cache == 3

@@ -255,3 +255,24 @@ def test_unusual_items_are_counted_misses_not_exceptions(cache, damage):
     assert cache.stats.key_mismatches == 1
     cache.cache_unfinished_req(second)  # storing skips what it cannot place
     assert cache.stats.stored_images == 1
+
+
+@pytest.mark.parametrize("is_insert", [True, False], ids=["aborted-after-its-forward", "retracted"])
+def test_a_request_that_ends_early_releases_its_image_lock_and_leaves_the_pool_whole(cache, is_insert):
+    """A client that goes away during prefill (issue 12, item 7): SGLang finishes the request as aborted
+    after the forward it was in (cache_finished_req) or retracts it (is_insert=False); either way the
+    image node the planner locked is unlocked, the request stores nothing again, and SGLang's idle
+    invariant (free + evictable + protected = pool) holds once both requests are gone."""
+    first, _ = _request(cache, text_before=5, text_after=3, row=0)
+    cache.cache_finished_req(first, kv_len_to_handle=len(first.origin_input_ids))
+    node = cache.lookup_image(IMAGE_KEY, GRID, N_IMG)
+    assert node is not None and node.lock_ref == 0
+    second, second_slots = _request(cache, text_before=9, text_after=4, row=1)
+    n = len(second.origin_input_ids)
+    assert plan_request(second, 0, n, second_slots, cache, cache.policy, LAYERS) is not None
+    assert node.lock_ref == 1
+    cache.cache_finished_req(second, is_insert=is_insert, kv_len_to_handle=n)
+    assert node.lock_ref == 0 and cache.protected_size() == 0
+    assert cache.stats.stored_images == 1
+    alloc = cache.token_to_kv_pool_allocator
+    assert alloc.available_size() + cache.evictable_size() == POOL, (alloc.available_size(), cache.evictable_size())

@@ -299,3 +299,41 @@ def test_a_port_already_answering_is_refused_before_launch(tmp_path):
         with pytest.raises(RuntimeError, match=f"port {port} .* already in use"):
             s.start()
         assert s.proc is None
+
+
+def _fake():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import fake_sglang
+
+    return fake_sglang
+
+
+# ----- a client that goes away (benchmarks/soak.py's aborts), the leak grep ----------------------
+
+def test_post_and_disconnect_resets_mid_stream_and_reports_a_server_that_finished_first():
+    handler = _fake().make_handler()
+    srv, url = _fake().serve(handler)
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    try:
+        cut = launch.post_and_disconnect(url + "/v1/chat/completions", body, after_s=0.1, stream=True)
+        assert cut["status"] == 200 and not cut["complete"] and cut["received"] > 0
+        whole = launch.post_and_disconnect(url + "/v1/chat/completions", body, after_s=5, stream=True)
+        assert whole["complete"]
+        half = launch.post_and_disconnect(url + "/v1/chat/completions", body, after_s=1, half_body=True)
+        assert half["status"] is None and half["received"] == 0
+        deadline = time.monotonic() + 5
+        while handler.gauges.get("aborted", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert handler.gauges.get("aborted") == 1, "the server saw the reset mid-stream"
+        assert launch.http_get(url + "/health")[0] == 200
+    finally:
+        srv.shutdown()
+
+
+def test_leak_reports_match_sglangs_idle_check_lines_only(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("ok\n[2026] token_to_kv_pool_allocator memory leak detected! available_size=3\n"
+                   "KV double free: sub-pool 0 has 2 duplicate pages.\nWarning: NCCL leak at shutdown\n")
+    got = launch.leak_reports(log)
+    assert got["count"] == 2 and "memory leak detected" in got["lines"][0]
+    assert launch.leak_reports(tmp_path / "missing.log")["count"] == 0
