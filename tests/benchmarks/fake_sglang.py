@@ -25,7 +25,22 @@ from typing import Optional
 IMAGE_TOKENS = 64
 
 
-class Fake(http.server.BaseHTTPRequestHandler):
+class JsonHandler(http.server.BaseHTTPRequestHandler):
+    """Quiet handler with one reply helper (the fakes of the soak and of the accuracy sweep)."""
+
+    def log_message(self, *a):
+        pass
+
+    def _send(self, code: int, body, ctype: str = "application/json") -> None:
+        data = body.encode() if isinstance(body, str) else body
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class Fake(JsonHandler):
     protocol_version = "HTTP/1.1"
     # Faults (a subclass per test sets them):
     wrong_when_n2 = False  # n > 1 answers differ from the true answer (a vlcache bug the soak must catch)
@@ -40,17 +55,6 @@ class Fake(http.server.BaseHTTPRequestHandler):
     inflight = 0
     lock = threading.Lock()
     chats = 0
-
-    def log_message(self, *a):
-        pass
-
-    def _send(self, code: int, body, ctype: str = "application/json") -> None:
-        data = body.encode() if isinstance(body, str) else body
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def _error(self, message: str, code: int = 400) -> None:
         self._send(code, json.dumps({"object": "error", "message": message, "type": "BadRequest", "param": None,

@@ -2,7 +2,6 @@
 whole sweep against a fake vlcache server (flush, gauges, 400 for a bad override, time budget)."""
 
 import base64
-import http.server
 import io
 import json
 import math
@@ -14,6 +13,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import accuracy  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fake_sglang  # noqa: E402
 
 
 def _url(name: str) -> str:
@@ -143,7 +145,7 @@ def test_image_tokens_from_the_png_header():
 N_TOKENS = 16
 
 
-class FakeVlcache(http.server.BaseHTTPRequestHandler):
+class FakeVlcache(fake_sglang.JsonHandler):
     """Answers the image's name (its base64 payload) unless a reused image is read under a policy that
     recomputes less than 5 %; keeps vlcache gauges; 400 for error_bounded with a bound above 1."""
 
@@ -156,14 +158,6 @@ class FakeVlcache(http.server.BaseHTTPRequestHandler):
     die_on: dict = {}  # an override that "crashes" the server (500s and a failing /health until restarted)
     dead = False
     hang_on: dict = {}  # an override under which every request takes 1 s
-
-    def _send(self, code, body, ctype="application/json"):
-        data = body.encode() if isinstance(body, str) else body
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_POST(self):
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -226,21 +220,10 @@ class FakeVlcache(http.server.BaseHTTPRequestHandler):
             text = "".join(f"sglang:vlcache_{k} {float(v)}\n" for k, v in self.gauges.items())
         self._send(200, text, "text/plain")
 
-    def log_message(self, *a):
-        pass
-
-
-class _QuietServer(http.server.ThreadingHTTPServer):
-    request_queue_size = 64  # 16 in flight and more: the default 5 resets connections
-
-    def handle_error(self, request, client_address):  # a client that timed out closed the socket
-        pass
 
 
 def _serve(handler):
-    srv = _QuietServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+    return fake_sglang.serve(handler)
 
 
 def _dataset(path, names, repeats, layout="a"):
