@@ -57,7 +57,7 @@ CHAT = "/v1/chat/completions"
 GAUGES = ("key_hits", "key_misses", "key_mismatches", "stored_images", "evicted_images", "store_skipped",
           "second_generation_skipped", "store_tokens")
 # A 400 must say what is wrong with the request, not only that something failed.
-LARGE_FILE_BYTES = 200 << 20  # over image_key.MAX_LOCAL_IMAGE_BYTES (128 MiB); sparse, costs no disk
+LARGE_FILE_BYTES = 200 << 20  # over local_images.MAX_LOCAL_IMAGE_BYTES (128 MiB); sparse, costs no disk
 
 
 # ----- the hostile catalogue --------------------------------------------------------------------

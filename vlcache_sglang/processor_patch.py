@@ -35,9 +35,8 @@ from vlcache_sglang.image_key import (
     ProcessorSettings,
     image_key_from_base64,
     image_key_from_bytes,
-    local_image_path,
-    read_local_image,
 )
+from vlcache_sglang.local_images import local_image_path, read_local_image
 from vlcache_sglang.processed_image_cache import ProcessedImage, ProcessedImageCache
 from vlcache_sglang.shared_pixels import share
 

@@ -79,7 +79,6 @@ class MultimodalRadixCache(RadixCache):
         self.num_layers = num_layers
         self.inv_freq = inv_freq  # rotary inverse frequencies, for the copy-rotate kernel
         self.policies = PolicyResolver(config, num_layers)
-        self.policy = self.policies.default
         self.stats = VLCacheStats()
         self.metrics = None  # VLCacheMetrics when the server exports metrics
         self._image_nodes: dict[tuple[Optional[str], int], TreeNode] = {}
@@ -90,6 +89,11 @@ class MultimodalRadixCache(RadixCache):
         self.stats.maybe_log()
         if self.metrics is not None:
             self.metrics.publish(self.stats)
+
+    @property
+    def policy(self) -> RecomputePolicy:
+        """The server's own policy (requests without an override)."""
+        return self.policies.default
 
     def policy_for(self, req: "Req") -> RecomputePolicy:
         """The policy this request's reuse runs under (the server's, or its own override)."""

@@ -6,9 +6,9 @@ exist only in servers started with --enable-vlcache.
 
 from __future__ import annotations
 
-import torch
-
 from typing import Any, Optional
+
+import torch
 
 _installed: Optional[Any] = None  # the SelectivePrefill of this process
 

@@ -132,9 +132,7 @@ class SelectiveGraphs:
             return True
         if self.disabled is not None:
             return False
-        like = torch.empty(0, hidden_size, dtype=dtype, device=req_to_token.device)
-        like_loc = torch.empty(0, dtype=loc_dtype, device=req_to_token.device)
-        self.disabled = self._why_not(lm, like.dtype, pool.k_buffer[0].dtype)
+        self.disabled = self._why_not(lm, dtype, pool.k_buffer[0].dtype)
         if self.disabled is not None:
             logger.info("vlcache: selective prefill without CUDA graphs (%s)", self.disabled)
             return False
@@ -143,7 +141,7 @@ class SelectiveGraphs:
         try:
             self._pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
             for bucket in reversed(self._buckets):  # largest first: the smaller ones reuse its memory
-                self._graphs[bucket] = self._capture(bucket, lm, like, like_loc, req_to_token, pool)
+                self._graphs[bucket] = self._capture(bucket, lm, dtype, hidden_size, loc_dtype, req_to_token, pool)
         except Exception as exc:  # noqa: BLE001 - any capture failure leaves the eager loop, which works
             self._graphs.clear()
             self.disabled = f"capture failed: {type(exc).__name__}: {exc}"
@@ -153,12 +151,12 @@ class SelectiveGraphs:
                     len(self._graphs), list(self._buckets), 1000 * (time.perf_counter() - t0))
         return True
 
-    def _capture(self, bucket: int, lm: Any, like: torch.Tensor, like_loc: torch.Tensor,
+    def _capture(self, bucket: int, lm: Any, dtype: torch.dtype, hidden_size: int, loc_dtype: torch.dtype,
                  req_to_token: torch.Tensor, pool: Any) -> _Graph:
-        device, shape = like.device, self._shape
-        hidden = torch.zeros(bucket, like.shape[-1], dtype=like.dtype, device=device)
+        device, shape = req_to_token.device, self._shape
+        hidden = torch.zeros(bucket, hidden_size, dtype=dtype, device=device)
         positions = torch.zeros(3, bucket, dtype=torch.int64, device=device)
-        out_loc = torch.zeros(bucket, dtype=like_loc.dtype, device=device)  # capture-time writes: slot 0
+        out_loc = torch.zeros(bucket, dtype=loc_dtype, device=device)  # capture-time writes: slot 0
         attention = ScatteredAttention(capacity=(bucket, tile_capacity(bucket, shape)))
         empty = torch.empty(0, dtype=torch.int64)
         attention.plan(empty, empty, req_to_token, shape.num_qo_heads, shape.num_kv_heads, shape.head_dim,
