@@ -158,6 +158,10 @@ class Step:
 # Compared requests ask for the top 2 logprobs of each token: a mismatch then shows its margin (a near
 # tie that batching moved reads differently from a reuse that changed the answer).
 TOP_LOGPROBS = 2
+# A near tie: both servers' best two logprobs within one bf16 step of a logit of magnitude 8-16 (2^-4 =
+# 0.0625, the tiny model's logits are bf16). Seen on the H200 (2026-12-01): stock's gap 0.0625, vlcache
+# `full` (a stored image recomputed by the selective kernels) an exact tie, the other colour first.
+TIE_NATS = 0.07
 
 
 def chat_body(rec: accuracy.Record, max_tokens: int, salt: Optional[str] = None, n: int = 1,
@@ -205,7 +209,10 @@ def plan_round(r: int, records: list[accuracy.Record], catalogue: list[Hostile],
     main.append(Step(twin_ok, "ok", r, chat_body(twin_rec, max_tokens, twin_salt, top_logprobs=TOP_LOGPROBS),
                      compare=True))
     for i, rec in enumerate(records):
-        n = 2 if rng.random() < n2_share else 1
+        # SGLang 0.5.16 itself refuses n > 1 with several images ("The length of image_data should be
+        # equal to the batch size", 400 from stock alike: H200 soak, 2026-12-01), so n 2 goes to
+        # single-image requests only.
+        n = 2 if rng.random() < n2_share and len(rec.images) == 1 else 1
         main.append(Step(f"r{r}-{rec.id}" + ("-n2" if n > 1 else ""), "ok", r,
                          chat_body(rec, max_tokens, rng.choice(SALTS), n, top_logprobs=TOP_LOGPROBS), compare=True))
     extras: list[Step] = []
@@ -312,16 +319,28 @@ def _token_tops(choice: dict) -> Optional[list]:
         return None
 
 
-def first_difference_margin(a: Optional[list], b: Optional[list]) -> Optional[float]:
-    """At the first token where two answers' token lists differ, the smaller of the two servers' gaps
-    between their best and second-best logprob: near 0 means a near tie. None without logprobs."""
+def first_difference_gaps(a: Optional[list], b: Optional[list]) -> Optional[tuple[Optional[float], Optional[float]]]:
+    """At the first token where two answers' token lists differ, each server's gap between its best and
+    second-best logprob (None where a server sent no second): near 0 means a near tie. None when the
+    lists agree or a server sent no logprobs."""
     if not a or not b:
         return None
     for x, y in zip(a, b):
         if x[0] != y[0]:
-            gaps = [r[1] - r[2] for r in (x, y) if r[2] is not None]
-            return min(gaps) if gaps else None
+            return tuple(None if r[2] is None else r[1] - r[2] for r in (x, y))  # type: ignore[return-value]
     return None
+
+
+def first_difference_margin(a: Optional[list], b: Optional[list]) -> Optional[float]:
+    """The smaller of the two gaps of `first_difference_gaps`."""
+    gaps = [g for g in first_difference_gaps(a, b) or () if g is not None]
+    return min(gaps) if gaps else None
+
+
+def is_near_tie(gaps: Optional[tuple[Optional[float], Optional[float]]], tol: float = TIE_NATS) -> bool:
+    """Both servers' top two candidates within `tol` of each other where the answers part: a bf16 rounding
+    difference (another kernel, another batch) can order them either way. Anything else is a wrong answer."""
+    return gaps is not None and all(g is not None and g <= tol for g in gaps)
 
 
 class Stream:
@@ -469,8 +488,9 @@ def clear_message(step: Step, res: dict) -> Optional[bool]:
 
 
 def compare(steps: list[Step], stock: dict[str, dict], vl: dict[str, dict]) -> dict:
-    """Requests both servers served: same texts (every choice), else a wrong answer, listed."""
-    wrong, compared = [], 0
+    """Requests both servers served: same texts (every choice), else listed, as a near tie (`is_near_tie`
+    at every choice that differs) or a wrong answer."""
+    wrong, ties, compared = [], [], 0
     for s in steps:
         if not s.compare:
             continue
@@ -479,21 +499,37 @@ def compare(steps: list[Step], stock: dict[str, dict], vl: dict[str, dict]) -> d
             continue
         compared += 1
         if a.get("texts") != b.get("texts"):
-            margins = [first_difference_margin(x, y) for x, y, tx, ty in
-                       zip(a.get("tops") or [], b.get("tops") or [], a["texts"], b["texts"]) if tx != ty]
-            wrong.append({"id": s.id, "stock": a.get("texts"), "vlcache": b.get("texts"),
-                          "salt": (s.body or {}).get("cache_salt"), "n": (s.body or {}).get("n", 1),
-                          "margin": min((m for m in margins if m is not None), default=None)})
-    return {"compared": compared, "wrong": wrong}
+            entry = mismatch(s.id, (s.body or {}).get("cache_salt"), (s.body or {}).get("n", 1), a, b)
+            (ties if entry["near_tie"] else wrong).append(entry)
+    return {"compared": compared, "wrong": wrong, "near_ties": ties}
 
 
-def tally(steps: list[Step], results: dict[str, dict]) -> dict:
-    """Per server: steps sent, chat requests served, errors by status (expected / unexpected), flushes by
-    status, aborts, not sent."""
+def mismatch(id_: str, salt: Optional[str], n: int, a: dict, b: dict) -> dict:
+    """One request whose texts differ: the gaps where each differing choice parts, and whether all are ties."""
+    gaps = [first_difference_gaps(x, y) for x, y, tx, ty in
+            zip(a.get("tops") or [], b.get("tops") or [], a["texts"], b["texts"]) if tx != ty]
+    known = [g for g in gaps if g is not None]
+    margins = [min(x for x in g if x is not None) for g in known if any(x is not None for x in g)]
+    return {"id": id_, "stock": a.get("texts"), "vlcache": b.get("texts"), "salt": salt, "n": n,
+            "gaps": known, "margin": min(margins, default=None),
+            "near_tie": bool(gaps) and len(known) == len(gaps) and all(is_near_tie(g) for g in known)}
+
+
+def same_error(a: Optional[dict], b: Optional[dict]) -> bool:
+    """Both servers refused the request alike (status and message): SGLang's own behaviour, not ours."""
+    return bool(a and b) and a.get("status") not in (None, 0, 200) and a.get("status") == b.get("status") \
+        and a.get("message") == b.get("message")
+
+
+def tally(steps: list[Step], results: dict[str, dict], other: Optional[dict[str, dict]] = None) -> dict:
+    """Per server: steps sent, chat requests served, errors by status (expected / unexpected / the same
+    refusal as the `other` server's), flushes by status, aborts, not sent."""
+    other = other or {}
     out: dict[str, Any] = {"sent": 0, "served": 0, "aborted": 0, "completed_before_close": 0, "not_sent": 0,
                            "flushes": collections.Counter(),
                            "driver_errors": 0, "expected": collections.Counter(), "unexpected": collections.Counter(),
-                           "unexpected_ids": [], "unclear_messages": []}
+                           "unexpected_ids": [], "as_other": collections.Counter(), "as_other_ids": [],
+                           "unclear_messages": []}
     for s in steps:
         res = results.get(s.id)
         if res is None:
@@ -513,6 +549,9 @@ def tally(steps: list[Step], results: dict[str, dict]) -> dict:
             out["served"] += 1
         elif v == "expected error":
             out["expected"][res["status"]] += 1
+        elif v == "unexpected" and same_error(res, other.get(s.id)):
+            out["as_other"][res["status"]] += 1
+            out["as_other_ids"].append((s.id, f"{res['status']} {elide(res.get('message', ''))}"))
         elif v == "unexpected":
             out["unexpected"][res.get("status")] += 1
             out["unexpected_ids"].append((s.id, f"{res.get('status')} {elide(res.get('message', ''))}"))
@@ -525,6 +564,7 @@ def tally(steps: list[Step], results: dict[str, dict]) -> dict:
     out["expected"] = dict(out["expected"])
     out["flushes"] = dict(out["flushes"])
     out["unexpected"] = {str(k): v for k, v in out["unexpected"].items()}
+    out["as_other"] = {str(k): v for k, v in out["as_other"].items()}
     return out
 
 
@@ -592,11 +632,14 @@ def short_table(report: dict) -> str:
         ("chat requests served (200)", st["served"], vl["served"]),
         ("errors, expected (status×n)", _counts(st["expected"]), _counts(vl["expected"])),
         ("errors, UNEXPECTED (status×n; 0 = no answer)", _counts(st["unexpected"]), _counts(vl["unexpected"])),
+        ("errors both servers give alike: SGLang's own (status×n)", _counts(st.get("as_other", {})),
+         _counts(vl.get("as_other", {}))),
         ("/flush_cache (idle / under load: status×n)", _counts(st["flushes"]), _counts(vl["flushes"])),
         ("client aborts (closed mid-request / server done first)",
          f"{st['aborted']} / {st['completed_before_close']}", f"{vl['aborted']} / {vl['completed_before_close']}"),
-        ("answers compared with stock / WRONG", "–", f"{report['compare']['compared']} / "
-                                                   f"**{len(report['compare']['wrong'])}**"),
+        (f"answers compared with stock / WRONG / near ties (both gaps ≤ {TIE_NATS})", "–",
+         f"{report['compare']['compared']} / **{len(report['compare']['wrong'])}** / "
+         f"{len(report['compare'].get('near_ties', []))}"),
         ("hostile: unclear messages", "–", len(vl["unclear_messages"])),
         ("junk/non-ASCII base64: status differs cached vs not", "–", f"{twin_bad} of {len(report['twins'])}"),
         ("salt probe: other salt cached_tokens (must be 0) / same salt",
@@ -664,7 +707,7 @@ def verdict(report: dict) -> tuple[bool, list[str]]:
 
 def build_report(steps: list[Step], probe_steps: list[Step], stock: dict, vl: dict, health: HealthPoller,
                  leaks: dict, alive: dict, gauges: dict, image_tokens: int, meta: dict) -> dict:
-    report = {"meta": meta, "tally": {"stock": tally(steps, stock), "vlcache": tally(steps + probe_steps, vl)},
+    report = {"meta": meta, "tally": {"stock": tally(steps, stock, vl), "vlcache": tally(steps + probe_steps, vl, stock)},
               "compare": compare(steps, stock, vl), "twins": twins(steps, vl), "hostile": hostile_rows(steps, vl),
               "probe": probe_verdict(vl, image_tokens),
               "health": {k: health.summary(k) for k in ("stock", "vlcache")}, "leaks": leaks, "alive": alive,
@@ -684,11 +727,17 @@ def rounds_complete(steps: list[Step], results: dict) -> int:
     return sum(rounds.values())
 
 
-def write_report(out_dir: Path, report: dict, steps: list[Step], stock: dict, vl: dict) -> str:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _mismatch_lines(entries: list[dict]) -> str:
+    def gaps(w: dict) -> str:
+        return "; ".join("(" + ", ".join("–" if x is None else f"{x:.4f}" for x in g) + ")" for g in w.get("gaps", []))
+    return "\n".join(f"- {w['id']} (salt {w['salt']}, n {w['n']}, gaps {gaps(w) or '–'}): stock {w['stock']!r}, "
+                     f"vlcache {w['vlcache']!r}" for w in entries[:30]) or "none"
+
+
+def report_md(report: dict) -> str:
     table = short_table(report)
     m = report["meta"]
-    md = "\n".join([
+    return "\n".join([
         f"# Soak, {m['date']}", "",
         f"Model {m['model']}; stock vs vlcache `{m['vlcache_flags']}`, both `--chunked-prefill-size "
         f"{m['chunked_prefill_size']}` (0: SGLang's default); {m['rounds_planned']} rounds planned "
@@ -696,18 +745,27 @@ def write_report(out_dir: Path, report: dict, steps: list[Step], stock: dict, vl
         f"stream {m['stream_s']:.0f} s.", "",
         "## Hostile inputs (vlcache server)", "", hostile_md(report["hostile"]), "",
         "## Wrong answers", "",
-        "margin: at the first token where the answers differ, the smaller of the two servers' gaps between "
-        "the best and the second-best logprob (near 0: a near tie that batching can move; large: the answer "
-        "changed).", "",
-        "\n".join(f"- {w['id']} (salt {w['salt']}, n {w['n']}, margin {w['margin']}): stock {w['stock']!r}, "
-                  f"vlcache {w['vlcache']!r}" for w in report["compare"]["wrong"][:30]) or "none", "",
+        "gaps: at the first token where the answers differ, each server's (stock, vlcache) gap between its "
+        f"best and second-best logprob. Both ≤ {TIE_NATS} (one bf16 step of a logit of magnitude 8-16) is a "
+        "near tie, listed apart: rounding in another kernel or batch orders the two either way. Anything "
+        "else is a wrong answer.", "",
+        _mismatch_lines(report["compare"]["wrong"]), "",
+        "## Near ties", "", _mismatch_lines(report["compare"].get("near_ties", [])), "",
         "## Unexpected statuses", "",
         "\n".join(f"- {label} {i}: {why}" for label in ("stock", "vlcache")
                   for i, why in report["tally"][label]["unexpected_ids"][:30]) or "none", "",
+        "## Refused alike by both servers (SGLang's own behaviour, not counted as unexpected)", "",
+        "\n".join(f"- {label} {i}: {why}" for label in ("stock", "vlcache")
+                  for i, why in report["tally"][label].get("as_other_ids", [])[:10]) or "none", "",
         "## Leak reports", "",
         "\n".join(f"- {label}: {line}" for label in ("stock", "vlcache")
                   for line in report["leaks"][label]["lines"][:20]) or "none", "",
         "## Summary", "", table, ""])
+
+
+def write_report(out_dir: Path, report: dict, steps: list[Step], stock: dict, vl: dict) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = report_md(report)
     (out_dir / "soak.md").write_text(md)
     # Every request but the compared ones both servers answered alike (tens of thousands on an H200):
     # those only counted, so the file stays a few MB.
@@ -723,14 +781,51 @@ def write_report(out_dir: Path, report: dict, steps: list[Step], stock: dict, vl
                          "salt": (s.body or {}).get("cache_salt"), "stock": a, "vlcache": b})
     (out_dir / "soak.json").write_text(json.dumps({"report": report, "compared_alike_not_listed": alike,
                                                    "requests": requests}, indent=1, default=str))
-    return table
+    return short_table(report)
+
+
+def rereport(soak_json: Path, out_dir: Path) -> dict:
+    """A saved run's report under today's rules (near ties, refusals both servers give alike), from its
+    soak.json: every request not answered alike is listed there with both servers' results, so the
+    mismatches and the unexpected statuses can be classified again; the counts stay the run's."""
+    doc = json.loads(Path(soak_json).read_text())
+    report, reqs = doc["report"], {r["id"]: r for r in doc["requests"]}
+    cmp = report["compare"]
+    entries = [mismatch(w["id"], w.get("salt"), w.get("n", 1), reqs[w["id"]]["stock"], reqs[w["id"]]["vlcache"])
+               for w in cmp["wrong"] + cmp.get("near_ties", [])]
+    cmp["wrong"] = [e for e in entries if not e["near_tie"]]
+    cmp["near_ties"] = [e for e in entries if e["near_tie"]]
+    for label, other in (("stock", "vlcache"), ("vlcache", "stock")):
+        t = report["tally"][label]
+        t.setdefault("as_other", {})
+        t.setdefault("as_other_ids", [])
+        keep = []
+        for id_, why in t["unexpected_ids"]:
+            r = reqs.get(id_) or {}
+            if same_error(r.get(label), r.get(other)):
+                status = str(r[label]["status"])
+                t["unexpected"][status] -= 1
+                t["as_other"][status] = t["as_other"].get(status, 0) + 1
+                t["as_other_ids"].append([id_, why])
+            else:
+                keep.append([id_, why])
+        t["unexpected_ids"] = keep
+        t["unexpected"] = {k: v for k, v in t["unexpected"].items() if v}
+    report["passed"], report["failures"] = verdict(report)
+    report["meta"]["reclassified_from"] = str(soak_json)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "soak.md").write_text(report_md(report))
+    (out_dir / "soak.json").write_text(json.dumps({**doc, "report": report}, indent=1, default=str))
+    return report
 
 
 # ----- main -------------------------------------------------------------------------------------
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="make_eval --out-dir: <set>.jsonl files")
+    p.add_argument("--data-dir", default=None, help="make_eval --out-dir: <set>.jsonl files (required to soak)")
+    p.add_argument("--rereport", default=None, metavar="SOAK_JSON",
+                   help="no soak: write --out-dir/soak.{md,json} from a saved run's soak.json under today's rules")
     p.add_argument("--sets", default="A,B,multi")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--model", default=None, help="checkpoint to serve (with --log-dir; not with --*-url)")
@@ -766,7 +861,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     given = (args.stock_url is not None, args.vlcache_url is not None)
     if given not in ((True, True), (False, False)):
         p.error("--stock-url and --vlcache-url go together")
-    if not given[0] and not (args.model and args.log_dir):
+    if not given[0] and not args.rereport and not (args.model and args.log_dir):
         p.error("without --stock-url/--vlcache-url, --model and --log-dir are needed (the servers to launch)")
     if args.concurrency < 1 or args.rounds < 1 or args.store_images < 1:
         p.error("--concurrency, --rounds and --store-images must be >= 1")
@@ -858,6 +953,12 @@ def soak(args: argparse.Namespace, stock_url: str, vl_url: str, logs: dict[str, 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
+    if args.rereport:
+        report = rereport(Path(args.rereport), Path(args.out_dir))
+        print(short_table(report), flush=True)
+        return report
+    if not args.data_dir:
+        sys.exit("--data-dir is required (make_eval's sets), unless --rereport")
     note = _progress(args.progress)
     os.environ["SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE"] = "1"  # the servers inherit it: a leak raises
     if args.stock_url:

@@ -70,6 +70,8 @@ def test_a_round_starts_cold_and_holds_every_kind_spread_through_the_records(rec
     assert sum(s.compare for s in steps) == len(records) + 1 + 3, "every record, the twin, the odd images"
     assert {s.body.get("cache_salt") for s in steps if s.body} <= set(soak.SALTS)
     assert any(s.body.get("n") == 2 for s in steps if s.compare) or len(records) < 10
+    n2 = [s for s in steps if s.compare and s.body.get("n") == 2]
+    assert all(_image_count(s.body) == 1 for s in n2), "SGLang itself refuses n > 1 with several images"
     # The extras land among the records, not in a block at the end.
     positions = [i for i, s in enumerate(steps) if s.kind in ("hostile", "abort", "flush_load")][2:-2]
     assert positions[0] < len(steps) // 3 and positions[-1] > len(steps) // 2
@@ -78,6 +80,11 @@ def test_a_round_starts_cold_and_holds_every_kind_spread_through_the_records(rec
     assert all(a.body["ignore_eos"] and a.body["max_tokens"] >= 128 for a in aborts)
     flushes = [s for s in steps if s.kind == "flush_load"]
     assert len(flushes) == 2 and all(set(s.expect) == {200, 400} for s in flushes)
+
+
+def _image_count(body: dict) -> int:
+    return sum(c["type"] == "image_url" for m in body["messages"] if isinstance(m["content"], list)
+               for c in m["content"])
 
 
 def test_hostile_bodies_carry_the_bad_image_or_override_and_stock_never_sees_overrides(records, catalogue):
@@ -146,6 +153,60 @@ def test_logprobs_of_a_choice_and_the_margin_where_two_answers_part():
     assert body["n"] == 2 and body["cache_salt"] == "tenant-a"
 
 
+def test_a_mismatch_is_a_near_tie_only_when_both_servers_nearly_tie_at_every_differing_choice():
+    tie = {"status": 200, "texts": ["yellow"], "tops": [[["yellow", -0.677, -0.739]]]}  # stock's gap 0.0625
+    flip = {"status": 200, "texts": ["red"], "tops": [[["red", -0.708, -0.708]]]}  # an exact tie the other way
+    steps = [_step("t"), _step("w"), _step("one"), _step("none")]
+    sure = {"status": 200, "texts": ["red"], "tops": [[["red", -0.01, -4.6]]]}  # vlcache sure of another answer
+    no_logprobs = {"status": 200, "texts": ["red"]}
+    got = soak.compare(steps, {k: tie for k in ("t", "w", "one", "none")},
+                       {"t": flip, "w": sure, "one": {"status": 200, "texts": ["red"], "tops": [[["red", -0.7, None]]]},
+                        "none": no_logprobs})
+    assert [w["id"] for w in got["near_ties"]] == ["t"]
+    assert [w["id"] for w in got["wrong"]] == ["w", "one", "none"], "a sure answer, a missing gap, no logprobs"
+    assert got["near_ties"][0]["gaps"] == [pytest.approx((0.062, 0.0))]
+    two = {"status": 200, "texts": ["yellow", "yellow"], "tops": [[["yellow", -0.677, -0.739]]] * 2}
+    half = {"status": 200, "texts": ["red", "blue"], "tops": [[["red", -0.708, -0.708]], [["blue", -0.01, -5.0]]]}
+    assert soak.compare([_step("n2")], {"n2": two}, {"n2": half})["wrong"][0]["id"] == "n2", "every choice counts"
+    assert soak.verdict(_report(compare=got))[1][0] == "3 wrong answers"
+
+
+def test_a_refusal_both_servers_give_alike_is_not_unexpected():
+    steps = [_step("m"), _step("x")]
+    same = {"status": 400, "message": "The length of image_data should be equal to the batch size."}
+    stock = {"m": same, "x": {"status": 200, "texts": ["1"]}}
+    vl = {"m": dict(same), "x": {"status": 400, "message": "ours only"}}
+    t_vl, t_st = soak.tally(steps, vl, stock), soak.tally(steps, stock, vl)
+    assert t_vl["as_other"] == {"400": 1} and t_vl["unexpected"] == {"400": 1}
+    assert t_vl["unexpected_ids"][0][0] == "x" and t_st["as_other"] == {"400": 1} and t_st["unexpected"] == {}
+    assert not soak.same_error(same, {"status": 400, "message": "other words"})
+    assert not soak.same_error(same, None) and not soak.same_error({"status": 0}, {"status": 0})
+
+
+def test_a_saved_run_is_classified_again_from_its_json(tmp_path):
+    tie_s = {"status": 200, "texts": ["yellow"], "tops": [[["yellow", -0.677, -0.739]]]}
+    tie_v = {"status": 200, "texts": ["red"], "tops": [[["red", -0.708, -0.708]]]}
+    refusal = {"status": 400, "message": "The length of image_data should be equal to the batch size."}
+    report = _report(compare={"compared": 10, "wrong": [{"id": "t", "salt": None, "n": 1, "margin": 0.0}]},
+                     meta={"date": "2026-12-01", "model": "m", "vlcache_flags": "--enable-vlcache", "rounds_planned": 2,
+                           "concurrency": 4, "stream_s": 60.0, "chunked_prefill_size": 256},
+                     rounds_complete={"stock": 1, "vlcache": 2})
+    for label in ("stock", "vlcache"):
+        report["tally"][label].update(unexpected={"400": 2}, unexpected_ids=[["m", "400 ..."], ["late", "400 ..."]])
+    requests = [{"id": "t", "stock": tie_s, "vlcache": tie_v}, {"id": "m", "stock": refusal, "vlcache": refusal},
+                {"id": "late", "stock": {"status": None, "outcome": "not sent"}, "vlcache": refusal}]
+    saved = tmp_path / "old.json"
+    saved.write_text(json.dumps({"report": report, "compared_alike_not_listed": 9, "requests": requests}))
+    got = soak.main(["--rereport", str(saved), "--out-dir", str(tmp_path / "new")])
+    assert got["compare"]["wrong"] == [] and [w["id"] for w in got["compare"]["near_ties"]] == ["t"]
+    vl = got["tally"]["vlcache"]
+    assert vl["as_other"] == {"400": 1} and vl["unexpected"] == {"400": 1}, "stock never sent 'late'"
+    assert got["failures"] == ["vlcache: unexpected statuses 400×1", "stock: unexpected statuses 400×1"]
+    md = (tmp_path / "new" / "soak.md").read_text()
+    assert "## Near ties" in md and "gaps (0.0620, 0.0000)" in md
+    assert json.loads((tmp_path / "new" / "soak.json").read_text())["report"]["meta"]["reclassified_from"]
+
+
 def test_comparison_counts_only_requests_both_served_and_every_choice():
     steps = [_step("a"), _step("b"), _step("c"), _step("d"), _step("h", "hostile", expect=(400,))]
     stock = {"a": {"status": 200, "texts": ["1"]}, "b": {"status": 200, "texts": ["2", "2"]},
@@ -198,7 +259,7 @@ def test_the_verdict_names_each_failed_check_and_the_table_shows_it():
     assert good["passed"] and good["failures"] == []
     table = soak.short_table(good)
     assert table.splitlines()[0] == "| | stock | vlcache full |" and table.rstrip().endswith("**PASS**")
-    assert "| answers compared with stock / WRONG | – | 10 / **0** |" in table
+    assert "| answers compared with stock / WRONG / near ties (both gaps ≤ 0.07) | – | 10 / **0** / 0 |" in table
     gauges = "| vlcache gauges: stored / evicted / store_skipped / second_generation_skipped | – | – / 2 / – / – |"
     assert gauges in table
     bad = _report(compare={"compared": 10, "wrong": [{"id": "x"}]}, twins=[{"same": False}],

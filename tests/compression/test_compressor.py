@@ -17,8 +17,9 @@ M, IMAGE = 60, (4, 49)  # prompt tokens; one image at positions 4..49 (inclusive
 LAYERS, QO, KV, D = 3, 4, 2, 16
 
 
-def _view(step, seed=0, prefix=0, sharpness=(0.5, 3.0, 6.0)):
-    """A request in a small pool; layer l's queries scaled by sharpness[l] (denser -> sparser)."""
+def _view(step, seed=0, prefix=0, sharpness=(0.5, 3.0, 6.0), device="cpu"):
+    """A request in a small pool; layer l's queries scaled by sharpness[l] (denser -> sparser). Drawn on
+    the CPU (the same numbers everywhere), then moved to `device`."""
     gen = torch.Generator().manual_seed(seed)
     slots = 2 * M + 8
     k = [torch.randn(slots, KV, D, generator=gen) for _ in range(LAYERS)]
@@ -27,7 +28,8 @@ def _view(step, seed=0, prefix=0, sharpness=(0.5, 3.0, 6.0)):
     req_to_token[1] = torch.randperm(slots, generator=gen)[: M + 16].to(torch.int32)
     positions = step.query_positions(M, [IMAGE])
     queries = [torch.randn(positions.numel(), QO, D, generator=gen) * s for s in sharpness]
-    return PrefillView(1, M, prefix, req_to_token, k, v, positions, queries, 1 / math.sqrt(D))
+    k, v, queries = ([t.to(device) for t in ts] for ts in (k, v, queries))
+    return PrefillView(1, M, prefix, req_to_token.to(device), k, v, positions.to(device), queries, 1 / math.sqrt(D))
 
 
 def _step(**cfg):
@@ -121,10 +123,12 @@ def test_trimmed_flag_and_release_slots():
         plan.slots_to_free_on_finish(row, M - 1)
 
 
-def test_kernel_and_reference_scorers_pick_the_same_tokens():
+def test_kernel_and_reference_scorers_pick_the_same_tokens(device):
+    # The Triton scorer runs where Triton does: the GPU, or the CPU under TRITON_INTERPRET=1 (conftest).
     kernel_step = VLCacheCompression(CompressionConfig(compress_ratio=0.3))
     ref_step = _step(compress_ratio=0.3)
-    got, want = kernel_step.run(_view(kernel_step, seed=3)).plan, ref_step.run(_view(ref_step, seed=3)).plan
+    got = kernel_step.run(_view(kernel_step, seed=3, device=device)).plan
+    want = ref_step.run(_view(ref_step, seed=3)).plan
     assert [k.tolist() for k in got.kept_positions] == [k.tolist() for k in want.kept_positions]
 
 
