@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Accuracy of vlcache's recompute policies on a small Qwen2.5-VL trained here, on the GPU host, one command:
 #   bash benchmarks/accuracy_bench.sh            (repo root, .gpu_bundle carried; ~9.5 min; QUICK=1: ~5.5 min)
+# A model good enough to rank the policies takes longer to train than one call leaves for the sweep: train
+# first, then sweep within 30 s on the warm machine (it keeps /tmp between calls):
+#   MINUTES=7 bash benchmarks/train_tiny.sh      (three 8-/4-layer variants at once, keeps the best)
+#   REUSE_CKPT=1 bash benchmarks/accuracy_bench.sh
 # 1. train benchmarks/tiny_vlm once on every regime's layout (a: question before the image; b: system
 #    prompt / chat turns before it, question after; multi: 2-4 images)
 # 2. eval sets A, B, multi and the A-B knob's mixes (held-out images), calibration requests (training
@@ -10,8 +14,8 @@
 # 4. accuracy.py sweep: full, none, first_k / vlcache / cacheblend at 0-50 % recompute, error_bounded at a
 #    few bounds, per-request overrides on the one vlcache server, stock beside it; passes that would end
 #    after the time budget are reported skipped (the most telling budgets run first)
-# Results in $OUT: progress.log, train.log, profile.json, sweep.log, server_tails.txt, accuracy/
-# (summary.md, sweep.md, sweep.json, knob.png, <set>/accuracy.{md,json,png}). The short table comes last.
+# Results in $OUT: progress.log, train.log, profile.json, sweep.log, server_tails.txt, summary.md and
+# accuracy.tgz (accuracy/: summary.md, sweep.md, sweep.json, knob.png, <set>/accuracy.{md,json,png}). The short table comes last.
 # Knobs: QUICK=1, MINUTES, BUDGET_S (whole script), IMAGES, REPEATS, TRAIN_ARGS, LAYOUTS, SWEEP_ARGS (sweep
 # options, e.g. "--error-bounds 0.02,0.1"), VLCACHE_FLAGS (e.g. "--vlcache-blend-score v"), REUSE_SIM=1,
 # REUSE_CKPT=1 (a warm machine: keep /tmp/tiny-qwen2.5-vl from the last run, skip training).
@@ -41,7 +45,7 @@ if [ "${REUSE_CKPT:-0}" = 1 ] && [ -f "$CKPT/model.safetensors" ] && [ -f "$CKPT
 else
   stamp "train ($MINUTES min, layouts $LAYOUTS)"
   python3 -m benchmarks.tiny_vlm.train --out "$CKPT" --minutes "$MINUTES" --tokenizer-from "$MODEL" \
-    --layouts "$LAYOUTS" ${TRAIN_ARGS:-} 2>&1 | quiet | tee "$OUT/train.log" | tail -3
+    --layouts "$LAYOUTS" ${TRAIN_ARGS:---layers 8} 2>&1 | quiet | tee "$OUT/train.log" | tail -3
   cp "$CKPT/train_log.json" "$CKPT/tiny_vlm_task.json" "$OUT/"
 fi
 
@@ -70,5 +74,11 @@ if [ "$rc" != 0 ]; then
   tail -30 "$OUT/sweep.log"
 fi
 stamp "done"
-[ -f "$OUT/accuracy/summary.md" ] && cat "$OUT/accuracy/summary.md"
+# At most 8 files come back from the GPU host: the tables and plots travel as one archive.
+if [ -d "$OUT/accuracy" ]; then
+  cp "$OUT/accuracy/summary.md" "$OUT/summary.md" 2>/dev/null || true
+  tar -C "$OUT" -czf "$OUT/accuracy.tgz" accuracy && rm -rf "$OUT/accuracy"
+fi
+rm -f "$OUT/pip.log" "$OUT/tiny_vlm_task.json"
+[ -f "$OUT/summary.md" ] && cat "$OUT/summary.md"
 exit "$rc"
