@@ -236,6 +236,24 @@ def test_selector_protocol_errors():
     static = LayerSelector(get_recompute_policy("first_k", PolicyParams(first_k=2)), layout, 3)
     assert static.layer_invariant and static.changed == [True, False, False]
     assert static.outcome().computed_token_layers == 6
+    with pytest.raises(ValueError, match="decided at every layer"):
+        sel.charge_first_set()
+
+
+def test_a_shrinking_plan_run_in_a_graph_is_charged_its_first_set_at_every_layer():
+    """The graph path computes S_0 at every layer (writing only S_l's K/V): cost |S_0| x L, the same
+    sets, the same tokens no layer computes."""
+    layout = TokenLayout(seq_len=50, prefix_len=0, images=(ImageSpan(10, 40, True),))
+    policy = get_recompute_policy("vlcache", PolicyParams(layer_ratios=(0.5, 0.25, 0.01, 0.0)))
+    sel = LayerSelector(policy, layout, 4)
+    eager = sel.outcome()
+    assert eager.computed_token_layers == 20 + 10 + 1 + 0
+    sel.charge_first_set()
+    graph = sel.outcome()
+    assert graph.computed_token_layers == 20 * 4 and graph.recomputed_fraction == pytest.approx(0.5)
+    assert graph.recomputed_last_layer == eager.recomputed_last_layer == 0 and graph.reused_tokens == 40
+
+
 def test_a_policy_that_breaks_nesting_is_caught():
     class Grows(RecomputePolicy):
         name = "test_grows"

@@ -82,6 +82,13 @@ class LayerSelector:
         self._advance()
         return chosen
 
+    def charge_first_set(self) -> None:
+        """The CUDA-graph path ran S_0 through every layer (writing only S_l's K/V at layer l): what
+        it computed of the reused tokens is S_0's count at every layer, not S_l's."""
+        if self._next != self.num_layers:
+            raise ValueError("only a plan decided at every layer runs in a graph")
+        self._qkv_reused = [self._reused_in_set[0]] * self.num_layers
+
     def outcome(self) -> ReuseOutcome:
         if self._next != self.num_layers:
             raise ValueError(f"layers {self._next}..{self.num_layers - 1} were never decided")

@@ -76,9 +76,13 @@ class _FixedSelector:
         self.sets = list(sets)
         self.changed = [True] + [b.numel() != a.numel() for a, b in zip(self.sets, self.sets[1:])]
         self.layer_invariant = not any(self.changed[1:])
+        self.charged_first_set = False
 
     def ready(self, layer: int) -> bool:
         return True
+
+    def charge_first_set(self) -> None:
+        self.charged_first_set = True
 
 
 def vlcache_forward(standin: StandIn, batch, sets: Sequence[Optional[Sequence[torch.Tensor]]],
@@ -91,9 +95,10 @@ def vlcache_forward(standin: StandIn, batch, sets: Sequence[Optional[Sequence[to
     from vlcache_sglang.model_patch.selective_prefill import SELECTIVE_ATTR, SelectiveBatch, SelectivePrefill
 
     plans = [None if s is None else SimpleNamespace(selector=_FixedSelector(s), report=None) for s in sets]
+    prefill = prefill if prefill is not None else SelectivePrefill(standin.inv_freq)
+    prefill.test_selectors = [p.selector for p in plans if p is not None]  # what the tests inspect after
     fb = batch.forward_batch
     sel = SelectiveBatch(plans, fb, standin.num_layers)
-    prefill = prefill if prefill is not None else SelectivePrefill(standin.inv_freq)
     setattr(fb, SELECTIVE_ATTR, sel)
     try:
         with standin.forward_context():
@@ -216,8 +221,29 @@ def _shrinking_sets(num_layers: int):
     return [a, b]
 
 
-@pytest.mark.parametrize("num_layers", [2, 3])
-def test_shrinking_sets_match_sglang_with_reused_kv(standin, triton_attention, num_layers):
+def _graph_body_prefill(standin: StandIn, monkeypatch, bucket: int):
+    """A SelectivePrefill whose CUDA graph path runs on the CPU: the capture replaced by rerunning the
+    captured body (as in test_selective_graph.py), one bucket, a small fixed tile grid."""
+    from vlcache_sglang.model_patch import selective_graph
+    from vlcache_sglang.model_patch.selective_prefill import SelectivePrefill
+
+    def rerun(body, pool, device):
+        out = body()
+        return (lambda: out.copy_(body())), out
+
+    monkeypatch.setattr(selective_graph, "cuda_graph_capture", rerun)
+    # Its fixed grid has a tile per possible request beyond the full ones; interpreted, 64 cost 10 s.
+    monkeypatch.setattr(selective_graph, "MAX_REQUESTS_PER_GRAPH", 2)
+    prefill = SelectivePrefill(standin.inv_freq)
+    prefill._graphs = selective_graph.SelectiveGraphs(buckets=(bucket,), why_not=lambda *args: None)
+    return prefill
+
+
+@pytest.mark.parametrize("num_layers,graph", [(2, False), (3, False), (3, True)],
+                         ids=["2-eager", "3-eager", "3-graph-body"])
+def test_shrinking_sets_match_sglang_with_reused_kv(standin, triton_attention, monkeypatch, num_layers, graph):
+    """graph-body: the shrinking plan in the CUDA graph path, S_0 at every layer with per-layer write
+    slots (a dropped token writes slot 0 and keeps its cached K/V)."""
     model = standin if num_layers == standin.num_layers else build_standin(num_layers=num_layers)
     batch = model.make_batch([PREFIXED, FRESH])
     sets = _shrinking_sets(num_layers)
@@ -230,18 +256,24 @@ def test_shrinking_sets_match_sglang_with_reused_kv(standin, triton_attention, n
     want_pool = model.snapshot_kv()
     model.restore_kv(before)
 
-    got, prefill = vlcache_forward(model, batch, sets)
+    prefill = _graph_body_prefill(model, monkeypatch, bucket=64) if graph else None
+    got, prefill = vlcache_forward(model, batch, sets, prefill)
 
     last = batch.rows_of(layer_sets[-1])
     torch.testing.assert_close(got[last], want[last], atol=ATOL, rtol=RTOL)
     others = torch.ones(batch.num_tokens, dtype=torch.bool)
     others[last] = False
     assert not got[others].any(), "rows outside the last S_l stay zero"
-    assert_pools_equal(model.snapshot_kv(), want_pool)
+    # Tokens a layer drops (and a graph bucket's padding) write slot 0, SGLang's slot for padded writes.
+    assert_pools_equal(model.snapshot_kv(), want_pool, skip_slots=(0,) if graph else ())
     for layer, (slots, k, v) in reused.items():
         assert torch.equal(model.kv(layer, slots)[0], k) and torch.equal(model.kv(layer, slots)[1], v), \
             f"layer {layer}: the reused KV of dropped tokens is left alone"
-    assert prefill._backends == ["triton"] * num_layers, "every layer's set differs: planned per layer"
+    if graph:
+        assert prefill._backends == ["triton-graph"]
+        assert all(sel.charged_first_set for sel in prefill.test_selectors), "charged S_0 at every layer"
+    else:
+        assert prefill._backends == ["triton"] * num_layers, "every layer's set differs: planned per layer"
 
 
 # ---- one set for every layer (first_k): the eager loop and the graph body ---------------------------
@@ -252,9 +284,6 @@ def test_first_k_matches_sglang_with_reused_kv(standin, triton_attention, monkey
     a reuse copy at every layer. graph-body: the CUDA graph path (SelectiveGraphs, padded to its
     bucket, fixed-capacity Triton plan) with the capture replaced by rerunning the captured body,
     as in test_selective_graph.py; on a CPU the real server gets "no CUDA device" and the eager loop."""
-    from vlcache_sglang.model_patch import selective_graph
-    from vlcache_sglang.model_patch.selective_prefill import SelectivePrefill
-
     batch = standin.make_batch([PREFIXED, FRESH])
     sets = [policy_sets(spec, "first_k", standin.num_layers, first_k=3) for spec in (PREFIXED, FRESH)]
     layer_sets = batch.by_layer(sets)
@@ -265,16 +294,7 @@ def test_first_k_matches_sglang_with_reused_kv(standin, triton_attention, monkey
     want_pool = standin.snapshot_kv()
     standin.restore_kv(before)
 
-    prefill = SelectivePrefill(standin.inv_freq)
-    if graph:
-        def rerun(body, pool, device):
-            out = body()
-            return (lambda: out.copy_(body())), out
-
-        monkeypatch.setattr(selective_graph, "cuda_graph_capture", rerun)
-        # Its fixed grid has a tile per possible request beyond the full ones; interpreted, 64 cost 10 s.
-        monkeypatch.setattr(selective_graph, "MAX_REQUESTS_PER_GRAPH", 2)
-        prefill._graphs = selective_graph.SelectiveGraphs(buckets=(32,), why_not=lambda *args: None)
+    prefill = _graph_body_prefill(standin, monkeypatch, bucket=32) if graph else None
     got, prefill = vlcache_forward(standin, batch, sets, prefill)
 
     rows = batch.rows_of(layer_sets[0])

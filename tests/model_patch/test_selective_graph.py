@@ -85,7 +85,8 @@ class Pool:
 
 
 def active_tokens(sets, req_to_token, device):
-    """hidden, positions, out_loc and runs of the active tokens {req_row: positions} (request order)."""
+    """hidden, positions, per-layer out_loc [LAYERS, n] (the same slots at every layer) and runs of the
+    active tokens {req_row: positions} (request order)."""
     torch.manual_seed(len(sets))
     rows = sorted(sets)
     abs_sets = [torch.tensor(sets[r]) for r in rows]
@@ -93,7 +94,7 @@ def active_tokens(sets, req_to_token, device):
     pos = torch.cat(abs_sets)
     out_loc = torch.cat([req_to_token[r, torch.tensor(sets[r])].long() for r in rows]).to(device)
     positions = torch.stack([pos, pos // 3, pos % 5]).to(device)
-    return torch.randn(pos.numel(), HIDDEN, device=device), positions, out_loc, runs
+    return torch.randn(pos.numel(), HIDDEN, device=device), positions, out_loc.repeat(LAYERS, 1), runs
 
 
 def eager(lm, pool, hidden, positions, out_loc, runs, req_to_token):
@@ -135,14 +136,47 @@ def test_graph_replays_match_the_eager_loop_and_touch_only_their_slots_and_slot_
         assert got is not None and graphs.disabled is None
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         untouched = torch.ones(SLOTS, dtype=torch.bool)
-        untouched[out_loc.cpu()] = False
+        untouched[out_loc[0].cpu()] = False
         untouched[0] = False  # padding tokens write slot 0, SGLang's slot for padded writes
         untouched = untouched.to(device)
         for layer in range(LAYERS):
             for got_kv, want_kv, base_kv in ((got_pool.k_buffer, want_pool.k_buffer, base.k_buffer),
                                              (got_pool.v_buffer, want_pool.v_buffer, base.v_buffer)):
-                torch.testing.assert_close(got_kv[layer][out_loc], want_kv[layer][out_loc], rtol=1e-4, atol=1e-4)
+                slots = out_loc[layer]
+                torch.testing.assert_close(got_kv[layer][slots], want_kv[layer][slots], rtol=1e-4, atol=1e-4)
                 assert torch.equal(got_kv[layer][untouched], base_kv[layer][untouched])
+
+
+def test_per_layer_write_slots_keep_the_cached_kv_of_tokens_a_layer_drops(capture):
+    """A shrinking plan in a graph: S_0 at every layer, layer l writes only S_l's K/V (the rest to
+    slot 0). Each layer's written slots equal the eager loop's with the same write slots, and the
+    slots a layer drops keep the pool's (cached) K/V."""
+    device = capture
+    lm = make_model(device)
+    req_to_token = (1 + torch.randperm(SLOTS - 1)[: 2 * WIDTH]).reshape(2, WIDTH).to(device, torch.int32)
+    graphs = SelectiveGraphs(buckets=(16,), why_not=ALLOWED)
+    hidden, positions, layer_loc, runs = active_tokens({0: [0, 1, 2, 3, 4, 5, 6], 1: [7, 8, 9]}, req_to_token, device)
+    keep = torch.tensor([[1] * 10, [1, 0, 1, 0, 1, 1, 1, 1, 0, 1], [1, 0, 0, 0, 1, 1, 1, 1, 0, 1]],
+                        dtype=torch.bool, device=device)
+    layer_loc = torch.where(keep, layer_loc, torch.zeros_like(layer_loc))
+    base = Pool(device)
+    want_pool, got_pool = Pool(device), Pool(device)
+    want_pool.load_(base)
+    got_pool.load_(base)
+    with torch.no_grad():
+        want = eager(lm, want_pool, hidden, positions, layer_loc, runs, req_to_token)
+        got = graphs.run(lm, hidden, positions, layer_loc, runs, req_to_token, got_pool)
+    assert got is not None
+    last = keep[-1]
+    torch.testing.assert_close(got[last], want[last], rtol=1e-4, atol=1e-4)
+    all_slots = layer_loc[0]
+    for layer in range(LAYERS):
+        written, dropped = all_slots[keep[layer]], all_slots[~keep[layer]]
+        for got_kv, want_kv, base_kv in ((got_pool.k_buffer, want_pool.k_buffer, base.k_buffer),
+                                         (got_pool.v_buffer, want_pool.v_buffer, base.v_buffer)):
+            torch.testing.assert_close(got_kv[layer][written], want_kv[layer][written], rtol=1e-4, atol=1e-4)
+            assert torch.equal(got_kv[layer][dropped], base_kv[layer][dropped]), f"layer {layer}: cached K/V kept"
+            assert not torch.equal(got_kv[layer][written], base_kv[layer][written])
 
 
 def test_batches_a_graph_cannot_take_fall_back(capture, monkeypatch):

@@ -7,8 +7,13 @@ launches them all. SGLang captures decode only and runs Qwen2.5-VL prefill eager
 are ours: captured at the first reuse batch that can use one (all buckets, largest first, one
 memory pool), replayed for every later one.
 
-A batch takes a graph when every layer computes the same token set (`none`, `first_k`), the set
-fits the largest bucket and the attention tiles fit its capacity; otherwise the eager loop runs.
+A batch takes a graph when every layer's token set is known before the forward (`none`, `first_k`,
+`vlcache`, with or without a profile: not an observing policy), S_0 fits the largest bucket and the
+attention tiles fit its capacity; otherwise the eager loop runs. A set that shrinks across layers
+runs as S_0 at every layer with per-layer write slots: layer l writes the K/V of S_l's tokens and
+sends the others' to slot 0, so their cached K/V stays, as in the eager loop. That computes |S_0|
+tokens per layer instead of |S_l| (charged so: `LayerSelector.charge_first_set`), but in one replay:
+for the few hundred tokens that fit a bucket the eager loop is bound by kernel launches.
 Inside a graph, attention is the Triton scattered kernel in fixed-capacity mode: its tile table is
 refilled before each replay and its grid is fixed (FlashInfer's graph mode fixes the number of
 runs, which varies from batch to batch here). Padding tokens write their K/V to slot 0, the slot
@@ -60,7 +65,7 @@ class _Graph:
     replay: Callable[[], None]
     hidden: torch.Tensor  # [bucket, hidden]: static input, the active tokens' embeddings
     positions: torch.Tensor  # [3, bucket]: M-RoPE positions
-    out_loc: torch.Tensor  # [bucket]: KV slots the tokens write
+    out_loc: torch.Tensor  # [layers, bucket]: KV slots the tokens write at each layer
     attention: ScatteredAttention  # fixed capacity: its tile table is refilled per batch
     out: torch.Tensor  # [bucket, hidden]: static output, after the final norm
 
@@ -100,17 +105,18 @@ class SelectiveGraphs:
         self._pool: Any = None
         self.disabled: Optional[str] = None  # why graphs are not used (set once, logged once)
 
-    def run(self, lm: Any, hidden: torch.Tensor, positions: torch.Tensor, out_loc: torch.Tensor, runs: RunLayout,
-            req_to_token: torch.Tensor, pool: Any) -> Optional[torch.Tensor]:
+    def run(self, lm: Any, hidden: torch.Tensor, positions: torch.Tensor, layer_out_loc: torch.Tensor,
+            runs: RunLayout, req_to_token: torch.Tensor, pool: Any) -> Optional[torch.Tensor]:
         """All layers and the final norm for the n active tokens (hidden [n, H], positions [3, n],
-        out_loc [n], their runs) through a graph: [n, H], valid until the next replay. None when
-        this batch cannot use one; the caller runs the eager loop."""
+        layer_out_loc [L, n]: each layer's write slots, 0 = keep the cached K/V; their runs) through a
+        graph: [n, H], valid until the next replay. None when this batch cannot use one; the caller
+        runs the eager loop."""
         n = hidden.shape[0]
         bucket = bucket_for(n, self._buckets)
         if self.disabled is not None or bucket is None:
             return None
-        if not self._graphs and not self.capture(lm, hidden.dtype, hidden.shape[-1], out_loc.dtype, req_to_token,
-                                                 pool):
+        if not self._graphs and not self.capture(lm, hidden.dtype, hidden.shape[-1], layer_out_loc.dtype,
+                                                 req_to_token, pool):
             return None
         g, shape = self._graphs[bucket], self._shape
         try:
@@ -120,7 +126,7 @@ class SelectiveGraphs:
             return None  # more requests than the graph's tile table holds
         _fill(g.hidden, hidden)
         _fill(g.positions, positions, dim=1)
-        _fill(g.out_loc, out_loc)  # padding writes slot 0
+        _fill(g.out_loc, layer_out_loc, dim=1)  # padding writes slot 0
         g.replay()
         return g.out[:n]
 
@@ -156,7 +162,8 @@ class SelectiveGraphs:
         device, shape = req_to_token.device, self._shape
         hidden = torch.zeros(bucket, hidden_size, dtype=dtype, device=device)
         positions = torch.zeros(3, bucket, dtype=torch.int64, device=device)
-        out_loc = torch.zeros(bucket, dtype=loc_dtype, device=device)  # capture-time writes: slot 0
+        layers = lm.end_layer - lm.start_layer
+        out_loc = torch.zeros(layers, bucket, dtype=loc_dtype, device=device)  # capture-time writes: slot 0
         attention = ScatteredAttention(capacity=(bucket, tile_capacity(bucket, shape)))
         empty = torch.empty(0, dtype=torch.int64)
         attention.plan(empty, empty, req_to_token, shape.num_qo_heads, shape.num_kv_heads, shape.head_dim,

@@ -52,12 +52,14 @@ def selective_layer(layer: Any, positions: torch.Tensor, hidden: torch.Tensor, r
     return layer_attend(layer, q, k, v, residual, out_loc, pool, attention)
 
 
-def all_layers(lm: Any, positions: torch.Tensor, hidden: torch.Tensor, out_loc: torch.Tensor, pool: Any,
+def all_layers(lm: Any, positions: torch.Tensor, hidden: torch.Tensor, layer_out_loc: torch.Tensor, pool: Any,
                attention: Any) -> torch.Tensor:
-    """Every layer of `lm` on one token set, then the final norm (what a CUDA graph captures)."""
+    """Every layer of `lm` on one token set, then the final norm (what a CUDA graph captures).
+    layer_out_loc [L, n]: where layer l writes each token's K/V; a token that layer l does not
+    recompute writes slot 0 (SGLang's slot for padded writes), so its cached K/V stays in place."""
     residual = None
-    for layer_id in range(lm.start_layer, lm.end_layer):
-        hidden, residual = selective_layer(lm.layers[layer_id], positions, hidden, residual, out_loc, pool,
-                                           attention)
+    for i, layer_id in enumerate(range(lm.start_layer, lm.end_layer)):
+        hidden, residual = selective_layer(lm.layers[layer_id], positions, hidden, residual, layer_out_loc[i],
+                                           pool, attention)
     hidden, _ = lm.norm(hidden, residual)
     return hidden

@@ -13,8 +13,9 @@ Two AROUND hooks, active only for batches that carry a vlcache plan (else stock 
   fresh K/V beside the cached ones in the slots and picks S_l, and only then are S_l's K/V written
   (the reused tokens it left out keep the cached K/V).
   The final hidden states are scattered back to the extend layout; the last prompt token of every
-  request is always active, so the logits processor reads what it always reads. When every layer
-  has the same S_l and it is small, the loop runs as one CUDA graph replay (selective_graph.py).
+  request is always active, so the logits processor reads what it always reads. When every layer's
+  S_l is known before the forward and S_0 is small, the loop runs as one CUDA graph replay
+  (selective_graph.py; a shrinking plan as S_0 with per-layer write slots).
 """
 
 from __future__ import annotations
@@ -60,9 +61,29 @@ class SelectiveBatch:
 
     @property
     def single_set(self) -> bool:
-        """Every layer computes the same tokens, known now (`none`, `first_k`, uniform `vlcache`):
-        one CUDA graph can run them all."""
+        """Every layer computes the same tokens, known now (`none`, `first_k`, uniform `vlcache`)."""
         return all(s is None or s.layer_invariant for s in self._selectors)
+
+    @property
+    def static_plan(self) -> bool:
+        """Every layer's set is known before the forward (no policy observes): one CUDA graph can
+        run them all, S_0 at every layer with `layer_out_loc`."""
+        return all(s is None or s.ready(self.num_layers - 1) for s in self._selectors)
+
+    def layer_out_loc(self, out_loc: torch.Tensor) -> torch.Tensor:
+        """[L, |S_0|]: where layer l writes each S_0 token's K/V (out_loc: S_0's slots) — its own slot
+        if the token is in S_l, else slot 0, so a dropped reused token keeps its cached K/V."""
+        if self.single_set:
+            return out_loc.expand(self.num_layers, -1)
+        rows0 = self.rows_cpu(0)
+        in_set = torch.stack([torch.isin(rows0, self.rows_cpu(layer)) for layer in range(self.num_layers)])
+        return torch.where(in_set.to(out_loc.device), out_loc, torch.zeros_like(out_loc))
+
+    def charge_first_set(self) -> None:
+        """Each plan's cost as the graph path paid it: S_0 at every layer (LayerSelector.charge_first_set)."""
+        for s in self._selectors:
+            if s is not None:
+                s.charge_first_set()
 
     def ready(self, layer: int) -> bool:
         """Every request's S_layer is known (else some policy observes at this layer)."""
@@ -218,11 +239,17 @@ class SelectivePrefill:
         row_positions = positions[:, rows].contiguous()
         row_out_loc = forward_batch.out_cache_loc[rows]
         hidden, residual = full[rows], None
-        if sel.single_set:
-            graphed = self._graphs.run(lm, hidden, row_positions, row_out_loc, runs, req_to_token, pool)
+        if sel.static_plan:
+            graphed = self._graphs.run(lm, hidden, row_positions, sel.layer_out_loc(row_out_loc), runs,
+                                       req_to_token, pool)
             if graphed is not None:
                 self._backends.append("triton-graph")
-                out[rows] = graphed
+                if sel.single_set:
+                    out[rows] = graphed
+                else:  # as the eager loop: only the last layer's set leaves the loop
+                    last = sel.layer(sel.num_layers - 1)[0]
+                    out[last] = graphed[torch.searchsorted(rows, last)]
+                    sel.charge_first_set()
                 return out
         planned = False
         for layer_id in range(lm.start_layer, lm.end_layer):
