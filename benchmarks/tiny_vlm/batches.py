@@ -27,7 +27,7 @@ from benchmarks.tiny_vlm.pixels import MERGE, grid_pixel_values, grid_thw, token
 
 TASK_FILE = "tiny_vlm_task.json"  # beside the checkpoint: the task it was trained on
 LAYOUTS = ("a", "b", "multi")
-B_KINDS = ("count", "cell", "most", "ref")
+B_KINDS = ("count", "cell", "most", "ref", "row")
 
 
 @dataclasses.dataclass(frozen=True)

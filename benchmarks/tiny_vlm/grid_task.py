@@ -21,7 +21,7 @@ RGB: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 210, 40), "purple": (140, 50, 170), "orange": (245, 130, 20), "black": (20, 20, 20),
 }
 BACKGROUND = "white"
-KINDS = ("count", "cell", "most")  # random_question's kinds; `ref` and `total` need more context
+KINDS = ("count", "cell", "most", "row")  # random_question's kinds; `ref` and `total` need more context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +115,13 @@ def cell_question(grid: np.ndarray, spec: GridSpec, row: int, col: int) -> Quest
     return Question("cell", f"What colour is the cell in row {row}, column {col}?", colour)
 
 
+def row_question(grid: np.ndarray, spec: GridSpec, row: int) -> Question:
+    """A row's colours left to right (1-based row): `cells` answer tokens, each read from one image
+    token — the several-token, image-dependent answer that KV compression (issue 13) is measured on."""
+    colours = [spec.palette[int(i)] for i in grid[row - 1]]
+    return Question("row", f"What are the colours of row {row}, left to right?", " ".join(colours))
+
+
 def most_question(grid: np.ndarray, spec: GridSpec) -> Question | None:
     """None when the most common object colour is tied (the answer would be ambiguous)."""
     counts = np.bincount(grid.ravel(), minlength=len(spec.palette))[1:]
@@ -140,6 +147,8 @@ def random_question(grid: np.ndarray, spec: GridSpec, rng: np.random.Generator,
         kind = "count"
     if kind == "count":
         return count_question(grid, spec, spec.colours[rng.integers(len(spec.colours))])
+    if kind == "row":
+        return row_question(grid, spec, int(rng.integers(1, spec.cells + 1)))
     row, col = random_coloured_cell(grid, rng)
     return cell_question(grid, spec, row, col)
 

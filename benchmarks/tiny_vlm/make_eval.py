@@ -12,6 +12,8 @@ Regimes (batches.LAYOUTS):
   questions ask about a colour named in that context, so reuse costs a little, not nothing.
 - mix:S: the same images as A and B, each occurrence in layout a with probability S, else b (the knob
   between them: S = 1 is A, S = 0 is B; an image stored under one layout is reused under the other).
+- R: rows for KV compression (issue 13): layout b, the question "What are the colours of row r, left to
+  right?" after the image, each image once; the answer is `cells` colour names read from the image.
 - multi: 2-4 images per request, question (a total count over all images) before them; requests come
   in rounds, round 0 all new images, later rounds some images of round 0, some new, in shuffled order
   (errors add up over the reused images).
@@ -46,6 +48,7 @@ import accuracy  # noqa: E402  (one dataset format, one message builder)
 EVAL_SEED = 30_000  # apart from training (< 10_000 + held-out) and reuse_sim (20_000) streams
 CALIB_SEED = 40_000  # calibration images: the training distribution, neither eval nor held-out images
 MULTI_SEED_OFFSET = 7
+ROW_SEED_OFFSET = 11
 
 
 def distinct_questions(grid: np.ndarray, task: TaskConfig, n: int, rng: np.random.Generator) -> list[Question]:
@@ -158,6 +161,15 @@ def multi_records(task: TaskConfig, requests: int, rounds: int = 3,
     return records
 
 
+def row_records(task: TaskConfig, images: int, seed: int = EVAL_SEED + ROW_SEED_OFFSET) -> list[dict]:
+    """Regime R: each held-out image once, a row question after it (layout b, a context before)."""
+    if images < 1:
+        raise ValueError(f"images must be >= 1, got {images}")
+    rng = np.random.default_rng(seed)
+    return [record(f"r{i:04d}", layout_b_sample(g, task, rng, kind="row"), [data_url(g, task)])
+            for i, g in enumerate(random_grids(task.spec, images, rng))]
+
+
 def calibration_requests(task: TaskConfig, images: int, repeats: int, seed: int = CALIB_SEED) -> list[dict]:
     """OpenAI chat requests from the training distribution: the layouts in the checkpoint's shares."""
     a, b, multi = (task.layout_share(k) for k in ("a", "b", "multi"))
@@ -185,7 +197,13 @@ def regime_records(task: TaskConfig, regime: str, args: argparse.Namespace) -> l
     if regime == "multi":
         need("multi")
         return multi_records(task, args.multi_requests, args.multi_rounds, args.seed + MULTI_SEED_OFFSET)
-    raise SystemExit(f"unknown regime {regime!r}; choose from A, B, mix:S (0 <= S <= 1), multi")
+    if regime == "R":
+        need("b")
+        if dict(task.b_weights).get("row", 0) <= 0:
+            raise SystemExit("regime R needs row questions in layout b, which the checkpoint was not trained on; "
+                             "train with --kinds-b ...,row:W")
+        return row_records(task, args.images, args.seed + ROW_SEED_OFFSET)
+    raise SystemExit(f"unknown regime {regime!r}; choose from A, B, mix:S (0 <= S <= 1), multi, R")
 
 
 def regime_file(regime: str) -> str:
@@ -203,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="one JSONL file: regime A")
     out.add_argument("--out-dir", help="one JSONL file per --regimes entry (and calibration.jsonl)")
-    p.add_argument("--regimes", default="A,B,multi", help="with --out-dir: A, B, mix:S, multi (comma-separated)")
+    p.add_argument("--regimes", default="A,B,multi", help="with --out-dir: A, B, mix:S, multi, R (comma-separated)")
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5, help="occurrences per image (1 first + repeats - 1 reuses)")
     p.add_argument("--group", type=int, default=8, help="images interleaved together")

@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from benchmarks.tiny_vlm.grid_task import (BACKGROUND, RGB, GridSpec, cell_question, count_question, random_coloured_cell,
-                                           most_question, png_bytes, random_grids, random_question, render)
+                                           most_question, png_bytes, random_grids, random_question, render,
+                                           row_question)
 
 
 def _cell_colours(img: Image.Image, spec: GridSpec) -> list[list[str]]:
@@ -30,6 +31,8 @@ def test_answers_match_the_rendered_image():
         r, c = rng.integers(1, spec.cells + 1, size=2)
         q = cell_question(grid, spec, int(r), int(c))
         assert q.answer == seen[r - 1][c - 1] and f"row {r}, column {c}" in q.text
+        row = row_question(grid, spec, int(r))
+        assert row.answer.split(" ") == seen[r - 1] and f"row {r}," in row.text
         most = most_question(grid, spec)
         counts = {k: flat.count(k) for k in spec.colours}
         top = [k for k, v in counts.items() if v == max(counts.values())]
@@ -89,3 +92,20 @@ def test_cell_questions_ask_about_coloured_cells():
     assert answers and BACKGROUND not in answers
     empty = np.zeros((4, 4), dtype=np.int64)  # nothing coloured: any cell
     assert 1 <= min(random_coloured_cell(empty, rng)) and max(random_coloured_cell(empty, rng)) <= 4
+
+
+def test_a_row_answer_is_one_token_per_cell_and_row_questions_cover_every_row(tiny_dir):
+    from benchmarks.tiny_vlm.batches import load_tokenizer
+
+    spec = GridSpec(cells=8, colours=("red", "green", "blue", "yellow"), max_count=5)
+    rng = np.random.default_rng(3)
+    grids = random_grids(spec, 200, rng)
+    questions = [random_question(g, spec, rng, {"row": 1.0}) for g in grids]
+    assert {q.kind for q in questions} == {"row"}
+    assert {q.text for q in questions} == {f"What are the colours of row {r}, left to right?" for r in range(1, 9)}
+    tok = load_tokenizer(tiny_dir)
+    assert all(len(tok.encode(q.answer, add_special_tokens=False).ids) == spec.cells for q in questions[:20])
+    # A zero weight leaves the random stream of the other kinds as it was.
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    assert [random_question(g, spec, a, {"count": 0.7, "cell": 0.3}).text for g in grids[:30]] == \
+        [random_question(g, spec, b, {"count": 0.7, "cell": 0.3, "row": 0.0}).text for g in grids[:30]]

@@ -11,7 +11,7 @@ from PIL import Image
 
 from benchmarks.tiny_vlm import prompts
 from benchmarks.tiny_vlm.batches import TaskConfig
-from benchmarks.tiny_vlm.grid_task import RGB, GridSpec, cell_question, count_question, most_question
+from benchmarks.tiny_vlm.grid_task import RGB, GridSpec, cell_question, count_question, most_question, row_question
 from benchmarks.tiny_vlm.make_eval import eval_records, multi_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
@@ -191,3 +191,21 @@ def test_cli_writes_one_file_per_regime_and_calibration_requests(tmp_path, capsy
                  for line in (tmp_path / "d" / f).read_text().splitlines() for u in json.loads(line)["images"]}
     assert cal_urls and not cal_urls & eval_urls  # training-distribution images, never the eval images
     assert "wrote calibration requests" in capsys.readouterr().out
+
+
+def test_regime_r_asks_each_image_once_for_a_row_after_its_context():
+    import argparse
+
+    from benchmarks.tiny_vlm.make_eval import regime_records
+
+    rows = TaskConfig(spec=TASK.spec, max_filler_words=12, layouts=(("b", 1.0),),
+                      b_weights=(("count", 0.5), ("row", 0.5)))
+    args = argparse.Namespace(images=6, repeats=3, group=2, seed=1, multi_requests=3, multi_rounds=3)
+    records = [accuracy.parse_record(r, Path(".")) for r in regime_records(rows, "R", args)]
+    assert len(records) == 6 and len({r.images[0] for r in records}) == 6 and {r.kind for r in records} == {"b.row"}
+    for rec in records:
+        grid = _grid_of(rec.images[0], TASK.spec)
+        r = int(rec.prompt.split("row ")[1].split(",")[0])
+        assert rec.prompt.startswith(prompts.IMAGE_MARKER) and rec.answer == row_question(grid, TASK.spec, r).answer
+    with pytest.raises(SystemExit, match="row questions"):
+        regime_records(MIXED, "R", args)

@@ -1,0 +1,221 @@
+"""Accuracy of VL-Cache KV compression (issue 13) on the trained tiny model's row task, through servers.
+
+    python benchmarks/compression_accuracy.py --dataset /tmp/tiny_eval/R.jsonl \\
+        --server vlcache=http://127.0.0.1:30001 --server uniform=http://127.0.0.1:30002 \\
+        [--stock http://127.0.0.1:30000] --alphas 1.0,0.5,0.2,0.1,0.05 --out-dir $OUT/compression
+    python benchmarks/compression_accuracy.py --dataset R.jsonl --model CKPT --log-dir DIR --out-dir DIR
+        (launches stock and one compressing server per --budgets entry on CKPT, then the same)
+
+Each `--server` was started with `--vlcache-compress-ratio 1.0` (compression on, nothing trimmed unless a
+request asks) and its budget method (`--vlcache-compress-budget vlcache`, or `uniform`: the H2O-like
+baseline, the same keep ratio at every layer). Every record (regime R of make_eval: "What are the
+colours of row r, left to right?" after the image, answer = the row's colour names) is sent once per
+alpha with `custom_params.vlcache = {"policy": "full", "compress_ratio": alpha}` (policy full: reuse
+does not enter the comparison), greedy, after a cache flush. Per server and alpha: exact-match
+accuracy, cell accuracy (answer words right at their position), agreement with the same server at
+alpha 1.0 (the uncompressed reference: whole text, and tokens by position), errors. With `--stock`,
+the alpha 1.0 rows also report agreement with stock SGLang (alpha 1.0 must equal it token for token).
+Writes DIR/compression.{json,md} (+ compression.png with matplotlib); the table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+import accuracy  # noqa: E402  (records, requests, passes)
+import launch  # noqa: E402
+
+ALPHAS = (1.0, 0.5, 0.2, 0.1, 0.05)
+
+
+def cell_accuracy(text: str, answer: str) -> float:
+    """Share of the answer's words the text has at the same position (a row read out cell by cell)."""
+    want, got = accuracy.normalise(answer).split(), accuracy.normalise(text).split()
+    return sum(a == b for a, b in zip(want, got)) / len(want) if want else 0.0
+
+
+def token_agreement(text: str, reference: str) -> float:
+    """Share of the reference's words the text repeats at the same position (1.0: the same answer)."""
+    ref, got = reference.split(), text.split()
+    if not ref:
+        return float(not got)
+    return sum(a == b for a, b in zip(ref, got)) / max(len(ref), len(got))
+
+
+def summarise(label: str, alpha: float, results: list[dict], reference: Optional[list[dict]],
+              records: list[accuracy.Record], stock: Optional[list[dict]] = None) -> dict:
+    """One row: accuracy, cell accuracy, agreement with `reference` (the server's alpha 1.0 pass)."""
+    answers = {r.id: r.answer for r in records}
+    ok = [r for r in results if r["error"] is None]
+    row = {"server": label, "alpha": alpha, "n": len(results), "errors": len(results) - len(ok),
+           "accuracy": _mean([r["correct"] for r in results]),
+           "cell_accuracy": _mean([cell_accuracy(r["text"], answers[r["id"]]) for r in ok]),
+           "latency_s": _mean([r["latency_s"] for r in ok])}
+    for name, ref in (("uncompressed", reference), ("stock", stock)):
+        if ref is None:
+            continue
+        by_id = {r["id"]: r for r in ref}
+        pairs = [(r, by_id[r["id"]]) for r in ok if by_id.get(r["id"], {}).get("error") is None]
+        row[f"agree_{name}"] = _mean([a["text"] == b["text"] for a, b in pairs])
+        row[f"token_agree_{name}"] = _mean([token_agreement(a["text"], b["text"]) for a, b in pairs])
+    return row
+
+
+def _mean(xs: list) -> Optional[float]:
+    return sum(xs) / len(xs) if xs else None
+
+
+def run_alpha(target: accuracy.Target, records: list[accuracy.Record], alpha: Optional[float], max_tokens: int,
+              concurrency: int, timeout_s: float, stop_at: Optional[float]) -> list[dict]:
+    """One pass of every record at `alpha` (None: a stock server, no override), after a flush."""
+    override = None if alpha is None else {"policy": "full", "compress_ratio": alpha}
+    results, _ = accuracy.run_pass(target, [records], max_tokens, concurrency, override, 0, flush=True,
+                                   timeout_s=timeout_s, stop_at=stop_at)
+    return results
+
+
+def table_md(rows: list[dict]) -> str:
+    def f(v: Optional[float], spec: str = ".3f") -> str:
+        return "–" if v is None else format(v, spec)
+
+    lines = ["| server | α | accuracy | cell accuracy | agreement with α = 1 (text / tokens) | agreement with stock "
+             "| errors | latency s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        stock = f(r.get("agree_stock")) if "agree_stock" in r else "–"
+        lines.append(f"| {r['server']} | {r['alpha']:g} | {f(r['accuracy'])} | {f(r['cell_accuracy'])} | "
+                     f"{f(r.get('agree_uncompressed'))} / {f(r.get('token_agree_uncompressed'))} | {stock} | "
+                     f"{r['errors']} | {f(r['latency_s'], '.3f')} |")
+    return "\n".join(lines)
+
+
+def plot(out_dir: Path, rows: list[dict]) -> Optional[Path]:
+    """compression.png: accuracy and agreement against alpha per server (None without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for label in dict.fromkeys(r["server"] for r in rows):
+        pts = sorted((r["alpha"], r) for r in rows if r["server"] == label)
+        xs = [a for a, _ in pts]
+        ax.plot(xs, [r["accuracy"] for _, r in pts], marker="o", label=f"{label}: accuracy")
+        ax.plot(xs, [r.get("token_agree_uncompressed") for _, r in pts], marker="x", linestyle="--",
+                label=f"{label}: token agreement with α = 1")
+    ax.set_xscale("log")
+    ax.set_xlabel("α, share of the prompt KV kept")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    ax.set_title("VL-Cache compression on the row task (tiny Qwen2.5-VL)", fontsize=9)
+    fig.tight_layout()
+    out = out_dir / "compression.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def compression_server_flags(budget: str) -> list[str]:
+    """A compressing vlcache server: nothing trimmed unless a request asks (alpha 1.0 by default), its
+    budget method, and what compression's start-up checks ask for (setup_checks.check_compression)."""
+    return (launch.vlcache_flags("full") + ["--vlcache-compress-ratio", "1.0", "--vlcache-compress-budget", budget,
+                                            "--decode-attention-backend", "triton", "--disable-overlap-schedule"])
+
+
+def build_servers(model: str, budgets: list[str], log_dir: str, base_port: int) -> list:
+    """Stock and one compressing server per budget method on the checkpoint, real weights, small pools."""
+    from tiny_vlm import serve_eval
+
+    flags = serve_eval.server_flags(model, serve_eval.MAX_TOTAL_TOKENS)
+    servers = [launch.Server("stock", flags, base_port, log_dir, mem_fraction=0.2)]
+    servers += [launch.Server(b, flags + compression_server_flags(b), base_port + 1 + i, log_dir, mem_fraction=0.2)
+                for i, b in enumerate(budgets)]
+    return servers
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, help="make_eval's R.jsonl")
+    p.add_argument("--server", action="append", default=[], metavar="LABEL=URL",
+                   help="a compressing server (--vlcache-compress-ratio 1.0) and its budget method's label")
+    p.add_argument("--model", default=None, help="launch the servers on this checkpoint (with --log-dir)")
+    p.add_argument("--log-dir", default=None, help="server logs (keep them out of $OUT)")
+    p.add_argument("--budgets", default="vlcache,uniform", help="with --model: one compressing server each")
+    p.add_argument("--base-port", type=int, default=30300)
+    p.add_argument("--stock", default=None, help="URL of stock SGLang: alpha 1.0 is compared with it")
+    p.add_argument("--alphas", default=",".join(map(str, ALPHAS)))
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--max-tokens", type=int, default=12, help="a row of 8 colours is 8 tokens + <|im_end|>")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--timeout-s", type=float, default=60)
+    p.add_argument("--deadline-unix", type=float, default=None, help="no pass starts after this")
+    args = p.parse_args(argv)
+    args.alphas = sorted({float(a) for a in args.alphas.split(",") if a}, reverse=True)
+    if not args.alphas or args.alphas[0] != 1.0 or not all(0 < a <= 1 for a in args.alphas):
+        p.error("--alphas must hold 1.0 (the uncompressed reference) and values in (0, 1]")
+    if bool(args.server) == bool(args.model) or (args.model and not args.log_dir):
+        p.error("either --server LABEL=URL (servers up) or --model CKPT --log-dir DIR (launch them)")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict]:
+    args = parse_args(argv)
+    if not args.model:
+        return sweep(args)
+    launch.stop_servers_on_sigterm()
+    servers = build_servers(args.model, [b for b in args.budgets.split(",") if b], args.log_dir, args.base_port)
+    try:
+        with launch.running(servers, first_alone=True):
+            args.stock = servers[0].url
+            args.server = [f"{s.label}={s.url}" for s in servers[1:]]
+            return sweep(args)
+    finally:
+        tails = "\n\n".join(f"===== {s.label}: {s.log_path}\n{launch.tail(s.log_path, 60)}" for s in servers)
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.out_dir) / "server_tails.txt").write_text(tails)
+
+
+def sweep(args: argparse.Namespace) -> list[dict]:
+    """Every alpha on every server (up already), the table, the JSON and the plot."""
+    import time
+
+    records = accuracy.load_dataset(args.dataset)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stock = None
+    if args.stock:
+        stock = run_alpha(accuracy.Target("stock", args.stock.rstrip("/")), records, None, args.max_tokens,
+                          args.concurrency, args.timeout_s, args.deadline_unix)
+    rows, skipped = [], []
+    for spec in args.server:
+        target = accuracy.parse_server(spec)
+        reference = None
+        for alpha in args.alphas:  # 1.0 first: the reference of this server's other passes
+            if args.deadline_unix is not None and time.time() > args.deadline_unix:
+                skipped.append(f"{target.label} α {alpha:g}")
+                continue
+            results = run_alpha(target, records, alpha, args.max_tokens, args.concurrency, args.timeout_s,
+                                args.deadline_unix)
+            reference = reference or results
+            rows.append(summarise(target.label, alpha, results, reference, records, stock if alpha == 1.0 else None))
+            print(f"{target.label} α {alpha:g}: accuracy {rows[-1]['accuracy']}, errors {rows[-1]['errors']}",
+                  flush=True)
+    table = table_md(rows)
+    (out_dir / "compression.json").write_text(json.dumps({"rows": rows, "skipped": skipped,
+                                                          "records": len(records)}, indent=1))
+    note = f"\n\nSkipped (time budget): {', '.join(skipped)}" if skipped else ""
+    (out_dir / "compression.md").write_text(f"# Compression accuracy, {len(records)} records\n\n{table}{note}\n")
+    png = plot(out_dir, rows)
+    print(f"\n{table}{note}" + (f"\n\nwrote {png}" if png else ""), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

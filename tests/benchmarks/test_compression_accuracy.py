@@ -1,0 +1,105 @@
+"""compression_accuracy.py against fake servers that read rows out worse as alpha falls."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fake_sglang  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import compression_accuracy as ca  # noqa: E402
+
+from benchmarks.tiny_vlm.batches import TaskConfig  # noqa: E402
+from benchmarks.tiny_vlm.grid_task import GridSpec  # noqa: E402
+from benchmarks.tiny_vlm.make_eval import row_records, write_jsonl  # noqa: E402
+
+TASK = TaskConfig(spec=GridSpec(cells=4, colours=("red", "green", "blue"), max_count=3), max_filler_words=8,
+                  layouts=(("b", 1.0),), b_weights=(("row", 1.0),))
+
+
+def _fake(answers: dict[str, str], wrong_below: float) -> type:
+    """Answers each image's row; below `wrong_below` the last colour is wrong (2 of 3 images)."""
+
+    class Rows(fake_sglang.JsonHandler):
+        bodies: list = []
+
+        def do_POST(self):
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path.startswith("/flush_cache"):
+                return self._send(200, "ok", "text/plain")
+            body = json.loads(raw)
+            type(self).bodies.append(body)
+            url = next(c["image_url"]["url"] for m in body["messages"] if isinstance(m["content"], list)
+                       for c in m["content"] if c["type"] == "image_url")
+            answer = answers[url]
+            alpha = ((body.get("custom_params") or {}).get("vlcache") or {}).get("compress_ratio", 1.0)
+            if alpha < wrong_below and sorted(answers).index(url) % 3:
+                words = answer.split()
+                answer = " ".join(words[:-1] + ["yellow"])
+            self._send(200, json.dumps({"choices": [{"index": 0, "message": {"content": answer}}]}))
+
+        def do_GET(self):
+            self._send(200, "", "text/plain")
+
+    return Rows
+
+
+def test_rows_per_alpha_score_accuracy_cells_and_agreement(tmp_path):
+    records = row_records(TASK, 6, seed=3)
+    write_jsonl(tmp_path / "R.jsonl", records)
+    answers = {r["images"][0]: r["answer"] for r in records}
+    good_h, lossy_h = _fake(answers, 0.0), _fake(answers, 0.3)
+    good, lossy = fake_sglang.serve(good_h), fake_sglang.serve(lossy_h)
+    try:
+        rows = ca.main(["--dataset", str(tmp_path / "R.jsonl"), "--server", f"vlcache={good[1]}",
+                        "--server", f"uniform={lossy[1]}", "--stock", good[1], "--alphas", "1,0.2,0.5",
+                        "--out-dir", str(tmp_path / "out"), "--concurrency", "2"])
+    finally:
+        good[0].shutdown()
+        lossy[0].shutdown()
+    by = {(r["server"], r["alpha"]): r for r in rows}
+    assert [(r["server"], r["alpha"]) for r in rows] == [("vlcache", 1.0), ("vlcache", 0.5), ("vlcache", 0.2),
+                                                         ("uniform", 1.0), ("uniform", 0.5), ("uniform", 0.2)]
+    assert by[("vlcache", 0.2)]["accuracy"] == 1.0 and by[("vlcache", 1.0)]["agree_stock"] == 1.0
+    lossy_row = by[("uniform", 0.2)]
+    assert lossy_row["accuracy"] == pytest.approx(2 / 6) and lossy_row["agree_uncompressed"] == pytest.approx(2 / 6)
+    assert lossy_row["cell_accuracy"] == pytest.approx(1 - 4 / 6 / 4), "one of 4 cells wrong in 4 of 6"
+    assert lossy_row["token_agree_uncompressed"] == pytest.approx(1 - 4 / 6 / 4)
+    assert "agree_stock" not in lossy_row and by[("uniform", 1.0)]["accuracy"] == 1.0
+    assert (tmp_path / "out" / "compression.md").read_text().count("| uniform |") == 3
+    # (run_pass ends every pass with one text-only request that flushes the gauges: no image, no override)
+    overrides = [b["custom_params"]["vlcache"] for b in lossy_h.bodies if "custom_params" in b]
+    assert sorted(o["compress_ratio"] for o in overrides) == [0.2] * 6 + [0.5] * 6 + [1.0] * 6
+    assert {o["policy"] for o in overrides} == {"full"}, "reuse stays out of the comparison"
+    assert sum("custom_params" not in b and b["max_tokens"] > 1 for b in good_h.bodies) == 6, "stock: no override"
+
+
+def test_the_reference_alpha_is_required_and_words_are_compared_by_position():
+    with pytest.raises(SystemExit):
+        ca.parse_args(["--dataset", "x", "--server", "a=http://h:1", "--out-dir", "o", "--alphas", "0.5,0.1"])
+    assert ca.parse_args(["--dataset", "x", "--server", "a=http://h:1", "--out-dir", "o"]).alphas == \
+        [1.0, 0.5, 0.2, 0.1, 0.05]
+    assert ca.cell_accuracy("red blue green", "red green green") == pytest.approx(2 / 3)
+    assert ca.cell_accuracy("red", "red green") == 0.5
+    assert ca.token_agreement("red blue", "red blue white") == pytest.approx(2 / 3)
+    assert ca.token_agreement("", "") == 1.0
+
+
+def test_launched_servers_compress_only_on_request_and_the_script_passes_known_options():
+    flags = ca.compression_server_flags("uniform")
+    assert flags[flags.index("--vlcache-compress-ratio") + 1] == "1.0", "alpha 1 unless a request asks"
+    assert flags[flags.index("--vlcache-compress-budget") + 1] == "uniform"
+    assert flags[flags.index("--decode-attention-backend") + 1] == "triton" and "--disable-overlap-schedule" in flags
+    servers = ca.build_servers("/ckpt", ["vlcache", "uniform"], "/tmp/logs", 31000)
+    assert [(s.label, s.port) for s in servers] == [("stock", 31000), ("vlcache", 31001), ("uniform", 31002)]
+    assert "--enable-vlcache" not in servers[0].flags and "--enable-vlcache" in servers[2].flags
+    script = (Path(__file__).resolve().parents[2] / "benchmarks" / "compression_bench.sh").read_text()
+    call = script[script.index("python3 benchmarks/compression_accuracy.py"):].split(">")[0]
+    options = [w for w in call.split() if w.startswith("--")]
+    args = ca.parse_args([x for o in options for x in (o, "1.0" if o == "--alphas" else "1")])
+    assert args.model and args.log_dir
