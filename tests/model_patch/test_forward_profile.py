@@ -5,6 +5,7 @@ import logging
 import torch
 
 from vlcache_sglang.layer_selector import LayerSelector
+from vlcache_sglang.model_patch import forward_profile
 from vlcache_sglang.model_patch.forward_profile import log_batch
 from vlcache_sglang.model_patch.selective_prefill import SelectiveBatch
 from vlcache_sglang.recompute_policy import ImageSpan, PolicyParams, TokenLayout, get_recompute_policy
@@ -47,7 +48,7 @@ def test_a_prefill_without_reuse_is_timed_and_logged_when_profiling(monkeypatch,
     from vlcache_sglang.model_patch.selective_prefill import SelectivePrefill
 
     syncs = []
-    monkeypatch.setenv("VLCACHE_PROFILE", "1")
+    monkeypatch.setattr(forward_profile, "ENABLED", True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: syncs.append(1))
     prefill = SelectivePrefill(torch.ones(4))
     original = lambda model, ids, pos, fb: "logits"  # noqa: E731
@@ -64,7 +65,7 @@ def test_a_prefill_without_reuse_is_timed_and_logged_when_profiling(monkeypatch,
 def test_a_prefill_without_reuse_is_untouched_when_not_profiling(monkeypatch, caplog):
     from vlcache_sglang.model_patch.selective_prefill import SelectivePrefill
 
-    monkeypatch.delenv("VLCACHE_PROFILE", raising=False)
+    monkeypatch.setattr(forward_profile, "ENABLED", False)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: (_ for _ in ()).throw(AssertionError("synced")))
     with caplog.at_level(logging.INFO):
         out = SelectivePrefill(torch.ones(4)).around_vl_forward(lambda *a: "logits", None, None, None,

@@ -22,8 +22,12 @@ ENV_VAR = "VLCACHE_PROFILE"
 logger = logging.getLogger(__name__)
 
 
+# Read once, when the scheduler process imports the model patch: no environment lookup per forward.
+ENABLED = os.environ.get(ENV_VAR, "") == "1"
+
+
 def enabled() -> bool:
-    return os.environ.get(ENV_VAR, "") == "1"
+    return ENABLED
 
 
 def timed(fn: Callable[[], Any], on: bool) -> tuple[Any, float]:

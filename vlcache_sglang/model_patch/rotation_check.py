@@ -22,8 +22,12 @@ ENV_VAR = "VLCACHE_CHECK_ROTATION"
 logger = logging.getLogger(__name__)
 
 
+# Read once, when the scheduler process imports the model patch: no environment lookup per forward.
+ENABLED = os.environ.get(ENV_VAR, "") == "1"
+
+
 def enabled() -> bool:
-    return os.environ.get(ENV_VAR, "") == "1"
+    return ENABLED
 
 
 def recomputed_slots(plans: list[Optional[RequestReuse]]) -> torch.Tensor:
