@@ -2,6 +2,8 @@
 # Accuracy of VL-Cache KV compression (issue 13) on a tiny Qwen2.5-VL trained to read grid rows out, on
 # the GPU host, one command (repo root, .gpu_bundle carried; ~9 min; REUSE_CKPT=1: ~3 min):
 #   bash benchmarks/compression_bench.sh
+# benchmarks/train_tiny.sh trains the same checkpoint (its EXTRA variant `rows`, /tmp/tiny-rows) beside
+# the accuracy variants: then REUSE_CKPT=1 on the warm machine.
 # 1. train (MINUTES, 8 layers) on layout b with row questions ("What are the colours of row r, left to
 #    right?" after the image: 8 answer tokens, each read from one image token), or keep /tmp/tiny-rows
 # 2. make_eval regime R (IMAGES held-out images, each once)
