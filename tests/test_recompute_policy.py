@@ -267,3 +267,65 @@ def test_a_policy_that_breaks_nesting_is_caught():
     layout = TokenLayout(seq_len=20, prefix_len=0, images=(ImageSpan(5, 6, True),))
     with pytest.raises(RuntimeError, match="nesting"):
         Grows().select(layout, 1, 2, previous=layout.base_tokens())
+
+
+@pytest.mark.parametrize("name, params", [("cacheblend", PolicyParams(recompute_ratio=0.3)),
+                                          ("error_bounded", PolicyParams(recompute_ratio=0.05, error_bound=0.6))])
+def test_tensor_parallel_ranks_select_alike_from_their_own_heads(name, params):
+    """A simulated TP=2 split of the KV heads: each rank observes only its heads; with the per-token
+    squares summed across ranks (`sum_ranks`, an all-reduce in the server) both ranks select what one
+    GPU holding every head selects. Without the sum they diverge (the check can fail)."""
+    layout = TokenLayout(seq_len=60, prefix_len=0, images=(ImageSpan(4, 48, True),))
+    policy = get_recompute_policy(name, params)
+    gen = torch.Generator().manual_seed(7)
+    n, heads, d = 48, 4, 8
+    fresh_k, fresh_v = torch.randn(n, heads * d, generator=gen), torch.randn(n, heads * d, generator=gen)
+    # Deviations that differ by head: head 0-1 (rank 0) and 2-3 (rank 1) disagree on which tokens moved.
+    scale = torch.rand(n, heads, 1, generator=gen).repeat(1, 1, d).reshape(n, heads * d) ** 3
+    cached_k = fresh_k + scale * torch.randn(n, heads * d, generator=gen)
+    cached_v = fresh_v + scale * torch.randn(n, heads * d, generator=gen)
+    tokens = torch.arange(4, 52)
+    half = heads * d // 2
+
+    def observation(cols: slice, sum_ranks) -> LayerObservation:
+        return LayerObservation(tokens, fresh_k[:, cols], cached_k[:, cols], fresh_v[:, cols], cached_v[:, cols],
+                                sum_ranks=sum_ranks)
+
+    def run(obs: LayerObservation) -> list[int]:
+        sel = LayerSelector(policy, layout, 4)
+        sel.observe(1, obs)
+        return sel.sets[3].tolist()
+
+    one_gpu = run(observation(slice(None), lambda t: t))
+    ranks = (slice(0, half), slice(half, None))
+    summed = _two_ranks(lambda r, sum_ranks: run(observation(ranks[r], sum_ranks)))
+    assert summed[0] == summed[1] == one_gpu
+    alone = [run(observation(ranks[r], lambda t: t)) for r in (0, 1)]
+    assert alone[0] != alone[1], "each rank alone would select other tokens: the sum is what aligns them"
+
+
+def _two_ranks(body):
+    """body(rank, sum_ranks) on two threads, sum_ranks a collective as NCCL's all-reduce is: every rank
+    hands in its tensor, waits for the other, and gets the sum of both."""
+    import threading
+
+    barrier, slots, out = threading.Barrier(2), [None, None], [None, None]
+
+    def sum_ranks_of(rank: int):
+        def sum_ranks(t: torch.Tensor) -> torch.Tensor:
+            slots[rank] = t
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()  # both have read the slots before either writes the next call's
+            return total
+        return sum_ranks
+
+    def run(rank: int) -> None:
+        out[rank] = body(rank, sum_ranks_of(rank))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return out

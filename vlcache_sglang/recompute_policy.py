@@ -22,7 +22,7 @@ SGLang's radix-cache backends.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Optional
 
 import torch
@@ -152,6 +152,9 @@ class LayerObservation:
     k_cached: [n, kv_heads * head_dim] the cached K in their slots (rotated to this request)
     v_fresh, v_cached: the same for V
     (device tensors of the model's / the KV pool's dtype)
+    sum_ranks: sums a per-token tensor over the tensor-parallel ranks (identity on one GPU). Under
+        TP a rank holds only its KV heads, so every norm is taken over all heads by summing the
+        squares across ranks first: each rank then scores, and therefore selects, alike.
     """
 
     tokens: torch.Tensor
@@ -159,6 +162,7 @@ class LayerObservation:
     k_cached: torch.Tensor
     v_fresh: torch.Tensor
     v_cached: torch.Tensor
+    sum_ranks: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         n = self.tokens.shape[0]
@@ -166,18 +170,21 @@ class LayerObservation:
         if self.tokens.dim() != 1 or any(len(sh) != 2 or sh[0] != n for sh in shapes):
             raise ValueError(f"tokens [n] and K/V [n, d] must agree, got {tuple(self.tokens.shape)} and {shapes}")
 
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        """[n] ‖x‖₂ per token over every KV head of the model (all ranks' squares summed)."""
+        return self.sum_ranks(x.float().square().sum(dim=-1)).sqrt()
+
     def deviation(self, which: str = "k") -> torch.Tensor:
         """[n] float32 CPU: ‖fresh − cached‖₂ of each token's K (or V) over all KV heads."""
         fresh, cached = (self.k_fresh, self.k_cached) if which == "k" else (self.v_fresh, self.v_cached)
-        return torch.linalg.vector_norm(fresh.float() - cached.float(), dim=-1).cpu()
+        return self._norm(fresh.float() - cached.float()).cpu()
 
     def relative_error(self) -> torch.Tensor:
         """[n] float32 CPU: max over K and V of ‖fresh − cached‖ / ‖fresh‖ (the error_bounded measure)."""
         errs = []
         for fresh, cached in ((self.k_fresh, self.k_cached), (self.v_fresh, self.v_cached)):
             f = fresh.float()
-            num = torch.linalg.vector_norm(f - cached.float(), dim=-1)
-            errs.append(num / torch.linalg.vector_norm(f, dim=-1).clamp_min(1e-12))
+            errs.append(self._norm(f - cached.float()) / self._norm(f).clamp_min(1e-12))
         return torch.maximum(errs[0], errs[1]).cpu()
 
 

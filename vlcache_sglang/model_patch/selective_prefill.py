@@ -41,8 +41,11 @@ class SelectiveBatch:
     compute every token. A layer whose sets are all unchanged shares the previous layer's rows and
     runs (no per-layer rebuild)."""
 
-    def __init__(self, plans: list[Optional[RequestReuse]], forward_batch: Any, num_layers: int) -> None:
+    def __init__(self, plans: list[Optional[RequestReuse]], forward_batch: Any, num_layers: int,
+                 sum_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
+        """sum_ranks: per-token sums over the tensor-parallel ranks, for observations (`tp_sum_ranks`)."""
         self._selectors = [p.selector if p is not None else None for p in plans]
+        self._sum_ranks = sum_ranks
         self._prefix = [int(n) for n in forward_batch.extend_prefix_lens_cpu]
         extend = [int(n) for n in forward_batch.extend_seq_lens_cpu]
         self._req_rows = forward_batch.req_pool_indices.tolist()
@@ -114,6 +117,7 @@ class SelectiveBatch:
                 tokens=tokens,
                 k_fresh=k[idx], k_cached=k_cache[slots].reshape(len(tokens), -1),
                 v_fresh=v[idx], v_cached=v_cache[slots].reshape(len(tokens), -1),
+                sum_ranks=self._sum_ranks,
             ))
 
     def rows_cpu(self, layer: int) -> torch.Tensor:
@@ -143,6 +147,20 @@ class SelectiveBatch:
         self._runs[layer] = runs_of(abs_sets, self._req_rows)
 
 
+def tp_sum_ranks() -> Callable[[torch.Tensor], torch.Tensor]:
+    """A sum over the tensor-parallel group (identity on one GPU or without distributed state): an
+    observing policy's per-token norms must cover every rank's KV heads, so that all ranks select the
+    same tokens. NCCL and SGLang's custom all-reduce give every rank the same sum."""
+    try:
+        from sglang.srt.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
+
+        if get_tensor_model_parallel_world_size() > 1:
+            return lambda t: tensor_model_parallel_all_reduce(t.contiguous())
+    except (ImportError, AssertionError):  # no TP group: CPU tests, tools outside a server
+        pass
+    return lambda t: t
+
+
 def _take_plans(forward_batch: Any) -> Optional[list[Optional[RequestReuse]]]:
     mm_inputs = getattr(forward_batch, "mm_inputs", None)
     if not mm_inputs or not forward_batch.forward_mode.is_extend():
@@ -170,6 +188,7 @@ class SelectivePrefill:
         self._backends: list[str] = []  # chosen per plan in the current batch (for the profile log)
         self._decoder_ms = 0.0  # the decoder loop's share of the forward (for the profile log)
         self._graphs = SelectiveGraphs()  # captured at the first batch that can use them
+        self._sum_ranks = tp_sum_ranks()  # resolved once, in the scheduler process, after TP is set up
 
     def capture_graphs(self, lm: Any, dtype: torch.dtype, req_to_token: torch.Tensor, pool: Any) -> None:
         """The decoder loop's CUDA graphs, at server start-up (else the first reuse request would pay
@@ -196,7 +215,7 @@ class SelectivePrefill:
         copy_ms = forward_profile.timed(lambda: copy_reused_kv(pool, plans, self.inv_freq), profile)[1]
         check = rotation_check.RotationCheck(pool, plans) if rotation_check.enabled() else None
         num_layers = len(model.model.layers)
-        sel = SelectiveBatch(plans, forward_batch, num_layers)
+        sel = SelectiveBatch(plans, forward_batch, num_layers, self._sum_ranks)
         setattr(forward_batch, SELECTIVE_ATTR, sel)
         self._backends = []
         try:
