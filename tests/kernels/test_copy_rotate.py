@@ -56,6 +56,22 @@ def test_per_token_delta_and_in_place(device):
         torch.testing.assert_close(a.float(), b.float(), rtol=8e-3, atol=8e-3)
 
 
+def test_a_tensor_parallel_rank_moves_its_own_heads_as_the_whole_pool_would(device):
+    """TP splits the KV heads over ranks, each with its own pool and its own copy of the plan: the
+    copy-rotate on each rank's half equals that half of the copy-rotate on the whole pool."""
+    gen = torch.Generator().manual_seed(11)
+    k, v = _pool(2, 64, 4, 64, 64, torch.bfloat16, device, gen)
+    halves = [([x[:, h].clone() for x in k], [x[:, h].clone() for x in v]) for h in (slice(0, 2), slice(2, 4))]
+    src, dst = torch.tensor([1, 5, 9, 33], device=device), torch.tensor([40, 41, 42, 43], device=device)
+    delta = torch.tensor([7, -3, 900, 0], device=device)
+    inv_freq = _inv_freq(64).to(device)
+    copy_rotate_kv(k, v, src, dst, delta, inv_freq)
+    for h, (hk, hv) in zip((slice(0, 2), slice(2, 4)), halves):
+        copy_rotate_kv(hk, hv, src, dst, delta, inv_freq)
+        for layer in range(2):
+            assert torch.equal(hk[layer], k[layer][:, h]) and torch.equal(hv[layer], v[layer][:, h])
+
+
 def test_rotation_round_trip(device):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(50, 4, 128, generator=gen, dtype=torch.float32).to(device)
