@@ -15,7 +15,7 @@ does not enter the comparison), greedy, after a cache flush. Per server and alph
 accuracy, cell accuracy (answer words right at their position), agreement with the same server at
 alpha 1.0 (the uncompressed reference: whole text, and tokens by position), errors. With `--stock`,
 the alpha 1.0 rows also report agreement with stock SGLang (alpha 1.0 must equal it token for token).
-Writes DIR/compression.{json,md} (+ compression.png with matplotlib); the table is printed last.
+Writes DIR/compression.{json,md} (+ compression.png, benchmarks/plot.py); the table is printed last.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import accuracy  # noqa: E402  (records, requests, passes)
 import launch  # noqa: E402
+import plot  # noqa: E402
 
 ALPHAS = (1.0, 0.5, 0.2, 0.1, 0.05)
 
@@ -92,34 +93,6 @@ def table_md(rows: list[dict]) -> str:
                      f"{f(r.get('agree_uncompressed'))} / {f(r.get('token_agree_uncompressed'))} | {stock} | "
                      f"{r['errors']} | {f(r['latency_s'], '.3f')} |")
     return "\n".join(lines)
-
-
-def plot(out_dir: Path, rows: list[dict]) -> Optional[Path]:
-    """compression.png: accuracy and agreement against alpha per server (None without matplotlib)."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for label in dict.fromkeys(r["server"] for r in rows):
-        pts = sorted((r["alpha"], r) for r in rows if r["server"] == label)
-        xs = [a for a, _ in pts]
-        ax.plot(xs, [r["accuracy"] for _, r in pts], marker="o", label=f"{label}: accuracy")
-        ax.plot(xs, [r.get("token_agree_uncompressed") for _, r in pts], marker="x", linestyle="--",
-                label=f"{label}: token agreement with α = 1")
-    ax.set_xscale("log")
-    ax.set_xlabel("α, share of the prompt KV kept")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7)
-    ax.set_title("VL-Cache compression on the row task (tiny Qwen2.5-VL)", fontsize=9)
-    fig.tight_layout()
-    out = out_dir / "compression.png"
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
 
 
 def compression_server_flags(budget: str) -> list[str]:
@@ -212,8 +185,8 @@ def sweep(args: argparse.Namespace) -> list[dict]:
                                                           "records": len(records)}, indent=1))
     note = f"\n\nSkipped (time budget): {', '.join(skipped)}" if skipped else ""
     (out_dir / "compression.md").write_text(f"# Compression accuracy, {len(records)} records\n\n{table}{note}\n")
-    png = plot(out_dir, rows)
-    print(f"\n{table}{note}" + (f"\n\nwrote {png}" if png else ""), flush=True)
+    plot.try_plot("compression", out_dir)
+    print(f"\n{table}{note}", flush=True)
     return rows
 
 

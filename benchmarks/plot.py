@@ -3,6 +3,7 @@
     python benchmarks/plot.py serving results/2025-01-01-nvidia-h200    # serving.json  -> serving.png
     python benchmarks/plot.py accuracy DIR                              # accuracy.json -> accuracy.png
     python benchmarks/plot.py knob DIR                                  # knob.json     -> knob.png (sweep)
+    python benchmarks/plot.py compression DIR                           # compression.json -> compression.png
 """
 
 from __future__ import annotations
@@ -139,7 +140,34 @@ def plot_knob(run_dir: str | Path) -> Path:
     return out
 
 
-PLOTS = {"serving": plot_serving, "accuracy": plot_accuracy, "knob": plot_knob}
+def plot_compression(run_dir: str | Path) -> Path:
+    """compression.json (compression_accuracy.py) -> compression.png: accuracy and token agreement with
+    the uncompressed answers against alpha, per server (budget method)."""
+    run_dir = Path(run_dir)
+    rows = [r for r in _load(run_dir / "compression.json").get("rows", []) if r.get("accuracy") is not None]
+    if not rows:
+        raise SystemExit(f"{run_dir / 'compression.json'} has no row with an accuracy to plot")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for label in dict.fromkeys(r["server"] for r in rows):
+        pts = sorted((r["alpha"], r) for r in rows if r["server"] == label)
+        xs = [a for a, _ in pts]
+        ax.plot(xs, [r["accuracy"] for _, r in pts], marker="o", label=f"{label}: accuracy")
+        ax.plot(xs, [r.get("token_agree_uncompressed") for _, r in pts], marker="x", linestyle="--",
+                label=f"{label}: token agreement with α = 1")
+    ax.set_xscale("log")
+    ax.set_xlabel("α, share of the prompt KV kept")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    ax.set_title("VL-Cache compression on the row task (tiny Qwen2.5-VL)", fontsize=9)
+    fig.tight_layout()
+    out = run_dir / "compression.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+PLOTS = {"serving": plot_serving, "accuracy": plot_accuracy, "knob": plot_knob, "compression": plot_compression}
 
 
 def try_plot(kind: str, run_dir: str | Path) -> None:
@@ -153,7 +181,7 @@ def try_plot(kind: str, run_dir: str | Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("kind", choices=list(PLOTS))
-    p.add_argument("dir", help="folder holding serving.json or accuracy.json")
+    p.add_argument("dir", help="folder holding serving.json, accuracy.json, knob.json or compression.json")
     args = p.parse_args(argv)
     print(f"wrote {PLOTS[args.kind](args.dir)}")
 

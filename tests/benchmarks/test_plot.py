@@ -74,3 +74,16 @@ def test_sweep_plots_accuracy_on_repeats_and_the_knob(tmp_path):
     (tmp_path / "knob.json").write_text(json.dumps({"shares": [], "rows": {}}))
     with pytest.raises(SystemExit, match="no config"):
         plot.plot_knob(tmp_path)
+
+
+def test_compression_png(tmp_path):
+    _needs_matplotlib()
+    rows = [{"server": s, "alpha": a, "accuracy": acc, "token_agree_uncompressed": acc}
+            for s in ("vlcache", "uniform") for a, acc in ((1.0, 0.9), (0.1, 0.8 if s == "vlcache" else 0.5))]
+    (tmp_path / "compression.json").write_text(json.dumps({"rows": rows + [{"server": "x", "alpha": 0.5,
+                                                                             "accuracy": None}]}))
+    out = plot.plot_compression(tmp_path)
+    assert out == tmp_path / "compression.png" and out.read_bytes()[:8] == PNG_MAGIC
+    (tmp_path / "compression.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit, match="no row"):
+        plot.plot_compression(tmp_path)
