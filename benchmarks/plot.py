@@ -130,11 +130,15 @@ def plot_knob(run_dir: str | Path) -> Path:
                 linestyle="--" if label in ("full", "none") else "-")
     ax.set_xlabel("share of records with the question before the image (0: regime B, 1: regime A)")
     ax.set_ylabel("accuracy on repeats (exact match)")
+    return _save_unit_plot(plt, fig, ax, "accuracy along the A-B knob", run_dir / "knob.png")
+
+
+def _save_unit_plot(plt: Any, fig: Any, ax: Any, title: str, out: Path) -> Path:
+    """A plot whose y axis is a share in [0, 1]: limits, legend, title, written to `out`."""
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
-    ax.set_title("accuracy along the A-B knob", fontsize=9)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    out = run_dir / "knob.png"
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
@@ -157,14 +161,8 @@ def plot_compression(run_dir: str | Path) -> Path:
                 label=f"{label}: token agreement with α = 1")
     ax.set_xscale("log")
     ax.set_xlabel("α, share of the prompt KV kept")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7)
-    ax.set_title("VL-Cache compression on the row task (tiny Qwen2.5-VL)", fontsize=9)
-    fig.tight_layout()
-    out = run_dir / "compression.png"
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save_unit_plot(plt, fig, ax, "VL-Cache compression on the row task (tiny Qwen2.5-VL)",
+                           run_dir / "compression.png")
 
 
 PLOTS = {"serving": plot_serving, "accuracy": plot_accuracy, "knob": plot_knob, "compression": plot_compression}
