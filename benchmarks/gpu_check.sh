@@ -49,9 +49,7 @@ start_server pressure --enable-vlcache --vlcache-policy first_k \
 unset SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE
 
 echo "== GPU tests"
-VLCACHE_TEST_MODEL_DIR=$MODEL python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model_patch \
-  tests/test_recompute_policy.py tests/test_image_key.py tests/test_radix_mm_cache.py tests/test_reuse_planner.py \
-  tests/test_processor_patch.py 2>&1 | tee "$OUT/pytest.log" | tail -5
+bash benchmarks/gpu_tests.sh
 
 echo
 echo "== summary ($(cat "$OUT/gpu.txt"), $(date -u +%F))"
