@@ -180,10 +180,12 @@ def layer_ratios(profile: LayerProfile, mean_ratio: float) -> tuple[float, ...]:
         rest = math.fsum(w[k:])
         if rest == 0.0:
             break  # every layer with w > 0 is clipped; spread what is left over the zero tail
-        c = (total - k) / rest
-        if c * w[k] <= 1.0:
-            # c * w is monotone in w even after rounding; min() keeps the clipped prefix at exactly 1.
-            return tuple([1.0] * k + [min(1.0, max(0.0, c * x)) for x in w[k:]])
+        need = total - k
+        # The scale c = need / rest would overflow for a subnormal rest (a sensitivity 1e-308 of the
+        # top one): test c * w[k] <= 1 as need * w[k] <= rest, and scale by x / rest (<= 1) instead.
+        if need * w[k] <= rest:
+            # Monotone in x even after rounding; min() keeps the clipped prefix at exactly 1.
+            return tuple([1.0] * k + [min(1.0, max(0.0, need * (x / rest))) for x in w[k:]])
     k = sum(1 for x in w if x > 0.0)
     tail = min(1.0, max(0.0, (total - k) / (L - k))) if k < L else 1.0
     return tuple([1.0] * k + [tail] * (L - k))
