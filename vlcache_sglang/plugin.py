@@ -15,7 +15,7 @@ from typing import Any, Callable
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from vlcache_sglang.config import RADIX_CACHE_BACKEND_NAME, VLCacheConfig
-from vlcache_sglang.setup_checks import VLCacheSetupError, check_server_args
+from vlcache_sglang.setup_checks import VLCacheSetupError, check_compression, check_server_args
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ def _around_from_cli_args(original: Callable[..., Any], cls: type, ns: argparse.
     config = VLCacheConfig.from_cli_namespace(ns)
     if config.enabled:
         apply_config(server_args, config)
+    elif config.compress_ratio is not None:
+        raise VLCacheSetupError("--vlcache-compress-ratio is part of vlcache; pass --enable-vlcache with it "
+                                "(or drop --vlcache-compress-ratio).")
     return server_args
 
 
@@ -42,6 +45,7 @@ def apply_config(server_args: Any, config: VLCacheConfig) -> None:
     hands server args to scheduler processes).
     """
     check_server_args(server_args)
+    check_compression(server_args, config.compress_ratio)
     _check_policy(server_args, config)
     server_args.radix_cache_backend = RADIX_CACHE_BACKEND_NAME
     server_args.vlcache = config
@@ -84,7 +88,7 @@ def _install_processor_shortcut(server_args: Any, config: VLCacheConfig) -> None
     from sglang.srt.managers.tokenizer_manager import _determine_tensor_transport_mode
 
     from vlcache_sglang.processor_patch import ImageProcessingShortcut
-    from vlcache_sglang.request_policy import validate_override
+    from vlcache_sglang.request_policy import OverrideCheck
     from vlcache_sglang.shared_pixels import sweep_stale
 
     dtype = server_args.get_model_config().dtype
@@ -101,7 +105,8 @@ def _install_processor_shortcut(server_args: Any, config: VLCacheConfig) -> None
         HookType.AROUND,
     )
     # A malformed per-request policy override is a 400 where SGLang checks sampling params.
-    HookRegistry.register("sglang.srt.sampling.sampling_params.SamplingParams.verify", validate_override,
+    check = OverrideCheck(server_compresses=config.compress_ratio is not None)
+    HookRegistry.register("sglang.srt.sampling.sampling_params.SamplingParams.verify", check.after_verify,
                           HookType.AFTER)
     HookRegistry.apply_hooks()
 
