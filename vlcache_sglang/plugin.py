@@ -111,6 +111,37 @@ def _install_processor_shortcut(server_args: Any, config: VLCacheConfig) -> None
     HookRegistry.apply_hooks()
 
 
+def install_scheduler(cache: Any, ctx: Any) -> None:
+    """Scheduler process (called by the vlcache cache factory once the cache exists): every scheduler
+    and model hook of reuse, and of compression when --vlcache-compress-ratio is on, then a check
+    that each of them took; the decoder graphs are captured last."""
+    from vlcache_sglang import prefill_budget, receive_guard
+    from vlcache_sglang.hook_check import SCHEDULER_TARGETS, verify_hooks
+    from vlcache_sglang.model_patch import install as install_model
+
+    allocator = ctx.params.token_to_kv_pool_allocator
+    req_to_token = ctx.params.req_to_token_pool.req_to_token
+    prefill = install_model(cache.inv_freq)
+    text = ctx.model_config.hf_text_config
+    ratio = prefill_budget.charge_ratio(text.hidden_size, text.intermediate_size)
+    prefill_budget.install(ratio)  # reused image tokens charge the chunked-prefill budget at 1/ratio
+    logger.info("vlcache: a reused image token costs 1/%d of a computed token in the prefill budget", ratio)
+    receive_guard.install()  # a request whose shared pixels vanished fails alone
+    required = SCHEDULER_TARGETS
+    if cache.config.compress_ratio is not None:
+        from vlcache_sglang.compression import install as compression
+        from vlcache_sglang.compression.runtime import CompressionRuntime
+
+        runtime = CompressionRuntime(cache.policies.compression_for, cache.num_layers, req_to_token.shape[0],
+                                     allocator.device)
+        required = required + compression.install(runtime)
+        cache.compression = runtime
+        logger.info("vlcache compression: %s", cache.config.compression)
+    verify_hooks(required=required)  # all or nothing: never serve half installed
+    model = ctx.tp_worker.model_runner.model
+    prefill.capture_graphs(model.model, ctx.model_config.dtype, req_to_token, allocator.get_kvcache())
+
+
 def register() -> None:
     """Plugin entry point. Idempotent within a process."""
     global _registered
