@@ -180,6 +180,7 @@ class MultimodalRadixCache(RadixCache):
     # ----- RadixCache overrides ----------------------------------------------------------------
 
     def cache_unfinished_req(self, req: "Req", chunked: bool = False) -> None:
+        assert not is_kv_trimmed(req), f"request {req.rid} cached again after its KV was trimmed"
         self._after_prefill(req, kv_len=len(req.get_fill_ids()))  # images stored while the KV is whole
         runtime = self.compression
         if runtime is not None and not self.disable and runtime.keeps_out_of_tree(req):
