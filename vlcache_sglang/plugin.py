@@ -136,6 +136,7 @@ def install_scheduler(cache: Any, ctx: Any) -> None:
                                      allocator.device)
         required = required + compression.install(runtime)
         cache.compression = runtime
+        prefill.query_observer = runtime  # the reuse loop bypasses RadixAttention: it hands Q over
         logger.info("vlcache compression: %s", cache.config.compression)
     verify_hooks(required=required)  # all or nothing: never serve half installed
     model = ctx.tp_worker.model_runner.model

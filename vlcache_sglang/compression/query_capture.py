@@ -8,9 +8,10 @@ batch's slots are allocated (`CompressionRuntime.plan_batch`), from the host-sid
 so the forward needs no synchronisation to find them.
 
 Only the last chunk of a request's prefill is captured (its last prompt token always lies in it);
-voting positions in earlier chunks are dropped. A batch whose forward never reaches
-`RadixAttention.forward` (the selective prefill of reused images runs its own attention) leaves the
-capture incomplete, and the request is served uncompressed (`complete` is False, counted).
+voting positions in earlier chunks are dropped. The selective prefill of reused images runs its own
+attention, not RadixAttention's: it hands Q of its active tokens to `take_active` instead (the
+voters are text after the last image, never reused, so always active). A capture left incomplete
+serves its request uncompressed (`complete` is False, counted).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class BatchCapture:
     extend_lens: list[int]
     requests: list[RequestCapture]
     rows: torch.Tensor  # [sum tau] int64 indices into the extend token axis (device)
+    rows_cpu: torch.Tensor  # the same on the host (the selective prefill maps them without a sync)
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer id -> [sum tau, qo_heads, head_dim]
     sm_scale: Optional[float] = None
 
@@ -51,6 +53,19 @@ class BatchCapture:
         """Keep layer `layer_id`'s planned rows of q ([extend tokens, num_heads * head_dim], after RoPE)."""
         self.queries[layer_id] = q[self.rows].reshape(-1, num_heads, head_dim).clone()
         self.sm_scale = sm_scale
+
+    def take_active(self, layer_id: int, active_rows_cpu: torch.Tensor, q: torch.Tensor, num_heads: int,
+                    head_dim: int, sm_scale: float) -> bool:
+        """As `take`, for a q of the active tokens only (the selective prefill: q [len(active_rows_cpu),
+        ...], active_rows_cpu sorted extend-axis indices). False, keeping nothing, when a planned row is
+        not active at this layer (the capture then stays incomplete and the request uncompressed)."""
+        n = active_rows_cpu.numel()
+        idx = torch.searchsorted(active_rows_cpu, self.rows_cpu)
+        if n == 0 or bool((idx >= n).any()) or not torch.equal(active_rows_cpu[idx.clamp(max=n - 1)], self.rows_cpu):
+            return False
+        self.queries[layer_id] = q[idx.to(q.device)].reshape(-1, num_heads, head_dim).clone()
+        self.sm_scale = sm_scale
+        return True
 
     def complete(self, num_layers: int) -> bool:
         return all(layer in self.queries for layer in range(num_layers))
@@ -87,4 +102,5 @@ def plan_capture(prefix_lens: Sequence[int], extend_lens: Sequence[int],
         offset += extend
     if not requests:
         return None
-    return BatchCapture(list(prefix_lens), list(extend_lens), requests, torch.cat(rows).to(device))
+    rows_cpu = torch.cat(rows)
+    return BatchCapture(list(prefix_lens), list(extend_lens), requests, rows_cpu.to(device), rows_cpu)

@@ -14,8 +14,10 @@ The life of a compressed request (alpha < 1 for it; alpha = 1 and "off" never re
 4. when it finishes, aborts or is retracted the cache calls `release`: exactly
    `plan.slots_to_free_on_finish` are freed and its row of `kept` is cleared.
 
-A request whose capture is missing (its batch ran the selective prefill of reused images, which has
-its own attention) is served uncompressed: counted in `stats.not_captured`, never trimmed wrongly.
+The selective prefill of reused images bypasses RadixAttention; it hands its active tokens' Q to
+`observe_active_queries` (the composition root sets the runtime as its QueryObserver), so requests
+that reuse images are compressed too. A request whose capture is incomplete anyway is served
+uncompressed: counted in `stats.not_captured`, never trimmed wrongly.
 """
 
 from __future__ import annotations
@@ -110,13 +112,23 @@ class CompressionRuntime:
 
     # ----- during the forward (model) -------------------------------------------------------
 
+    def wants_queries(self, forward_batch: Any) -> bool:
+        capture = self.pending
+        return capture is not None and forward_batch.forward_mode.is_extend() and capture.matches(forward_batch)
+
     def capture_attention(self, original: Callable[..., Any], attn: Any, q: torch.Tensor, k: Any, v: Any,
                           forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
         """AROUND hook on `RadixAttention.forward`: keep the planned rows of this layer's q."""
-        capture = self.pending
-        if capture is not None and forward_batch.forward_mode.is_extend() and capture.matches(forward_batch):
-            capture.take(attn.layer_id, q, attn.tp_q_head_num, attn.head_dim, attn.scaling)
+        if self.wants_queries(forward_batch):
+            self.pending.take(attn.layer_id, q, attn.tp_q_head_num, attn.head_dim, attn.scaling)
         return original(attn, q, k, v, forward_batch, *args, **kwargs)
+
+    def observe_active_queries(self, attn: Any, active_rows_cpu: torch.Tensor, q: torch.Tensor,
+                               forward_batch: Any) -> None:
+        """The selective prefill's QueryObserver: q of its active tokens at layer `attn.layer_id`."""
+        if self.wants_queries(forward_batch):
+            self.pending.take_active(attn.layer_id, active_rows_cpu, q, attn.tp_q_head_num, attn.head_dim,
+                                     attn.scaling)
 
     # ----- after the prefill (cache) --------------------------------------------------------
 
