@@ -133,7 +133,7 @@ def install_scheduler(cache: Any, ctx: Any) -> None:
         from vlcache_sglang.compression.runtime import CompressionRuntime
 
         runtime = CompressionRuntime(cache.policies.compression_for, cache.num_layers, req_to_token.shape[0],
-                                     allocator.device)
+                                     allocator.device, stats=cache.stats)
         required = required + compression.install(runtime)
         cache.compression = runtime
         prefill.query_observer = runtime  # the reuse loop bypasses RadixAttention: it hands Q over

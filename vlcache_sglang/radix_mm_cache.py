@@ -189,7 +189,9 @@ class MultimodalRadixCache(RadixCache):
                 self._keep_out_of_tree(req)
                 return
             allocator = self.token_to_kv_pool_allocator
-            if runtime.trim(req, self.req_to_token_pool.req_to_token, allocator.get_kvcache(), allocator):
+            trimmed = runtime.trim(req, self.req_to_token_pool.req_to_token, allocator.get_kvcache(), allocator)
+            self.publish_stats()
+            if trimmed:
                 return  # trimmed KV is not the prompt's KV: never inserted
         super().cache_unfinished_req(req, chunked=chunked)
 

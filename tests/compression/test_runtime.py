@@ -35,7 +35,7 @@ def _cache(alpha):
     cache = MultimodalRadixCache(params, config, max_store_tokens=100, num_layers=LAYERS, inv_freq=INV_FREQ)
     cache.compression = CompressionRuntime(
         cache.policies.compression_for, LAYERS, req_pool.req_to_token.shape[0], "cpu",
-        build_step=lambda c: VLCacheCompression(c, scorer=post_vision_scores_reference))
+        build_step=lambda c: VLCacheCompression(c, scorer=post_vision_scores_reference), stats=cache.stats)
     return cache
 
 
@@ -129,7 +129,8 @@ def test_a_compressed_request_is_trimmed_never_inserted_and_frees_exactly_its_pl
     assert cache.compression.kept.kept_lens[1].tolist() == [0] * LAYERS
     assert cache.evictable_size() == N_IMG  # still only the image node: the request was not inserted
     _invariant(cache)
-    assert cache.compression.stats.trimmed_requests == 1 and cache.compression.stats.released == 1
+    assert cache.compression.stats.compressed_requests == 1
+    assert cache.compression.stats.compress_freed_slots == plan.free_slots.numel()
 
 
 def test_retraction_frees_the_plan_and_the_request_may_be_trimmed_again():
@@ -159,7 +160,7 @@ def test_uncompressed_requests_take_sglangs_own_path(how):
     assert not is_kv_trimmed(req) and cache.compression.live_trimmed == 0
     assert cache.evictable_size() == N_IMG  # the image node; the prompt is locked by the request:
     assert cache.protected_size() == M and req.cache_protected_len == M  # inserted as stock does
-    assert cache.compression.stats.not_captured == (how == "not_captured")
+    assert cache.compression.stats.compress_not_captured == (how == "not_captured")
     cache.cache_finished_req(req, kv_len_to_handle=M)
     _invariant(cache)
 

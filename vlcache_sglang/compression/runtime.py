@@ -17,13 +17,12 @@ The life of a compressed request (alpha < 1 for it; alpha = 1 and "off" never re
 The selective prefill of reused images bypasses RadixAttention; it hands its active tokens' Q to
 `observe_active_queries` (the composition root sets the runtime as its QueryObserver), so requests
 that reuse images are compressed too. A request whose capture is incomplete anyway is served
-uncompressed: counted in `stats.not_captured`, never trimmed wrongly.
+uncompressed: counted in `stats.compress_not_captured`, never trimmed wrongly.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -34,16 +33,9 @@ from vlcache_sglang.compression.decode_tables import KeptLengthTable
 from vlcache_sglang.compression.query_capture import BatchCapture, plan_capture
 from vlcache_sglang.compression.step import (PostPrefillStep, PrefillView, clear_kv_trimmed, mark_kv_trimmed,
                                              trimmed_plan)
+from vlcache_sglang.stats import VLCacheStats
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class CompressionStats:
-    trimmed_requests: int = 0
-    freed_slots: int = 0  # at trim time, summed over requests
-    not_captured: int = 0  # compressed requests served uncompressed: their queries were not captured
-    released: int = 0
 
 
 def image_offsets(req: Any) -> list[tuple[int, int]]:
@@ -58,9 +50,11 @@ def image_offsets(req: Any) -> list[tuple[int, int]]:
 class CompressionRuntime:
     def __init__(self, compression_for: Callable[[Any], CompressionConfig], num_layers: int, num_rows: int,
                  device: Union[str, torch.device],
-                 build_step: Callable[[CompressionConfig], Optional[PostPrefillStep]] = build_post_prefill_step) -> None:
+                 build_step: Callable[[CompressionConfig], Optional[PostPrefillStep]] = build_post_prefill_step,
+                 stats: Optional[VLCacheStats] = None) -> None:
         """compression_for: the request's options (`PolicyResolver.compression_for`); num_rows:
-        SGLang's ReqToTokenPool size; device: the KV pool's."""
+        SGLang's ReqToTokenPool rows; device: the KV pool's; stats: the cache's counters (logged and
+        exported with the rest)."""
         self._compression_for = compression_for
         self._build_step = build_step
         self._steps: dict[CompressionConfig, Optional[PostPrefillStep]] = {}
@@ -68,7 +62,7 @@ class CompressionRuntime:
         self.device = torch.device(device)
         self.kept = KeptLengthTable(num_rows, num_layers, device)
         self.pending: Optional[BatchCapture] = None  # the capture of the batch about to run
-        self.stats = CompressionStats()
+        self.stats = stats if stats is not None else VLCacheStats()
         self._trimmed_rows: set[int] = set()
 
     # ----- which requests -------------------------------------------------------------------
@@ -142,7 +136,7 @@ class CompressionRuntime:
         if capture is not None:
             request = next((r for r in capture.requests if r.req_pool_idx == req.req_pool_idx), None)
         if request is None or not capture.complete(self.num_layers):
-            self.stats.not_captured += 1
+            self.stats.compress_not_captured += 1
             logger.debug("vlcache: request %s not compressed: its queries were not captured", req.rid)
             return False
         view = PrefillView(
@@ -158,8 +152,8 @@ class CompressionRuntime:
         mark_kv_trimmed(req, plan)
         self.kept.set(int(req.req_pool_idx), plan)
         self._trimmed_rows.add(int(req.req_pool_idx))
-        self.stats.trimmed_requests += 1
-        self.stats.freed_slots += int(plan.free_slots.numel())
+        self.stats.compressed_requests += 1
+        self.stats.compress_freed_slots += int(plan.free_slots.numel())
         logger.debug("vlcache: request %s compressed: %s", req.rid, result.info)
         return True
 
@@ -174,5 +168,4 @@ class CompressionRuntime:
         self.kept.clear(row)
         self._trimmed_rows.discard(row)
         clear_kv_trimmed(req)  # a retracted request is prefilled (and maybe trimmed) again
-        self.stats.released += 1
         return True
