@@ -28,7 +28,7 @@ OTHER = 29  # the untrimmed request's length (prompt + decode)
 SCALE = 1 / math.sqrt(D)
 
 
-def _backend(pool, req_to_token):
+def _backend(pool, req_to_token, device):
     """SGLang's TritonAttnBackend with the attributes its decode path reads (no model runner on CPU)."""
     from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
@@ -36,9 +36,9 @@ def _backend(pool, req_to_token):
     backend = TritonAttnBackend.__new__(TritonAttnBackend)
     backend.__dict__.update(
         decode_attention_fwd=decode_attention_fwd, req_to_token=req_to_token, token_to_kv_pool=pool,
-        kv_indptr=torch.zeros(ROWS + 1, dtype=torch.int32), window_kv_indptr=None, sliding_window_size=None,
+        kv_indptr=torch.zeros(ROWS + 1, dtype=torch.int32, device=device), window_kv_indptr=None, sliding_window_size=None,
         dcp_size=1, dcp_rank=0, _translate_kv_loc=None, use_sliding_window_kv_pool=False, num_head=QO,
-        num_kv_head=KV, max_kv_splits=4, v_head_dim=D, swa_v_head_dim=None, device="cpu", static_kv_splits=True,
+        num_kv_head=KV, max_kv_splits=4, v_head_dim=D, swa_v_head_dim=None, device=device, static_kv_splits=True,
         device_core_count=0, enable_deterministic=False, use_mla=False, use_pdl=False, page_size=1,
         max_context_len=CONTEXT, forward_metadata=None)
     return backend
@@ -59,19 +59,22 @@ def _attend(q, k, v, slots):
     return torch.einsum("hk,khd->hd", p, vv)
 
 
-def _setup(alpha, seed=3):
+def _setup(alpha, device, seed=3):
+    """On the GPU when there is one (SGLang's kernels are real Triton there), else the CPU interpreter."""
     gen = torch.Generator().manual_seed(seed)
-    pool, allocator = make_kv_pool(SLOTS, LAYERS, KV, D, "cpu", seed=seed)
+    pool, allocator = make_kv_pool(SLOTS, LAYERS, KV, D, device, seed=seed)
     req_to_token = torch.zeros(ROWS, CONTEXT, dtype=torch.int32)
     slots = torch.randperm(SLOTS - 1, generator=gen)[: M + DECODED + OTHER] + 1  # slot 0 is reserved
     req_to_token[1, : M + DECODED] = slots[: M + DECODED].to(torch.int32)
     req_to_token[2, :OTHER] = slots[M + DECODED:].to(torch.int32)
-    kept = KeptLengthTable(ROWS, LAYERS, "cpu")
+    req_to_token = req_to_token.to(device)
+    kept = KeptLengthTable(ROWS, LAYERS, device)
     plan = None
     if alpha < 1:  # the prefill's trim of request row 1 (the decode tokens come after it)
         step = VLCacheCompression(CompressionConfig(compress_ratio=alpha), scorer=post_vision_scores_reference)
-        positions = step.query_positions(M, [IMAGE])
-        queries = [torch.randn(positions.numel(), QO, D, generator=gen) * (1 + 2 * layer) for layer in range(LAYERS)]
+        positions = step.query_positions(M, [IMAGE]).to(device)
+        queries = [(torch.randn(positions.numel(), QO, D, generator=gen) * (1 + 2 * layer)).to(device)
+                   for layer in range(LAYERS)]
         originals = ([k.clone() for k in pool.k_buffer], [v.clone() for v in pool.v_buffer])
         plan = step.run(PrefillView(1, M, 0, req_to_token, pool.k_buffer, pool.v_buffer, positions, queries,
                                     SCALE)).plan
@@ -79,14 +82,15 @@ def _setup(alpha, seed=3):
         kept.set(1, plan)
     else:
         originals = ([k.clone() for k in pool.k_buffer], [v.clone() for v in pool.v_buffer])
-    seq_lens = torch.tensor([M + DECODED, OTHER])
+    seq_lens = torch.tensor([M + DECODED, OTHER], device=device)
     fb = SimpleNamespace(batch_size=2, forward_mode=ForwardMode.DECODE, spec_info=None,
-                         req_pool_indices=torch.tensor([1, 2]), seq_lens=seq_lens, seq_lens_sum=int(seq_lens.sum()),
+                         req_pool_indices=torch.tensor([1, 2], device=device), seq_lens=seq_lens,
+                         seq_lens_sum=int(seq_lens.sum()),
                          out_cache_loc=torch.stack([req_to_token[1, M + DECODED - 1], req_to_token[2, OTHER - 1]]).long(),
                          extend_seq_lens_cpu=None, positions=None)
-    q = [torch.randn(2, QO * D, generator=gen) for _ in range(LAYERS)]
-    new_k = [torch.randn(2, KV * D, generator=gen) for _ in range(LAYERS)]
-    new_v = [torch.randn(2, KV * D, generator=gen) for _ in range(LAYERS)]
+    q = [torch.randn(2, QO * D, generator=gen).to(device) for _ in range(LAYERS)]
+    new_k = [torch.randn(2, KV * D, generator=gen).to(device) for _ in range(LAYERS)]
+    new_v = [torch.randn(2, KV * D, generator=gen).to(device) for _ in range(LAYERS)]
     return pool, req_to_token, kept, plan, originals, fb, q, new_k, new_v
 
 
@@ -104,9 +108,9 @@ def _decode_step(backend, fb, q, new_k, new_v, hooks):
             for layer in range(LAYERS)]
 
 
-def test_a_trimmed_request_attends_its_layers_kept_tokens_and_an_untrimmed_one_is_unchanged():
-    pool, req_to_token, kept, plan, (k0, v0), fb, q, new_k, new_v = _setup(alpha=0.25)
-    backend = _backend(pool, req_to_token)
+def test_a_trimmed_request_attends_its_layers_kept_tokens_and_an_untrimmed_one_is_unchanged(device):
+    pool, req_to_token, kept, plan, (k0, v0), fb, q, new_k, new_v = _setup(alpha=0.25, device=device)
+    backend = _backend(pool, req_to_token, device)
     hooks = KeptDecodeAttention(kept, live_trimmed=lambda: 1)
     got = _decode_step(backend, fb, q, new_k, new_v, hooks)
     assert getattr(backend.forward_metadata, LAYER_TABLES_ATTR) is not None
@@ -125,19 +129,19 @@ def test_a_trimmed_request_attends_its_layers_kept_tokens_and_an_untrimmed_one_i
     assert max(plan.kept_lengths) < M  # the layers really attended fewer prompt tokens
 
     # The untrimmed row equals SGLang's own decode of the same batch bit for bit.
-    pool2, req_to_token2, _, _, _, fb2, q2, k2, v2 = _setup(alpha=0.25)
-    stock = _decode_step(_backend(pool2, req_to_token2), fb2, q2, k2, v2, hooks=None)
+    pool2, req_to_token2, _, _, _, fb2, q2, k2, v2 = _setup(alpha=0.25, device=device)
+    stock = _decode_step(_backend(pool2, req_to_token2, device), fb2, q2, k2, v2, hooks=None)
     for layer in range(LAYERS):
         assert torch.equal(got[layer][1], stock[layer][1])
 
 
-def test_without_trimmed_requests_the_decode_path_is_sglangs_own():
-    pool, req_to_token, kept, _, _, fb, q, new_k, new_v = _setup(alpha=1.0)
-    backend = _backend(pool, req_to_token)
+def test_without_trimmed_requests_the_decode_path_is_sglangs_own(device):
+    pool, req_to_token, kept, _, _, fb, q, new_k, new_v = _setup(alpha=1.0, device=device)
+    backend = _backend(pool, req_to_token, device)
     got = _decode_step(backend, fb, q, new_k, new_v, KeptDecodeAttention(kept, live_trimmed=lambda: 0))
     assert getattr(backend.forward_metadata, LAYER_TABLES_ATTR, None) is None
-    pool2, req_to_token2, _, _, _, fb2, q2, k2, v2 = _setup(alpha=1.0)
-    stock = _decode_step(_backend(pool2, req_to_token2), fb2, q2, k2, v2, hooks=None)
+    pool2, req_to_token2, _, _, _, fb2, q2, k2, v2 = _setup(alpha=1.0, device=device)
+    stock = _decode_step(_backend(pool2, req_to_token2, device), fb2, q2, k2, v2, hooks=None)
     for layer in range(LAYERS):
         assert torch.equal(got[layer], stock[layer])
 

@@ -26,15 +26,17 @@ IMAGE_KEY, TEXT_BEFORE, N_IMG, TEXT_AFTER = 0xC0FFEE, 4, 40, 6
 M = TEXT_BEFORE + N_IMG + TEXT_AFTER
 
 
-def _cache(alpha):
-    _, allocator = make_kv_pool(POOL, LAYERS, KV, DIM, "cpu")
-    req_pool = ReqToTokenPool(size=4, max_context_len=128, device="cpu", enable_memory_saver=False)
+def _cache(alpha, device):
+    """On the GPU when there is one (the image store's copy kernel is real Triton there), else the CPU."""
+    _, allocator = make_kv_pool(POOL, LAYERS, KV, DIM, device)
+    req_pool = ReqToTokenPool(size=4, max_context_len=128, device=device, enable_memory_saver=False)
     params = CacheInitParams(disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator,
                              page_size=1)
     config = VLCacheConfig(enabled=True, policy="none", compress_ratio=alpha)
-    cache = MultimodalRadixCache(params, config, max_store_tokens=100, num_layers=LAYERS, inv_freq=INV_FREQ)
+    cache = MultimodalRadixCache(params, config, max_store_tokens=100, num_layers=LAYERS,
+                                 inv_freq=INV_FREQ.to(device))
     cache.compression = CompressionRuntime(
-        cache.policies.compression_for, LAYERS, req_pool.req_to_token.shape[0], "cpu",
+        cache.policies.compression_for, LAYERS, req_pool.req_to_token.shape[0], device,
         build_step=lambda c: VLCacheCompression(c, scorer=post_vision_scores_reference), stats=cache.stats)
     return cache
 
@@ -51,7 +53,7 @@ def _request(cache, row=1, custom=None, extend_end=M):
                               offsets=[(TEXT_BEFORE, TEXT_BEFORE + N_IMG - 1)],
                               model_specific_data={"image_grid_thw": torch.tensor([[1, 2, 2 * N_IMG]])})
     setattr(item, KEY_ATTR, IMAGE_KEY)
-    mm = MultimodalInputs(mm_items=[item], mrope_positions=torch.arange(M).repeat(3, 1))
+    mm = MultimodalInputs(mm_items=[item], mrope_positions=torch.arange(M).repeat(3, 1))  # (t, t, t): st = start
     slots = cache.token_to_kv_pool_allocator.alloc(M)
     cache.req_to_token_pool.req_to_token[row, :M] = slots.to(torch.int32)
     return _Req(rid=f"r{row}", multimodal_inputs=mm, req_pool_idx=row, origin_input_ids=ids, output_ids=[],
@@ -71,7 +73,8 @@ def _prefill(cache, req, seed=0, prefix=0, reach_attention=True):
     fb = SimpleNamespace(forward_mode=ForwardMode.EXTEND, extend_prefix_lens_cpu=[prefix],
                          extend_seq_lens_cpu=[extend])
     gen = torch.Generator().manual_seed(seed)
-    qs = [torch.randn(extend, QO * DIM, generator=gen) * (1 + 2 * layer) for layer in range(LAYERS)]
+    device = runtime.device
+    qs = [(torch.randn(extend, QO * DIM, generator=gen) * (1 + 2 * layer)).to(device) for layer in range(LAYERS)]
     if reach_attention:
         for layer, q in enumerate(qs):
             attn = SimpleNamespace(layer_id=layer, tp_q_head_num=QO, head_dim=DIM, scaling=DIM ** -0.5)
@@ -85,8 +88,8 @@ def _invariant(cache, held=0):
     assert total == POOL, f"{alloc.available_size()=} {cache.evictable_size()=} {cache.protected_size()=} {held=}"
 
 
-def test_a_compressed_request_is_trimmed_never_inserted_and_frees_exactly_its_plan():
-    cache = _cache(alpha=0.2)
+def test_a_compressed_request_is_trimmed_never_inserted_and_frees_exactly_its_plan(device):
+    cache = _cache(alpha=0.2, device=device)
     req = _request(cache)
     pool = cache.token_to_kv_pool_allocator.get_kvcache()
     k0 = [k.clone() for k in pool.k_buffer]
@@ -104,7 +107,7 @@ def test_a_compressed_request_is_trimmed_never_inserted_and_frees_exactly_its_pl
     for layer in range(LAYERS):
         assert torch.equal(pool.k_buffer[layer][node.value], k0[layer][row[TEXT_BEFORE:TEXT_BEFORE + N_IMG].long()])
     # The trim is exactly what the step computes from the captured rows (the text after the image votes).
-    positions = torch.arange(TEXT_BEFORE + N_IMG, M)
+    positions = torch.arange(TEXT_BEFORE + N_IMG, M, device=device)
     step = VLCacheCompression(cache.config.compression, scorer=post_vision_scores_reference)
     want = step.run(PrefillView(1, M, 0, cache.req_to_token_pool.req_to_token.clone(), [k.clone() for k in k0],
                                 [v.clone() for v in v0], positions,
@@ -133,8 +136,8 @@ def test_a_compressed_request_is_trimmed_never_inserted_and_frees_exactly_its_pl
     assert cache.compression.stats.compress_freed_slots == plan.free_slots.numel()
 
 
-def test_retraction_frees_the_plan_and_the_request_may_be_trimmed_again():
-    cache = _cache(alpha=0.2)
+def test_retraction_frees_the_plan_and_the_request_may_be_trimmed_again(device):
+    cache = _cache(alpha=0.2, device=device)
     req = _request(cache)
     _prefill(cache, req)
     cache.cache_unfinished_req(req)
@@ -151,8 +154,8 @@ def test_retraction_frees_the_plan_and_the_request_may_be_trimmed_again():
 
 
 @pytest.mark.parametrize("how", ["alpha_one_server", "alpha_one_request", "not_captured"])
-def test_uncompressed_requests_take_sglangs_own_path(how):
-    cache = _cache(alpha=1.0 if how == "alpha_one_server" else 0.2)
+def test_uncompressed_requests_take_sglangs_own_path(how, device):
+    cache = _cache(alpha=1.0 if how == "alpha_one_server" else 0.2, device=device)
     custom = {"vlcache": {"compress_ratio": 1.0}} if how == "alpha_one_request" else None
     req = _request(cache, custom=custom)
     _prefill(cache, req, reach_attention=how != "not_captured")  # a reuse batch never calls RadixAttention
@@ -165,8 +168,8 @@ def test_uncompressed_requests_take_sglangs_own_path(how):
     _invariant(cache)
 
 
-def test_chunks_of_a_compressed_request_stay_out_of_the_tree_and_the_last_one_trims():
-    cache = _cache(alpha=0.2)
+def test_chunks_of_a_compressed_request_stay_out_of_the_tree_and_the_last_one_trims(device):
+    cache = _cache(alpha=0.2, device=device)
     req = _request(cache, extend_end=24)
     runtime = cache.compression
     runtime.before_run_batch(None, SimpleNamespace(forward_mode=ForwardMode.EXTEND, reqs=[req], prefix_lens=[0],
