@@ -100,6 +100,8 @@ def test_flag_routes_to_vlcache_backend_and_survives_pickling(qwen_model_dir):
         (["--attention-backend", "triton", "--vlcache-compress-ratio", "0.1"], "Pass --disable-overlap-schedule"),
         (["--attention-backend", "triton", "--disable-overlap-schedule", "--enable-mixed-chunk",
           "--vlcache-compress-ratio", "0.1"], "drop --enable-mixed-chunk"),
+        (["--attention-backend", "triton", "--disable-overlap-schedule", "--disaggregation-mode", "prefill",
+          "--vlcache-compress-ratio", "0.1"], "--disaggregation-mode prefill"),
     ],
 )
 def test_unsupported_setups_fail_at_startup_naming_the_problem(qwen_model_dir, extra, match):

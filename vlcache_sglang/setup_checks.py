@@ -122,6 +122,12 @@ def check_compression(server_args: Any, compress_ratio: Optional[float]) -> None
             "--vlcache-compress-ratio trims a request's KV when its prefill result is processed, which overlap "
             "scheduling runs after the next batch is launched. Pass --disable-overlap-schedule."
         )
+    if getattr(server_args, "disaggregation_mode", "null") not in (None, "null"):
+        # A prefill server hands whole KV to a decode server; the decode side never sees a prefill.
+        raise VLCacheSetupError(
+            f"--vlcache-compress-ratio does not support --disaggregation-mode {server_args.disaggregation_mode} "
+            f"yet; drop one of them."
+        )
     if server_args.enable_mixed_chunk:
         raise VLCacheSetupError(
             "--vlcache-compress-ratio does not support --enable-mixed-chunk yet (decode rows would join the "
