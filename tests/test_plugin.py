@@ -25,7 +25,8 @@ from vlcache_sglang.radix_mm_cache import MultimodalRadixCache, vlcache_tree_cac
 from vlcache_sglang.setup_checks import VLCacheSetupError  # noqa: E402
 
 FLAGS = ["--enable-vlcache", "--vlcache-policy", "--vlcache-recompute-ratio", "--vlcache-first-k",
-         "--vlcache-mm-store-tokens", "--vlcache-encoder-cache-mb", "--vlcache-processed-cache-mb"]
+         "--vlcache-mm-store-tokens", "--vlcache-encoder-cache-mb", "--vlcache-processed-cache-mb",
+         "--vlcache-compress-ratio", "--vlcache-compress-budget", "--vlcache-compress-recent-window"]
 
 
 def _argv(model_dir, *extra):
@@ -92,11 +93,32 @@ def test_flag_routes_to_vlcache_backend_and_survives_pickling(qwen_model_dir):
         (["--attention-backend", "flashinfer", "--kv-cache-dtype", "fp8_e5m2"], "--kv-cache-dtype fp8_e5m2"),
         (["--attention-backend", "flashinfer", "--enable-lora"], "drop --enable-lora"),
         (["--attention-backend", "flashinfer", "--tokenizer-worker-num", "2"], "--tokenizer-worker-num"),
+        (["--attention-backend", "triton", "--disable-overlap-schedule", "--vlcache-compress-ratio", "0"],
+         "--vlcache-compress-ratio"),
+        (["--attention-backend", "flashinfer", "--disable-overlap-schedule", "--vlcache-compress-ratio", "0.1"],
+         "--decode-attention-backend triton"),
+        (["--attention-backend", "triton", "--vlcache-compress-ratio", "0.1"], "Pass --disable-overlap-schedule"),
+        (["--attention-backend", "triton", "--disable-overlap-schedule", "--enable-mixed-chunk",
+          "--vlcache-compress-ratio", "0.1"], "drop --enable-mixed-chunk"),
+        (["--attention-backend", "triton", "--disable-overlap-schedule", "--disaggregation-mode", "prefill",
+          "--vlcache-compress-ratio", "0.1"], "--disaggregation-mode prefill"),
     ],
 )
 def test_unsupported_setups_fail_at_startup_naming_the_problem(qwen_model_dir, extra, match):
     with pytest.raises(ValueError, match=match):
         prepare_server_args(_argv(qwen_model_dir, "--enable-vlcache", *extra))
+
+
+def test_compression_flags_reach_the_config_and_need_the_vlcache_flag(qwen_model_dir):
+    args = prepare_server_args(_argv(qwen_model_dir, "--enable-vlcache", "--attention-backend", "flashinfer",
+                                     "--decode-attention-backend", "triton", "--disable-overlap-schedule",
+                                     "--vlcache-compress-ratio", "0.1", "--vlcache-compress-budget", "uniform"))
+    assert args.vlcache.compression.compress_ratio == 0.1 and args.vlcache.compression.budget == "uniform"
+    assert pickle.loads(pickle.dumps(args)).vlcache == args.vlcache
+    off = prepare_server_args(_argv(qwen_model_dir, "--enable-vlcache", "--attention-backend", "flashinfer"))
+    assert not off.vlcache.compression.enabled  # off by default
+    with pytest.raises(VLCacheSetupError, match="pass --enable-vlcache"):
+        prepare_server_args(_argv(qwen_model_dir, "--attention-backend", "triton", "--vlcache-compress-ratio", "0.1"))
 
 
 def test_other_architecture_is_refused(qwen_model_dir, tmp_path):

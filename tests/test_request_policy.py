@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 from vlcache_sglang.config import VLCacheConfig
-from vlcache_sglang.request_policy import PolicyOverride, PolicyResolver, parse_override, validate_override
+from vlcache_sglang.request_policy import (OverrideCheck, PolicyOverride, PolicyResolver, parse_override,
+                                           validate_override)
 
 
 def test_overrides_parse_to_typed_values():
@@ -24,6 +25,10 @@ def test_overrides_parse_to_typed_values():
     ({"first_k": 2.5}, "must be a int"),
     ({"first_k": True}, "must be a int"),
     ({"error_bound": -1}, ">= 0"),
+    ({"compress_ratio": 0}, r"compress_ratio must lie in \(0, 1\]"),
+    ({"compress_ratio": 1.5}, r"compress_ratio must lie in \(0, 1\]"),
+    ({"compress_ratio": "0.1"}, "must be a float"),
+    ({"compress_ratio": None}, "must be a float"),
 ])
 def test_bad_overrides_are_value_errors_with_the_fix(raw, match):
     with pytest.raises(ValueError, match=match):
@@ -52,3 +57,31 @@ def test_a_profile_of_another_model_is_refused_with_the_fix(tmp_path):
     resolver = PolicyResolver(VLCacheConfig(enabled=True, policy="vlcache", profile=str(path)), num_layers=3)
     ratios = resolver.default.params.layer_ratios
     assert len(ratios) == 3 and abs(sum(ratios) / 3 - 0.05) < 1e-9
+
+
+def _req(custom):
+    return SimpleNamespace(rid="r", sampling_params=SimpleNamespace(custom_params=custom))
+
+
+def test_compress_ratio_override_replaces_the_servers_alpha_and_leaves_the_policy_alone():
+    assert parse_override({"vlcache": {"compress_ratio": 1}}) == PolicyOverride(compress_ratio=1.0)
+    resolver = PolicyResolver(VLCacheConfig(enabled=True, policy="none", compress_ratio=0.1,
+                                            compress_budget="uniform"), num_layers=4)
+    asks = _req({"vlcache": {"compress_ratio": 0.5}})
+    assert resolver.for_request(asks) is resolver.default  # not a recompute-policy override
+    assert resolver.compression_for(asks).compress_ratio == 0.5
+    assert resolver.compression_for(asks).budget == "uniform"  # the server's other options stay
+    assert resolver.compression_for(_req(None)).compress_ratio == 0.1
+    both = _req({"vlcache": {"compress_ratio": 1.0, "policy": "full"}})
+    assert resolver.for_request(both).name == "full" and resolver.compression_for(both).compress_ratio == 1.0
+
+
+def test_a_server_without_compression_serves_requests_uncompressed_and_refuses_the_override():
+    resolver = PolicyResolver(VLCacheConfig(enabled=True), num_layers=4)
+    assert not resolver.compression_for(_req({"vlcache": {"compress_ratio": 0.5}})).enabled
+    params = SimpleNamespace(custom_params={"vlcache": {"compress_ratio": 0.5}})
+    with pytest.raises(ValueError, match="--vlcache-compress-ratio"):
+        OverrideCheck(server_compresses=False).after_verify(None, params)
+    assert OverrideCheck(server_compresses=True).after_verify("ok", params) == "ok"
+    with pytest.raises(ValueError, match="unknown keys"):  # the generic checks still run
+        OverrideCheck(server_compresses=True).after_verify(None, SimpleNamespace(custom_params={"vlcache": {"x": 1}}))

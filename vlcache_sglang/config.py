@@ -10,10 +10,14 @@ import argparse
 from dataclasses import dataclass
 from typing import Optional
 
+from vlcache_sglang.compression.config import BUDGET_METHODS, CompressionConfig
 from vlcache_sglang.recompute_policy import PolicyParams, registered_recompute_policies
 
 # Attention backends whose extend path the selective prefill is written against.
 SUPPORTED_ATTENTION_BACKENDS = ("flashinfer", "triton")
+# Decode backends that can attend per-layer kept sets (compression): SGLang's Triton decode kernel
+# takes kv_indptr / kv_indices per call; FlashInfer would need one planned wrapper per layer.
+COMPRESSION_DECODE_BACKENDS = ("triton",)
 SUPPORTED_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
 RADIX_CACHE_BACKEND_NAME = "vlcache"
 
@@ -34,6 +38,11 @@ class VLCacheConfig:
     mm_store_tokens: Optional[int] = None
     encoder_cache_mb: int = 2048
     processed_cache_mb: int = 1024
+    # VL-Cache KV compression after prefill (compression/): alpha, the share of prompt KV kept;
+    # None = off (the default). The budget method and recent window go with it.
+    compress_ratio: Optional[float] = None
+    compress_budget: str = "vlcache"
+    compress_recent_window: int = 0
 
     def __post_init__(self) -> None:
         policies = registered_recompute_policies()
@@ -54,6 +63,19 @@ class VLCacheConfig:
             raise ValueError(f"--vlcache-encoder-cache-mb must be >= 0, got {self.encoder_cache_mb}")
         if self.processed_cache_mb < 0:
             raise ValueError(f"--vlcache-processed-cache-mb must be >= 0, got {self.processed_cache_mb}")
+        try:  # CompressionConfig's own checks, one place; the message names the flag
+            self.compression
+        except ValueError as exc:
+            field = str(exc).split()[0]
+            flag = {"compress_ratio": "compress-ratio", "budget": "compress-budget",
+                    "recent_window": "compress-recent-window"}.get(field, field.replace("_", "-"))
+            raise ValueError(f"--vlcache-{flag}: {exc}") from exc
+
+    @property
+    def compression(self) -> CompressionConfig:
+        """The server's compression options (off unless --vlcache-compress-ratio is given)."""
+        return CompressionConfig(compress_ratio=self.compress_ratio, budget=self.compress_budget,
+                                 recent_window=self.compress_recent_window)
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -129,6 +151,29 @@ class VLCacheConfig:
             help="Tokenizer-side cache of processed pixels by raw-bytes image key, in MiB: a hit skips "
             "decode, resize, normalisation and pixel hashing.",
         )
+        group.add_argument(
+            "--vlcache-compress-ratio",
+            type=float,
+            default=None,
+            metavar="ALPHA",
+            help="VL-Cache KV compression after prefill: keep this share (0..1] of each request's prompt KV "
+            "for decode (per-layer budgets from the post-vision attention). Off by default; 1.0 keeps "
+            "everything. Needs --attention-backend triton (or --decode-attention-backend triton) and "
+            "--disable-overlap-schedule.",
+        )
+        group.add_argument(
+            "--vlcache-compress-budget",
+            default=VLCacheConfig.compress_budget,
+            choices=BUDGET_METHODS,
+            help="Compression: per-layer budgets from each layer's attention sparsity (vlcache) or the same "
+            "share at every layer (uniform, the H2O-like baseline).",
+        )
+        group.add_argument(
+            "--vlcache-compress-recent-window",
+            type=int,
+            default=VLCacheConfig.compress_recent_window,
+            help="Compression: the last prompt tokens every layer keeps besides the post-vision queries.",
+        )
 
     @classmethod
     def from_cli_namespace(cls, ns: argparse.Namespace) -> "VLCacheConfig":
@@ -144,4 +189,7 @@ class VLCacheConfig:
             mm_store_tokens=getattr(ns, "vlcache_mm_store_tokens", None),
             encoder_cache_mb=getattr(ns, "vlcache_encoder_cache_mb", cls.encoder_cache_mb),
             processed_cache_mb=getattr(ns, "vlcache_processed_cache_mb", cls.processed_cache_mb),
+            compress_ratio=getattr(ns, "vlcache_compress_ratio", None),
+            compress_budget=getattr(ns, "vlcache_compress_budget", cls.compress_budget),
+            compress_recent_window=getattr(ns, "vlcache_compress_recent_window", cls.compress_recent_window),
         )

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from vlcache_sglang.config import RADIX_CACHE_BACKEND_NAME, VLCacheConfig
-from vlcache_sglang.setup_checks import VLCacheSetupError, check_server_args
+from vlcache_sglang.setup_checks import VLCacheSetupError, check_compression, check_server_args
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ def _around_from_cli_args(original: Callable[..., Any], cls: type, ns: argparse.
     config = VLCacheConfig.from_cli_namespace(ns)
     if config.enabled:
         apply_config(server_args, config)
+    elif config.compress_ratio is not None:
+        raise VLCacheSetupError("--vlcache-compress-ratio is part of vlcache; pass --enable-vlcache with it "
+                                "(or drop --vlcache-compress-ratio).")
     return server_args
 
 
@@ -42,6 +45,7 @@ def apply_config(server_args: Any, config: VLCacheConfig) -> None:
     hands server args to scheduler processes).
     """
     check_server_args(server_args)
+    check_compression(server_args, config.compress_ratio)
     _check_policy(server_args, config)
     server_args.radix_cache_backend = RADIX_CACHE_BACKEND_NAME
     server_args.vlcache = config
@@ -84,7 +88,7 @@ def _install_processor_shortcut(server_args: Any, config: VLCacheConfig) -> None
     from sglang.srt.managers.tokenizer_manager import _determine_tensor_transport_mode
 
     from vlcache_sglang.processor_patch import ImageProcessingShortcut
-    from vlcache_sglang.request_policy import validate_override
+    from vlcache_sglang.request_policy import OverrideCheck
     from vlcache_sglang.shared_pixels import sweep_stale
 
     dtype = server_args.get_model_config().dtype
@@ -101,9 +105,42 @@ def _install_processor_shortcut(server_args: Any, config: VLCacheConfig) -> None
         HookType.AROUND,
     )
     # A malformed per-request policy override is a 400 where SGLang checks sampling params.
-    HookRegistry.register("sglang.srt.sampling.sampling_params.SamplingParams.verify", validate_override,
+    check = OverrideCheck(server_compresses=config.compress_ratio is not None)
+    HookRegistry.register("sglang.srt.sampling.sampling_params.SamplingParams.verify", check.after_verify,
                           HookType.AFTER)
     HookRegistry.apply_hooks()
+
+
+def install_scheduler(cache: Any, ctx: Any) -> None:
+    """Scheduler process (called by the vlcache cache factory once the cache exists): every scheduler
+    and model hook of reuse, and of compression when --vlcache-compress-ratio is on, then a check
+    that each of them took; the decoder graphs are captured last."""
+    from vlcache_sglang import prefill_budget, receive_guard
+    from vlcache_sglang.hook_check import SCHEDULER_TARGETS, verify_hooks
+    from vlcache_sglang.model_patch import install as install_model
+
+    allocator = ctx.params.token_to_kv_pool_allocator
+    req_to_token = ctx.params.req_to_token_pool.req_to_token
+    prefill = install_model(cache.inv_freq)
+    text = ctx.model_config.hf_text_config
+    ratio = prefill_budget.charge_ratio(text.hidden_size, text.intermediate_size)
+    prefill_budget.install(ratio)  # reused image tokens charge the chunked-prefill budget at 1/ratio
+    logger.info("vlcache: a reused image token costs 1/%d of a computed token in the prefill budget", ratio)
+    receive_guard.install()  # a request whose shared pixels vanished fails alone
+    required = SCHEDULER_TARGETS
+    if cache.config.compress_ratio is not None:
+        from vlcache_sglang.compression import install as compression
+        from vlcache_sglang.compression.runtime import CompressionRuntime
+
+        runtime = CompressionRuntime(cache.policies.compression_for, cache.num_layers, req_to_token.shape[0],
+                                     allocator.device, stats=cache.stats)
+        required = required + compression.install(runtime)
+        cache.compression = runtime
+        prefill.query_observer = runtime  # the reuse loop bypasses RadixAttention: it hands Q over
+        logger.info("vlcache compression: %s", cache.config.compression)
+    verify_hooks(required=required)  # all or nothing: never serve half installed
+    model = ctx.tp_worker.model_runner.model
+    prefill.capture_graphs(model.model, ctx.model_config.dtype, req_to_token, allocator.get_kvcache())
 
 
 def register() -> None:

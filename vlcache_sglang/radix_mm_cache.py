@@ -32,6 +32,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
+from vlcache_sglang.compression.step import is_kv_trimmed
 from vlcache_sglang.config import VLCacheConfig
 from vlcache_sglang.layer_selector import ReuseOutcome
 from vlcache_sglang.recompute_policy import RecomputePolicy
@@ -41,6 +42,8 @@ from vlcache_sglang.stats import VLCacheStats
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
+
+    from vlcache_sglang.compression.runtime import CompressionRuntime
     from sglang.srt.mem_cache.registry import TreeCacheBuildContext
 
 logger = logging.getLogger(__name__)
@@ -81,6 +84,8 @@ class MultimodalRadixCache(RadixCache):
         self.policies = PolicyResolver(config, num_layers)
         self.stats = VLCacheStats()
         self.metrics = None  # VLCacheMetrics when the server exports metrics
+        # Set by the composition root when --vlcache-compress-ratio is on (plugin.install_scheduler).
+        self.compression: Optional["CompressionRuntime"] = None
         self._image_nodes: dict[tuple[Optional[str], int], TreeNode] = {}
         super().__init__(params)
 
@@ -175,12 +180,37 @@ class MultimodalRadixCache(RadixCache):
     # ----- RadixCache overrides ----------------------------------------------------------------
 
     def cache_unfinished_req(self, req: "Req", chunked: bool = False) -> None:
-        self._after_prefill(req, kv_len=len(req.get_fill_ids()))
+        assert not is_kv_trimmed(req), f"request {req.rid} cached again after its KV was trimmed"
+        self._after_prefill(req, kv_len=len(req.get_fill_ids()))  # images stored while the KV is whole
+        runtime = self.compression
+        if runtime is not None and not self.disable and runtime.keeps_out_of_tree(req):
+            if chunked:
+                # A chunk in the tree would be shared: neither movable nor freeable by the trim.
+                self._keep_out_of_tree(req)
+                return
+            allocator = self.token_to_kv_pool_allocator
+            trimmed = runtime.trim(req, self.req_to_token_pool.req_to_token, allocator.get_kvcache(), allocator)
+            self.publish_stats()
+            if trimmed:
+                return  # trimmed KV is not the prompt's KV: never inserted
         super().cache_unfinished_req(req, chunked=chunked)
 
     def cache_finished_req(self, req: "Req", is_insert: bool = True, *, kv_len_to_handle: int) -> None:
+        if is_kv_trimmed(req):
+            self._after_prefill(req, kv_len=0)  # unlock image nodes; its images were stored before the trim
+            self.compression.release(req, self.req_to_token_pool.req_to_token, self.token_to_kv_pool_allocator,
+                                     kv_len_to_handle)
+            if req.last_node is not None:
+                self.dec_lock_ref(req.last_node)  # the matched prefix it attended in place
+            return
         self._after_prefill(req, kv_len=kv_len_to_handle if is_insert else 0)
         super().cache_finished_req(req, is_insert, kv_len_to_handle=kv_len_to_handle)
+
+    def _keep_out_of_tree(self, req: "Req") -> None:
+        """A chunk of a request that will be compressed: as SGLang's ChunkCache, the next chunk continues
+        after the slots written so far; prefix, lock and cache_protected_len stay the matched prefix's."""
+        row = self.req_to_token_pool.req_to_token[req.req_pool_idx, : len(req.get_fill_ids())]
+        req.prefix_indices = row.to(dtype=torch.int64, copy=True)
 
     def _after_prefill(self, req: "Req", kv_len: int) -> None:
         """Release the request's image-node locks; store the images it computed in full.
@@ -281,16 +311,6 @@ def _pad_value(image_key: int) -> int:
     return 1_000_000 + image_key % (1 << 30)
 
 
-def _install_prefill_budget(model_config: Any) -> None:
-    """Reused image tokens charge the chunked-prefill budget at 1/ratio (prefill_budget.py)."""
-    from vlcache_sglang import prefill_budget
-
-    text = model_config.hf_text_config
-    ratio = prefill_budget.charge_ratio(text.hidden_size, text.intermediate_size)
-    prefill_budget.install(ratio)
-    logger.info("vlcache: a reused image token costs 1/%d of a computed token in the prefill budget", ratio)
-
-
 def vlcache_tree_cache_factory(ctx: "TreeCacheBuildContext") -> RadixCache:
     """Factory behind `--radix-cache-backend vlcache` (set by --enable-vlcache)."""
     config: Optional[VLCacheConfig] = getattr(ctx.server_args, "vlcache", None)
@@ -304,24 +324,16 @@ def vlcache_tree_cache_factory(ctx: "TreeCacheBuildContext") -> RadixCache:
     max_store = config.mm_store_tokens or max(pool_tokens // 4, 1)
     inv_freq = None
     if ctx.tp_worker is not None:
-        from vlcache_sglang.model_patch import install
         from vlcache_sglang.model_patch.rope_params import inv_freq_of, language_rotary_embedding
 
-        model = ctx.tp_worker.model_runner.model
-        inv_freq = inv_freq_of(language_rotary_embedding(model)).to(allocator.device)
-        prefill = install(inv_freq)
-        _install_prefill_budget(ctx.model_config)
-        from vlcache_sglang import receive_guard
-
-        receive_guard.install()  # a request whose shared pixels vanished fails alone
-        from vlcache_sglang.hook_check import SCHEDULER_TARGETS, verify_hooks
-
-        verify_hooks(required=SCHEDULER_TARGETS)  # all or nothing: never serve half installed
-        prefill.capture_graphs(model.model, ctx.model_config.dtype, ctx.params.req_to_token_pool.req_to_token,
-                               allocator.get_kvcache())
+        inv_freq = inv_freq_of(language_rotary_embedding(ctx.tp_worker.model_runner.model)).to(allocator.device)
     num_layers = ctx.model_config.num_hidden_layers
     cache = MultimodalRadixCache(ctx.params, config, max_store_tokens=max_store, num_layers=num_layers,
                                  inv_freq=inv_freq)
+    if ctx.tp_worker is not None:
+        from vlcache_sglang.plugin import install_scheduler
+
+        install_scheduler(cache, ctx)  # every scheduler and model hook, verified: never half installed
     logger.info("vlcache tree cache: %s; image store bound %d tokens of %d", cache.policies.describe(), max_store,
                 pool_tokens)
     if getattr(ctx.server_args, "enable_metrics", False):

@@ -6,7 +6,9 @@ A request may override the server's policy and its parameters in its body, throu
 
     "custom_params": {"vlcache": {"policy": "cacheblend", "recompute_ratio": 0.1}}
 
-Keys: `policy`, `recompute_ratio`, `first_k`, `error_bound` (any subset; the rest are the server's).
+Keys: `policy`, `recompute_ratio`, `first_k`, `error_bound` (any subset; the rest are the server's),
+and `compress_ratio` (alpha of VL-Cache compression for this request; 1.0 serves it uncompressed;
+only on a server started with --vlcache-compress-ratio, whose set-up decode over kept sets needs).
 `validate_override` runs on the tokenizer side inside SGLang's `SamplingParams.verify`, so a bad
 value is a 400 before the request is queued; the scheduler parses the same dict again with the same
 function (it arrives as plain JSON values).
@@ -18,6 +20,7 @@ import dataclasses
 import logging
 from typing import Any, Optional
 
+from vlcache_sglang.compression.config import CompressionConfig
 from vlcache_sglang.config import VLCacheConfig
 from vlcache_sglang.layer_profile import LayerProfile, layer_ratios, load_layer_profile
 from vlcache_sglang.recompute_policy import (
@@ -30,7 +33,8 @@ from vlcache_sglang.recompute_policy import (
 logger = logging.getLogger(__name__)
 
 OVERRIDE_KEY = "vlcache"
-_NUMERIC = {"recompute_ratio": float, "first_k": int, "error_bound": float}
+_NUMERIC = {"recompute_ratio": float, "first_k": int, "error_bound": float, "compress_ratio": float}
+_POLICY_NUMERIC = ("recompute_ratio", "first_k", "error_bound")  # PolicyParams' fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +43,7 @@ class PolicyOverride:
     recompute_ratio: Optional[float] = None
     first_k: Optional[int] = None
     error_bound: Optional[float] = None
+    compress_ratio: Optional[float] = None  # alpha of this request's compression
 
 
 def parse_override(custom_params: Any) -> Optional[PolicyOverride]:
@@ -65,8 +70,13 @@ def parse_override(custom_params: Any) -> Optional[PolicyOverride]:
             raise ValueError(f"custom_params.{OVERRIDE_KEY}.{key} must be a {kind.__name__}, got {v!r}")
         values[key] = kind(v)
     override = PolicyOverride(**values)
-    # The ranges are PolicyParams' own checks; build one so the message is the same as at start-up.
-    PolicyParams(**{k: v for k, v in dataclasses.asdict(override).items() if k != "policy" and v is not None})
+    # The ranges are PolicyParams' and CompressionConfig's own checks: the message is the start-up one.
+    PolicyParams(**{k: getattr(override, k) for k in _POLICY_NUMERIC if getattr(override, k) is not None})
+    if override.compress_ratio is not None:
+        try:
+            CompressionConfig(compress_ratio=override.compress_ratio)
+        except ValueError as exc:
+            raise ValueError(f"custom_params.{OVERRIDE_KEY}.{exc}") from exc
     return override
 
 
@@ -74,6 +84,21 @@ def validate_override(result: Any, sampling_params: Any, *args: Any, **kwargs: A
     """AFTER hook on SamplingParams.verify (tokenizer side): reject a malformed override with a 400."""
     parse_override(getattr(sampling_params, "custom_params", None))
     return result
+
+
+class OverrideCheck:
+    """`validate_override` plus what this server can serve: a per-request compress_ratio needs a
+    server started with --vlcache-compress-ratio (its start-up checks cover decode over kept sets)."""
+
+    def __init__(self, server_compresses: bool) -> None:
+        self.server_compresses = server_compresses
+
+    def after_verify(self, result: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
+        override = parse_override(getattr(sampling_params, "custom_params", None))
+        if override is not None and override.compress_ratio is not None and not self.server_compresses:
+            raise ValueError(f"custom_params.{OVERRIDE_KEY}.compress_ratio needs a server started with "
+                             "--vlcache-compress-ratio (e.g. 1.0 to compress only the requests that ask)")
+        return result
 
 
 class PolicyResolver:
@@ -97,12 +122,26 @@ class PolicyResolver:
         except ValueError:  # verified on the tokenizer side; a request that slipped past runs as the server's
             logger.warning("vlcache: request %s has a malformed override; using the server's policy", req.rid)
             override = None
+        if override is not None:  # compression is not a recompute policy's business
+            override = dataclasses.replace(override, compress_ratio=None)
         if override is None or override == PolicyOverride():
             return self.default
         policy = self._policies.get(override)
         if policy is None:
             policy = self._policies[override] = self._build(override)
         return policy
+
+    def compression_for(self, req: Any) -> CompressionConfig:
+        """The request's compression options: the server's, alpha replaced by its override's."""
+        custom = getattr(getattr(req, "sampling_params", None), "custom_params", None)
+        try:
+            override = parse_override(custom)
+        except ValueError:  # verified on the tokenizer side, as in for_request
+            override = None
+        base = self._config.compression
+        if override is None or override.compress_ratio is None or not base.enabled:
+            return base
+        return base.with_overrides(compress_ratio=override.compress_ratio)
 
     def describe(self) -> str:
         ratios = self.default.params.layer_ratios

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from vlcache_sglang.config import (
+    COMPRESSION_DECODE_BACKENDS,
     RADIX_CACHE_BACKEND_NAME,
     SUPPORTED_ARCHITECTURES,
     SUPPORTED_ATTENTION_BACKENDS,
@@ -98,6 +99,39 @@ def check_unsupported_features(server_args: Any) -> None:
         raise VLCacheSetupError(
             f"--enable-vlcache keys images in one tokenizer process; got --tokenizer-worker-num "
             f"{workers}. Drop --tokenizer-worker-num (or pass 1)."
+        )
+
+
+def check_compression(server_args: Any, compress_ratio: Optional[float]) -> None:
+    """What --vlcache-compress-ratio needs besides vlcache's own set-up (nothing when it is off)."""
+    if compress_ratio is None:
+        return
+    decode = server_args.decode_attention_backend or server_args.attention_backend
+    if decode not in COMPRESSION_DECODE_BACKENDS:
+        # Decode attends each layer's own kept set: SGLang's Triton decode kernel takes the table per
+        # call; FlashInfer's decode wrapper is planned once per batch for every layer.
+        raise VLCacheSetupError(
+            f"--vlcache-compress-ratio decodes over per-layer kept KV with SGLang's Triton decode kernel; the "
+            f"decode attention backend is {decode!r}. Pass --attention-backend triton, or keep FlashInfer for "
+            f"prefill with --decode-attention-backend triton."
+        )
+    if not server_args.disable_overlap_schedule:
+        # Compaction and freeing run when a prefill's result is processed; with overlap the next batch
+        # (possibly the request's first decode step, or new slots) is already launched by then.
+        raise VLCacheSetupError(
+            "--vlcache-compress-ratio trims a request's KV when its prefill result is processed, which overlap "
+            "scheduling runs after the next batch is launched. Pass --disable-overlap-schedule."
+        )
+    if getattr(server_args, "disaggregation_mode", "null") not in (None, "null"):
+        # A prefill server hands whole KV to a decode server; the decode side never sees a prefill.
+        raise VLCacheSetupError(
+            f"--vlcache-compress-ratio does not support --disaggregation-mode {server_args.disaggregation_mode} "
+            f"yet; drop one of them."
+        )
+    if server_args.enable_mixed_chunk:
+        raise VLCacheSetupError(
+            "--vlcache-compress-ratio does not support --enable-mixed-chunk yet (decode rows would join the "
+            "prefill batch whose queries it captures); drop --enable-mixed-chunk."
         )
 
 

@@ -27,6 +27,11 @@ class VLCacheStats:
     evicted_images: int = 0
     store_tokens: int = 0  # KV tokens held by image nodes now
     store_bytes: int = 0  # KV bytes held by image nodes now
+    # VL-Cache compression (--vlcache-compress-ratio): requests trimmed after prefill, the KV slots the
+    # trims gave back at once, and requests due for compression served uncompressed (queries not captured).
+    compressed_requests: int = 0
+    compress_freed_slots: int = 0
+    compress_not_captured: int = 0
 
     _last_log: float = dataclasses.field(default=0.0, repr=False)
 

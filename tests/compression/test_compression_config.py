@@ -35,3 +35,16 @@ def test_overrides():
         base.with_overrides(ratio=0.5)
     with pytest.raises(ValueError, match="compress_ratio"):
         base.with_overrides(compress_ratio=2.0)
+
+
+def test_server_flags_enter_through_the_plugin_config_and_name_the_flag():
+    from vlcache_sglang.config import VLCacheConfig
+
+    config = VLCacheConfig(enabled=True, compress_ratio=0.2, compress_budget="uniform", compress_recent_window=8)
+    assert config.compression == CompressionConfig(compress_ratio=0.2, budget="uniform", recent_window=8)
+    assert not VLCacheConfig(enabled=True).compression.enabled  # off by default
+    for field, bad, flag in (("compress_ratio", 1.5, "--vlcache-compress-ratio"),
+                             ("compress_budget", "h2o", "--vlcache-compress-budget"),
+                             ("compress_recent_window", -1, "--vlcache-compress-recent-window")):
+        with pytest.raises(ValueError, match=flag):
+            VLCacheConfig(enabled=True, **{field: bad})

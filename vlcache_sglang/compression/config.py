@@ -1,8 +1,9 @@
 """CompressionConfig: the options of VL-Cache KV compression, validated once.
 
-Kept apart from `vlcache_sglang/config.py` until the server flags are wired
-(`--vlcache-compress-ratio` and friends); a per-request override will replace fields through
-`with_overrides`, as `request_policy.py` does for recompute policies.
+The server's enter through `VLCacheConfig` (`--vlcache-compress-ratio`, `--vlcache-compress-budget`,
+`--vlcache-compress-recent-window`; `VLCacheConfig.compression`), a request's alpha through
+`PolicyResolver.compression_for` (`custom_params.vlcache.compress_ratio`), which replaces the field
+with `with_overrides`. Kept free of heavy imports: the launcher's argument parsing reads it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ work that needs a request's whole prompt KV and the queries of its last tokens, 
 decode step: VL-Cache compression (`compressor.py`) is the first. The step is told, before the
 forward, which query rows to keep (`query_positions`): the model patch captures those rows of Q
 at every layer (after RoPE) while the prefill runs, and the caller hands them over in a
-`PrefillView` after the forward. Not hooked into SGLang yet; off unless configured.
+`PrefillView` after the forward (`query_capture.py`, `runtime.py`; off unless configured).
 
 A step that trims a request's KV returns its plan; the caller then frees the plan's slots to the
 allocator and marks the request (`mark_kv_trimmed`). The cache checks `is_kv_trimmed` before it
@@ -100,3 +100,9 @@ def is_kv_trimmed(req: Any) -> bool:
 
 def trimmed_plan(req: Any) -> Optional[CompressionPlan]:
     return getattr(req, KV_TRIMMED_ATTR, None)
+
+
+def clear_kv_trimmed(req: Any) -> None:
+    """The request's trimmed KV was freed (finish, abort, retraction): a retracted request is
+    prefilled again in full, and may be trimmed again."""
+    setattr(req, KV_TRIMMED_ATTR, None)

@@ -20,7 +20,7 @@ Two AROUND hooks, active only for batches that carry a vlcache plan (else stock 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
@@ -33,6 +33,20 @@ from vlcache_sglang.recompute_policy import LayerObservation
 from vlcache_sglang.reuse_planner import PLANS_ATTR, RequestReuse
 
 SELECTIVE_ATTR = "vlcache_selective"  # on ForwardBatch while the model runs
+
+
+class QueryObserver(Protocol):
+    """Sees Q (after RoPE) of the active tokens at every layer, where the stock forward would hand it
+    to RadixAttention (which this loop bypasses). Set by the composition root: compression's capture
+    of the post-vision queries (`compression/runtime.py`); this module knows nothing more of it."""
+
+    def wants_queries(self, forward_batch: Any) -> bool:
+        """Whether this batch's Q is wanted (then the loop runs eagerly: a graph replay shows no layer)."""
+
+    def observe_active_queries(self, attn: Any, active_rows_cpu: torch.Tensor, q: torch.Tensor,
+                               forward_batch: Any) -> None:
+        """q: [len(active_rows_cpu), qo_heads * head_dim] of layer `attn.layer_id`; active_rows_cpu:
+        sorted int64 indices of those tokens on the batch's extend axis."""
 
 
 class SelectiveBatch:
@@ -189,6 +203,7 @@ class SelectivePrefill:
         self._decoder_ms = 0.0  # the decoder loop's share of the forward (for the profile log)
         self._graphs = SelectiveGraphs()  # captured at the first batch that can use them
         self._sum_ranks = tp_sum_ranks()  # resolved once, in the scheduler process, after TP is set up
+        self.query_observer: Optional[QueryObserver] = None
 
     def capture_graphs(self, lm: Any, dtype: torch.dtype, req_to_token: torch.Tensor, pool: Any) -> None:
         """The decoder loop's CUDA graphs, at server start-up (else the first reuse request would pay
@@ -258,7 +273,10 @@ class SelectivePrefill:
         row_positions = positions[:, rows].contiguous()
         row_out_loc = forward_batch.out_cache_loc[rows]
         hidden, residual = full[rows], None
-        if sel.static_plan:
+        observer = self.query_observer
+        if observer is not None and not observer.wants_queries(forward_batch):
+            observer = None
+        if sel.static_plan and observer is None:  # a replay shows no layer's Q to the observer
             graphed = self._graphs.run(lm, hidden, row_positions, sel.layer_out_loc(row_out_loc), runs,
                                        req_to_token, pool)
             if graphed is not None:
@@ -295,11 +313,16 @@ class SelectivePrefill:
             if sel.changed(layer_id) or not planned:
                 self._plan(runs, req_to_token, layer.self_attn, hidden.dtype, pool)
                 planned = True
-            if observed is None:
+            if observed is None and observer is None:
                 hidden, residual = selective_layer(layer, row_positions, hidden, residual, row_out_loc, pool,
                                                    self._attention)
-            else:
-                hidden, residual = layer_attend(layer, *observed, row_out_loc, pool, self._attention)
+                continue
+            if observed is None:  # selective_layer split at its seam, so the observer sees q
+                observed = layer_qkv(layer, row_positions, hidden, residual)
+            if observer is not None:
+                observer.observe_active_queries(layer.self_attn.attn, sel.rows_cpu(layer_id), observed[0],
+                                                forward_batch)
+            hidden, residual = layer_attend(layer, *observed, row_out_loc, pool, self._attention)
         hidden, _ = lm.norm(hidden, residual)
         out[rows] = hidden
         return out
