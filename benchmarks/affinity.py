@@ -16,6 +16,8 @@ after text no other request has. Arms:
   affinity     --policy manual --assignment-mode min_group, requests carry X-SMG-Routing-Key
                (vlcache_sglang.routing_key: salt + first image): each image sticks to one replica,
                new images go to the replica with fewer keys
+  affinity_spill  --policy power_of_two --routing-key-override, keyed: pinned, and on smg >= 1.10 a
+               key's third concurrent request spills to power_of_two (not in the default --arms)
 Each arm has its own pool (same sizes, other seeds), so nothing an earlier arm left in a tokenizer-side
 cache helps a later one. Hit rate: the replicas' `sglang:vlcache_key_*` gauges over the arm; TTFT from
 the first streamed chunk. Writes affinity.{json,md} and requests.jsonl, prints the table last.
@@ -57,6 +59,11 @@ ARMS = {
     # min_group: a new key goes to the worker holding fewest keys, so the pool splits evenly over the
     # stores (min_load ties at low load and then picks at random).
     "affinity": Arm("affinity", ("--policy", "manual", "--assignment-mode", "min_group"), True),
+    # Keyed requests pinned on top of a load-aware policy. smg >= 1.10 (`delegate` assignment):
+    # power_of_two places a new key, and a key with 2 of its own requests in flight on its replica
+    # spills to power_of_two (a hot image's overflow goes where the load is). smg 1.9.0: the pin
+    # alone (new keys at random), no spill.
+    "affinity_spill": Arm("affinity_spill", ("--policy", "power_of_two", "--routing-key-override"), True),
 }
 
 
