@@ -15,7 +15,7 @@ after text no other request has. Arms:
   cache_aware  --policy cache_aware (the router's default): it routes by text, images are invisible
   affinity     --policy manual --assignment-mode min_group, requests carry X-SMG-Routing-Key
                (vlcache_sglang.routing_key: salt + first image): each image sticks to one replica,
-               new images go to the replica with fewer keys
+               new images go to the replica with fewer keys in flight
   affinity_spill  --policy power_of_two --routing-key-override, keyed: pinned, and on smg >= 1.10 a
                key's third concurrent request spills to power_of_two (not in the default --arms)
 Each arm has its own pool (same sizes, other seeds), so nothing an earlier arm left in a tokenizer-side
@@ -56,8 +56,8 @@ class Arm:
 ARMS = {
     "round_robin": Arm("round_robin", ("--policy", "round_robin"), False),
     "cache_aware": Arm("cache_aware", ("--policy", "cache_aware"), False),
-    # min_group: a new key goes to the worker holding fewest keys, so the pool splits evenly over the
-    # stores (min_load ties at low load and then picks at random).
+    # min_group: a new key goes to the worker with the fewest distinct keys in flight, which spreads
+    # the pool over the stores under load (min_load counts requests: at low load it ties, at random).
     "affinity": Arm("affinity", ("--policy", "manual", "--assignment-mode", "min_group"), True),
     # Keyed requests pinned on top of a load-aware policy. smg >= 1.10 (`delegate` assignment):
     # power_of_two places a new key, and a key with 2 of its own requests in flight on its replica
@@ -115,23 +115,36 @@ def image_index(row: dict, pool: list[str]) -> int:
 
 # ----- servers ----------------------------------------------------------------------------------
 
+LAYOUTS = {
+    "shared-gpu": "two replicas on GPU 0 (small --mem-fraction each), started one after the other",
+    "gpu-each": "two replicas, replica i on GPUs [i*G, (i+1)*G) (--gpus-per-replica G; G=2 with --tp-size 2)",
+    "dp": "one server with --dp-size 2 (a scheduler and a store per rank), router --dp-aware",
+}
+
+
 def replica_servers(args: argparse.Namespace) -> list[launch.Server]:
     tokens = qwen_image_tokens(*args.image_size)
     # Room for --store-images whole images and half of another: the next one evicts.
     store_tokens = args.store_images * tokens + tokens // 2
+    dp_size = 2 if args.layout == "dp" else 1
     servers = []
-    for i in range(2):
+    for i in range(1 if args.layout == "dp" else 2):
         port = args.base_port + 1 + i
+        label = "dp" if args.layout == "dp" else f"replica{i}"
         if args.replica_command:
-            cmd = shlex.split(args.replica_command.format(port=port, store_images=args.store_images))
-            servers.append(launch.Server(f"replica{i}", [], port, args.log_dir, command=cmd,
+            cmd = shlex.split(args.replica_command.format(port=port, store_images=args.store_images, dp_size=dp_size))
+            servers.append(launch.Server(label, [], port, args.log_dir, command=cmd,
                                          timeout_s=args.server_timeout_s, poll_s=0.5))
             continue
         # --max-total-tokens: the same KV pool on both (the second profiles the GPU with the first on it).
         flags = (launch.base_flags(args.model) + launch.vlcache_flags("full")
                  + ["--vlcache-mm-store-tokens", str(store_tokens), "--max-total-tokens", str(args.max_total_tokens)]
                  + shlex.split(args.replica_flags))
-        servers.append(launch.Server(f"replica{i}", flags, port, args.log_dir, mem_fraction=args.mem_fraction,
+        if args.layout == "gpu-each":
+            flags += ["--base-gpu-id", str(i * args.gpus_per_replica)]
+        if args.layout == "dp":
+            flags += ["--dp-size", str(dp_size)]
+        servers.append(launch.Server(label, flags, port, args.log_dir, mem_fraction=args.mem_fraction,
                                      timeout_s=args.server_timeout_s))
     return servers
 
@@ -139,6 +152,8 @@ def replica_servers(args: argparse.Namespace) -> list[launch.Server]:
 def router_server(args: argparse.Namespace, arm: Arm, workers: list[launch.Server]) -> launch.Server:
     cmd = [*shlex.split(args.router_command), "--host", "127.0.0.1", "--port", str(args.base_port),
            "--worker-urls", *[w.url for w in workers], *arm.router_flags, *shlex.split(args.router_flags)]
+    if args.layout == "dp":
+        cmd.append("--dp-aware")  # one worker per rank (url@rank); the rank goes in the body
     return launch.Server(f"router_{arm.name}", [], args.base_port, args.log_dir, command=cmd, timeout_s=60,
                          poll_s=0.5)
 
@@ -281,11 +296,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, nargs=2, default=(1920, 1080), metavar=("W", "H"))
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", choices=list(LAYOUTS), default="shared-gpu",
+                   help="; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()))
+    p.add_argument("--gpus-per-replica", type=int, default=1, help="gpu-each: GPUs per replica (its --tp-size)")
     p.add_argument("--mem-fraction", type=float, default=0.3)
     p.add_argument("--max-total-tokens", type=int, default=100_000, help="KV pool of each replica")
     p.add_argument("--replica-flags", default="", help="more flags for both replicas")
     p.add_argument("--replica-command", default=None,
-                   help="launch each replica with this command instead ({port}, {store_images}: dry runs)")
+                   help="launch each replica with this command instead ({port}, {store_images}, {dp_size}: dry runs)")
     p.add_argument("--router-command", default=f"{sys.executable} -m smg.launch_router",
                    help="the router's launcher (its flags are smg's: --host --port --worker-urls --policy ...)")
     p.add_argument("--router-flags", default="", help="more flags for every arm's router")
@@ -312,7 +330,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     t0 = time.monotonic()
     # One after the other: SGLang sizes its KV pool from the GPU memory free when it starts, so two
     # starting at once on one GPU race for it (and the second loads the kernel caches the first built).
-    with launch.running(replicas, first_alone=True):
+    with launch.running(replicas, first_alone=args.layout == "shared-gpu"):
         print(f"replicas healthy after {max(r.startup_s for r in replicas):.0f} s", flush=True)
         model = served_model(replicas[0].url)
         warm_up(args, replicas, model)
@@ -329,11 +347,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
             per_request[arm.name] = results
             print(f"arm {arm.name}: hit rate {_f(summary['hit_rate'], '.2f')}, TTFT p50 "
                   f"{_f(summary['ttft_p50_ms'], '.0f')} ms, errors {summary['errors']}", flush=True)
-    meta = {"model": args.model, "pool_size": args.pool_size, "store_images": args.store_images,
+    meta = {"layout": f"{args.layout}: {LAYOUTS[args.layout]}", "model": args.model, "pool_size": args.pool_size, "store_images": args.store_images,
             "image_size": list(args.image_size), "image_tokens": qwen_image_tokens(*args.image_size),
             "requests": args.requests, "concurrency": args.concurrency, "tenants": args.tenants,
             "zipf": args.zipf, "mem_fraction": args.mem_fraction, "replica_command": args.replica_command,
             "skipped_arms (deadline)": skipped, "wall_s": round(time.monotonic() - t0)}
+    if args.layout == "dp":
+        # metrics.py's gauges are "mostrecent": with one scheduler per rank, /metrics shows the rank
+        # that wrote last, not the sum. Right once the gauges sum over ranks (multiprocess "livesum").
+        meta["gauges"] = "one rank's counts under --dp-size (mostrecent gauges), not the sum over ranks"
     table = write_report(Path(args.out_dir), meta, rows, per_request)
     print("\n" + table, flush=True)
     return {"arms": rows, "skipped": skipped}

@@ -2,7 +2,8 @@
 where smg is not installed: the same flags (--host --port --worker-urls --policy --assignment-mode),
 /health, and a proxy that picks a worker per request. `manual` pins each X-SMG-Routing-Key to the
 worker holding the fewest keys (smg's min_group, counted over pinned keys); requests without a key
-and every other policy go round robin.
+and every other policy go round robin. --dp-aware: one worker per rank of each URL (its /server_info
+dp_size), the rank written into the body as smg does (`data_parallel_rank`).
 
     python fake_router.py --host 127.0.0.1 --port 30300 --worker-urls http://... http://... --policy manual
 """
@@ -13,11 +14,13 @@ import argparse
 import http.client
 import http.server
 import itertools
+import json
 import threading
 import urllib.parse
 
 
 def make_handler(workers: list[str], policy: str) -> type:
+    """workers: URLs, or "URL@rank" under --dp-aware."""
     pins: dict[str, str] = {}
     lock = threading.Lock()
     turn = itertools.cycle(workers)
@@ -52,7 +55,10 @@ def make_handler(workers: list[str], policy: str) -> type:
             self._forward(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
 
         def _forward(self, body: bytes) -> None:
-            u = urllib.parse.urlsplit(pick(self.headers.get("X-SMG-Routing-Key")))
+            url, _, rank = pick(self.headers.get("X-SMG-Routing-Key")).partition("@")
+            if rank and body:
+                body = json.dumps({**json.loads(body), "data_parallel_rank": int(rank)}).encode()
+            u = urllib.parse.urlsplit(url)
             conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
             conn.request(self.command, self.path, body or None, headers)
@@ -72,6 +78,13 @@ def make_handler(workers: list[str], policy: str) -> type:
     return Proxy
 
 
+def _dp_size(url: str) -> int:
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    conn.request("GET", "/server_info")
+    return int(json.loads(conn.getresponse().read()).get("dp_size") or 1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--host", default="127.0.0.1")
@@ -79,8 +92,12 @@ def main() -> None:
     p.add_argument("--worker-urls", nargs="+", required=True)
     p.add_argument("--policy", default="cache_aware")
     p.add_argument("--assignment-mode", default="random")
+    p.add_argument("--dp-aware", action="store_true")
     args, _ = p.parse_known_args()
-    srv = http.server.ThreadingHTTPServer((args.host, args.port), make_handler(args.worker_urls, args.policy))
+    workers = args.worker_urls
+    if args.dp_aware:
+        workers = [f"{u}@{r}" for u in workers for r in range(_dp_size(u))]
+    srv = http.server.ThreadingHTTPServer((args.host, args.port), make_handler(workers, args.policy))
     srv.daemon_threads = True
     print(f"fake router on {args.port}: {args.policy} over {args.worker_urls}", flush=True)
     srv.serve_forever(poll_interval=0.05)

@@ -15,7 +15,7 @@ import affinity  # noqa: E402
 import launch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-FAKE = f"{sys.executable} {HERE / 'fake_sglang.py'} {{port}} --store-images {{store_images}}"
+FAKE = f"{sys.executable} {HERE / 'fake_sglang.py'} {{port}} --store-images {{store_images}} --dp-size {{dp_size}}"
 
 
 def args_for(tmp_path, *more):
@@ -72,8 +72,8 @@ def test_percentile():
     assert affinity.percentile([float(x) for x in range(1, 101)], 90) == pytest.approx(90.1)
 
 
-def _run(tmp_path, router_command):
-    argv = ["--out-dir", str(tmp_path / "out"), "--log-dir", str(tmp_path / "logs"), "--image-size", "64", "48",
+def _run(tmp_path, router_command, *more):
+    argv = [*more, "--out-dir", str(tmp_path / "out"), "--log-dir", str(tmp_path / "logs"), "--image-size", "64", "48",
             "--requests", "30", "--concurrency", "6", "--replica-command", FAKE, "--base-port",
             str(free_base_port()), "--server-timeout-s", "60"]
     if router_command:
@@ -95,6 +95,16 @@ def test_a_dry_run_behind_a_fake_router_shows_affinity(tmp_path):
     assert all(r["routing_key"] for r in rows if r["arm"] == "affinity")
     assert not any(r["routing_key"] for r in rows if r["arm"] != "affinity")
     assert "| affinity |" in (out / "affinity.md").read_text()
+
+
+def test_a_dry_run_with_dp_ranks_routes_keys_to_ranks(tmp_path):
+    # --dp-size 2 (vlcache refuses it for now; this is the router side): one server, a store per rank,
+    # the rank chosen by the router and carried in the body.
+    arms, out = _run(tmp_path, f"{sys.executable} {HERE / 'fake_router.py'}", "--layout", "dp", "--arms",
+                     "round_robin,affinity")
+    assert arms["affinity"]["key_hits"] == 20 and arms["affinity"]["lookups_per_replica"] == [30]
+    assert arms["round_robin"]["hit_rate"] < arms["affinity"]["hit_rate"] - 0.2
+    assert "mostrecent" in (out / "affinity.md").read_text(), "the report says the gauges are one rank's"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("smg") is None, reason="smg (SGLang's router) is not importable; "
