@@ -1,4 +1,5 @@
 import base64
+import json
 
 import pytest
 
@@ -8,6 +9,7 @@ from vlcache_sglang.routing_key import (
     image_identity,
     request_images,
     request_namespace,
+    main,
     routing_headers,
     routing_key,
 )
@@ -99,3 +101,14 @@ def test_images_in_prompt_order_across_messages():
     assert list(request_images(body)) == ["https://h/1.png", "https://h/2.png"]
     # A later turn of the conversation keeps the first image, so it keeps its replica.
     assert routing_key(body) == routing_key({"messages": body["messages"][:1]})
+
+
+def test_command_line_prints_the_header(tmp_path, capsys):
+    body = chat(data_url(PNG_A), cache_salt="tenant-a")
+    (tmp_path / "body.json").write_text(json.dumps(body))
+    (tmp_path / "secret").write_bytes(b"s3")
+    main([str(tmp_path / "body.json"), "--secret-file", str(tmp_path / "secret")])
+    assert capsys.readouterr().out == f"{ROUTING_KEY_HEADER}: {routing_key(body, b's3')}\n"
+    (tmp_path / "text.json").write_text('{"messages": [{"role": "user", "content": "hi"}]}')
+    main([str(tmp_path / "text.json")])
+    assert capsys.readouterr().out == ""

@@ -34,8 +34,11 @@ never reuses or stores items whose hashes a client chose (README "Safety").
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import hmac
+import json
+import sys
 from typing import Any, Iterator, Mapping, Optional, Union
 
 from vlcache_sglang.image_key import decode_base64
@@ -118,3 +121,20 @@ def routing_headers(body: Mapping[str, Any], secret: Optional[bytes] = None) -> 
     of the POST to the router."""
     key = routing_key(body, secret)
     return {} if key is None else {ROUTING_KEY_HEADER: key}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """`python -m vlcache_sglang.routing_key [BODY.json] [--secret-file F]`: the header line of a
+    request body (stdin without BODY), for curl and shell clients; nothing when it has no image."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("body", nargs="?", help="JSON request body (default: stdin)")
+    p.add_argument("--secret-file", help="the deployment's routing secret (its bytes)")
+    args = p.parse_args(argv)
+    body = json.load(open(args.body) if args.body else sys.stdin)
+    secret = open(args.secret_file, "rb").read() if args.secret_file else None
+    for name, value in routing_headers(body, secret).items():
+        print(f"{name}: {value}")
+
+
+if __name__ == "__main__":
+    main()
