@@ -321,43 +321,53 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
+def run_meta(args: argparse.Namespace) -> dict:
+    meta = {"layout": f"{args.layout}: {LAYOUTS[args.layout]}", "model": args.model, "pool_size": args.pool_size,
+            "store_images": args.store_images, "image_size": list(args.image_size),
+            "image_tokens": qwen_image_tokens(*args.image_size), "requests": args.requests,
+            "concurrency": args.concurrency, "tenants": args.tenants, "zipf": args.zipf,
+            "mem_fraction": args.mem_fraction, "replica_command": args.replica_command}
+    if args.layout == "dp":
+        # metrics.py's gauges are "mostrecent": with one scheduler per rank, /metrics shows the rank
+        # that wrote last, not the sum. Right once the gauges sum over ranks (multiprocess "livesum").
+        meta["gauges"] = "one rank's counts under --dp-size (mostrecent gauges), not the sum over ranks"
+    return meta
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     launch.stop_servers_on_sigterm()
     replicas = replica_servers(args)
     arms = [ARMS[a] for a in args.arms.split(",")]
     rows, per_request, skipped = [], {}, []
-    t0 = time.monotonic()
-    # One after the other: SGLang sizes its KV pool from the GPU memory free when it starts, so two
-    # starting at once on one GPU race for it (and the second loads the kernel caches the first built).
-    with launch.running(replicas, first_alone=args.layout == "shared-gpu"):
-        print(f"replicas healthy after {max(r.startup_s for r in replicas):.0f} s", flush=True)
-        model = served_model(replicas[0].url)
-        warm_up(args, replicas, model)
-        for i, arm in enumerate(arms):
-            if args.deadline_unix and time.time() > args.deadline_unix:
-                skipped.append(arm.name)
-                continue
-            work = arm_rows(args, i)
-            with router_server(args, arm, replicas) as router:
-                routable_s = wait_routable(router.url, model)
-                summary, results = run_arm(args, arm, [{**w, "model": model} for w in work], router.url, replicas)
-            summary["router_routable_s"] = round(routable_s, 1)
-            rows.append(summary)
-            per_request[arm.name] = results
-            print(f"arm {arm.name}: hit rate {_f(summary['hit_rate'], '.2f')}, TTFT p50 "
-                  f"{_f(summary['ttft_p50_ms'], '.0f')} ms, errors {summary['errors']}", flush=True)
-    meta = {"layout": f"{args.layout}: {LAYOUTS[args.layout]}", "model": args.model, "pool_size": args.pool_size, "store_images": args.store_images,
-            "image_size": list(args.image_size), "image_tokens": qwen_image_tokens(*args.image_size),
-            "requests": args.requests, "concurrency": args.concurrency, "tenants": args.tenants,
-            "zipf": args.zipf, "mem_fraction": args.mem_fraction, "replica_command": args.replica_command,
-            "skipped_arms (deadline)": skipped, "wall_s": round(time.monotonic() - t0)}
-    if args.layout == "dp":
-        # metrics.py's gauges are "mostrecent": with one scheduler per rank, /metrics shows the rank
-        # that wrote last, not the sum. Right once the gauges sum over ranks (multiprocess "livesum").
-        meta["gauges"] = "one rank's counts under --dp-size (mostrecent gauges), not the sum over ranks"
-    table = write_report(Path(args.out_dir), meta, rows, per_request)
-    print("\n" + table, flush=True)
+    meta, t0 = run_meta(args), time.monotonic()
+    try:
+        # shared-gpu one after the other: SGLang sizes its KV pool from the GPU memory free when it
+        # starts, so two starting at once on one GPU race for it (and the second reuses the first's
+        # kernel caches).
+        with launch.running(replicas, first_alone=args.layout == "shared-gpu"):
+            print(f"replicas healthy after {max(r.startup_s for r in replicas):.0f} s", flush=True)
+            model = served_model(replicas[0].url)
+            warm_up(args, replicas, model)
+            for i, arm in enumerate(arms):
+                if args.deadline_unix and time.time() > args.deadline_unix:
+                    skipped.append(arm.name)
+                    continue
+                work = arm_rows(args, i)
+                with router_server(args, arm, replicas) as router:
+                    routable_s = wait_routable(router.url, model)
+                    summary, results = run_arm(args, arm, [{**w, "model": model} for w in work], router.url,
+                                               replicas)
+                summary["router_routable_s"] = round(routable_s, 1)
+                rows.append(summary)
+                per_request[arm.name] = results
+                print(f"arm {arm.name}: hit rate {_f(summary['hit_rate'], '.2f')}, TTFT p50 "
+                      f"{_f(summary['ttft_p50_ms'], '.0f')} ms, errors {summary['errors']}", flush=True)
+    finally:  # also on SIGTERM (the time limit) or a server that died: the arms that finished
+        meta.update({"skipped_arms (deadline)": skipped, "wall_s": round(time.monotonic() - t0),
+                     "arms_not_run": [a.name for a in arms if a.name not in per_request and a.name not in skipped]})
+        table = write_report(Path(args.out_dir), meta, rows, per_request)
+        print("\n" + table, flush=True)
     return {"arms": rows, "skipped": skipped}
 
 

@@ -40,7 +40,7 @@ else
   fi
   PY=python3
   EXTRA=(--model "$MODEL")
-  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee "$RUN/gpu.txt"
+  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee "$RUN/gpu.txt" || true
 fi
 "$PY" -c "import smg.launch_router" || { echo "smg does not import (PYTHONPATH=$PYTHONPATH)"; exit 2; }
 
