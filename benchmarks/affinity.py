@@ -7,9 +7,10 @@
         --image-size 64 48                                 # CPU dry run against fakes
 
 Two replicas (`--enable-vlcache`, policy `full`, an image store of --store-images images each, small
-memory fractions so both fit one GPU) behind one router process. Per arm, the router is started with
+memory fractions so both fit one GPU; --layout: a GPU each, or one --dp-size 2 server) behind one
+router process. Per arm, the router is started with
 that arm's policy, both replicas are flushed, and the same workload goes through the router: one image
-per request from a pool of --pool-size images (more than one store holds, fewer than two hold),
+(--images-per-request) per request from a pool of --pool-size images (more than one store holds, fewer than two hold),
 after text no other request has. Arms:
   round_robin  --policy round_robin: each replica sees every image, so each store thrashes
   cache_aware  --policy cache_aware (the router's default): it routes by text, images are invisible
@@ -43,7 +44,7 @@ import launch  # noqa: E402
 import serving  # noqa: E402
 import workloads  # noqa: E402
 
-from vlcache_sglang.routing_key import routing_headers  # noqa: E402
+from vlcache_sglang.routing_key import PICKS, routing_headers  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,8 @@ def qwen_image_tokens(width: int, height: int, factor: int = 28, min_pixels: int
 
 def workload_spec(args: argparse.Namespace, seed: int) -> workloads.WorkloadSpec:
     return workloads.WorkloadSpec(num_requests=args.requests, pool_size=args.pool_size, resolution="1080p",
-                                  images_per_request=(1, 1), system_words=(5, 60), zipf=args.zipf,
+                                  images_per_request=tuple(args.images_per_request), system_words=(5, 60),
+                                  shuffle_order=True, zipf=args.zipf,
                                   output_len=args.max_tokens, seed=seed)
 
 
@@ -106,11 +108,6 @@ def arm_rows(args: argparse.Namespace, arm_index: int) -> list[dict]:
             row["cache_salt"] = f"tenant-{i % args.tenants}"
         rows.append(row)
     return rows
-
-
-def image_index(row: dict, pool: list[str]) -> int:
-    return pool.index(next(p["image_url"]["url"] for m in row["messages"] if isinstance(m["content"], list)
-                           for p in m["content"] if p.get("type") == "image_url"))
 
 
 # ----- servers ----------------------------------------------------------------------------------
@@ -195,7 +192,8 @@ def warm_up(args: argparse.Namespace, replicas: list[launch.Server], model: str)
     """Each replica directly: an image none of the arms uses, twice after other text (a miss that
     stores it, then a hit: both paths compiled and captured before anything is measured)."""
     spec = workload_spec(args, args.seed + 100)
-    image = workloads._pool(dataclasses.replace(spec, pool_size=1), tuple(args.image_size))[0]
+    one = dataclasses.replace(spec, pool_size=1, images_per_request=(1, 1))
+    image = workloads._pool(one, tuple(args.image_size))[0]
     for r in replicas:
         for text in ("Warm-up, first sight:", "Warm-up again, other words first:"):
             body = {"model": model, "max_tokens": 2, "temperature": 0, "messages": [{"role": "user", "content": [
@@ -205,8 +203,8 @@ def warm_up(args: argparse.Namespace, replicas: list[launch.Server], model: str)
 
 # ----- one arm ----------------------------------------------------------------------------------
 
-def _one(router_url: str, body: dict, keyed: bool, timeout_s: float) -> dict:
-    headers = routing_headers(body) if keyed else {}
+def _one(router_url: str, body: dict, keyed: bool, timeout_s: float, pick: str) -> dict:
+    headers = routing_headers(body, pick=pick) if keyed else {}
     t0 = time.perf_counter()
     try:
         out = serving.stream_chat(router_url, body, timeout_s=timeout_s, headers=headers)
@@ -229,7 +227,8 @@ def run_arm(args: argparse.Namespace, arm: Arm, rows: list[dict], router_url: st
     flush(replicas)
     before = {r.label: r.metrics() for r in replicas}
     with ThreadPoolExecutor(args.concurrency) as pool:
-        results = list(pool.map(lambda row: _one(router_url, row, arm.keyed, args.request_timeout_s), rows))
+        results = list(pool.map(lambda row: _one(router_url, row, arm.keyed, args.request_timeout_s, args.pick),
+                                rows))
     after = {r.label: r.metrics() for r in replicas}
     per = {r.label: launch.gauge_deltas(before[r.label], after[r.label]) for r in replicas}
     hits = sum(d["key_hits"] for d in per.values())
@@ -293,6 +292,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--tenants", type=int, default=0, help="cache_salt tenant-(i mod N) per request (0: none)")
     p.add_argument("--zipf", type=float, default=0.0)
+    p.add_argument("--images-per-request", type=int, nargs=2, default=(1, 1), metavar=("LO", "HI"),
+                   help="images of a request, from the pool, in random order")
+    p.add_argument("--pick", choices=PICKS, default="first", help="routing_key's pick: first image, or min (the set)")
     p.add_argument("--image-size", type=int, nargs=2, default=(1920, 1080), metavar=("W", "H"))
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -326,6 +328,7 @@ def run_meta(args: argparse.Namespace) -> dict:
             "store_images": args.store_images, "image_size": list(args.image_size),
             "image_tokens": qwen_image_tokens(*args.image_size), "requests": args.requests,
             "concurrency": args.concurrency, "tenants": args.tenants, "zipf": args.zipf,
+            "images_per_request": list(args.images_per_request), "pick": args.pick,
             "mem_fraction": args.mem_fraction, "replica_command": args.replica_command}
     if args.layout == "dp":
         # metrics.py's gauges are "mostrecent": with one scheduler per rank, /metrics shows the rank

@@ -54,7 +54,8 @@ def test_the_salt_is_part_of_the_key():
             routing_key({**body, "cache_salt": "tenant-b"}), routing_key({**body, "extra_key": "tenant-a"})}
     assert len(keys) == 3  # none, a, b; extra_key "tenant-a" is SGLang's namespace "tenant-a" too
     # SGLang concatenates cache_salt and extra_key: the same namespace routes alike.
-    assert routing_key({**body, "cache_salt": "ten", "extra_key": "ant-a"}) == routing_key({**body, "cache_salt": "tenant-a"})
+    split = {**body, "cache_salt": "ten", "extra_key": "ant-a"}
+    assert routing_key(split) == routing_key({**body, "cache_salt": "tenant-a"})
 
 
 def test_namespace_mirrors_sglang():
@@ -112,3 +113,16 @@ def test_command_line_prints_the_header(tmp_path, capsys):
     (tmp_path / "text.json").write_text('{"messages": [{"role": "user", "content": "hi"}]}')
     main([str(tmp_path / "text.json")])
     assert capsys.readouterr().out == ""
+
+
+def test_min_pick_keys_the_image_set_in_any_order():
+    a, b, c = data_url(PNG_A), data_url(PNG_B), "https://h/3.png"
+    key = routing_key(chat(a, b, c), pick="min")
+    assert routing_key(chat(c, a, b), pick="min") == key == routing_key(chat(b, c, a), pick="min")
+    singles = {routing_key(chat(x)) for x in (a, b, c)}
+    assert key in singles, "the set's key is one of its images' keys (so subsets often agree)"
+    assert routing_key(chat(c, a, b)) != routing_key(chat(a, b, c)), "first: the order matters"
+    assert routing_key(chat(a, b, c, cache_salt="t"), pick="min") != key, "the salt is in every image's key"
+    assert routing_key({"text": "no image"}, pick="min") is None
+    with pytest.raises(ValueError, match="pick must be one of"):
+        routing_key(chat(a), pick="last")

@@ -13,7 +13,8 @@ So a client (or the proxy in front of the router) sends that header, computed he
 What the key is: HMAC-SHA256 over the request's cache namespace and the identity of its *first*
 image, in prompt order. The first image because a conversation keeps it as its history grows, so
 every turn lands where the earlier turns stored their images; a request's other images are stored
-on the same replica and so gather where they co-occur. Identity: the decoded bytes of an inline
+on the same replica and so gather where they co-occur. For multi-image requests whose order varies,
+`pick="min"` keys the set instead (the smallest per-image key, a MinHash). Identity: the decoded bytes of an inline
 image (the server keys raw bytes too, so two encodings of one image route alike), the URL or path
 string otherwise (the router must not fetch or read anything).
 
@@ -101,25 +102,42 @@ def image_identity(entry: ImageEntry) -> bytes:
         return b"text:" + hashlib.sha256(entry.encode("utf-8", "surrogatepass")).digest()
 
 
-def routing_key(body: Mapping[str, Any], secret: Optional[bytes] = None) -> Optional[str]:
-    """The routing key of a request body, or None when it has no image (route it by load)."""
-    first = next(request_images(body), None)
-    if first is None:
-        return None
-    mac = hmac.new(secret or _DEFAULT_SECRET, digestmod=hashlib.sha256)
-    ns = request_namespace(body)
-    ns_bytes = b"\x00" if ns is None else b"\x01" + ns.encode("utf-8", "surrogatepass")
+def _image_mac(key: bytes, namespace: Optional[str], entry: ImageEntry) -> str:
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    ns = b"\x00" if namespace is None else b"\x01" + namespace.encode("utf-8", "surrogatepass")
     # Length-prefixed, so no (namespace, identity) pair aliases another.
-    for part in (ns_bytes, image_identity(first)):
+    for part in (ns, image_identity(entry)):
         mac.update(len(part).to_bytes(8, "little"))
         mac.update(part)
     return mac.hexdigest()[:KEY_HEX_CHARS]
 
 
-def routing_headers(body: Mapping[str, Any], secret: Optional[bytes] = None) -> dict[str, str]:
+PICKS = ("first", "min")
+
+
+def routing_key(body: Mapping[str, Any], secret: Optional[bytes] = None, pick: str = "first") -> Optional[str]:
+    """The routing key of a request body, or None when it has no image (route it by load).
+
+    pick "first": the first image's key (conversations: the first image stays as history grows).
+    pick "min": the smallest of the images' keys, a MinHash of the request's image set: the same set
+    in any order routes alike, and two sets collide with probability their Jaccard similarity (multi-
+    image requests in shuffled order; a new image in a long history moves it with probability
+    1/(images+1))."""
+    if pick not in PICKS:
+        raise ValueError(f"pick must be one of {PICKS}, got {pick!r}")
+    images = request_images(body)
+    if pick == "first":
+        first = next(images, None)
+        images = iter(() if first is None else (first,))
+    key, ns = secret or _DEFAULT_SECRET, request_namespace(body)
+    return min((_image_mac(key, ns, entry) for entry in images), default=None)
+
+
+def routing_headers(body: Mapping[str, Any], secret: Optional[bytes] = None,
+                    pick: str = "first") -> dict[str, str]:
     """{ROUTING_KEY_HEADER: key} for a request with an image, {} otherwise: merge into the headers
     of the POST to the router."""
-    key = routing_key(body, secret)
+    key = routing_key(body, secret, pick)
     return {} if key is None else {ROUTING_KEY_HEADER: key}
 
 
@@ -129,10 +147,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("body", nargs="?", help="JSON request body (default: stdin)")
     p.add_argument("--secret-file", help="the deployment's routing secret (its bytes)")
+    p.add_argument("--pick", choices=PICKS, default="first", help="which image keys the request (see routing_key)")
     args = p.parse_args(argv)
     body = json.load(open(args.body) if args.body else sys.stdin)
     secret = open(args.secret_file, "rb").read() if args.secret_file else None
-    for name, value in routing_headers(body, secret).items():
+    for name, value in routing_headers(body, secret, args.pick).items():
         print(f"{name}: {value}")
 
 
