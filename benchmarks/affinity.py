@@ -93,13 +93,14 @@ def workload_spec(args: argparse.Namespace, seed: int) -> workloads.WorkloadSpec
 def arm_rows(args: argparse.Namespace, arm_index: int) -> list[dict]:
     """The workload of one arm: the same request sequence for every arm (seed --seed), its images
     replaced by the arm's own pool (seed --seed + 1 + arm_index), so caches carry nothing over."""
-    size = tuple(args.image_size)
     spec = workload_spec(args, args.seed)
-    base_pool = workloads._pool(spec, size)
-    arm_pool = workloads._pool(dataclasses.replace(spec, seed=args.seed + 1 + arm_index), size)
+    tiny = (32, 32)  # the sequence's own images only name pool slots: cheap stand-ins, swapped below
+    base_pool = workloads._pool(spec, tiny)
+    arm_pool = workloads._pool(dataclasses.replace(spec, seed=args.seed + 1 + arm_index), tuple(args.image_size))
     swap = dict(zip(base_pool, arm_pool))
+    assert len(swap) == spec.pool_size, "two stand-in images are equal"
     rows = []
-    for i, row in enumerate(workloads.generate(spec, size)):
+    for i, row in enumerate(workloads.generate(spec, tiny)):
         for m in row["messages"]:
             for part in m["content"] if isinstance(m["content"], list) else ():
                 if part.get("type") == "image_url":
