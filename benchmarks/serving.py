@@ -96,8 +96,8 @@ def build_workload(preset: str, concurrencies: list[int], num_prompts: int, prob
 
 # ----- requests ---------------------------------------------------------------------------------
 
-def stream_chat(url: str, body: dict, timeout_s: float = 180) -> dict:
-    """One streaming chat completion. ttft_ms: the first chunk with a choice (SGLang sends the role
+def stream_chat(url: str, body: dict, timeout_s: float = 180, headers: Optional[dict] = None) -> dict:
+    """One streaming chat completion (`headers`: more request headers, e.g. a routing key). ttft_ms: the first chunk with a choice (SGLang sends the role
     chunk as the first token comes out); content_ttft_ms: the first non-empty content, bench_serving's
     definition, one decode step later when the first token is part of a multi-byte character.
     Prompt and cached tokens from the usage chunk."""
@@ -108,7 +108,8 @@ def stream_chat(url: str, body: dict, timeout_s: float = 180) -> dict:
     first = content = None
     usage: dict = {}
     try:
-        conn.request("POST", "/v1/chat/completions", json.dumps(payload), {"Content-Type": "application/json"})
+        conn.request("POST", "/v1/chat/completions", json.dumps(payload),
+                     {"Content-Type": "application/json", **(headers or {})})
         resp = conn.getresponse()
         if resp.status != 200:
             raise RuntimeError(f"POST {url}/v1/chat/completions: {resp.status} {resp.read()[:300]!r}")

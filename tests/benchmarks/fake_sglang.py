@@ -49,6 +49,9 @@ class Fake(JsonHandler):
     reuse_across_salts = False  # the store ignores the salt
     leak_line = False  # print SGLang's leak report once the stream is over (on the first idle flush after)
     health_fails = 0  # the first N /health polls after the first chat request answer 503
+    store_images = 6  # images the store holds before it evicts the oldest (per DP rank)
+    dp_size = 1  # what /server_info reports
+    model_id = "fake/Qwen2.5-VL-7B-Instruct"  # what /v1/models answers (SGLang: the served model name)
     # State (a subclass per server gets its own):
     store: dict = {}
     gauges: dict = {}
@@ -73,6 +76,12 @@ class Fake(JsonHandler):
                 if fail:
                     cls.health_fails -= 1
             return self._send(503 if fail else 200, "", "text/plain")
+        if self.path == "/v1/models":  # what SGLang's router (smg) probes to register a worker
+            return self._send(200, json.dumps({"object": "list", "data": [
+                {"id": self.model_id, "object": "model", "owned_by": "sglang", "root": self.model_id}]}))
+        if self.path in ("/server_info", "/model_info"):
+            return self._send(200, json.dumps({"model_path": self.model_id, "dp_size": self.dp_size,
+                                               "is_generation": True, "has_image_understanding": True}))
         if self.path == "/metrics":
             with self.lock:
                 text = "".join(f"sglang:vlcache_{k} {float(v)}\n" for k, v in self.gauges.items())
@@ -139,9 +148,11 @@ class Fake(JsonHandler):
                     return self._error(err, code)
             payloads.append(data)
         cached = 0
+        # Under --dp-size each rank has its own store (smg's --dp-aware sends the rank in the body).
+        rank = body.get("routed_dp_rank", body.get("data_parallel_rank")) if self.dp_size > 1 else None
         with self.lock:
             for data in payloads:
-                key = (None if self.reuse_across_salts else salt, hashlib.sha256(data).hexdigest())
+                key = (None if self.reuse_across_salts else salt, hashlib.sha256(data).hexdigest(), rank)
                 if key in self.store:
                     self._count("key_hits")
                     if (override or {}).get("policy") == "none":
@@ -150,8 +161,9 @@ class Fake(JsonHandler):
                     self._count("key_misses")
                     self.store[key] = True
                     self._count("stored_images")
-                    if len(self.store) > 6:
-                        self.store.pop(next(iter(self.store)))
+                    mine = [k for k in self.store if k[2] == rank]
+                    if len(mine) > self.store_images:
+                        self.store.pop(mine[0])
                         self._count("evicted_images")
         answer = "a" + hashlib.sha256(b"|".join(payloads) + "|".join(texts).encode()).hexdigest()[:6]
         n = int(body.get("n") or 1)
@@ -248,7 +260,16 @@ def serve(handler: type, port: int = 0) -> tuple[QuietServer, str]:
 
 if __name__ == "__main__":
     port = int(sys.argv[1])
-    faults = {name: True for name in sys.argv[3::2]} if "--fault" in sys.argv else {}
+    args = sys.argv[2:]
+    faults: dict = {}
+    while args:  # --fault NAME (a fault on) | --store-images N | --dp-size N
+        flag, value, *args = args
+        if flag == "--fault":
+            faults[value] = True
+        elif flag in ("--store-images", "--dp-size"):
+            faults[flag[2:].replace("-", "_")] = int(value)
+        else:
+            sys.exit(f"unknown option {flag!r}: expected --fault NAME, --store-images N or --dp-size N")
     srv = QuietServer(("127.0.0.1", port), make_handler(**faults))
     print(f"fake SGLang serving on {port}", flush=True)
     srv.serve_forever(poll_interval=0.02)
