@@ -18,6 +18,7 @@ import datetime
 import http.client
 import json
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -444,6 +445,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--model-path", default="/tmp/Qwen2.5-VL-7B-Instruct")
     p.add_argument("--real-weights", action="store_true", help="load the checkpoint's weights (default: dummy)")
     p.add_argument("--mem-fraction", type=float, default=0.7)
+    p.add_argument("--server-flags", default="", help="more SGLang flags for every server, stock too (e.g. \"--tp-size 2\")")
     p.add_argument("--port", type=int, default=30000, help="first server's port; the next ones count up")
     p.add_argument("--server-timeout", type=float, default=300)
     p.add_argument("--seed", type=int, default=1)
@@ -483,7 +485,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
         works.append(build_workload(preset, args.concurrency, n, args.probes, args.seed, work_dir))
         print(f"workload {preset}: {works[-1].counts} prompts per concurrency, "
               f"{len(works[-1].warmup)} warm-up requests", flush=True)
-    base = launch.base_flags(args.model_path, dummy=not args.real_weights)
+    base = launch.base_flags(args.model_path, dummy=not args.real_weights) + shlex.split(args.server_flags)
     policies = ([] if args.no_stock else ["stock"]) + list(args.policies)
     meta = {"date": date, "gpu": gpu, "model_path": args.model_path,
             "load_format": "real" if args.real_weights else "dummy", "sglang_version": _sglang_version(),
