@@ -115,6 +115,9 @@ def test_a_trimmed_request_attends_its_layers_kept_tokens_and_an_untrimmed_one_i
     got = _decode_step(backend, fb, q, new_k, new_v, hooks)
     assert getattr(backend.forward_metadata, LAYER_TABLES_ATTR) is not None
     row1, row2 = req_to_token[1].long(), req_to_token[2].long()
+    # SGLang's decode kernel multiplies fp32 in TF32 on the GPU (H200: max |diff| 7.8e-4 against fp32,
+    # 2026-12-01); a wrong token set is off by O(0.1). The untrimmed row below is held bit-equal to stock.
+    tol = 1e-5 if device == "cpu" else 3e-3
     for layer in range(LAYERS):
         # What the request attends at this layer: its kept prompt tokens' original KV, then its decode
         # tokens, the new one written by this very step.
@@ -123,9 +126,9 @@ def test_a_trimmed_request_attends_its_layers_kept_tokens_and_an_untrimmed_one_i
         v_ref[fb.out_cache_loc] = new_v[layer].view(2, KV, D)
         kept_slots = row1[plan.kept_positions[layer]]
         want = _attend(q[layer][0].view(QO, D), k_ref, v_ref, torch.cat([kept_slots, row1[M: M + DECODED]]))
-        torch.testing.assert_close(got[layer][0].view(QO, D), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[layer][0].view(QO, D), want, rtol=tol, atol=tol)
         want_other = _attend(q[layer][1].view(QO, D), k_ref, v_ref, row2[:OTHER])
-        torch.testing.assert_close(got[layer][1].view(QO, D), want_other, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[layer][1].view(QO, D), want_other, rtol=tol, atol=tol)
     assert max(plan.kept_lengths) < M  # the layers really attended fewer prompt tokens
 
     # The untrimmed row equals SGLang's own decode of the same batch bit for bit.

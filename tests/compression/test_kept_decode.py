@@ -34,39 +34,43 @@ def _sglang_decode(q, k, v, kv_indptr, kv_indices, scale):
 
     bs, splits = q.shape[0], 2
     o = torch.empty_like(q)
-    logits = torch.empty(bs, QO, splits, D, dtype=torch.float32)
-    lse = torch.empty(bs, QO, splits, dtype=torch.float32)
+    logits = torch.empty(bs, QO, splits, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(bs, QO, splits, dtype=torch.float32, device=q.device)
     decode_attention_fwd(q, k, v, o, kv_indptr, kv_indices, logits, lse,
-                         torch.full((bs,), splits, dtype=torch.int32), splits, scale, 1.0, 1.0)
+                         torch.full((bs,), splits, dtype=torch.int32, device=q.device), splits, scale, 1.0, 1.0)
     return o
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.3])
-def test_decode_reads_each_layers_kept_tokens(alpha):
+def test_decode_reads_each_layers_kept_tokens(alpha, device):
+    # Drawn on the CPU (the same numbers everywhere), run where the Triton kernels run (conftest).
     gen = torch.Generator().manual_seed(4)
-    k = [torch.randn(SLOTS, KV, D, generator=gen) for _ in range(LAYERS)]
-    v = [torch.randn(SLOTS, KV, D, generator=gen) for _ in range(LAYERS)]
+    k = [torch.randn(SLOTS, KV, D, generator=gen).to(device) for _ in range(LAYERS)]
+    v = [torch.randn(SLOTS, KV, D, generator=gen).to(device) for _ in range(LAYERS)]
     k0, v0 = [t.clone() for t in k], [t.clone() for t in v]
     req_to_token = torch.zeros(2, 64, dtype=torch.int32)
     req_to_token[1, : M + DECODED] = torch.randperm(SLOTS, generator=gen)[: M + DECODED].to(torch.int32)
+    req_to_token = req_to_token.to(device)
     step = VLCacheCompression(CompressionConfig(compress_ratio=alpha))
     positions = step.query_positions(M, [IMAGE])
-    queries = [torch.randn(positions.numel(), QO, D, generator=gen) * 3 for _ in range(LAYERS)]
+    queries = [(torch.randn(positions.numel(), QO, D, generator=gen) * 3).to(device) for _ in range(LAYERS)]
     scale = 1 / math.sqrt(D)
-    result = step.run(PrefillView(1, M, 0, req_to_token, k, v, positions, queries, scale))
+    result = step.run(PrefillView(1, M, 0, req_to_token, k, v, positions.to(device), queries, scale))
 
-    table = KeptLengthTable(2, LAYERS, "cpu")
+    table = KeptLengthTable(2, LAYERS, device)
     if result.kv_trimmed:
         table.set(1, result.plan)
-    seq = torch.tensor([M + DECODED])
-    kv_indptr, kv_indices = table.tables(req_to_token, torch.tensor([1]), seq)
-    q_decode = torch.randn(1, QO, D, generator=gen)
+    seq = torch.tensor([M + DECODED], device=device)
+    kv_indptr, kv_indices = table.tables(req_to_token, torch.tensor([1], device=device), seq)
+    q_decode = torch.randn(1, QO, D, generator=gen).to(device)
     row = req_to_token[1].long()
+    tol = 1e-5 if device == "cpu" else 3e-3  # SGLang's kernel multiplies fp32 in TF32 on the GPU
     for layer in range(LAYERS):
         got = _sglang_decode(q_decode, k[layer], v[layer], kv_indptr[layer], kv_indices[layer], scale)
         kept = result.plan.kept_positions[layer] if result.kv_trimmed else torch.arange(M)
-        want = _attend(q_decode[0], k0[layer], v0[layer], torch.cat([row[kept], row[M: M + DECODED]]), scale)
-        torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-5)
+        want = _attend(q_decode[0], k0[layer], v0[layer], torch.cat([row[kept.to(device)], row[M: M + DECODED]]),
+                       scale)
+        torch.testing.assert_close(got[0], want, rtol=tol, atol=tol)
         if not result.kv_trimmed:  # alpha = 1: SGLang's own table, the full attention
             assert torch.equal(kv_indices[layer, : M + DECODED], req_to_token[1, : M + DECODED])
     if alpha < 1:

@@ -32,19 +32,20 @@ def test_post_vision_contract():
         post_vision_positions(0, [])
 
 
-def _layers(num_layers, m, tau, seed=0):
+def _layers(num_layers, m, tau, seed=0, device="cpu"):
+    """Drawn on the CPU (the same numbers everywhere), moved to where the Triton kernel runs."""
     gen = torch.Generator().manual_seed(seed)
     slots = 40
-    k = [torch.randn(slots, 2, 16, generator=gen) for _ in range(num_layers)]
-    q = [torch.randn(tau, 4, 16, generator=gen) * (1 + 2 * layer) for layer in range(num_layers)]
-    req_to_token = torch.randperm(slots, generator=gen)[: 2 * 20].reshape(2, 20).to(torch.int32)
+    k = [torch.randn(slots, 2, 16, generator=gen).to(device) for _ in range(num_layers)]
+    q = [(torch.randn(tau, 4, 16, generator=gen) * (1 + 2 * layer)).to(device) for layer in range(num_layers)]
+    req_to_token = torch.randperm(slots, generator=gen)[: 2 * 20].reshape(2, 20).to(device, torch.int32)
     return q, k, req_to_token
 
 
-def test_score_request_kernel_equals_reference_per_layer():
+def test_score_request_kernel_equals_reference_per_layer(device):
     m, tau = 17, 4
-    q, k, req_to_token = _layers(3, m, tau)
-    positions = post_vision_positions(m, [(2, 12)])
+    q, k, req_to_token = _layers(3, m, tau, device=device)
+    positions = post_vision_positions(m, [(2, 12)]).to(device)
     assert positions.numel() == tau
     got = score_request(q, k, req_to_token, 1, positions, m, 1 / math.sqrt(16))
     want = score_request(q, k, req_to_token, 1, positions, m, 1 / math.sqrt(16),
@@ -58,15 +59,15 @@ def test_score_request_kernel_equals_reference_per_layer():
     assert got[0].sparsity < got[2].sparsity
 
 
-def test_score_layer_matches_a_materialised_matrix():
+def test_score_layer_matches_a_materialised_matrix(device):
     """gamma_l recomputed by hand from the full softmax of a small layer."""
     m, tau = 9, 3
-    q, k, req_to_token = _layers(1, m, tau, seed=2)
-    positions = torch.arange(m - tau, m)
+    q, k, req_to_token = _layers(1, m, tau, seed=2, device=device)
+    positions = torch.arange(m - tau, m, device=device)
     got = score_layer(q[0], k[0], req_to_token, 0, positions, m, 0.25)
     keys = k[0][req_to_token[0, :m].long()].repeat_interleave(2, dim=1)
     logits = torch.einsum("qhd,khd->hqk", q[0], keys) * 0.25
-    visible = torch.arange(m)[None, :] <= positions[:, None]
+    visible = torch.arange(m, device=device)[None, :] <= positions[:, None]
     probs = logits.masked_fill(~visible, float("-inf")).softmax(-1)
     frac = ((probs < 0.01 * probs.amax(-1, keepdim=True)) & visible).sum(-1) / visible.sum(-1)
     assert got.sparsity == pytest.approx(float(frac.mean()), abs=1e-9)
