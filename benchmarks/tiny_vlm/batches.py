@@ -221,23 +221,9 @@ def route_mask(seqs: list[list[int]], length: int, routed: np.ndarray, layouts: 
     return mask
 
 
-@dataclasses.dataclass
-class HostBatch:
-    """A batch before the device: numpy arrays (what a prefetching worker process builds and ships)."""
-
-    ids: np.ndarray           # [B, L]
-    pos: np.ndarray           # [3, B, L]
-    grids: np.ndarray         # [images, cells, cells] palette indices, images in sample order
-    target_pos: np.ndarray    # [N]
-    targets: np.ndarray       # [N]
-    target_sample: np.ndarray  # [N]
-    image_start: np.ndarray   # [B]
-    samples: list[Sample]
-    mask: np.ndarray | None = None  # [B, 1, L, L] route_mask, or None
-
-
-def host_batch(samples: list[Sample], tok: Tokenizer, spec: GridSpec, routed: np.ndarray | None = None) -> HostBatch:
-    """Token ids, M-RoPE positions, targets and the route mask of `samples` (CPU work only)."""
+def make_batch(samples: list[Sample], tok: Tokenizer, spec: GridSpec, image_mean: list[float],
+               image_std: list[float], device: str | torch.device, routed: np.ndarray | None = None) -> Batch:
+    """routed: [B] bool, samples trained with `route_mask` (None: plain causal attention)."""
     encoded = [encode(tok, spec, s) for s in samples]
     seqs = [p + a for p, a in encoded]
     length = max(map(len, seqs))
@@ -254,31 +240,17 @@ def host_batch(samples: list[Sample], tok: Tokenizer, spec: GridSpec, routed: np
             targets.append(t)
             target_sample.append(b)
         image_start.append(prompt.index(prompts.IMAGE_PAD))
+    grids = torch.from_numpy(np.stack([g for s in samples for g in s.grids])).to(device)
+
+    def t(x):
+        return torch.as_tensor(np.asarray(x), dtype=torch.long, device=device)
+
     mask = None
     if routed is not None and routed.any():
-        mask = route_mask(seqs, length, routed, [s.layout for s in samples])
-    as_array = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
-    return HostBatch(ids, pos, np.stack([g for s in samples for g in s.grids]), as_array(target_pos), as_array(targets),
-                     as_array(target_sample), as_array(image_start), samples, mask)
-
-
-def to_device(host: HostBatch, spec: GridSpec, image_mean: list[float], image_std: list[float],
-              device: str | torch.device) -> Batch:
-    """The model's inputs on `device`; pixel values are made there from the grids (pixels.py)."""
-    def t(x):
-        return torch.as_tensor(x, dtype=torch.long, device=device)
-
-    grids = torch.from_numpy(host.grids).to(device)
-    mask = torch.from_numpy(host.mask).to(device) if host.mask is not None else None
-    return Batch(t(host.ids), t(host.pos), grid_pixel_values(grids, spec, image_mean, image_std),
-                 t([grid_thw(spec)] * len(host.grids)), t(host.target_pos), t(host.targets), t(host.target_sample),
-                 t(host.image_start), host.samples, mask)
-
-
-def make_batch(samples: list[Sample], tok: Tokenizer, spec: GridSpec, image_mean: list[float],
-               image_std: list[float], device: str | torch.device, routed: np.ndarray | None = None) -> Batch:
-    """routed: [B] bool, samples trained with `route_mask` (None: plain causal attention)."""
-    return to_device(host_batch(samples, tok, spec, routed), spec, image_mean, image_std, device)
+        mask = torch.from_numpy(route_mask(seqs, length, routed, [s.layout for s in samples])).to(device)
+    return Batch(t(ids), t(pos), grid_pixel_values(grids, spec, image_mean, image_std),
+                 t([grid_thw(spec)] * len(grids)), t(target_pos), t(targets), t(target_sample),
+                 t(image_start), samples, mask)
 
 
 def answer_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:

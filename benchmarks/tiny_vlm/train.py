@@ -15,21 +15,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
-import multiprocessing
-import queue as queue_mod
 import time
 from pathlib import Path
-from typing import Any, Iterator
 
 import numpy as np
 import torch
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
-from benchmarks.tiny_vlm.batches import (B_KINDS, LAYOUTS, HostBatch, TaskConfig, answer_logits, greedy_correct,
-                                         host_batch, load_tokenizer, make_batch, random_samples, to_device)
+from benchmarks.tiny_vlm.batches import (B_KINDS, LAYOUTS, TaskConfig, answer_logits, greedy_correct,
+                                         load_tokenizer, make_batch, random_samples)
 from benchmarks.tiny_vlm.checkpoint import save_checkpoint
 from benchmarks.tiny_vlm.grid_task import BACKGROUND, KINDS, RGB, GridSpec
 from benchmarks.tiny_vlm.model_config import SIZES, write_tiny_model_dir
@@ -158,8 +154,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer-from", default=None,
                    help="copy tokenizer.json from this model directory (hosts without dashscope)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (tests)")
-    p.add_argument("--prefetch", type=int, default=2,
-                   help="training batches a worker process builds ahead (0: in this process, between steps)")
     return p.parse_args(argv)
 
 
@@ -197,66 +191,6 @@ def routed_samples(samples, route_p: float, route_kinds: set[str], route_p_ref: 
                      for s, x in zip(samples, u)], dtype=bool)
 
 
-@dataclasses.dataclass(frozen=True)
-class StreamSpec:
-    """What the training stream draws: fresh samples per step from one seeded generator."""
-
-    task: TaskConfig
-    model_dir: str  # its tokenizer.json
-    batch: int
-    seed: int
-    route_p: float
-    route_kinds: frozenset[str]
-    route_p_ref: float
-
-
-def host_batches(spec: StreamSpec) -> Iterator[HostBatch]:
-    """The training batches, in order: samples, then which are routed, from one generator (the stream
-    of earlier versions of this script, step for step)."""
-    tok = load_tokenizer(spec.model_dir)
-    rng = np.random.default_rng(spec.seed)
-    while True:
-        samples = random_samples(spec.task, spec.batch, rng)
-        routed = routed_samples(samples, spec.route_p, set(spec.route_kinds), spec.route_p_ref, rng)
-        yield host_batch(samples, tok, spec.task.spec, routed)
-
-
-def _produce(spec: StreamSpec, queue: Any) -> None:
-    for hb in host_batches(spec):
-        queue.put(hb)
-
-
-class BatchStream:
-    """`host_batches` in a worker process, `prefetch` batches ahead, so tokenising, M-RoPE positions and
-    route masks (tens of ms a batch) overlap the GPU step instead of preceding it; prefetch 0 builds
-    them in this process. Either way the same batches in the same order."""
-
-    def __init__(self, spec: StreamSpec, prefetch: int) -> None:
-        self._proc = None
-        if prefetch <= 0:
-            self._it = host_batches(spec)
-            return
-        ctx = multiprocessing.get_context("spawn")  # the parent holds CUDA: no fork
-        self._queue = ctx.Queue(maxsize=prefetch)
-        self._proc = ctx.Process(target=_produce, args=(spec, self._queue), daemon=True)
-        self._proc.start()
-
-    def next(self) -> HostBatch:
-        if self._proc is None:
-            return next(self._it)
-        while True:
-            try:
-                return self._queue.get(timeout=5)
-            except queue_mod.Empty:
-                if not self._proc.is_alive():
-                    raise RuntimeError(f"the batch worker died (exit code {self._proc.exitcode})") from None
-
-    def close(self) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            self._proc.join(timeout=5)
-
-
 def train(args: argparse.Namespace) -> dict:
     t0 = time.monotonic()
     task = task_from_args(args)
@@ -268,9 +202,6 @@ def train(args: argparse.Namespace) -> dict:
     pre = json.loads((out / "preprocessor_config.json").read_text())
     mean, std = pre["image_mean"], pre["image_std"]
     device = args.device
-    # The worker starts first: its imports overlap building the model.
-    stream = BatchStream(StreamSpec(task, str(out), args.batch, args.seed, args.route_p,
-                                    frozenset(args.route_kinds.split(",")), args.route_p_ref), args.prefetch)
     model = build_model(out, args.seed, device, args.init_std)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0,
                             fused=device.startswith("cuda"))
@@ -278,39 +209,24 @@ def train(args: argparse.Namespace) -> dict:
     held_rng = np.random.default_rng(HELD_OUT_SEED + args.seed)
     held = [make_batch(random_samples(task, min(args.batch, args.held_out - i), held_rng), tok, task.spec,
                        mean, std, device) for i in range(0, args.held_out, args.batch)]
+    rng = np.random.default_rng(args.seed)
+    route_kinds = set(args.route_kinds.split(","))
     budget_s = args.minutes * 60
-    t_train = time.monotonic()
+    log: list[dict] = []
+    step, t_train, last_eval, losses = 0, time.monotonic(), time.monotonic(), []
     print(f"setup {t_train - t0:.1f} s; {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params; "
           f"{task.spec.cells}x{task.spec.cells} cells, {len(task.spec.colours)} colours; device {device}",
           flush=True)
     model.train()
-    try:
-        log, step, losses = _train_loop(args, model, opt, stream, held, task, mean, std, device, budget_s, t_train)
-    finally:
-        stream.close()
-    check_finite(losses, step, model)
-    acc = held_out_accuracy(model, held, device)
-    result = {"steps": step, "train_s": round(time.monotonic() - t_train, 1),
-              "final_loss": _mean_finite(losses) if losses else None, "held_out_acc": acc,
-              "log": log, "args": vars(args)}
-    save_checkpoint(model, out)
-    (out / "train_log.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"done: {step} steps in {result['train_s']} s; held-out accuracy {acc}; wrote {out}", flush=True)
-    return result
-
-
-def _train_loop(args, model, opt, stream: BatchStream, held, task, mean, std, device: str, budget_s: float,
-                t_train: float) -> tuple[list[dict], int, list[torch.Tensor]]:
-    """Steps until the wall-clock budget (or --max-steps): (log entries, steps, losses since the last log)."""
-    log: list[dict] = []
-    step, last_eval, losses = 0, time.monotonic(), []
     while True:
         elapsed = time.monotonic() - t_train
         if elapsed >= budget_s or (args.max_steps is not None and step >= args.max_steps):
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, elapsed / budget_s, args.lr, args.warmup)
-        batch = to_device(stream.next(), task.spec, mean, std, device)
+        samples = random_samples(task, args.batch, rng)
+        routed = routed_samples(samples, args.route_p, route_kinds, args.route_p_ref, rng)
+        batch = make_batch(samples, tok, task.spec, mean, std, device, routed)
         with autocast(device):
             logits = answer_logits(model, batch)
         loss = torch.nn.functional.cross_entropy(logits.float(), batch.targets)
@@ -329,7 +245,15 @@ def _train_loop(args, model, opt, stream: BatchStream, held, task, mean, std, de
             log.append(entry)
             print(json.dumps(entry), flush=True)
             losses, last_eval = [], time.monotonic()
-    return log, step, losses
+    check_finite(losses, step, model)
+    acc = held_out_accuracy(model, held, device)
+    result = {"steps": step, "train_s": round(time.monotonic() - t_train, 1),
+              "final_loss": _mean_finite(losses) if losses else None, "held_out_acc": acc,
+              "log": log, "args": vars(args)}
+    save_checkpoint(model, out)
+    (out / "train_log.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"done: {step} steps in {result['train_s']} s; held-out accuracy {acc}; wrote {out}", flush=True)
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,7 +63,7 @@ def test_training_weights_are_fp32(tiny_dir):
 def _tiny_args(tiny_dir, out, *extra):
     return parse_args(["--out", str(out), "--size", "small", "--layers", "1", "--cells", "4", "--colours", "3",
                        "--max-count", "3", "--batch", "4", "--held-out", "4", "--max-steps", "3",
-                       "--tokenizer-from", str(tiny_dir), "--device", "cpu", "--prefetch", "0", *extra])
+                       "--tokenizer-from", str(tiny_dir), "--device", "cpu", *extra])
 
 
 def test_a_diverged_run_stops_and_writes_no_checkpoint(tiny_dir, tmp_path, monkeypatch):
@@ -158,26 +158,3 @@ def test_a_non_finite_step_is_survived_and_a_broken_run_is_refused():
         model.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite weights"):
         check_finite(losses, 10, model)
-
-
-def test_the_prefetching_worker_yields_the_batches_built_in_process(tiny_dir, tmp_path):
-    """--prefetch N (the default on the GPU) ships the same batches, in the same order, as building
-    them between steps; and a run with it trains and stops its worker."""
-    from benchmarks.tiny_vlm.train import BatchStream, StreamSpec, task_from_args
-
-    args = _tiny_args(tiny_dir, tmp_path / "x", *MIXED_ARGS)
-    task = task_from_args(args)
-    spec = StreamSpec(task, str(tiny_dir), 5, 3, 0.5, frozenset({"count", "total"}), 0.25)
-    inline, worker = BatchStream(spec, 0), BatchStream(spec, 2)
-    try:
-        for _ in range(3):
-            a, b = inline.next(), worker.next()
-            for name in ("ids", "pos", "grids", "target_pos", "targets", "target_sample", "image_start"):
-                assert np.array_equal(getattr(a, name), getattr(b, name)), name
-            assert (a.mask is None) == (b.mask is None) and (a.mask is None or np.array_equal(a.mask, b.mask))
-            assert [s.question for s in a.samples] == [s.question for s in b.samples]
-    finally:
-        worker.close()
-    assert not worker._proc.is_alive()
-    result = train(_tiny_args(tiny_dir, tmp_path / "ckpt", "--eval-every-s", "1e9", "--prefetch", "2"))
-    assert result["steps"] == 3
