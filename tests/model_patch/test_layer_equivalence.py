@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 import pytest
 import torch
 
-from standin import RequestSpec, StandIn, build_standin, restore_server_args
+from standin import RequestSpec, StandIn, build_standin
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the stand-in is on the CPU: the Triton kernel needs TRITON_INTERPRET=1 there")
@@ -47,24 +47,6 @@ ATOL = RTOL = 1e-5
 # with a 3x4 image: 22 + 18 extend tokens.
 PREFIXED = RequestSpec(30, prefix_len=8, images=((12, 4, 4),))
 FRESH = RequestSpec(18, images=((3, 3, 4),))
-
-
-@pytest.fixture(scope="module")
-def standin():
-    yield build_standin(num_layers=2)
-    restore_server_args()
-
-
-@pytest.fixture
-def triton_attention(monkeypatch):
-    """SelectiveAttention's backend choice on CPU tensors: the Triton kernel (records the would-be choice)."""
-    from vlcache_sglang.model_patch import selective_attention
-
-    real = selective_attention.choose_backend
-    chosen = []
-    monkeypatch.setattr(selective_attention, "choose_backend",
-                        lambda *args: chosen.append(real(*args)) or "triton")
-    return chosen
 
 
 # ---- the vlcache side, in one place (adapt here when the per-layer policy seam lands) ------------

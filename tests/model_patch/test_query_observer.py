@@ -11,26 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from standin import RequestSpec, build_standin, restore_server_args
+from standin import RequestSpec
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the stand-in is on the CPU: the Triton kernel needs TRITON_INTERPRET=1 there")
 
 PREFIXED = RequestSpec(30, prefix_len=8, images=((12, 4, 4),))  # image tokens 12..27, text 28, 29
 FRESH = RequestSpec(18, images=((3, 3, 4),))  # image tokens 3..14, text 15..17
-
-
-@pytest.fixture(scope="module")
-def standin():
-    yield build_standin(num_layers=2)
-    restore_server_args()
-
-
-@pytest.fixture
-def triton_attention(monkeypatch):
-    from vlcache_sglang.model_patch import selective_attention
-
-    monkeypatch.setattr(selective_attention, "choose_backend", lambda *args: "triton")
 
 
 def _runtime(standin, batch, voters):
