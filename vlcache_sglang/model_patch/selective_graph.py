@@ -105,6 +105,10 @@ class SelectiveGraphs:
         self._pool: Any = None
         self.disabled: Optional[str] = None  # why graphs are not used (set once, logged once)
 
+    def fits(self, n: int) -> bool:
+        """Whether a batch of n active tokens could take a graph (so its inputs are worth building)."""
+        return self.disabled is None and n <= self._buckets[-1]
+
     def run(self, lm: Any, hidden: torch.Tensor, positions: torch.Tensor, layer_out_loc: torch.Tensor,
             runs: RunLayout, req_to_token: torch.Tensor, pool: Any) -> Optional[torch.Tensor]:
         """All layers and the final norm for the n active tokens (hidden [n, H], positions [3, n],

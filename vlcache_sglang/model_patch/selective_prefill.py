@@ -276,7 +276,8 @@ class SelectivePrefill:
         observer = self.query_observer
         if observer is not None and not observer.wants_queries(forward_batch):
             observer = None
-        if sel.static_plan and observer is None:  # a replay shows no layer's Q to the observer
+        # A replay shows no layer's Q to the observer; the per-layer write slots only for a set that fits.
+        if sel.static_plan and observer is None and self._graphs.fits(rows.numel()):
             graphed = self._graphs.run(lm, hidden, row_positions, sel.layer_out_loc(row_out_loc), runs,
                                        req_to_token, pool)
             if graphed is not None:
