@@ -43,6 +43,7 @@ class VLCacheConfig:
     compress_ratio: Optional[float] = None
     compress_budget: str = "vlcache"
     compress_recent_window: int = 0
+    compress_max_layer_ratio: float = 1.0  # beta_max: no layer keeps more (1.0: the paper's budget)
 
     def __post_init__(self) -> None:
         policies = registered_recompute_policies()
@@ -68,14 +69,16 @@ class VLCacheConfig:
         except ValueError as exc:
             field = str(exc).split()[0]
             flag = {"compress_ratio": "compress-ratio", "budget": "compress-budget",
-                    "recent_window": "compress-recent-window"}.get(field, field.replace("_", "-"))
+                    "recent_window": "compress-recent-window",
+                    "max_budget": "compress-max-layer-ratio"}.get(field, field.replace("_", "-"))
             raise ValueError(f"--vlcache-{flag}: {exc}") from exc
 
     @property
     def compression(self) -> CompressionConfig:
         """The server's compression options (off unless --vlcache-compress-ratio is given)."""
         return CompressionConfig(compress_ratio=self.compress_ratio, budget=self.compress_budget,
-                                 recent_window=self.compress_recent_window)
+                                 recent_window=self.compress_recent_window,
+                                 max_budget=self.compress_max_layer_ratio)
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -174,6 +177,15 @@ class VLCacheConfig:
             default=VLCacheConfig.compress_recent_window,
             help="Compression: the last prompt tokens every layer keeps besides the post-vision queries.",
         )
+        group.add_argument(
+            "--vlcache-compress-max-layer-ratio",
+            type=float,
+            default=VLCacheConfig.compress_max_layer_ratio,
+            metavar="BETA_MAX",
+            help="Compression: no layer keeps more than this share of a request's prompt KV (the excess goes "
+            "to the other layers), so at least 1 - BETA_MAX of it returns to the pool; 1.0 (the default) "
+            "is VL-Cache's own budget, where one dense layer can keep everything and free nothing.",
+        )
 
     @classmethod
     def from_cli_namespace(cls, ns: argparse.Namespace) -> "VLCacheConfig":
@@ -192,4 +204,5 @@ class VLCacheConfig:
             compress_ratio=getattr(ns, "vlcache_compress_ratio", None),
             compress_budget=getattr(ns, "vlcache_compress_budget", cls.compress_budget),
             compress_recent_window=getattr(ns, "vlcache_compress_recent_window", cls.compress_recent_window),
+            compress_max_layer_ratio=getattr(ns, "vlcache_compress_max_layer_ratio", cls.compress_max_layer_ratio),
         )

@@ -44,6 +44,32 @@ def test_equal_sparsity_is_the_uniform_baseline(gamma, num_layers, alpha):
     torch.testing.assert_close(vlcache_budgets([gamma] * num_layers, alpha), uniform_budgets(num_layers, alpha))
 
 
+@given(gamma=gammas, alpha=st.floats(0.01, 0.3), cap=st.floats(0.3, 0.99))
+@settings(max_examples=200, deadline=None)
+def test_a_layer_cap_holds_every_layer_under_it_and_keeps_the_mean(gamma, alpha, cap):
+    """beta_max (ours): no layer above the cap, denser layers still never get less, and the budget a
+    capped layer loses goes to the others (mean alpha, up to the floor's rise)."""
+    beta = vlcache_budgets(gamma, alpha, max_budget=cap)
+    assert bool(((beta >= MIN_BUDGET) & (beta <= cap + 1e-12)).all())
+    order = sorted(range(len(gamma)), key=lambda l: gamma[l])
+    assert all(beta[a] >= beta[b] - 1e-12 for a, b in zip(order, order[1:]))
+    assert float(beta.mean()) >= alpha - 1e-9 and float(beta.mean()) <= max(alpha, MIN_BUDGET) + MIN_BUDGET
+    uncapped = vlcache_budgets(gamma, alpha)
+    if float(uncapped.max()) <= cap:
+        torch.testing.assert_close(beta, uncapped)
+
+
+def test_the_cap_on_a_worked_example():
+    # densities 0.9, 0.05, 0.05 at alpha 0.3: uncapped 0.81, 0.045, 0.045; capped at 0.4 the first
+    # layer's excess is shared by the other two: 0.4, 0.25, 0.25 (mean 0.3)
+    got = vlcache_budgets([0.1, 0.95, 0.95], alpha=0.3, max_budget=0.4)
+    torch.testing.assert_close(got, torch.tensor([0.4, 0.25, 0.25], dtype=torch.float64))
+    assert vlcache_budgets([0.1, 0.95, 0.95], alpha=0.3).tolist()[0] == pytest.approx(0.81)
+    assert uniform_budgets(3, 0.5, max_budget=0.4).tolist() == [0.4, 0.4, 0.4]
+    with pytest.raises(ValueError, match="max_budget"):
+        vlcache_budgets([0.5], 0.1, max_budget=0.0)
+
+
 def test_alpha_one_keeps_everything_at_every_layer():
     assert vlcache_budgets([0.1, 0.9, 0.5, 0.0], 1.0).tolist() == [1.0, 1.0, 1.0, 1.0]
     assert kept_counts(vlcache_budgets([0.1, 0.9], 1.0), 37) == [37, 37]

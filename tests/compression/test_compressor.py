@@ -123,6 +123,15 @@ def test_trimmed_flag_and_release_slots():
         plan.slots_to_free_on_finish(row, M - 1)
 
 
+def test_a_layer_cap_bounds_every_layers_kept_tokens_and_frees_the_rest():
+    uncapped = _step(compress_ratio=0.3).run(_view(_step(compress_ratio=0.3))).plan
+    capped_step = _step(compress_ratio=0.3, max_budget=0.35)
+    plan = capped_step.run(_view(capped_step)).plan
+    assert max(uncapped.kept_lengths) > 0.35 * M, "the example needs a layer above the cap"
+    assert max(plan.kept_lengths) <= math.floor(0.35 * M) + 1e-9
+    assert plan.free_slots.numel() == M - max(plan.kept_lengths) > uncapped.free_slots.numel()
+
+
 def test_kernel_and_reference_scorers_pick_the_same_tokens(device):
     # The Triton scorer runs where Triton does: the GPU, or the CPU under TRITON_INTERPRET=1 (conftest).
     kernel_step = VLCacheCompression(CompressionConfig(compress_ratio=0.3))

@@ -12,6 +12,11 @@ of the cache than sparse ones:
 Before clipping the mean of beta_l is alpha (the global keep ratio); alpha = 1 is special-cased to
 beta_l = 1 (no compression). The clip follows the paper
 and is not rebalanced: a layer clipped at 1 keeps everything, so the mean may fall below alpha.
+
+A cap beta_max < 1 (`max_budget`, ours, off by default) bounds every layer's budget: the slots a
+request gives back are its m - max_l kept_l own tokens (selection.py), so one dense layer clipped at 1
+would free nothing. Under a cap the budget above it is handed to the uncapped layers in proportion
+to their density (water-filling), so the mean stays alpha whenever alpha <= beta_max.
 The sparse counts come from `scores.attention_scores` (pass 2 of the kernel), never from a
 materialised attention matrix.
 """
@@ -56,15 +61,19 @@ def layers_sparsity(sparse_counts: Sequence[torch.Tensor], query_positions: torc
     return torch.stack([(counts.to(torch.float64) / valid).mean() for counts in sparse_counts]).tolist()
 
 
-def vlcache_budgets(sparsity: Floats, alpha: float, min_budget: float = MIN_BUDGET) -> torch.Tensor:
+def vlcache_budgets(sparsity: Floats, alpha: float, min_budget: float = MIN_BUDGET,
+                    max_budget: float = 1.0) -> torch.Tensor:
     """beta_l = clip(alpha * L * (1 - gamma_l) / sum_j (1 - gamma_j), min_budget, 1); [L] float64.
 
     sparsity: [L] gamma_l in [0, 1]. A layer whose post-vision attention is denser gets more budget.
     alpha = 1 keeps every token at every layer: the formula itself would still move budget from
     sparse layers to dense ones clipped at 1 (mean below 1), but alpha = 1.0 is the no-compression
-    anchor (token-for-token equal to the uncompressed server).
+    anchor (token-for-token equal to the uncompressed server). max_budget < 1: every beta_l <= it,
+    the excess water-filled over the other layers (module docstring).
     """
     _check_ratio(alpha)
+    if not (0.0 < max_budget <= 1.0) or max_budget < min_budget:
+        raise ValueError(f"max_budget must lie in [min_budget {min_budget}, 1], got {max_budget}")
     gamma = torch.as_tensor(sparsity, dtype=torch.float64).flatten()
     if gamma.numel() == 0:
         raise ValueError("need the sparsity of at least one layer")
@@ -76,16 +85,42 @@ def vlcache_budgets(sparsity: Floats, alpha: float, min_budget: float = MIN_BUDG
     total = float(density.sum())
     if total <= 0.0:
         # Impossible from real counts (a row's maximum is never below t x itself); fall back to uniform.
-        return uniform_budgets(gamma.numel(), alpha, min_budget)
-    return (alpha * gamma.numel() * density / total).clamp(min_budget, 1.0)
+        return uniform_budgets(gamma.numel(), alpha, min_budget, max_budget)
+    if max_budget >= 1.0:
+        return (alpha * gamma.numel() * density / total).clamp(min_budget, 1.0)
+    return _water_fill(density, alpha * gamma.numel(), max_budget).clamp(min_budget, max_budget)
 
 
-def uniform_budgets(num_layers: int, alpha: float, min_budget: float = MIN_BUDGET) -> torch.Tensor:
-    """The baseline at equal alpha: beta_l = alpha at every layer (H2O-like top-k per layer); [L] float64."""
+def _water_fill(weights: torch.Tensor, total: float, cap: float) -> torch.Tensor:
+    """x_l = min(cap, c * w_l) with c such that sum x_l = total (all at cap when total >= L * cap)."""
+    x = torch.zeros_like(weights)
+    free = torch.ones_like(weights, dtype=torch.bool)
+    remaining = total
+    while bool(free.any()):
+        w = weights[free]
+        if float(w.sum()) <= 0.0:
+            x[free] = min(cap, remaining / int(free.sum()))
+            break
+        share = remaining * w / w.sum()
+        over = share > cap
+        if not bool(over.any()):
+            x[free] = share
+            break
+        idx = free.nonzero().flatten()[over]
+        x[idx] = cap
+        free[idx] = False
+        remaining -= cap * int(over.sum())
+    return x
+
+
+def uniform_budgets(num_layers: int, alpha: float, min_budget: float = MIN_BUDGET,
+                    max_budget: float = 1.0) -> torch.Tensor:
+    """The baseline at equal alpha: beta_l = alpha at every layer (H2O-like top-k per layer), at most
+    max_budget; [L] float64."""
     _check_ratio(alpha)
     if num_layers <= 0:
         raise ValueError(f"num_layers must be > 0, got {num_layers}")
-    return torch.full((num_layers,), max(alpha, min_budget), dtype=torch.float64)
+    return torch.full((num_layers,), min(max(alpha, min_budget), max_budget), dtype=torch.float64)
 
 
 def kept_counts(budgets: Floats, num_prompt_tokens: int, min_keep: int = 0) -> list[int]:

@@ -46,9 +46,9 @@ class VLCacheCompression(PostPrefillStep):
                                view.query_positions, m, view.sm_scale, cfg.sparsity_threshold, self._scorer)
         sparsity = [layer.sparsity for layer in layers]
         if cfg.budget == "vlcache":
-            budgets = vlcache_budgets(sparsity, alpha)
+            budgets = vlcache_budgets(sparsity, alpha, max_budget=cfg.max_budget)
         else:
-            budgets = uniform_budgets(len(layers), alpha)
+            budgets = uniform_budgets(len(layers), alpha, max_budget=cfg.max_budget)
         # Only the request's own tokens [p, m) are compressed: the radix prefix stays whole at every
         # layer (tree slots cannot be freed, and a whole prefix keeps each layer's table contiguous).
         # The voting queries are the last prompt tokens: they and the recent window always stay.

@@ -23,6 +23,9 @@ class CompressionConfig:
     # "vlcache": sparsity-aware beta_l; "uniform": beta_l = alpha (the H2O-like baseline).
     budget: str = "vlcache"
     recent_window: int = 0  # last prompt tokens every layer keeps besides the post-vision queries
+    # beta_max: no layer keeps more than this share of the request's own prompt tokens (budget.py), so
+    # that at least 1 - beta_max of them go back to the pool; 1.0 is the paper's budget.
+    max_budget: float = 1.0
     sparsity_threshold: float = 0.01  # an entry is sparse below this share of its row's maximum
     fallback_queries: int = 32  # queries that vote when no text follows the last image
     max_queries: Optional[int] = None  # cap on the voting queries (scoring costs tau x m per layer)
@@ -35,6 +38,8 @@ class CompressionConfig:
                              f"compression off), got {alpha!r}")
         if self.budget not in BUDGET_METHODS:
             raise ValueError(f"budget {self.budget!r} is unknown; choose one of {BUDGET_METHODS}")
+        if not 0.01 <= self.max_budget <= 1:
+            raise ValueError(f"max_budget must lie in [0.01, 1] (1.0: uncapped, the paper's), got {self.max_budget}")
         if self.recent_window < 0:
             raise ValueError(f"recent_window must be >= 0, got {self.recent_window}")
         if not 0 < self.sparsity_threshold < 1:
