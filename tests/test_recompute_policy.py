@@ -1,5 +1,3 @@
-from typing import Optional
-
 import pytest
 import torch
 from hypothesis import given, settings

@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import time
 from array import array
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams
