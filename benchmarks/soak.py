@@ -331,10 +331,9 @@ def first_difference_gaps(a: Optional[list], b: Optional[list]) -> Optional[tupl
     return None
 
 
-def first_difference_margin(a: Optional[list], b: Optional[list]) -> Optional[float]:
-    """The smaller of the two gaps of `first_difference_gaps`."""
-    gaps = [g for g in first_difference_gaps(a, b) or () if g is not None]
-    return min(gaps) if gaps else None
+def smaller_gap(gaps: tuple[Optional[float], Optional[float]]) -> Optional[float]:
+    """The smaller known gap of a `first_difference_gaps` pair (None when neither server sent one)."""
+    return min((g for g in gaps if g is not None), default=None)
 
 
 def is_near_tie(gaps: Optional[tuple[Optional[float], Optional[float]]], tol: float = TIE_NATS) -> bool:
@@ -509,7 +508,7 @@ def mismatch(id_: str, salt: Optional[str], n: int, a: dict, b: dict) -> dict:
     gaps = [first_difference_gaps(x, y) for x, y, tx, ty in
             zip(a.get("tops") or [], b.get("tops") or [], a["texts"], b["texts"]) if tx != ty]
     known = [g for g in gaps if g is not None]
-    margins = [min(x for x in g if x is not None) for g in known if any(x is not None for x in g)]
+    margins = [m for m in map(smaller_gap, known) if m is not None]
     return {"id": id_, "stock": a.get("texts"), "vlcache": b.get("texts"), "salt": salt, "n": n,
             "gaps": known, "margin": min(margins, default=None),
             "near_tie": bool(gaps) and len(known) == len(gaps) and all(is_near_tie(g) for g in known)}

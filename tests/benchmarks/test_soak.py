@@ -144,8 +144,9 @@ def test_logprobs_of_a_choice_and_the_margin_where_two_answers_part():
     tops = soak._token_tops(choice)
     assert tops == [["3", -0.1, -2.5], ["<|im_end|>", 0.0, None]]
     other = [["4", -0.6, -0.7], ["<|im_end|>", 0.0, None]]
-    assert soak.first_difference_margin(tops, other) == pytest.approx(0.1)
-    assert soak.first_difference_margin(tops, tops) is None and soak._token_tops({"message": {}}) is None
+    assert soak.first_difference_gaps(tops, other) == pytest.approx((2.4, 0.1))
+    assert soak.smaller_gap((2.4, 0.1)) == pytest.approx(0.1) and soak.smaller_gap((None, None)) is None
+    assert soak.first_difference_gaps(tops, tops) is None and soak._token_tops({"message": {}}) is None
     body = soak.chat_body(accuracy.Record("x", "<image>Q", ["data:image/png;base64,AA"], "a"), 6, "tenant-a", 2,
                           top_logprobs=soak.TOP_LOGPROBS)
     assert body["logprobs"] is True and body["top_logprobs"] == 2
