@@ -242,8 +242,9 @@ def run_server(target: Target, records: list[Record], max_tokens: int) -> tuple[
 
 # ----- summary ----------------------------------------------------------------------------------
 
-def _rate(flags: list[bool]) -> Optional[float]:
-    return sum(flags) / len(flags) if flags else None
+def mean_or_none(xs: list) -> Optional[float]:
+    """The mean of xs (booleans: the share True), None for none."""
+    return sum(xs) / len(xs) if xs else None
 
 
 def summarise(target: Target, results: list[dict], reference: list[dict], window: dict[str, float]) -> dict:
@@ -253,24 +254,20 @@ def summarise(target: Target, results: list[dict], reference: list[dict], window
     repeats = [r["correct"] for r in results if r["repeat"]]
     return {"server": target.label, "policy": target.policy, "param": target.param, "n": len(results),
             "n_errors": sum(r["error"] is not None for r in results),
-            "accuracy": _rate([r["correct"] for r in results]), "n_repeat": len(repeats),
-            "repeat_accuracy": _rate(repeats), "agreement": _rate(agree),
+            "accuracy": mean_or_none([r["correct"] for r in results]), "n_repeat": len(repeats),
+            "repeat_accuracy": mean_or_none(repeats), "agreement": mean_or_none(agree),
             "recomputed_fraction": window.get("recomputed_fraction"),
             "hit_rate": window.get("hit_rate"), "reused_tokens": window.get("reused_tokens"),
             "recomputed_tokens": window.get("recomputed_tokens")}
-
-
-def _fmt(v: Any, spec: str) -> str:
-    return "–" if v is None else format(v, spec)
 
 
 def table_md(summary: list[dict], reference: str) -> str:
     lines = [f"| server | n | accuracy | accuracy on repeats (n) | agreement with {reference} | "
              "recomputed fraction | hit rate | errors |", "|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        lines.append(f"| {s['server']} | {s['n']} | {_fmt(s['accuracy'], '.3f')} | "
-                     f"{_fmt(s['repeat_accuracy'], '.3f')} ({s['n_repeat']}) | {_fmt(s['agreement'], '.3f')} | "
-                     f"{_fmt(s['recomputed_fraction'], '.3f')} | {_fmt(s['hit_rate'], '.2f')} | {s['n_errors']} |")
+        lines.append(f"| {s['server']} | {s['n']} | {report.fmt(s['accuracy'], '.3f')} | "
+                     f"{report.fmt(s['repeat_accuracy'], '.3f')} ({s['n_repeat']}) | {report.fmt(s['agreement'], '.3f')} | "
+                     f"{report.fmt(s['recomputed_fraction'], '.3f')} | {report.fmt(s['hit_rate'], '.2f')} | {s['n_errors']} |")
     return "\n".join(lines)
 
 
@@ -494,10 +491,10 @@ def summarise_config(config: Config, results: list[dict], reference: Optional[li
     return {"server": config.label, "config": config.label, "policy": config.policy, "param": config.param,
             "fraction": config.fraction, "n": len(results), "n_errors": len(errors),
             "error": errors[0] if errors else None,
-            "accuracy": _rate([r["correct"] for r in results]) if len(errors) < len(results) else None,
+            "accuracy": mean_or_none([r["correct"] for r in results]) if len(errors) < len(results) else None,
             "n_repeat": len(repeats),
-            "repeat_accuracy": _rate([r["correct"] for r in repeats]) if len(errors) < len(results) else None,
-            "agreement": _rate(agree) if ref and len(errors) < len(results) else None, "agreement_n": len(pairs),
+            "repeat_accuracy": mean_or_none([r["correct"] for r in repeats]) if len(errors) < len(results) else None,
+            "agreement": mean_or_none(agree) if ref and len(errors) < len(results) else None, "agreement_n": len(pairs),
             "kl_mean": sum(kls) / len(kls) if kls else None, "kl_max": max(kls) if kls else None,
             "recomputed_fraction": window.get("recomputed_fraction"), "hit_rate": window.get("hit_rate"),
             "reused_tokens": window.get("reused_tokens"), "recomputed_tokens": window.get("recomputed_tokens"),
@@ -655,9 +652,9 @@ def sweep_main(argv: Optional[list[str]] = None, restart: Optional[Callable[[], 
         if res:
             per_record_s[name] = elapsed / len(res)
         n_err = sum(r["error"] is not None for r in res) if res else None
-        acc = _rate([r["correct"] for r in res if r.get("n_reused", 0) > 0]) if res else None
-        progress(f"{name} {config.label}: {elapsed:.1f} s, repeats acc {_fmt(acc, '.3f')}, recomputed "
-                 f"{_fmt(window.get('recomputed_fraction'), '.3f')}, errors {n_err if res else window.get('error')}")
+        acc = mean_or_none([r["correct"] for r in res if r.get("n_reused", 0) > 0]) if res else None
+        progress(f"{name} {config.label}: {elapsed:.1f} s, repeats acc {report.fmt(acc, '.3f')}, recomputed "
+                 f"{report.fmt(window.get('recomputed_fraction'), '.3f')}, errors {n_err if res else window.get('error')}")
         if (not res or n_err) and launch.http_get(vl.url + "/health", timeout_s=10)[0] != 200:
             why = f"vlcache server down after {name} {config.label}"
             runs[(name, config.label)]["crashed"] = True

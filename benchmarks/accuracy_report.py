@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 
-def _fmt(v: Any, spec: str) -> str:
+def fmt(v: Any, spec: str) -> str:
+    """A table cell: the value in `spec`, or a dash for a missing one."""
     return "–" if v is None else format(v, spec)
 
 
@@ -16,14 +17,14 @@ def sweep_table_md(rows: list[dict]) -> str:
              "recomputed fraction (asked / measured) | hit rate | errors |", "|---|---|---|---|---|---|---|"]
     for s in rows:
         if s.get("skipped"):
-            asked = _fmt(s["fraction"], ".2f")
+            asked = fmt(s["fraction"], ".2f")
             lines.append(f"| {s['config']} | – | – | – | {asked} / – | – | {s['error']} |")
             continue
         kl = "–" if s["kl_mean"] is None else f"{s['kl_mean']:.4f} / {s['kl_max']:.3f}"
         err = f"{s['n_errors']}" + (f" ({s['error'][:60]})".replace("|", "/") if s["n_errors"] else "")
-        lines.append(f"| {s['config']} | {_fmt(s['repeat_accuracy'], '.3f')} ({s['n_repeat']}) | "
-                     f"{_fmt(s['agreement'], '.3f')} | {kl} | {_fmt(s['fraction'], '.2f')} / "
-                     f"{_fmt(s['recomputed_fraction'], '.3f')} | {_fmt(s['hit_rate'], '.2f')} | {err} |")
+        lines.append(f"| {s['config']} | {fmt(s['repeat_accuracy'], '.3f')} ({s['n_repeat']}) | "
+                     f"{fmt(s['agreement'], '.3f')} | {kl} | {fmt(s['fraction'], '.2f')} / "
+                     f"{fmt(s['recomputed_fraction'], '.3f')} | {fmt(s['hit_rate'], '.2f')} | {err} |")
     return "\n".join(lines)
 
 
@@ -35,7 +36,7 @@ def exactness_md(stock: Optional[dict]) -> str:
     kl = "–" if stock["kl_mean"] is None else f"mean {stock['kl_mean']:.2e}, max {stock['kl_max']:.2e}"
     return (f"Exactness: stock SGLang vs vlcache `full`, same answer on {stock['agreement']:.3f} of "
             f"{stock['agreement_n']} records (all occurrences); first-token KL {kl}; stock accuracy "
-            f"{_fmt(stock['accuracy'], '.3f')}, on repeats {_fmt(stock['repeat_accuracy'], '.3f')}.")
+            f"{fmt(stock['accuracy'], '.3f')}, on repeats {fmt(stock['repeat_accuracy'], '.3f')}.")
 
 
 def group_table(rows: list[dict], requests: list[dict], key, title: str) -> str:
@@ -64,7 +65,7 @@ def kind_of(r: dict) -> Optional[str]:
 def dataset_md(name: str, meta: dict, rows: list[dict], stock: Optional[dict], requests: list[dict]) -> str:
     parts = [f"## {name}: {meta['path']}", "",
              f"{meta['n']} records, {meta['n_repeat']} with a reused image (repeats), {meta['waves']} waves; "
-             f"image tokens {meta['image_tokens']}; A-share {_fmt(meta['a_share'], '.2f')}; hit rate if every "
+             f"image tokens {meta['image_tokens']}; A-share {fmt(meta['a_share'], '.2f')}; hit rate if every "
              f"image is stored at its first occurrence {meta['expected_hit_rate']:.2f} (lower measured: the server "
              "declined to store some, e.g. second-generation KV after a reused image).", "",
              exactness_md(stock), "", sweep_table_md(rows), ""]
@@ -84,7 +85,7 @@ def knob_md(knob: dict) -> str:
     lines = ["| config | " + " | ".join(f"A-share {s:.2f} ({n})" for n, s in shares) + " |",
              "|---|" + "---|" * len(shares)]
     for label, values in knob["rows"].items():
-        lines.append(f"| {label} | " + " | ".join(_fmt(values.get(n), ".3f") for n, _ in shares) + " |")
+        lines.append(f"| {label} | " + " | ".join(fmt(values.get(n), ".3f") for n, _ in shares) + " |")
     return "\n".join(lines)
 
 
@@ -97,13 +98,13 @@ def short_table(all_rows: dict[str, list[dict]], stock: dict[str, Optional[dict]
     st = [stock.get(n) for n in main_sets]
     lines.append("| stock (= full?) | " + " | ".join(
         "–" if s is None or s.get("repeat_accuracy") is None else
-        f"{s['repeat_accuracy']:.3f} / agree {_fmt(s['agreement'], '.3f')}" for s in st) + " |")
+        f"{s['repeat_accuracy']:.3f} / agree {fmt(s['agreement'], '.3f')}" for s in st) + " |")
     for label in labels:
         cells = []
         for n in main_sets:
             s = next((x for x in all_rows.get(n, []) if x["config"] == label), None)
             cells.append("–" if s is None or s.get("repeat_accuracy") is None else
-                         f"{s['repeat_accuracy']:.3f} / {_fmt(s['recomputed_fraction'], '.3f')}")
+                         f"{s['repeat_accuracy']:.3f} / {fmt(s['recomputed_fraction'], '.3f')}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -29,6 +29,7 @@ from typing import Optional
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import accuracy  # noqa: E402  (records, requests, passes)
+import accuracy_report  # noqa: E402  (table cells)
 import launch  # noqa: E402
 import plot  # noqa: E402
 
@@ -55,21 +56,17 @@ def summarise(label: str, alpha: float, results: list[dict], reference: Optional
     answers = {r.id: r.answer for r in records}
     ok = [r for r in results if r["error"] is None]
     row = {"server": label, "alpha": alpha, "n": len(results), "errors": len(results) - len(ok),
-           "accuracy": _mean([r["correct"] for r in results]),
-           "cell_accuracy": _mean([cell_accuracy(r["text"], answers[r["id"]]) for r in ok]),
-           "latency_s": _mean([r["latency_s"] for r in ok])}
+           "accuracy": accuracy.mean_or_none([r["correct"] for r in results]),
+           "cell_accuracy": accuracy.mean_or_none([cell_accuracy(r["text"], answers[r["id"]]) for r in ok]),
+           "latency_s": accuracy.mean_or_none([r["latency_s"] for r in ok])}
     for name, ref in (("uncompressed", reference), ("stock", stock)):
         if ref is None:
             continue
         by_id = {r["id"]: r for r in ref}
         pairs = [(r, by_id[r["id"]]) for r in ok if by_id.get(r["id"], {}).get("error") is None]
-        row[f"agree_{name}"] = _mean([a["text"] == b["text"] for a, b in pairs])
-        row[f"token_agree_{name}"] = _mean([token_agreement(a["text"], b["text"]) for a, b in pairs])
+        row[f"agree_{name}"] = accuracy.mean_or_none([a["text"] == b["text"] for a, b in pairs])
+        row[f"token_agree_{name}"] = accuracy.mean_or_none([token_agreement(a["text"], b["text"]) for a, b in pairs])
     return row
-
-
-def _mean(xs: list) -> Optional[float]:
-    return sum(xs) / len(xs) if xs else None
 
 
 def run_alpha(target: accuracy.Target, records: list[accuracy.Record], alpha: Optional[float], max_tokens: int,
@@ -83,7 +80,7 @@ def run_alpha(target: accuracy.Target, records: list[accuracy.Record], alpha: Op
 
 def table_md(rows: list[dict]) -> str:
     def f(v: Optional[float], spec: str = ".3f") -> str:
-        return "–" if v is None else format(v, spec)
+        return accuracy_report.fmt(v, spec)
 
     lines = ["| server | α | accuracy | cell accuracy | agreement with α = 1 (text / tokens) | agreement with stock "
              "| errors | latency s |", "|---|---|---|---|---|---|---|---|"]
