@@ -97,6 +97,16 @@ def policy_sets(spec: RequestSpec, name: str, num_layers: int, **params) -> list
     return get_recompute_policy(name, PolicyParams(**params)).plan(spec.token_layout(), num_layers)
 
 
+def stock_reference(standin: StandIn, batch, layer_sets=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """SGLang's own forward of `batch` (StandIn.stock_forward) and the K/V pools it leaves, with the
+    pools then put back as they were, for the vlcache side to run on the same state."""
+    before = standin.snapshot_kv()
+    want = standin.stock_forward(batch, layer_sets)
+    want_pool = standin.snapshot_kv()
+    standin.restore_kv(before)
+    return want, want_pool
+
+
 def assert_pools_equal(got: list[torch.Tensor], want: list[torch.Tensor], skip_slots=()) -> None:
     for i, (g, w) in enumerate(zip(got, want)):
         keep = torch.ones(g.shape[0], dtype=torch.bool)
@@ -138,10 +148,7 @@ def test_a_cached_prefix_then_its_extend_is_one_stock_prefill(standin):
 
 def test_full_recompute_is_sglangs_forward(standin, triton_attention):
     batch = standin.make_batch([PREFIXED, FRESH])
-    before = standin.snapshot_kv()
-    want = standin.stock_forward(batch)
-    want_pool = standin.snapshot_kv()
-    standin.restore_kv(before)
+    want, want_pool = stock_reference(standin, batch)
 
     sets = [policy_sets(PREFIXED, "full", standin.num_layers), None]
     assert all(s is sets[0][0] for s in sets[0]), "full: one set for every layer"
@@ -163,10 +170,7 @@ def test_an_observing_policy_that_keeps_everything_is_sglangs_forward(standin, t
     from sglang.srt.models.qwen2 import Qwen2Model
 
     batch = standin.make_batch([PREFIXED, FRESH])
-    before = standin.snapshot_kv()
-    want = standin.stock_forward(batch)
-    want_pool = standin.snapshot_kv()
-    standin.restore_kv(before)
+    want, want_pool = stock_reference(standin, batch)
 
     layout = PREFIXED.token_layout()
     policy = get_recompute_policy("cacheblend", PolicyParams(recompute_ratio=1.0, check_layer=1))
@@ -233,10 +237,7 @@ def test_shrinking_sets_match_sglang_with_reused_kv(standin, triton_attention, m
     # The reuse copy: every token outside S_l gets (other) KV at layer l before the forward.
     reused = model.reuse_copy(batch, layer_sets)
     assert sorted(reused) == list(range(1, num_layers)), "S_0 is every token"
-    before = model.snapshot_kv()
-    want = model.stock_forward(batch, layer_sets)
-    want_pool = model.snapshot_kv()
-    model.restore_kv(before)
+    want, want_pool = stock_reference(model, batch, layer_sets)
 
     prefill = _graph_body_prefill(model, monkeypatch, bucket=64) if graph else None
     got, prefill = vlcache_forward(model, batch, sets, prefill)
@@ -271,10 +272,7 @@ def test_first_k_matches_sglang_with_reused_kv(standin, triton_attention, monkey
     layer_sets = batch.by_layer(sets)
     reused = standin.reuse_copy(batch, layer_sets)
     assert [slots.numel() for slots, _, _ in reused.values()] == [(16 - 3) + (12 - 3)] * standin.num_layers
-    before = standin.snapshot_kv()
-    want = standin.stock_forward(batch, layer_sets)
-    want_pool = standin.snapshot_kv()
-    standin.restore_kv(before)
+    want, want_pool = stock_reference(standin, batch, layer_sets)
 
     prefill = _graph_body_prefill(standin, monkeypatch, bucket=32) if graph else None
     got, prefill = vlcache_forward(standin, batch, sets, prefill)
