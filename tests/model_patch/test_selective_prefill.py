@@ -126,3 +126,23 @@ def test_a_chunk_inside_a_reused_image_computes_nothing_under_none(monkeypatch):
     out = SelectivePrefill(torch.ones(4))._selective_forward(lm, torch.zeros(4096, dtype=torch.long),
                                                             torch.zeros(3, 4096, dtype=torch.long), fb, None, sel)
     assert out.shape == (4096, 8) and not out.any()
+
+
+def test_per_layer_write_slots_send_what_a_layer_drops_to_slot_0():
+    """The graph path's [L, |S_0|] write slots: a token's own slot where S_l holds it, else slot 0;
+    an unchanged layer (here 2 after 1) gets the same row as the one before it."""
+    layout = TokenLayout(seq_len=20, prefix_len=0, images=(ImageSpan(2, 10, reused=True),))
+    plan = _plan(layout, get_recompute_policy("vlcache", PolicyParams(layer_ratios=(0.5, 0.2, 0.2, 0.0))), 4)
+    fb = SimpleNamespace(extend_prefix_lens_cpu=[0], extend_seq_lens_cpu=[20], req_pool_indices=torch.tensor([0]),
+                         out_cache_loc=100 + torch.arange(20))
+    sel = SelectiveBatch([plan], fb, 4)
+    assert sel.static_plan and not sel.single_set and not sel.changed(2)
+    rows0 = sel.layer(0)[0]
+    loc = sel.layer_out_loc(fb.out_cache_loc[rows0])
+    assert loc.shape == (4, rows0.numel())
+    for layer in range(4):
+        kept = set(sel.layer(layer)[0].tolist())
+        want = [100 + r if r in kept else 0 for r in rows0.tolist()]
+        assert loc[layer].tolist() == want, layer
+    assert loc[1].tolist() == loc[2].tolist() and bool((loc[0] > 0).all())
+    assert int((loc[1] == 0).sum()) > 0, "layer 1 drops reused tokens: the check can fail"

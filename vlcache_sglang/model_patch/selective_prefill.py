@@ -92,8 +92,10 @@ class SelectiveBatch:
         if the token is in S_l, else slot 0, so a dropped reused token keeps its cached K/V."""
         if self.single_set:
             return out_loc.expand(self.num_layers, -1)
-        rows0 = self.rows_cpu(0)
-        in_set = torch.stack([torch.isin(rows0, self.rows_cpu(layer)) for layer in range(self.num_layers)])
+        rows0, masks = self.rows_cpu(0), []
+        for layer in range(self.num_layers):  # an unchanged layer shares the previous one's mask
+            masks.append(torch.isin(rows0, self.rows_cpu(layer)) if self.changed(layer) else masks[-1])
+        in_set = torch.stack(masks)
         return torch.where(in_set.to(out_loc.device), out_loc, torch.zeros_like(out_loc))
 
     def charge_first_set(self) -> None:
