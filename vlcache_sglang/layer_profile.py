@@ -47,6 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from vlcache_sglang.water_fill import water_fill
+
 FORMAT = "vlcache-layer-profile"
 VERSION = 1
 _FIX_RECALIBRATE = "rerun `python -m vlcache_sglang.calibrate --model MODEL --requests FILE.jsonl --out PROFILE.json`"
@@ -174,18 +178,6 @@ def layer_ratios(profile: LayerProfile, mean_ratio: float) -> tuple[float, ...]:
     top = suffix[0]
     if top == 0.0 or suffix[-1] == top:  # all zero, or flat after the suffix max
         return (m,) * L
-    w = [s / top for s in suffix]  # in [0, 1]: no overflow for huge sensitivities
-    total = m * L
-    for k in range(L):  # k = layers clipped at 1, a prefix since w is non-increasing
-        rest = math.fsum(w[k:])
-        if rest == 0.0:
-            break  # every layer with w > 0 is clipped; spread what is left over the zero tail
-        need = total - k
-        # The scale c = need / rest would overflow for a subnormal rest (a sensitivity 1e-308 of the
-        # top one): test c * w[k] <= 1 as need * w[k] <= rest, and scale by x / rest (<= 1) instead.
-        if need * w[k] <= rest:
-            # Monotone in x even after rounding; min() keeps the clipped prefix at exactly 1.
-            return tuple([1.0] * k + [min(1.0, max(0.0, need * (x / rest))) for x in w[k:]])
-    k = sum(1 for x in w if x > 0.0)
-    tail = min(1.0, max(0.0, (total - k) / (L - k))) if k < L else 1.0
-    return tuple([1.0] * k + [tail] * (L - k))
+    w = torch.tensor([s / top for s in suffix], dtype=torch.float64)  # in [0, 1]: no overflow for huge ones
+    # Non-increasing w gives non-increasing ratios (water_fill is monotone); min() keeps clipped ones at 1.
+    return tuple(min(1.0, max(0.0, x)) for x in water_fill(w, m * L, 1.0).tolist())

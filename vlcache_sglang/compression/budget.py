@@ -28,6 +28,8 @@ from typing import Sequence, Union
 
 import torch
 
+from vlcache_sglang.water_fill import water_fill
+
 MIN_BUDGET = 0.01  # beta_l's lower clip (the paper's)
 SPARSITY_THRESHOLD = 0.01  # t: an entry is sparse below this fraction of its row's maximum
 
@@ -88,29 +90,7 @@ def vlcache_budgets(sparsity: Floats, alpha: float, min_budget: float = MIN_BUDG
         return uniform_budgets(gamma.numel(), alpha, min_budget, max_budget)
     if max_budget >= 1.0:
         return (alpha * gamma.numel() * density / total).clamp(min_budget, 1.0)
-    return _water_fill(density, alpha * gamma.numel(), max_budget).clamp(min_budget, max_budget)
-
-
-def _water_fill(weights: torch.Tensor, total: float, cap: float) -> torch.Tensor:
-    """x_l = min(cap, c * w_l) with c such that sum x_l = total (all at cap when total >= L * cap)."""
-    x = torch.zeros_like(weights)
-    free = torch.ones_like(weights, dtype=torch.bool)
-    remaining = total
-    while bool(free.any()):
-        w = weights[free]
-        if float(w.sum()) <= 0.0:
-            x[free] = min(cap, remaining / int(free.sum()))
-            break
-        share = remaining * w / w.sum()
-        over = share > cap
-        if not bool(over.any()):
-            x[free] = share
-            break
-        idx = free.nonzero().flatten()[over]
-        x[idx] = cap
-        free[idx] = False
-        remaining -= cap * int(over.sum())
-    return x
+    return water_fill(density, alpha * gamma.numel(), max_budget).clamp(min_budget, max_budget)
 
 
 def uniform_budgets(num_layers: int, alpha: float, min_budget: float = MIN_BUDGET,
