@@ -288,6 +288,7 @@ def report_md(meta: dict, summary: list[dict]) -> str:
 FRACTIONS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 FRACTION_ORDER = (0.05, 0.02, 0.2, 0.1, 0.5, 0.01, 0.0)
 RATIO_POLICIES = ("first_k", "vlcache", "cacheblend")
+BOUNDED_POLICIES = ("error_bounded", "image_bounded")  # the bound decides the fraction; the ratio is the floor
 KNOB_DELAY = 3  # tiers
 HARD_GRACE_S = 20.0
 RESTART_ROOM_S = 120.0  # a restart (stop, start, /health) and a pass must fit before the deadline
@@ -315,16 +316,17 @@ def _tier(fraction: float) -> int:
 
 def plan_configs(fractions: tuple[float, ...] | list[float] = FRACTIONS, image_tokens: int = 64,
                  error_bounds: tuple[float, ...] | list[float] = (), error_floor: float = 0.02,
-                 policies: tuple[str, ...] = RATIO_POLICIES) -> list[Config]:
-    """full (the reference), none, each ratio policy at each fraction, error_bounded at each bound (its
-    recompute_ratio is the floor), in run order. first_k's k = round(fraction x image tokens); a k that
+                 policies: tuple[str, ...] = RATIO_POLICIES,
+                 bounded_policies: tuple[str, ...] = ("error_bounded",)) -> list[Config]:
+    """full (the reference), none, each ratio policy at each fraction, each bounded policy at each bound
+    (its recompute_ratio is the floor), in run order. first_k's k = round(fraction x image tokens); a k that
     is 0 (= none) or all tokens (= full), or that an earlier fraction already gave, is left out."""
     bad = [f for f in fractions if not 0.0 <= f <= 1.0] + [t for t in error_bounds if t < 0]
     if bad or not 0.0 <= error_floor <= 1.0:
         raise ValueError(f"fractions and the floor must be in [0, 1] and bounds >= 0; got {bad or error_floor}")
-    unknown = [p for p in policies if p not in RATIO_POLICIES]
+    unknown = [p for p in policies if p not in RATIO_POLICIES] + [p for p in bounded_policies if p not in BOUNDED_POLICIES]
     if unknown:
-        raise ValueError(f"unknown ratio policies {unknown}; choose from {RATIO_POLICIES}")
+        raise ValueError(f"unknown policies {unknown}; ratio: {RATIO_POLICIES}, bounded: {BOUNDED_POLICIES}")
     configs = [Config("full", "full", 1.0, {"policy": "full"}, 0), Config("none", "none", 0.0, {"policy": "none"}, 1)]
     seen = {"full", "none"}
     for f in sorted(fractions, key=lambda f: (_tier(f), f)):
@@ -340,16 +342,18 @@ def plan_configs(fractions: tuple[float, ...] | list[float] = FRACTIONS, image_t
                 seen.add(label)
                 configs.append(Config(label, policy, f, override, _tier(f)))
     for i, tau in enumerate(error_bounds):
-        configs.append(Config(f"error_bounded:{tau:g}", "error_bounded", None,
-                              {"policy": "error_bounded", "error_bound": tau, "recompute_ratio": error_floor}, 2 + i))
+        for policy in bounded_policies:
+            configs.append(Config(f"{policy}:{tau:g}", policy, None,
+                                  {"policy": policy, "error_bound": tau, "recompute_ratio": error_floor}, 2 + i))
     return sorted(configs, key=lambda c: c.tier)
 
 
 def knob_subset(configs: list[Config], fractions: tuple[float, ...] | list[float]) -> list[Config]:
     """The configs the knob data sets run: full, none, each ratio policy at `fractions`, the first bound."""
-    bounds = [c for c in configs if c.policy == "error_bounded"][:1]
+    first_tier = min((c.tier for c in configs if c.policy in BOUNDED_POLICIES), default=None)
+    bounds = [c for c in configs if c.policy in BOUNDED_POLICIES and c.tier == first_tier]
     return [c for c in configs if c.policy in ("full", "none") or c in bounds
-            or (c.fraction in fractions and c.policy != "error_bounded")]
+            or (c.fraction in fractions and c.policy not in BOUNDED_POLICIES)]
 
 
 def image_tokens_of(data_url: str) -> int:
@@ -533,6 +537,8 @@ def parse_sweep_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="error_bounded's bounds τ: the largest relative K/V error at the check layer served from "
                         "cache (run in this order when time is short)")
     p.add_argument("--error-floor", type=float, default=0.02, help="error_bounded's recompute_ratio (its floor)")
+    p.add_argument("--bounded-policies", default="error_bounded",
+                   help=f"policies run at each --error-bounds value (of {', '.join(BOUNDED_POLICIES)})")
     p.add_argument("--knob-fractions", default="5", help="percent; the knob data sets' configs")
     p.add_argument("--image-tokens", type=int, default=None, help="tokens per image (default: read from the PNG)")
     p.add_argument("--concurrency", type=int, default=16)
@@ -602,7 +608,8 @@ def sweep_main(argv: Optional[list[str]] = None, restart: Optional[Callable[[], 
     first = next(r for s in sets.values() for r in s["records"] if r.images)
     image_tokens = args.image_tokens or image_tokens_of(first.images[0])
     plan = plan_configs(args.plan_fractions, image_tokens, args.bounds, args.error_floor,
-                        tuple(x for x in args.policies.split(",") if x))
+                        tuple(x for x in args.policies.split(",") if x),
+                        tuple(x for x in args.bounded_policies.split(",") if x))
     knob_plan = knob_subset(plan, args.knob_fraction_list)
     jobs = [(c, n) for c in plan for n, s in sets.items() if not s["knob"] or c in knob_plan]
     # Stable: data set order within a tier; the knob's inner points after the main sets' 2 % and 20 %.
@@ -677,8 +684,8 @@ def sweep_main(argv: Optional[list[str]] = None, restart: Optional[Callable[[], 
 
 
 def _reading_order(c: Config) -> tuple:
-    """Tables list full, none, then each policy by its fraction (error_bounded by its bound)."""
-    order = ("full", "none", *RATIO_POLICIES, "error_bounded")
+    """Tables list full, none, then each policy by its fraction (a bounded policy by its bound)."""
+    order = ("full", "none", *RATIO_POLICIES, *BOUNDED_POLICIES)
     value = c.fraction if c.fraction is not None else float(c.param or 0)
     return (order.index(c.policy) if c.policy in order else len(order), c.policy, value)
 

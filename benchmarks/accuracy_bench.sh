@@ -16,7 +16,8 @@
 #    after the time budget are reported skipped (the most telling budgets run first)
 # Results in $OUT: progress.log, train.log, profile.json, sweep.log, server_tails.txt, summary.md and
 # accuracy.tgz (accuracy/: summary.md, sweep.md, sweep.json, knob.png, <set>/accuracy.{md,json,png}). The short table comes last.
-# Knobs: QUICK=1, MINUTES, BUDGET_S (whole script), IMAGES, REPEATS, TRAIN_ARGS, LAYOUTS, SWEEP_ARGS (sweep
+# Knobs: QUICK=1, MINUTES, BUDGET_S (whole script), IMAGES, REPEATS, TRAIN_ARGS, LAYOUTS, BOUNDED (the policies
+# run at each bound, default error_bounded,image_bounded), SWEEP_ARGS (sweep
 # options, e.g. "--error-bounds 0.02,0.1"), VLCACHE_FLAGS (e.g. "--vlcache-blend-score v"), REUSE_SIM=1,
 # REUSE_CKPT=1 (a warm machine: keep /tmp/tiny-qwen2.5-vl from the last run, skip training).
 set -euo pipefail
@@ -67,7 +68,7 @@ python3 -m benchmarks.tiny_vlm.serve_eval --model "$CKPT" --data-dir "$DATA" --s
   --calibration "$DATA/calibration.jsonl" --profile "$OUT/profile.json" --calibration-timeout-s 120 \
   --deadline-unix "$DEADLINE" \
   --progress "$OUT/progress.log" --vlcache-flags "${VLCACHE_FLAGS:-}" --tails-to "$OUT/server_tails.txt" \
-  --sweep-args "--fractions $FRACTIONS --error-bounds $BOUNDS ${SWEEP_ARGS:-}" >"$OUT/sweep.log" 2>&1 || rc=$?
+  --sweep-args "--fractions $FRACTIONS --error-bounds $BOUNDS --bounded-policies ${BOUNDED:-error_bounded,image_bounded} ${SWEEP_ARGS:-}" >"$OUT/sweep.log" 2>&1 || rc=$?
 cp /tmp/tiny_server_logs/calibrate.log "$OUT/" 2>/dev/null || true
 if [ "$rc" != 0 ]; then
   stamp "serve_eval failed (exit $rc); sweep.log ends:"

@@ -140,7 +140,7 @@ def drive(policy: RecomputePolicy, layout: TokenLayout, num_layers: int, deviati
     return sel
 
 
-ALL_POLICIES = [*STATIC_POLICIES, "vlcache", "cacheblend", "error_bounded"]
+ALL_POLICIES = [*STATIC_POLICIES, "vlcache", "cacheblend", "error_bounded", "image_bounded"]
 
 
 @pytest.mark.parametrize("name", ALL_POLICIES)
@@ -195,6 +195,45 @@ def test_error_bounded_recomputes_what_deviates_beyond_the_bound_plus_the_floor(
     assert kept == [2, 5, 6, 12], "each image's first token (floor 10 %) and the two beyond the bound"
     everything = drive(policy, layout, 3, lambda t: torch.ones(t.numel()))
     assert everything.sets[2].tolist() == list(range(24)), "a context that differs everywhere: all recomputed"
+
+
+def test_image_bounded_recomputes_a_widely_deviating_image_whole():
+    # Fresh K/V are ones (norm 2 over 4 dims): deviation d is relative d / 2, per token and per image.
+    layout = TokenLayout(seq_len=34, prefix_len=0,
+                         images=(ImageSpan(2, 10, True), ImageSpan(12, 10, False), ImageSpan(22, 10, True)))
+    params = PolicyParams(recompute_ratio=0.1, error_bound=0.25)
+    dev = torch.zeros(34)
+    dev[2:12] = 0.4  # image 1: every token relative 0.2, within the bound alone; the image as a whole 0.2
+    dev[22:32] = 0.4
+    dev[[24, 25, 26, 27, 28, 29]] = 0.7  # image 3: six tokens at 0.35, the image sqrt(0.6*0.35²+0.4*0.2²) ≈ 0.30
+    reused = set(layout.reused_tokens().tolist())
+
+    def kept(name: str) -> list[int]:
+        sel = drive(get_recompute_policy(name, params), layout, 3, lambda t: dev[t])
+        return [t for t in sel.sets[2].tolist() if t in reused]
+
+    assert kept("error_bounded") == [2, 22, 24, 25, 26, 27, 28, 29], "token by token: floor + the six"
+    assert kept("image_bounded") == [2] + list(range(22, 32)), "image 3 beyond the bound as a whole: all of it"
+
+
+def test_image_error_is_taken_over_all_ranks_heads():
+    tokens = torch.arange(6)
+    fresh = torch.ones(6, 4)
+    cached = fresh.clone()
+    cached[:3, :2] += 1.0  # group 0: rank 0's half moved, rank 1's did not
+    whole = LayerObservation(tokens, fresh, cached, fresh, fresh)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    expect = whole.group_relative_error(groups, 2)
+    assert expect[1] == 0 and expect[0] == pytest.approx((2 / 4) ** 0.5)
+    halves = (slice(0, 2), slice(2, 4))
+
+    def rank_error(r: int, sum_ranks) -> list[float]:
+        obs = LayerObservation(tokens, fresh[:, halves[r]], cached[:, halves[r]], fresh[:, halves[r]],
+                               fresh[:, halves[r]], sum_ranks=sum_ranks)
+        return obs.group_relative_error(groups, 2).tolist()
+
+    per_rank = _two_ranks(rank_error)
+    assert per_rank[0] == per_rank[1] == pytest.approx(expect.tolist())
 
 
 def test_vlcache_follows_its_layer_ratios_by_whole_image_size():
@@ -268,7 +307,8 @@ def test_a_policy_that_breaks_nesting_is_caught():
 
 
 @pytest.mark.parametrize("name, params", [("cacheblend", PolicyParams(recompute_ratio=0.3)),
-                                          ("error_bounded", PolicyParams(recompute_ratio=0.05, error_bound=0.6))])
+                                          ("error_bounded", PolicyParams(recompute_ratio=0.05, error_bound=0.6)),
+                                          ("image_bounded", PolicyParams(recompute_ratio=0.05, error_bound=0.6))])
 def test_tensor_parallel_ranks_select_alike_from_their_own_heads(name, params):
     """A simulated TP=2 split of the KV heads: each rank observes only its heads; with the per-token
     squares summed across ranks (`sum_ranks`, an all-reduce in the server) both ranks select what one

@@ -48,13 +48,20 @@ def test_plan_covers_every_policy_and_fraction_in_run_order():
 def test_plan_rejects_bad_values_and_the_knob_subset():
     with pytest.raises(ValueError, match="fractions"):
         accuracy.plan_configs((0.05, 1.5), 64)
-    with pytest.raises(ValueError, match="unknown ratio policies"):
+    with pytest.raises(ValueError, match="unknown policies"):
         accuracy.plan_configs((0.05,), 64, policies=("magic",))
+    with pytest.raises(ValueError, match="unknown policies"):
+        accuracy.plan_configs((0.05,), 64, (0.1,), bounded_policies=("full",))
     plan = accuracy.plan_configs((0.0, 0.05, 0.2), 16, (0.1, 0.3))
     assert [c.label for c in plan if c.policy == "first_k"] == ["first_k:1", "first_k:3"]  # 16 tokens
     knob = accuracy.knob_subset(plan, [0.05])
     assert [c.label for c in knob] == ["full", "none", "first_k:1", "vlcache:0.05", "cacheblend:0.05",
                                        "error_bounded:0.1"]
+    both = accuracy.plan_configs((0.05,), 16, (0.1, 0.3), bounded_policies=("error_bounded", "image_bounded"))
+    by = {c.label: c for c in both}
+    assert by["image_bounded:0.3"].override == {"policy": "image_bounded", "error_bound": 0.3, "recompute_ratio": 0.02}
+    assert [c.label for c in accuracy.knob_subset(both, [0.05]) if c.fraction is None] == \
+        ["error_bounded:0.1", "image_bounded:0.1"], "the knob runs every bounded policy at the first bound"
 
 
 def test_override_body_and_stock_body():
