@@ -203,11 +203,11 @@ def decode_tok_per_s(row: dict) -> Optional[float]:
 def add_ratios(rows: list[dict], reference: str) -> None:
     """Per row: decode speed, and E2E / decode / TTFT against the reference server at the same
     preset and concurrency (α = 1.0 on the same server)."""
-    ref = {(r["preset"], r["concurrency"]): r for r in rows if r["server"] == reference and "error" not in r}
-    for r in rows:
-        if "error" in r:
-            continue
+    ok = [r for r in rows if "error" not in r]
+    for r in ok:
         r["decode_tok_per_s"] = decode_tok_per_s(r)
+    ref = {(r["preset"], r["concurrency"]): r for r in ok if r["server"] == reference}
+    for r in ok:
         base = ref.get((r["preset"], r["concurrency"]))
         r["e2e_speedup_vs_uncompressed"] = _ratio(base and base.get("e2e_p50_ms"), r.get("e2e_p50_ms"))
         r["decode_speedup_vs_uncompressed"] = _ratio(r.get("decode_tok_per_s"), base and base.get("decode_tok_per_s"))
