@@ -211,3 +211,13 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_flags_added_to_stock_are_sglang_server_args():
+    import importlib.util
+    spec = importlib.util.find_spec("sglang")  # top level only: importing sglang takes seconds
+    if spec is None:
+        pytest.skip("sglang is not installed")
+    source = (Path(spec.origin).parent / "srt" / "server_args.py").read_text()
+    for flag in (a for a in cs.stock_flags(BASE)[len(BASE):] if a.startswith("--")):
+        assert f"    {flag[2:].replace('-', '_')}:" in source, f"SGLang has no {flag}"
