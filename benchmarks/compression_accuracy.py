@@ -92,11 +92,6 @@ def table_md(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# What compression's start-up checks ask for (setup_checks.check_compression). Stock runs them too, so
-# that alpha 1.0 against stock compares the same decode kernel: token for token, not up to numerics.
-DECODE_FLAGS = ["--decode-attention-backend", "triton", "--disable-overlap-schedule"]
-
-
 def compression_server_flags(budget: str) -> list[str]:
     """A compressing vlcache server: nothing trimmed unless a request asks (alpha 1.0 by default) and
     its budget method."""
@@ -108,7 +103,8 @@ def build_servers(model: str, budgets: list[str], log_dir: str, base_port: int) 
     every one decoding with SGLang's Triton kernel."""
     from tiny_vlm import serve_eval
 
-    flags = serve_eval.server_flags(model, serve_eval.MAX_TOTAL_TOKENS) + DECODE_FLAGS
+    # Stock too: alpha 1.0 against stock then compares the same decode kernel, token for token.
+    flags = serve_eval.server_flags(model, serve_eval.MAX_TOTAL_TOKENS) + launch.COMPRESSION_DECODE_FLAGS
     servers = [launch.Server("stock", flags, base_port, log_dir, mem_fraction=0.2)]
     servers += [launch.Server(b, flags + compression_server_flags(b), base_port + 1 + i, log_dir, mem_fraction=0.2)
                 for i, b in enumerate(budgets)]

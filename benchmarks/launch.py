@@ -44,6 +44,11 @@ def base_flags(model_path: str, dummy: bool = True) -> list[str]:
                     "--cuda-graph-max-bs", "8"]
 
 
+# What compression's start-up checks ask for (setup_checks.check_compression). Servers compared with
+# a compressing one run them too: the same decode kernel and schedule.
+COMPRESSION_DECODE_FLAGS = ["--decode-attention-backend", "triton", "--disable-overlap-schedule"]
+
+
 def vlcache_flags(spec: str) -> list[str]:
     """Server flags for a label `stock`, `POLICY`, `POLICY:PARAM` or `POLICY:PARAM:name=value...`
     (PARAM is K for first_k, the recompute ratio for other policies; each name=value adds
@@ -74,14 +79,20 @@ def parse_vlcache_gauges(text: str) -> dict[str, float]:
     Our gauges are "mostrecent" multiprocess gauges, so each name has one sample; labels are ignored
     and if a name did appear twice the later sample wins.
     """
+    return parse_gauges(text, GAUGE_PREFIX)
+
+
+def parse_gauges(text: str, prefix: str) -> dict[str, float]:
+    """Samples of a /metrics body whose name starts with `prefix`, as {name without it: value}
+    (labels ignored, a later sample of a name wins: one scheduler, one sample)."""
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if not line.startswith(GAUGE_PREFIX):
+        if not line.startswith(prefix):
             continue  # comments (# HELP / # TYPE) and other metrics
         m = _SAMPLE.match(line.strip())
         if m is None:
             raise ValueError(f"unparseable metrics line: {line!r}")
-        out[m.group(1)[len(GAUGE_PREFIX):]] = float(m.group(3))
+        out[m.group(1)[len(prefix):]] = float(m.group(3))
     return out
 
 

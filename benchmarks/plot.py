@@ -4,6 +4,7 @@
     python benchmarks/plot.py accuracy DIR                              # accuracy.json -> accuracy.png
     python benchmarks/plot.py knob DIR                                  # knob.json     -> knob.png (sweep)
     python benchmarks/plot.py compression DIR                           # compression.json -> compression.png
+    python benchmarks/plot.py compression_speed DIR                     # compression_speed.json -> .png
 """
 
 from __future__ import annotations
@@ -52,22 +53,34 @@ def plot_serving(run_dir: str | Path) -> Path:
     rows = [r for r in data["rows"] if "error" not in r]
     if not rows:
         raise SystemExit(f"{run_dir / 'serving.json'} has no successful runs to plot")
-    groups = list(dict.fromkeys(f"{r['preset']}\nconc {r['concurrency']}" for r in rows))
+    groups = list(dict.fromkeys(map(_run_group, rows)))
     series = list(dict.fromkeys(r["server"] for r in rows))
-    ttft = {(f"{r['preset']}\nconc {r['concurrency']}", r["server"]): r["ttft_p50_ms"] for r in rows}
-    rps = {(f"{r['preset']}\nconc {r['concurrency']}", r["server"]): r["req_per_s"] for r in rows}
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(5 + 1.6 * len(groups), 4.2))
-    _grouped_bars(left, groups, series, ttft, "TTFT p50 (ms)")
-    left.set_title("time to first token, median (lower is better)", fontsize=9)
-    _grouped_bars(right, groups, series, rps, "requests / s")
-    right.set_title("throughput (higher is better)", fontsize=9)
+    ttft = {(_run_group(r), r["server"]): r["ttft_p50_ms"] for r in rows}
+    rps = {(_run_group(r), r["server"]): r["req_per_s"] for r in rows}
     meta = data.get("meta", {})
-    fig.suptitle(f"stock SGLang vs vlcache — {meta.get('gpu', '?')}, {meta.get('date', '?')}", fontsize=10)
+    return _two_panels(groups, series, (ttft, "TTFT p50 (ms)", "time to first token, median (lower is better)"),
+                       (rps, "requests / s", "throughput (higher is better)"),
+                       f"stock SGLang vs vlcache — {meta.get('gpu', '?')}, {meta.get('date', '?')}",
+                       run_dir / "serving.png")
+
+
+def _run_group(row: dict) -> str:
+    """A bar group: one preset at one concurrency."""
+    return f"{row['preset']}\nconc {row['concurrency']}"
+
+
+def _two_panels(groups: list[str], series: list[str], left_panel: tuple[dict, str, str],
+                right_panel: tuple[dict, str, str], title: str, out: Path) -> Path:
+    """Two grouped bar charts side by side ((values, y label, title) each), one legend, written to out."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(5 + 1.6 * len(groups), 4.2))
+    for ax, (values, ylabel, panel_title) in zip(axes, (left_panel, right_panel)):
+        _grouped_bars(ax, groups, series, values, ylabel)
+        ax.set_title(panel_title, fontsize=9)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
-    fig.legend(*left.get_legend_handles_labels(), loc="upper center", ncol=len(series), fontsize=8,
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", ncol=len(series), fontsize=8,
                bbox_to_anchor=(0.5, 0.93))
-    out = run_dir / "serving.png"
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
@@ -165,7 +178,28 @@ def plot_compression(run_dir: str | Path) -> Path:
                            run_dir / "compression.png")
 
 
-PLOTS = {"serving": plot_serving, "accuracy": plot_accuracy, "knob": plot_knob, "compression": plot_compression}
+def plot_compression_speed(run_dir: str | Path) -> Path:
+    """compression_speed.json (compression_speed.py) -> compression_speed.png: decode tokens/s per
+    request (left) and E2E latency p50 (right) per preset and concurrency, one bar per server/α."""
+    run_dir = Path(run_dir)
+    data = _load(run_dir / "compression_speed.json")
+    rows = [r for r in data.get("speed", []) if "error" not in r and r.get("decode_tok_per_s")]
+    if not rows:
+        raise SystemExit(f"{run_dir / 'compression_speed.json'} has no successful run to plot")
+    groups = list(dict.fromkeys(map(_run_group, rows)))
+    series = list(dict.fromkeys(r["server"] for r in rows))
+    meta = data.get("meta", {})
+    return _two_panels(groups, series,
+                       ({(_run_group(r), r["server"]): r["decode_tok_per_s"] for r in rows},
+                        "decode tokens / s per request", "decode speed, 1000 / median ITL (higher is better)"),
+                       ({(_run_group(r), r["server"]): r["e2e_p50_ms"] for r in rows},
+                        "E2E latency p50 (ms)", "end-to-end latency, median (lower is better)"),
+                       f"VL-Cache compression — {meta.get('gpu', '?')}, {meta.get('date', '?')}",
+                       run_dir / "compression_speed.png")
+
+
+PLOTS = {"serving": plot_serving, "accuracy": plot_accuracy, "knob": plot_knob, "compression": plot_compression,
+         "compression_speed": plot_compression_speed}
 
 
 def try_plot(kind: str, run_dir: str | Path) -> None:
@@ -179,7 +213,7 @@ def try_plot(kind: str, run_dir: str | Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("kind", choices=list(PLOTS))
-    p.add_argument("dir", help="folder holding serving.json, accuracy.json, knob.json or compression.json")
+    p.add_argument("dir", help="folder holding serving.json, accuracy.json, knob.json, compression.json or compression_speed.json")
     args = p.parse_args(argv)
     print(f"wrote {PLOTS[args.kind](args.dir)}")
 

@@ -79,11 +79,15 @@ def warmup_requests(rows: list[dict], max_tokens: int = 1) -> list[dict]:
 
 
 def build_workload(preset: str, concurrencies: list[int], num_prompts: int, probes: int, seed: int,
-                   work_dir: Path, size_override: Optional[tuple[int, int]] = None) -> PresetWork:
+                   work_dir: Path, size_override: Optional[tuple[int, int]] = None,
+                   output_len: Optional[int] = None) -> PresetWork:
     """One generated workload split into disjoint slices (one per concurrency, then the probes), so
-    no measured request repeats another's text; all share the preset's image pool."""
+    no measured request repeats another's text; all share the preset's image pool. output_len: the
+    requests' max_tokens instead of the preset's."""
     counts = {c: prompts_for(c, num_prompts) for c in concurrencies}
     spec = dataclasses.replace(workloads.PRESETS[preset], num_requests=sum(counts.values()) + probes, seed=seed)
+    if output_len is not None:
+        spec = dataclasses.replace(spec, output_len=output_len)
     rows = list(workloads.generate(spec, size_override=size_override))
     work_dir.mkdir(parents=True, exist_ok=True)
     files, start = {}, 0
@@ -170,12 +174,17 @@ def post(url: str, path: str, body: Optional[dict] = None, timeout_s: float = 60
 
 # ----- bench_serving ----------------------------------------------------------------------------
 
-def bench_command(url: str, dataset: Path, num_prompts: int, concurrency: int, output_file: Path) -> list[str]:
-    return [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang-oai-chat",
-            "--base-url", url, "--dataset-name", "openai", "--dataset-path", str(dataset),
-            "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
-            "--request-rate", "inf", "--warmup-requests", "0", "--cache-report", "--output-details",
-            "--disable-tqdm", "--output-file", str(output_file)]
+def bench_command(url: str, dataset: Path, num_prompts: int, concurrency: int, output_file: Path,
+                  extra_body: Optional[dict] = None) -> list[str]:
+    """bench_serving on a JSONL of chat requests (ignore_eos is its default: every request generates
+    its max_tokens). extra_body: merged into every request's payload (--extra-request-body), e.g. a
+    per-request `custom_params` override."""
+    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang-oai-chat",
+           "--base-url", url, "--dataset-name", "openai", "--dataset-path", str(dataset),
+           "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
+           "--request-rate", "inf", "--warmup-requests", "0", "--cache-report", "--output-details",
+           "--disable-tqdm", "--output-file", str(output_file)]
+    return cmd + (["--extra-request-body", json.dumps(extra_body)] if extra_body else [])
 
 
 def run_bench(cmd: list[str], output_file: Path, log_file: Path, timeout_s: float = 300) -> dict:
@@ -195,6 +204,7 @@ def summarise(bench: dict, window: dict[str, float], num_prompts: int) -> dict:
         "ttft_p50_ms": bench.get("median_ttft_ms"), "ttft_p90_ms": bench.get("p90_ttft_ms"),
         "e2e_p50_ms": bench.get("median_e2e_latency_ms"), "req_per_s": bench.get("request_throughput"),
         "output_tok_per_s": bench.get("output_throughput"), "duration_s": bench.get("duration"),
+        "itl_p50_ms": bench.get("median_itl_ms"), "tpot_p50_ms": bench.get("median_tpot_ms"),
         "first_error": next((e for e in bench.get("errors") or [] if e), None),
         **window,
     }
@@ -242,25 +252,35 @@ class Results:
         write_results(self.run_dir, self.meta, self.rows, self.raw)
 
 
-def measure_server(srv: launch.Server, works: list[PresetWork], work_dir: Path, results: Results) -> None:
-    """All presets and concurrencies on one running server."""
+def measure_server(srv: launch.Server, works: list[PresetWork], work_dir: Path, results: Results,
+                   extra_body: Optional[dict] = None, label: Optional[str] = None, probe: bool = True,
+                   stop_at: Optional[float] = None) -> list[str]:
+    """All presets and concurrencies on one running server. extra_body: merged into every request
+    (warm-up included), e.g. a per-request override; label: the rows' server name (default the
+    server's); probe: run the exact-prefix-hit probe; stop_at (time.time()): no bench run starts
+    after it. Returns the keys of the runs skipped for stop_at."""
+    label = label or srv.label
+    skipped: list[str] = []
     for work in works:
         if post(srv.url, "/flush_cache") != 200:
-            raise RuntimeError(f"{srv.label}: /flush_cache refused")
+            raise RuntimeError(f"{label}: /flush_cache refused")
         t0 = time.monotonic()
         for body in work.warmup:
-            stream_chat(srv.url, body)
-        print(f"  {srv.label} {work.preset}: warm-up {len(work.warmup)} requests {time.monotonic() - t0:.0f} s",
+            stream_chat(srv.url, {**body, **(extra_body or {})})
+        print(f"  {label} {work.preset}: warm-up {len(work.warmup)} requests {time.monotonic() - t0:.0f} s",
               flush=True)
         rows = []
         for conc, path in work.files.items():
-            key = f"{srv.label}/{work.preset}/c{conc}"
-            base = {"preset": work.preset, "server": srv.label, "concurrency": conc}
+            key = f"{label}/{work.preset}/c{conc}"
+            if stop_at is not None and time.time() > stop_at:
+                skipped.append(key)
+                continue
+            base = {"preset": work.preset, "server": label, "concurrency": conc}
             before = srv.metrics()
             out = work_dir / "bench.jsonl"
             try:
-                bench = run_bench(bench_command(srv.url, path, work.counts[conc], conc, out), out,
-                                  work_dir / f"bench_{key.replace('/', '_')}.log")
+                bench = run_bench(bench_command(srv.url, path, work.counts[conc], conc, out, extra_body), out,
+                                  work_dir / f"bench_{slug(key)}.log")
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 results.add({**base, "error": str(e)[-2000:]})
                 print(f"  {key}: {e}", flush=True)
@@ -268,16 +288,24 @@ def measure_server(srv: launch.Server, works: list[PresetWork], work_dir: Path, 
             results.raw[key] = bench
             rows.append(results.add({**base, **summarise(bench, launch.gauge_deltas(before, srv.metrics()),
                                                          work.counts[conc])}))
-            print(f"  {key}: TTFT p50 {rows[-1]['ttft_p50_ms']:.0f} ms, {rows[-1]['req_per_s']:.2f} req/s", flush=True)
-        try:
-            probe = prefix_hit_probe(srv.url, work.probes)
-        except (RuntimeError, OSError, http.client.HTTPException) as e:
-            probe = {"error": f"{type(e).__name__}: {e}", "prefix_hit_ttft_ms": None, "new_text_ttft_ms": None}
-            print(f"  {srv.label} {work.preset}: prefix-hit probe failed: {e}", flush=True)
-        results.raw[f"{srv.label}/{work.preset}/prefix_probe"] = probe
-        for row in rows:
-            row.update(prefix_hit_ttft_ms=probe["prefix_hit_ttft_ms"], new_text_ttft_ms=probe["new_text_ttft_ms"])
+            print(f"  {key}: TTFT p50 {_fmt(rows[-1]['ttft_p50_ms'], '.0f')} ms, "
+                  f"{_fmt(rows[-1]['req_per_s'], '.2f')} req/s", flush=True)
+        if probe:
+            run_probe(srv.url, label, work, rows, results)
         results.save()
+    return skipped
+
+
+def run_probe(url: str, label: str, work: PresetWork, rows: list[dict], results: Results) -> None:
+    """The exact-prefix-hit probe of one preset; its medians go into that preset's rows."""
+    try:
+        found = prefix_hit_probe(url, work.probes)
+    except (RuntimeError, OSError, http.client.HTTPException) as e:
+        found = {"error": f"{type(e).__name__}: {e}", "prefix_hit_ttft_ms": None, "new_text_ttft_ms": None}
+        print(f"  {label} {work.preset}: prefix-hit probe failed: {e}", flush=True)
+    results.raw[f"{label}/{work.preset}/prefix_probe"] = found
+    for row in rows:
+        row.update(prefix_hit_ttft_ms=found["prefix_hit_ttft_ms"], new_text_ttft_ms=found["new_text_ttft_ms"])
 
 
 # ----- results ----------------------------------------------------------------------------------

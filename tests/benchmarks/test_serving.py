@@ -188,7 +188,7 @@ def test_whole_run_with_fake_servers(tmp_path, monkeypatch, capsys):
         cmd = [sys.executable, str(tmp_path / "fake_sglang.py"), str(port), str(int(vlcache)), str(int(die))]
         return launch.Server(label, flags, port, log_dir, command=cmd, timeout_s=20, poll_s=0.05)
 
-    def bench_command(url, dataset, n, conc, out):
+    def bench_command(url, dataset, n, conc, out, extra_body=None):
         return [sys.executable, str(tmp_path / "fake_bench.py"), "--output-file", str(out), "--base-url", url,
                 "--max-concurrency", str(conc), "--num-prompts", str(n), "--dataset-path", str(dataset)]
 
