@@ -8,7 +8,8 @@ alpha 1.0 and 0.1 (per-request override; 1080p and 4K images, 32 output tokens, 
 image asked twice after other text: reuse and compression together), then reads the compression
 gauges. Checks: every request 200; alpha 1.0 gives the same text as the server's first answer to it
 (greedy, the unchanged path); alpha 0.1 requests were compressed (`compressed_requests` grew by them,
-`compress_freed_slots` > 0, `compress_not_captured` 0); /health answers. Dummy weights: the texts say
+`compress_freed_slots` > 0, `compress_not_captured` 0); decode replayed its CUDA graphs (no
+`compress_graph_fallbacks`); /health answers. Dummy weights: the texts say
 nothing about accuracy (benchmarks/compression_bench.sh does, on the trained tiny model).
 """
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(BENCH))
 import launch  # noqa: E402
 from images import photo_data_url  # noqa: E402
 
-GAUGES = ("compressed_requests", "compress_freed_slots", "compress_not_captured")
+GAUGES = ("compressed_requests", "compress_freed_slots", "compress_not_captured", "compress_graph_fallbacks")
 
 
 def body(image: str, text: str, alpha: Optional[float], max_tokens: int) -> dict:
@@ -72,6 +73,7 @@ def run(url: str, max_tokens: int = 32) -> dict:
         "alpha 0.1 requests compressed": grew["compressed_requests"] >= len(jobs),
         "slots freed": grew["compress_freed_slots"] > 0,
         "none left uncaptured": grew["compress_not_captured"] == 0,
+        "no eager decode past graph capacity": grew["compress_graph_fallbacks"] == 0,
         "/health 200": health == 200,
     }
     return {"statuses": statuses, "gauges_delta": grew, "checks": checks, "passed": all(checks.values()),

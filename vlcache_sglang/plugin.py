@@ -1,8 +1,11 @@
-"""SGLang plugin entry point (`sglang.srt.plugins` group): flags, start-up checks, cache backend.
+"""SGLang plugin entry point (`sglang.srt.plugins` group): flags, start-up checks, cache backend, and
+the one composition root that installs and verifies every hook.
 
 SGLang calls `register()` in every process (launcher, each scheduler) before anything else, so
-everything is registered here. Without --enable-vlcache the hooks only add the flags to the parser
-and leave the resolved ServerArgs untouched: SGLang runs exactly as stock.
+everything is registered here. A scheduler installs in two moments: `before_model_worker` (SGLang is
+about to load the model and capture its decode graphs: hooks the capture must see) and
+`install_scheduler` (the cache exists: everything else). Without --enable-vlcache the hooks only add
+the flags to the parser and leave the resolved ServerArgs untouched: SGLang runs exactly as stock.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from vlcache_sglang.setup_checks import VLCacheSetupError, check_compression, ch
 logger = logging.getLogger(__name__)
 
 _SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
+INIT_MODEL_WORKER = "sglang.srt.managers.scheduler.Scheduler.init_model_worker"
 _registered = False
 
 
@@ -111,10 +115,25 @@ def _install_processor_shortcut(server_args: Any, config: VLCacheConfig) -> None
     HookRegistry.apply_hooks()
 
 
+def before_model_worker(scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """BEFORE hook on `Scheduler.init_model_worker` (scheduler process): the hooks SGLang's decode graph
+    capture must see, which happens in there, before the cache (and `install_scheduler`) exists. Checked
+    at once, so a graph is never captured over SGLang's own tables, and again with everything else."""
+    config: VLCacheConfig | None = getattr(scheduler.server_args, "vlcache", None)
+    if config is None or config.compress_ratio is None:
+        return
+    from vlcache_sglang.compression import install as compression
+    from vlcache_sglang.hook_check import verify_hooks
+
+    targets = compression.install_decode()
+    verify_hooks(required=targets, only=targets)
+
+
 def install_scheduler(cache: Any, ctx: Any) -> None:
     """Scheduler process (called by the vlcache cache factory once the cache exists): every scheduler
-    and model hook of reuse, and of compression when --vlcache-compress-ratio is on, then a check
-    that each of them took; the decoder graphs are captured last."""
+    and model hook of reuse, and of compression when --vlcache-compress-ratio is on (its decode hooks,
+    installed by `before_model_worker`, are bound to the runtime here), then a check that each of them
+    took; the decoder graphs are captured last."""
     from vlcache_sglang import prefill_budget, receive_guard
     from vlcache_sglang.hook_check import SCHEDULER_TARGETS, verify_hooks
     from vlcache_sglang.model_patch import install as install_model
@@ -155,5 +174,6 @@ def register() -> None:
 
     HookRegistry.register(f"{_SERVER_ARGS}.add_cli_args", _after_add_cli_args, HookType.AFTER)
     HookRegistry.register(f"{_SERVER_ARGS}.from_cli_args", _around_from_cli_args, HookType.AROUND)
+    HookRegistry.register(INIT_MODEL_WORKER, before_model_worker, HookType.BEFORE)
     if RADIX_CACHE_BACKEND_NAME not in registered_radix_cache_backends():
         register_radix_cache_backend(RADIX_CACHE_BACKEND_NAME, vlcache_tree_cache_factory)

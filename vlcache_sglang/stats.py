@@ -32,6 +32,8 @@ class VLCacheStats:
     compressed_requests: int = 0
     compress_freed_slots: int = 0
     compress_not_captured: int = 0
+    # Decode steps run eagerly because the per-layer graph buffers could not hold the batch.
+    compress_graph_fallbacks: int = 0
 
     _last_log: float = dataclasses.field(default=0.0, repr=False)
 

@@ -147,10 +147,3 @@ def test_without_trimmed_requests_the_decode_path_is_sglangs_own(device):
     stock = _decode_step(_backend(pool2, req_to_token2, device), fb2, q2, k2, v2, hooks=None)
     for layer in range(LAYERS):
         assert torch.equal(got[layer], stock[layer])
-
-
-@pytest.mark.parametrize("live, mode, want", [(1, ForwardMode.DECODE, False), (0, ForwardMode.DECODE, True),
-                                              (1, ForwardMode.EXTEND, True)])
-def test_decode_graphs_are_skipped_only_while_a_trimmed_request_is_live(live, mode, want):
-    hooks = KeptDecodeAttention(KeptLengthTable(1, 1, "cpu"), live_trimmed=lambda: live)
-    assert hooks.around_can_run_graph(lambda runner, fb: True, None, SimpleNamespace(forward_mode=mode)) is want

@@ -14,15 +14,15 @@ and the backend's `forward_decode` reads them from `forward_metadata` (as it alr
 `num_kv_splits` stays SGLang's (sized from the full seq_lens): a kept length is never longer, and
 a split past a request's end is empty, which the kernel's second stage skips; per-layer splits are
 a speed question for the GPU. `seq_lens` stays the true length, so positions (M-RoPE delta
-included) are unchanged. CUDA graphs: a captured decode graph reads the stock tables, so while a
-trimmed request is live the decode batch runs eagerly (`can_run_graph`); untrimmed batches replay.
+included) are unchanged. CUDA graphs: the graph's metadata hooks (`decode_graph.py`) attach the
+same `LayerTables`, views of fixed buffers, at capture, so the captured `forward_decode` reads them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -38,15 +38,24 @@ class LayerTables:
 
 
 class KeptDecodeAttention:
-    def __init__(self, kept: KeptLengthTable, live_trimmed: Callable[[], int]) -> None:
-        """kept: the runtime's per-(row, layer) lengths; live_trimmed: how many trimmed requests hold KV."""
+    def __init__(self, kept: Optional[KeptLengthTable] = None, live_trimmed: Callable[[], int] = lambda: 0) -> None:
+        """kept: the runtime's per-(row, layer) lengths; live_trimmed: how many trimmed requests hold KV.
+        Unbound (the hooks go in before SGLang captures its decode graphs, earlier than the runtime
+        exists) it serves no trimmed request; `bind` hands the runtime's over."""
         self.kept = kept
         self._live_trimmed = live_trimmed
+
+    def bind(self, kept: KeptLengthTable, live_trimmed: Callable[[], int]) -> None:
+        self.kept = kept
+        self._live_trimmed = live_trimmed
+
+    def live_trimmed(self) -> int:
+        return self._live_trimmed()
 
     def around_init_forward_metadata(self, original: Callable[..., Any], backend: Any, forward_batch: Any,
                                      *args: Any, **kwargs: Any) -> Any:
         result = original(backend, forward_batch, *args, **kwargs)
-        if forward_batch.forward_mode.is_decode() and self._live_trimmed() > 0:
+        if forward_batch.forward_mode.is_decode() and self.live_trimmed() > 0:
             setattr(backend.forward_metadata, LAYER_TABLES_ATTR, self.layer_tables(backend, forward_batch))
         return result
 
@@ -75,11 +84,3 @@ class KeptDecodeAttention:
             return original(backend, q, k, v, layer, forward_batch, *args, **kwargs)
         finally:
             backend.forward_metadata = metadata
-
-    def around_can_run_graph(self, original: Callable[..., Any], runner: Any, forward_batch: Any,
-                             *args: Any, **kwargs: Any) -> bool:
-        """AROUND hook on the decode CUDA-graph runner: eager while a trimmed request is live (the
-        captured graph reads SGLang's own tables)."""
-        if self._live_trimmed() > 0 and forward_batch.forward_mode.is_decode():
-            return False
-        return original(runner, forward_batch, *args, **kwargs)
