@@ -220,6 +220,21 @@ def test_a_backend_captured_stock_runs_eagerly_while_a_trimmed_request_is_live(l
     assert graph.around_can_run_graph(lambda runner, batch: True, _runner(None), fb) is want
 
 
+def test_the_buffers_are_found_behind_sglangs_hybrid_backend():
+    """flashinfer prefill + triton decode: the graph runner holds a HybridAttnBackend."""
+    from sglang.srt.layers.attention.hybrid_attn_backend import HybridAttnBackend
+
+    _, graph = _hooks()
+    graph.bind(KeptLengthTable(4, 2, "cpu"), lambda: 1, VLCacheStats())
+    buffers = GraphBuffers(torch.zeros(2, MAX_BS + 1, dtype=torch.int32), torch.zeros(2, _CAPACITY, dtype=torch.int32))
+    decode = SimpleNamespace(vlcache_graph_tables=buffers)
+    hybrid = HybridAttnBackend.__new__(HybridAttnBackend)  # only its two backends matter here
+    hybrid.prefill_backend, hybrid.decode_backend = SimpleNamespace(), decode
+    assert graph_buffers(hybrid) is buffers
+    fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, spec_info=None, batch_size=2, seq_lens_sum=8)
+    assert graph.around_can_run_graph(lambda runner, batch: True, SimpleNamespace(attn_backend=hybrid), fb)
+
+
 @pytest.mark.gpu
 def test_a_real_cuda_graph_replays_the_per_layer_decode_of_a_trimmed_batch():
     """Capture forward_decode of every layer in a torch.cuda.CUDAGraph (dummy batch, runtime not yet

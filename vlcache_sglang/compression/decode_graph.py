@@ -64,7 +64,11 @@ class GraphBuffers:
 
 
 def graph_buffers(backend: Any) -> Optional[GraphBuffers]:
-    return getattr(backend, GRAPH_BUFFERS_ATTR, None)
+    """The per-layer buffers of the backend that decodes. With `--attention-backend flashinfer
+    --decode-attention-backend triton` the graph runner holds SGLang's HybridAttnBackend, whose
+    decode_backend is the TritonAttnBackend the buffers were allocated on (missing them there ran
+    every trimmed batch eagerly: H200, 2026-12-01)."""
+    return getattr(getattr(backend, "decode_backend", backend), GRAPH_BUFFERS_ATTR, None)
 
 
 def _is_plain_decode(forward_batch: Any) -> bool:
