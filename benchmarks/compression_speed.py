@@ -53,6 +53,7 @@ LOG_FLAGS = ["--decode-log-interval", "10"]
 NO_STORE_FLAGS = ["--vlcache-mm-store-tokens", "1"]
 DECODE_LINE = re.compile(r"Decode batch.*?#running-req: (\d+), #token: (\d+), token usage: ([\d.]+)")
 QUEUE = re.compile(r"Prefill batch.*?#queue-req: (\d+)")
+GRAPH_FLAG = re.compile(r"Decode batch.*?cuda graph: (True|False)")
 
 
 # ----- servers and variants ---------------------------------------------------------------------
@@ -90,6 +91,13 @@ def log_peak(text: str) -> dict:
     tokens, usage = max((t, u) for n, t, u in lines if n == peak)
     return {"peak_running": peak, "tokens_at_peak": tokens, "usage_at_peak": usage, "decode_lines": len(lines),
             "peak_queue": max(queues, default=None)}
+
+
+def decode_graph_share(text: str) -> dict:
+    """How many logged decode batches replayed a CUDA graph: the speed of a trimmed batch depends on
+    it (an eager 7B decode step is launch-bound), and a silent fall to eager is what to catch."""
+    flags = GRAPH_FLAG.findall(text)
+    return {"decode_batches_logged": len(flags), "decode_batches_in_graph": flags.count("True")}
 
 
 def running_now(url: str) -> tuple[Optional[float], Optional[float]]:
@@ -267,8 +275,9 @@ NOTES = ("Decode tok/s per request = 1000 / the median inter-token latency (benc
          "streamed chunk per token); output tok/s (run) = all generated tokens over the run's wall time "
          "(prefills included). E2E and decode speed-up: against α = 1.0 on the same server (uncompressed, "
          "SGLang's own path); TTFT − α=1 is the prefill overhead of scoring and trimming (the trim runs "
-         "before the first token is sent). Decode batches holding a trimmed request run eagerly (no CUDA "
-         "graph yet); stock and α = 1.0 replay graphs up to batch 8 (`--cuda-graph-max-bs 8`). The "
+         "before the first token is sent). Decode replays CUDA graphs up to batch 8 (`--cuda-graph-max-bs 8`), "
+         "trimmed batches too (per-layer tables; eager only past the buffers' capacity, counted as "
+         "`compress_graph_fallbacks`); the server line says how many logged decode batches did. The "
          "vlcache server's tokenizer-side processed-pixel cache (on, as served) skips image decoding for "
          "images it has seen, so its TTFT is not stock's; α against α = 1.0 is the comparison. Capacity: "
          "the peak of the server's \"Decode batch\" `#running-req` while the requests were sent at once "
@@ -287,6 +296,8 @@ def report_md(meta: dict, speed: list[dict], capacity: list[dict]) -> str:
     for label, s in meta["servers"].items():
         state = f"error: {serving._first_last(s['error'])}" if s.get("error") else \
             f"healthy after {s.get('startup_s') or 0:.0f} s, KV pool {s.get('kv_pool_tokens')} tokens"
+        if s.get("decode_batches_logged"):
+            state += f", decode batches in a CUDA graph {s['decode_batches_in_graph']} of {s['decode_batches_logged']} logged"
         out.append(f"- `{label}` (`{' '.join(s['flags'])}`): {state}")
     out += ["", "Prompts per run: " + ", ".join(f"{p} {c}" for p, c in meta["prompts"].items()), "",
             "## Speed", "", speed_table(speed), "", "## Capacity (4×4K)", "", capacity_table(capacity, pool), "",
@@ -426,6 +437,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
         except (RuntimeError, OSError, http.client.HTTPException, subprocess.TimeoutExpired) as e:
             meta["servers"][label]["error"] = f"{type(e).__name__}: {e}"
             print(f"server {label}: {e}", flush=True)
+        if srv.log_path.exists():
+            meta["servers"][label].update(decode_graph_share(srv.log_path.read_text(errors="replace")))
         results.save()
         serving.write_log_tails(run_dir, started)
         print(f"server {label} done at {time.monotonic() - t_start:.0f} s", flush=True)

@@ -64,6 +64,11 @@ def test_log_peak_reads_sglangs_decode_lines():
     assert cs.log_peak("no batches")["peak_running"] is None
 
 
+def test_decode_graph_share_counts_logged_decode_batches():
+    assert cs.decode_graph_share(LOG) == {"decode_batches_logged": 4, "decode_batches_in_graph": 1}
+    assert cs.decode_graph_share("no batches") == {"decode_batches_logged": 0, "decode_batches_in_graph": 0}
+
+
 def test_parse_gauges_with_labels():
     text = ('# HELP sglang:num_running_reqs x\nsglang:num_running_reqs{model_name="m",engine_type="unified"} 7.0\n'
             'sglang:num_queue_reqs{model_name="m"} 3.0\nsglang:vlcache_compressed_requests 2.0\n')
