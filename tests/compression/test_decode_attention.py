@@ -108,28 +108,33 @@ def _decode_step(backend, fb, q, new_k, new_v, hooks):
             for layer in range(LAYERS)]
 
 
+def assert_matches_reference(got, req_to_token, plan, kv0, fb, q, new_k, new_v, device, rows=(0, 1)) -> None:
+    """Each layer's output against a torch reference: batch row 0 (the trimmed request) over its layer's
+    kept prompt tokens' original KV then its decode tokens (this step's new one included), row 1 (an
+    untrimmed request) over its whole row."""
+    k0, v0 = kv0
+    row1, row2 = req_to_token[1].long(), req_to_token[2].long()
+    # SGLang's decode kernel multiplies fp32 in TF32 on the GPU (H200: max |diff| 7.8e-4 against fp32,
+    # 2026-12-01); a wrong token set is off by O(0.1). The untrimmed row is held bit-equal to stock elsewhere.
+    tol = 1e-5 if device == "cpu" else 3e-3
+    for layer in range(LAYERS):
+        k_ref, v_ref = k0[layer].clone(), v0[layer].clone()
+        k_ref[fb.out_cache_loc] = new_k[layer].view(2, KV, D)
+        v_ref[fb.out_cache_loc] = new_v[layer].view(2, KV, D)
+        slots = {0: torch.cat([row1[plan.kept_positions[layer]], row1[M: M + DECODED]]), 1: row2[:OTHER]}
+        for r in rows:
+            want = _attend(q[layer][r].view(QO, D), k_ref, v_ref, slots[r])
+            torch.testing.assert_close(got[layer][r].view(QO, D), want, rtol=tol, atol=tol)
+    assert max(plan.kept_lengths) < M  # the layers really attended fewer prompt tokens
+
+
 def test_a_trimmed_request_attends_its_layers_kept_tokens_and_an_untrimmed_one_is_unchanged(device):
     pool, req_to_token, kept, plan, (k0, v0), fb, q, new_k, new_v = _setup(alpha=0.25, device=device)
     backend = _backend(pool, req_to_token, device)
     hooks = KeptDecodeAttention(kept, live_trimmed=lambda: 1)
     got = _decode_step(backend, fb, q, new_k, new_v, hooks)
     assert getattr(backend.forward_metadata, LAYER_TABLES_ATTR) is not None
-    row1, row2 = req_to_token[1].long(), req_to_token[2].long()
-    # SGLang's decode kernel multiplies fp32 in TF32 on the GPU (H200: max |diff| 7.8e-4 against fp32,
-    # 2026-12-01); a wrong token set is off by O(0.1). The untrimmed row below is held bit-equal to stock.
-    tol = 1e-5 if device == "cpu" else 3e-3
-    for layer in range(LAYERS):
-        # What the request attends at this layer: its kept prompt tokens' original KV, then its decode
-        # tokens, the new one written by this very step.
-        k_ref, v_ref = k0[layer].clone(), v0[layer].clone()
-        k_ref[fb.out_cache_loc] = new_k[layer].view(2, KV, D)
-        v_ref[fb.out_cache_loc] = new_v[layer].view(2, KV, D)
-        kept_slots = row1[plan.kept_positions[layer]]
-        want = _attend(q[layer][0].view(QO, D), k_ref, v_ref, torch.cat([kept_slots, row1[M: M + DECODED]]))
-        torch.testing.assert_close(got[layer][0].view(QO, D), want, rtol=tol, atol=tol)
-        want_other = _attend(q[layer][1].view(QO, D), k_ref, v_ref, row2[:OTHER])
-        torch.testing.assert_close(got[layer][1].view(QO, D), want_other, rtol=tol, atol=tol)
-    assert max(plan.kept_lengths) < M  # the layers really attended fewer prompt tokens
+    assert_matches_reference(got, req_to_token, plan, (k0, v0), fb, q, new_k, new_v, device)
 
     # The untrimmed row equals SGLang's own decode of the same batch bit for bit.
     pool2, req_to_token2, _, _, _, fb2, q2, k2, v2 = _setup(alpha=0.25, device=device)

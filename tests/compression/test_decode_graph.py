@@ -16,7 +16,8 @@ import pytest
 import torch
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-from test_decode_attention import DECODED, KV, LAYERS, M, OTHER, QO, D, _attend, _backend, _decode_step, _layer, _setup
+from test_decode_attention import (KV, LAYERS, QO, D, _backend, _decode_step, _layer, _setup,
+                                   assert_matches_reference)
 from vlcache_sglang.compression.decode_attention import LAYER_TABLES_ATTR, KeptDecodeAttention
 from vlcache_sglang.compression.decode_graph import GraphBuffers, KeptDecodeGraph, graph_buffers
 from vlcache_sglang.compression.decode_tables import KeptLengthTable
@@ -127,16 +128,7 @@ def test_a_replayed_batch_with_a_trimmed_request_equals_the_eager_per_layer_deco
         assert torch.equal(got[layer], eager[layer])
 
     # ... which is the attention over the layer's kept tokens + decode tokens (torch reference).
-    row1, row2 = req_to_token[1].long(), req_to_token[2].long()
-    tol = 1e-5 if device == "cpu" else 3e-3
-    for layer in range(LAYERS):
-        k_ref, v_ref = k0[layer].clone(), v0[layer].clone()
-        k_ref[fb.out_cache_loc] = new_k[layer].view(2, KV, D)
-        v_ref[fb.out_cache_loc] = new_v[layer].view(2, KV, D)
-        slots = torch.cat([row1[plan.kept_positions[layer]], row1[M: M + DECODED]])
-        torch.testing.assert_close(got[layer][0].view(QO, D), _attend(q[layer][0].view(QO, D), k_ref, v_ref, slots),
-                                   rtol=tol, atol=tol)
-    assert max(plan.kept_lengths) < M
+    assert_matches_reference(got, req_to_token, plan, (k0, v0), fb, q, new_k, new_v, device, rows=(0,))
 
     # The untrimmed row equals SGLang's own graph path (stock capture and replay) bit for bit.
     pool3, req_to_token3, _, _, _, fb3, q3, k3, v3 = _setup(alpha=0.25, device=device)
