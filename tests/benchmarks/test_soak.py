@@ -47,6 +47,23 @@ def catalogue():
     return soak.hostile_catalogue(twin, "/tmp/vlcache-soak-test-large.png")
 
 
+def test_the_junk_images_are_fixed_and_unidentifiable(catalogue):
+    """Random junk after a PNG signature sometimes reads as a truncated PNG (another message): the
+    catalogue's junk is fixed bytes that PIL cannot identify, the same in every run."""
+    import base64
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    again = {h.name: h.image for h in soak.hostile_catalogue(images.bytes_data_url(images.image_bytes(56, 56, seed=100)),
+                                                             "/tmp/vlcache-soak-test-large.png")}
+    for h in catalogue:
+        if h.name in ("corrupt_png", "corrupt_jpeg_soi_eoi"):
+            assert h.image == again[h.name]
+            with pytest.raises(UnidentifiedImageError, match="cannot identify image file"):
+                Image.open(io.BytesIO(base64.b64decode(h.image.split(",", 1)[1])))
+
+
 # ----- planning ---------------------------------------------------------------------------------
 
 def test_a_round_starts_cold_and_holds_every_kind_spread_through_the_records(records, catalogue):
