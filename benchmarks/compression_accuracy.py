@@ -94,8 +94,14 @@ def table_md(rows: list[dict]) -> str:
 
 def compression_server_flags(budget: str) -> list[str]:
     """A compressing vlcache server: nothing trimmed unless a request asks (alpha 1.0 by default) and
-    its budget method."""
-    return launch.vlcache_flags("full") + ["--vlcache-compress-ratio", "1.0", "--vlcache-compress-budget", budget]
+    its budget method; `METHOD+sinkN` also keeps the first N prompt tokens at every layer."""
+    method, _, sinks = budget.partition("+sink")
+    flags = ["--vlcache-compress-ratio", "1.0", "--vlcache-compress-budget", method]
+    if sinks:
+        if not sinks.isdigit():
+            raise ValueError(f"budget {budget!r}: expected METHOD or METHOD+sinkN (e.g. vlcache+sink4)")
+        flags += ["--vlcache-compress-sink-tokens", sinks]
+    return launch.vlcache_flags("full") + flags
 
 
 def build_servers(model: str, budgets: list[str], log_dir: str, base_port: int) -> list:
@@ -118,7 +124,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="a compressing server (--vlcache-compress-ratio 1.0) and its budget method's label")
     p.add_argument("--model", default=None, help="launch the servers on this checkpoint (with --log-dir)")
     p.add_argument("--log-dir", default=None, help="server logs (keep them out of $OUT)")
-    p.add_argument("--budgets", default="vlcache,uniform", help="with --model: one compressing server each")
+    p.add_argument("--budgets", default="vlcache,uniform,vlcache+sink4",
+                   help="with --model: one compressing server each (METHOD or METHOD+sinkN: N sink tokens kept)")
     p.add_argument("--base-port", type=int, default=30300)
     p.add_argument("--stock", default=None, help="URL of stock SGLang: alpha 1.0 is compared with it")
     p.add_argument("--alphas", default=",".join(map(str, ALPHAS)))

@@ -8,7 +8,9 @@
 #    right?" after the image: 8 answer tokens, each read from one image token), or keep /tmp/tiny-rows
 # 2. make_eval regime R (IMAGES held-out images, each once)
 # 3. benchmarks/compression_accuracy.py: stock + a compressing server per budget method (vlcache, uniform:
-#    the H2O-like baseline), every alpha by per-request override, policy full; alpha 1.0 against stock
+#    the H2O-like baseline, vlcache+sink4: the first 4 prompt tokens kept too), every alpha by per-request
+#    override, policy full; alpha 1.0 against stock. The servers start cold in ~3 min on a fresh machine:
+#    give REUSE_CKPT=1 runs BUDGET_S >= 420.
 # Results in $OUT: progress.log, train.log, compression/compression.{md,json,png}, server_tails.txt.
 set -euo pipefail
 t0=$(date +%s)

@@ -26,7 +26,8 @@ from vlcache_sglang.setup_checks import VLCacheSetupError  # noqa: E402
 
 FLAGS = ["--enable-vlcache", "--vlcache-policy", "--vlcache-recompute-ratio", "--vlcache-first-k",
          "--vlcache-mm-store-tokens", "--vlcache-encoder-cache-mb", "--vlcache-processed-cache-mb",
-         "--vlcache-compress-ratio", "--vlcache-compress-budget", "--vlcache-compress-recent-window"]
+         "--vlcache-compress-ratio", "--vlcache-compress-budget", "--vlcache-compress-recent-window",
+         "--vlcache-compress-sink-tokens"]
 
 
 def _argv(model_dir, *extra):

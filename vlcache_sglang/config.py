@@ -43,6 +43,7 @@ class VLCacheConfig:
     compress_ratio: Optional[float] = None
     compress_budget: str = "vlcache"
     compress_recent_window: int = 0
+    compress_sink_tokens: int = 0
     compress_max_layer_ratio: float = 1.0  # beta_max: no layer keeps more (1.0: the paper's budget)
 
     def __post_init__(self) -> None:
@@ -69,7 +70,7 @@ class VLCacheConfig:
         except ValueError as exc:
             field = str(exc).split()[0]
             flag = {"compress_ratio": "compress-ratio", "budget": "compress-budget",
-                    "recent_window": "compress-recent-window",
+                    "recent_window": "compress-recent-window", "sink_tokens": "compress-sink-tokens",
                     "max_budget": "compress-max-layer-ratio"}.get(field, field.replace("_", "-"))
             raise ValueError(f"--vlcache-{flag}: {exc}") from exc
 
@@ -77,7 +78,7 @@ class VLCacheConfig:
     def compression(self) -> CompressionConfig:
         """The server's compression options (off unless --vlcache-compress-ratio is given)."""
         return CompressionConfig(compress_ratio=self.compress_ratio, budget=self.compress_budget,
-                                 recent_window=self.compress_recent_window,
+                                 recent_window=self.compress_recent_window, sink_tokens=self.compress_sink_tokens,
                                  max_budget=self.compress_max_layer_ratio)
 
     @staticmethod
@@ -178,6 +179,13 @@ class VLCacheConfig:
             help="Compression: the last prompt tokens every layer keeps besides the post-vision queries.",
         )
         group.add_argument(
+            "--vlcache-compress-sink-tokens",
+            type=int,
+            default=VLCacheConfig.compress_sink_tokens,
+            help="Compression: the first prompt tokens every layer keeps (attention sinks; 0, the default, "
+            "is VL-Cache's own rule).",
+        )
+        group.add_argument(
             "--vlcache-compress-max-layer-ratio",
             type=float,
             default=VLCacheConfig.compress_max_layer_ratio,
@@ -204,5 +212,6 @@ class VLCacheConfig:
             compress_ratio=getattr(ns, "vlcache_compress_ratio", None),
             compress_budget=getattr(ns, "vlcache_compress_budget", cls.compress_budget),
             compress_recent_window=getattr(ns, "vlcache_compress_recent_window", cls.compress_recent_window),
+            compress_sink_tokens=getattr(ns, "vlcache_compress_sink_tokens", cls.compress_sink_tokens),
             compress_max_layer_ratio=getattr(ns, "vlcache_compress_max_layer_ratio", cls.compress_max_layer_ratio),
         )

@@ -19,6 +19,7 @@ def test_ratio_out_of_range_is_refused(bad):
 
 
 @pytest.mark.parametrize("field, bad, match", [("budget", "h2o", "unknown"), ("recent_window", -1, "recent_window"),
+                                               ("sink_tokens", -1, "sink_tokens"),
                                                ("sparsity_threshold", 1.0, "sparsity_threshold"),
                                                ("fallback_queries", 0, "fallback_queries"),
                                                ("max_queries", 0, "max_queries"),
@@ -42,13 +43,14 @@ def test_server_flags_enter_through_the_plugin_config_and_name_the_flag():
     from vlcache_sglang.config import VLCacheConfig
 
     config = VLCacheConfig(enabled=True, compress_ratio=0.2, compress_budget="uniform", compress_recent_window=8,
-                           compress_max_layer_ratio=0.3)
+                           compress_max_layer_ratio=0.3, compress_sink_tokens=4)
     assert config.compression == CompressionConfig(compress_ratio=0.2, budget="uniform", recent_window=8,
-                                                   max_budget=0.3)
+                                                   max_budget=0.3, sink_tokens=4)
     assert not VLCacheConfig(enabled=True).compression.enabled  # off by default
     for field, bad, flag in (("compress_ratio", 1.5, "--vlcache-compress-ratio"),
                              ("compress_budget", "h2o", "--vlcache-compress-budget"),
                              ("compress_recent_window", -1, "--vlcache-compress-recent-window"),
+                             ("compress_sink_tokens", -1, "--vlcache-compress-sink-tokens"),
                              ("compress_max_layer_ratio", 2.0, "--vlcache-compress-max-layer-ratio")):
         with pytest.raises(ValueError, match=flag):
             VLCacheConfig(enabled=True, **{field: bad})

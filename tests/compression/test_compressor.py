@@ -104,6 +104,17 @@ def test_recent_window_and_shared_prefix():
     assert plan.table_lengths == [6 + 15] * LAYERS
 
 
+def test_sink_tokens_are_kept_at_every_layer_and_count_against_the_budget():
+    step = _step(compress_ratio=0.05, recent_window=15, sink_tokens=4)
+    plan = step.run(_view(step)).plan
+    for kept in plan.kept_positions:
+        assert kept[:4].tolist() == [0, 1, 2, 3] and set(range(45, 60)) <= set(kept.tolist())
+    assert plan.table_lengths == [4 + 15] * LAYERS  # alpha 0.05 of 60 is 3: the sinks and the window win
+    # Inside a shared prefix the sinks are the tree's already: only the window is added.
+    step = _step(compress_ratio=0.05, recent_window=15, sink_tokens=4)
+    assert step.run(_view(step, prefix=6)).plan.table_lengths == [6 + 15] * LAYERS
+
+
 def test_trimmed_flag_and_release_slots():
     step = _step(compress_ratio=0.3)
     view = _view(step)

@@ -48,6 +48,29 @@ def test_selection_examples():
     assert select_kept_positions(torch.tensor([1.0]), 0, protected_tail=1).tolist() == [0]  # m = 1
 
 
+@given(case=scored(), head=st.integers(0, 8))
+@settings(max_examples=200, deadline=None)
+def test_protected_head_is_kept_and_counts_against_the_budget(case, head):
+    scores, count, tail = case
+    m = scores.numel()
+    kept = select_kept_positions(scores, count, tail, protected_head=head).tolist()
+    tail, head = min(tail, m), min(head, m - min(tail, m))
+    assert len(kept) == min(max(count, head + tail), m)
+    assert set(range(head)) | set(range(m - tail, m)) <= set(kept)
+    middle = [j for j in range(head, m - tail)]
+    chosen = [j for j in kept if j in middle]
+    dropped = [j for j in middle if j not in set(kept)]
+    if chosen and dropped:
+        assert min(float(scores[j]) for j in chosen) >= max(float(scores[j]) for j in dropped)
+
+
+def test_protected_head_examples():
+    scores = torch.tensor([0.1, 5.0, 0.2, 3.0, 0.0, 0.0, 9.0])
+    assert select_kept_positions(scores, 4, protected_tail=2, protected_head=1).tolist() == [0, 1, 5, 6]
+    assert select_kept_positions(scores, 0, protected_tail=0, protected_head=2).tolist() == [0, 1]
+    assert select_kept_positions(scores, 0, protected_tail=5, protected_head=5).tolist() == list(range(7))
+
+
 def test_selection_refuses_nan_and_bad_shapes():
     with pytest.raises(ValueError, match="NaN"):
         select_kept_positions(torch.tensor([1.0, float("nan")]), 1, 0)

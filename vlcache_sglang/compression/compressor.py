@@ -51,14 +51,16 @@ class VLCacheCompression(PostPrefillStep):
             budgets = uniform_budgets(len(layers), alpha, max_budget=cfg.max_budget)
         # Only the request's own tokens [p, m) are compressed: the radix prefix stays whole at every
         # layer (tree slots cannot be freed, and a whole prefix keeps each layer's table contiguous).
-        # The voting queries are the last prompt tokens: they and the recent window always stay.
+        # The voting queries are the last prompt tokens: they and the recent window always stay, and so
+        # do the first sink_tokens of the prompt (those inside the prefix already are).
         p = view.shared_prefix_len
         protected = max(m - int(view.query_positions.min()), cfg.recent_window)
-        counts = kept_counts(budgets, m - p, min_keep=protected)
+        sinks = max(0, cfg.sink_tokens - p)
+        counts = kept_counts(budgets, m - p, min_keep=protected + sinks)
         info = {"alpha": alpha, "sparsity": sparsity, "budgets": budgets.tolist(), "kept": [p + c for c in counts]}
         if all(c == m - p for c in counts):
             return PostPrefillResult(None, info)
-        own = select_layers([layer.token_scores[p:] for layer in layers], counts, protected)
+        own = select_layers([layer.token_scores[p:] for layer in layers], counts, protected, sinks)
         prefix = torch.arange(p, dtype=torch.int64, device=own[0].device)
         kept = [torch.cat([prefix, p + o]) for o in own]
         plan = plan_compaction(view.row_slots, kept, p)

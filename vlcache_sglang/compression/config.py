@@ -23,6 +23,11 @@ class CompressionConfig:
     # "vlcache": sparsity-aware beta_l; "uniform": beta_l = alpha (the H2O-like baseline).
     budget: str = "vlcache"
     recent_window: int = 0  # last prompt tokens every layer keeps besides the post-vision queries
+    # First prompt tokens every layer keeps (attention sinks, as StreamingLLM keeps them): 0 is
+    # VL-Cache's own rule. On the tiny row task's ~95-token prompts, budgets that kept only the voting
+    # tail answered right and then did not stop (H200, 2026-12-01); whether the sinks are why is what
+    # this measures.
+    sink_tokens: int = 0
     # beta_max: no layer keeps more than this share of the request's own prompt tokens (budget.py), so
     # that at least 1 - beta_max of them go back to the pool; 1.0 is the paper's budget.
     max_budget: float = 1.0
@@ -42,6 +47,8 @@ class CompressionConfig:
             raise ValueError(f"max_budget must lie in [0.01, 1] (1.0: uncapped, the paper's), got {self.max_budget}")
         if self.recent_window < 0:
             raise ValueError(f"recent_window must be >= 0, got {self.recent_window}")
+        if self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
         if not 0 < self.sparsity_threshold < 1:
             raise ValueError(f"sparsity_threshold must lie in (0, 1), got {self.sparsity_threshold}")
         if self.fallback_queries < 1:

@@ -55,37 +55,41 @@ from typing import Optional, Sequence
 import torch
 
 
-def select_kept_positions(scores: torch.Tensor, count: int, protected_tail: int) -> torch.Tensor:
+def select_kept_positions(scores: torch.Tensor, count: int, protected_tail: int,
+                          protected_head: int = 0) -> torch.Tensor:
     """Sorted int64 positions [count] of the m prompt tokens one layer keeps.
 
-    scores: [m] s_l(j); count: kept_l (clamped to [min(protected_tail, m), m]); the last
-    protected_tail positions are always kept, the rest filled by the highest scores (ties: the
-    earlier position). count >= m keeps everything.
+    scores: [m] s_l(j); count: kept_l (clamped to [min(protected_head + protected_tail, m), m]); the
+    first protected_head and the last protected_tail positions are always kept, the rest filled by
+    the highest scores (ties: the earlier position). count >= m keeps everything.
     """
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D [m], got {tuple(scores.shape)}")
-    if count < 0 or protected_tail < 0:
-        raise ValueError(f"count and protected_tail must be >= 0, got {count}, {protected_tail}")
+    if count < 0 or protected_tail < 0 or protected_head < 0:
+        raise ValueError(f"count, protected_tail and protected_head must be >= 0, got {count}, {protected_tail}, "
+                         f"{protected_head}")
     m = scores.numel()
     if bool(torch.isnan(scores).any()):
         raise ValueError("scores hold NaN: a poisoned or unwritten KV slot was scored")
     tail = min(protected_tail, m)
-    count = min(max(count, tail), m)
+    head = min(protected_head, m - tail)
+    count = min(max(count, head + tail), m)
     if count == m:
         return torch.arange(m, dtype=torch.int64, device=scores.device)
-    head = scores[: m - tail].float()
+    middle = scores[head: m - tail].float()
     # Stable descending sort: equal scores keep the earlier position (deterministic, unlike topk).
-    top = torch.sort(head, descending=True, stable=True).indices[: count - tail]
-    tail_pos = torch.arange(m - tail, m, dtype=torch.int64, device=scores.device)
-    return torch.sort(torch.cat([top.to(torch.int64), tail_pos])).values
+    top = head + torch.sort(middle, descending=True, stable=True).indices[: count - head - tail].to(torch.int64)
+    fixed = torch.cat([torch.arange(head, dtype=torch.int64, device=scores.device),
+                       torch.arange(m - tail, m, dtype=torch.int64, device=scores.device)])
+    return torch.sort(torch.cat([top, fixed])).values
 
 
 def select_layers(layer_scores: Sequence[torch.Tensor], counts: Sequence[int],
-                  protected_tail: int) -> list[torch.Tensor]:
+                  protected_tail: int, protected_head: int = 0) -> list[torch.Tensor]:
     """select_kept_positions for every layer: scores [m] and kept count per layer."""
     if len(layer_scores) != len(counts):
         raise ValueError(f"one count per layer: got {len(counts)} counts for {len(layer_scores)} layers")
-    return [select_kept_positions(s, c, protected_tail) for s, c in zip(layer_scores, counts)]
+    return [select_kept_positions(s, c, protected_tail, protected_head) for s, c in zip(layer_scores, counts)]
 
 
 @dataclass(frozen=True)
