@@ -13,7 +13,7 @@ indices of the tokens the model computes at that layer. The contract, enforced b
 A token of S_l gets fresh K/V at layer l; a reused token outside S_l keeps its cached (rotated) K/V.
 Static policies (none, full, first_k, vlcache) decide from the layout alone and are planned for all
 layers on the scheduler. A policy that *observes* at layer l (`observes_at(l)`: cacheblend,
-error_bounded at their check layer) decides S_l from a `LayerObservation`: the fresh and the cached
+error_bounded, image_bounded at their check layer) decides S_l from a `LayerObservation`: the fresh and the cached
 K/V of the reused tokens of S_{l-1}, computed by the decoder loop before anything is written
 (`layer_selector.py` runs this protocol for one request). Policies are registered by name, like
 SGLang's radix-cache backends.
