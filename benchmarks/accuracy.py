@@ -217,17 +217,18 @@ def ask(target: Target, rec: Record, max_tokens: int, override: Optional[dict] =
         timeout_s: float = 300) -> dict:
     body = chat_body(rec, max_tokens, override, top_logprobs)
     t0 = time.perf_counter()
-    top = None
+    top, finish = None, None
     try:
         response = post_chat(target.url, body, timeout_s=timeout_s)
         text = response["choices"][0]["message"]["content"] or ""
+        finish = response["choices"][0].get("finish_reason")
         top = first_top_logprobs(response) if top_logprobs else None
         error = None
     except (RuntimeError, OSError, KeyError, IndexError, ValueError, TypeError) as e:
         text, error = "", f"{type(e).__name__}: {e}"
     out = {"id": rec.id, "server": target.label, "text": text, "answer": normalise(text),
            "correct": error is None and normalise(text) == normalise(rec.answer), "repeat": rec.repeat,
-           "latency_s": round(time.perf_counter() - t0, 4), "error": error}
+           "latency_s": round(time.perf_counter() - t0, 4), "error": error, "finish_reason": finish}
     if top_logprobs:
         out.update(top=top, n_reused=rec.n_reused, kind=rec.kind, layout=rec.layout)
     return out

@@ -58,6 +58,9 @@ def summarise(label: str, alpha: float, results: list[dict], reference: Optional
     row = {"server": label, "alpha": alpha, "n": len(results), "errors": len(results) - len(ok),
            "accuracy": accuracy.mean_or_none([r["correct"] for r in results]),
            "cell_accuracy": accuracy.mean_or_none([cell_accuracy(r["text"], answers[r["id"]]) for r in ok]),
+           # Ended by the model (EOS / a stop token), not by max_tokens: compressed answers that are right
+           # and then run on show here, not in the cells.
+           "stopped": accuracy.mean_or_none([r.get("finish_reason") == "stop" for r in ok]),
            "latency_s": accuracy.mean_or_none([r["latency_s"] for r in ok])}
     for name, ref in (("uncompressed", reference), ("stock", stock)):
         if ref is None:
@@ -82,13 +85,13 @@ def table_md(rows: list[dict]) -> str:
     def f(v: Optional[float], spec: str = ".3f") -> str:
         return accuracy_report.fmt(v, spec)
 
-    lines = ["| server | α | accuracy | cell accuracy | agreement with α = 1 (text / tokens) | agreement with stock "
-             "| errors | latency s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| server | α | accuracy | cell accuracy | stopped | agreement with α = 1 (text / tokens) | "
+             "agreement with stock | errors | latency s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         stock = f(r.get("agree_stock")) if "agree_stock" in r else "–"
         lines.append(f"| {r['server']} | {r['alpha']:g} | {f(r['accuracy'])} | {f(r['cell_accuracy'])} | "
-                     f"{f(r.get('agree_uncompressed'))} / {f(r.get('token_agree_uncompressed'))} | {stock} | "
-                     f"{r['errors']} | {f(r['latency_s'], '.3f')} |")
+                     f"{f(r.get('stopped'))} | {f(r.get('agree_uncompressed'))} / "
+                     f"{f(r.get('token_agree_uncompressed'))} | {stock} | {r['errors']} | {f(r['latency_s'], '.3f')} |")
     return "\n".join(lines)
 
 

@@ -36,12 +36,13 @@ def _fake(answers: dict[str, str], wrong_below: float) -> type:
             type(self).bodies.append(body)
             url = next(c["image_url"]["url"] for m in body["messages"] if isinstance(m["content"], list)
                        for c in m["content"] if c["type"] == "image_url")
-            answer = answers[url]
+            answer, finish = answers[url], "stop"
             alpha = ((body.get("custom_params") or {}).get("vlcache") or {}).get("compress_ratio", 1.0)
             if alpha < wrong_below and sorted(answers).index(url) % 3:
                 words = answer.split()
-                answer = " ".join(words[:-1] + ["yellow"])
-            self._send(200, json.dumps({"choices": [{"index": 0, "message": {"content": answer}}]}))
+                answer, finish = " ".join(words[:-1] + ["yellow"]), "length"  # wrong, and ran to max_tokens
+            self._send(200, json.dumps({"choices": [{"index": 0, "message": {"content": answer},
+                                                     "finish_reason": finish}]}))
 
         def do_GET(self):
             self._send(200, "", "text/plain")
@@ -70,6 +71,7 @@ def test_rows_per_alpha_score_accuracy_cells_and_agreement(tmp_path):
     assert lossy_row["accuracy"] == pytest.approx(2 / 6) and lossy_row["agree_uncompressed"] == pytest.approx(2 / 6)
     assert lossy_row["cell_accuracy"] == pytest.approx(1 - 4 / 6 / 4), "one of 4 cells wrong in 4 of 6"
     assert lossy_row["token_agree_uncompressed"] == pytest.approx(1 - 4 / 6 / 4)
+    assert lossy_row["stopped"] == pytest.approx(2 / 6) and by[("vlcache", 0.2)]["stopped"] == 1.0
     assert "agree_stock" not in lossy_row and by[("uniform", 1.0)]["accuracy"] == 1.0
     assert (tmp_path / "out" / "compression.md").read_text().count("| uniform |") == 3
     # (run_pass ends every pass with one text-only request that flushes the gauges: no image, no override)
