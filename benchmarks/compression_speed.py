@@ -240,8 +240,7 @@ def speed_table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['preset']} | {r['concurrency']} | {r['server']} | failed: "
-                         f"{r['error'].splitlines()[0][:80]} |" + " |" * 9)
+            lines.append(serving.failed_row([r["preset"], r["concurrency"], r["server"]], r["error"], 9))
             continue
         lines.append(
             f"| {r['preset']} | {r['concurrency']} | {r['server']} | {f(r['ttft_p50_ms'], '.0f')} | "

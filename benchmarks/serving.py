@@ -335,14 +335,18 @@ def _fmt(v: Any, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
+def failed_row(cells: list, error: str, blanks: int) -> str:
+    """A table row for a run that failed: its key cells, the error's first line, then empty cells."""
+    return "| " + " | ".join(map(str, cells)) + f" | failed: {error.splitlines()[0][:80]} |" + " |" * blanks
+
+
 def table_md(rows: list[dict]) -> str:
     head = ("| preset | server | conc | TTFT p50 ms | TTFT p90 ms | E2E p50 ms | req/s | out tok/s | "
             "TTFT p50 speed-up | prefix-hit TTFT ms | hit rate | recomputed | store tokens |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['preset']} | {r['server']} | {r['concurrency']} | failed: "
-                         f"{r['error'].splitlines()[0][:80]} |" + " |" * 9)
+            lines.append(failed_row([r["preset"], r["server"], r["concurrency"]], r["error"], 9))
             continue
         speed = r.get("ttft_speedup_vs_stock")
         lines.append(
