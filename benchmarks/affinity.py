@@ -36,11 +36,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # vlcache_sglang without an install
 import launch  # noqa: E402
+from accuracy_report import fmt  # noqa: E402  (one table-cell formatter)
 import serving  # noqa: E402
 import workloads  # noqa: E402
 
@@ -250,18 +251,14 @@ def run_arm(args: argparse.Namespace, arm: Arm, rows: list[dict], router_url: st
 
 # ----- report -----------------------------------------------------------------------------------
 
-def _f(v: Any, spec: str) -> str:
-    return "—" if v is None else format(v, spec)
-
-
 def table_md(rows: list[dict]) -> str:
     lines = ["| arm | router | ok / requests | hit rate | hits / lookups | lookups per replica | TTFT p50 ms "
              "| TTFT p90 ms |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        split = " / ".join(_f(x, ".0f") for x in r["lookups_per_replica"])
+        split = " / ".join(fmt(x, ".0f") for x in r["lookups_per_replica"])
         lines.append(f"| {r['arm']} | `{r['router']}`{' + key' if r['keyed'] else ''} | {r['ok']} / {r['requests']} "
-                     f"| {_f(r['hit_rate'], '.2f')} | {_f(r['key_hits'], '.0f')} / {_f(r['key_lookups'], '.0f')} "
-                     f"| {split} | {_f(r['ttft_p50_ms'], '.0f')} | {_f(r['ttft_p90_ms'], '.0f')} |")
+                     f"| {fmt(r['hit_rate'], '.2f')} | {fmt(r['key_hits'], '.0f')} / {fmt(r['key_lookups'], '.0f')} "
+                     f"| {split} | {fmt(r['ttft_p50_ms'], '.0f')} | {fmt(r['ttft_p90_ms'], '.0f')} |")
     return "\n".join(lines)
 
 
@@ -365,8 +362,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 summary["router_routable_s"] = round(routable_s, 1)
                 rows.append(summary)
                 per_request[arm.name] = results
-                print(f"arm {arm.name}: hit rate {_f(summary['hit_rate'], '.2f')}, TTFT p50 "
-                      f"{_f(summary['ttft_p50_ms'], '.0f')} ms, errors {summary['errors']}", flush=True)
+                print(f"arm {arm.name}: hit rate {fmt(summary['hit_rate'], '.2f')}, TTFT p50 "
+                      f"{fmt(summary['ttft_p50_ms'], '.0f')} ms, errors {summary['errors']}", flush=True)
     finally:  # also on SIGTERM (the time limit) or a server that died: the arms that finished
         meta.update({"skipped_arms (deadline)": skipped, "wall_s": round(time.monotonic() - t0),
                      "arms_not_run": [a.name for a in arms if a.name not in per_request and a.name not in skipped]})

@@ -233,7 +233,7 @@ def _x(v: Optional[float]) -> str:
 
 
 def speed_table(rows: list[dict]) -> str:
-    f = serving._fmt
+    f = serving.fmt
     head = ("| preset | conc | server | TTFT p50 ms | E2E p50 ms | ITL p50 ms | decode tok/s per request | "
             "TPOT p50 ms | output tok/s (run) | done | E2E speed-up vs α=1 | decode speed-up vs α=1 | "
             "TTFT − α=1 ms |")
@@ -252,7 +252,7 @@ def speed_table(rows: list[dict]) -> str:
 
 
 def capacity_table(rows: list[dict], pool: Optional[int]) -> str:
-    f = serving._fmt
+    f = serving.fmt
     head = ("| α | sent | peak #running-req (log) | peak (metrics) | #token at peak | tokens per request | "
             "KV pool | pool ÷ tokens per request | stopped | compressed | freed slots |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]

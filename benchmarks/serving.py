@@ -26,10 +26,11 @@ import sys
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import launch  # noqa: E402
+from accuracy_report import fmt  # noqa: E402  (one table-cell formatter)
 import plot  # noqa: E402
 import workloads  # noqa: E402
 
@@ -288,8 +289,8 @@ def measure_server(srv: launch.Server, works: list[PresetWork], work_dir: Path, 
             results.raw[key] = bench
             rows.append(results.add({**base, **summarise(bench, launch.gauge_deltas(before, srv.metrics()),
                                                          work.counts[conc])}))
-            print(f"  {key}: TTFT p50 {_fmt(rows[-1]['ttft_p50_ms'], '.0f')} ms, "
-                  f"{_fmt(rows[-1]['req_per_s'], '.2f')} req/s", flush=True)
+            print(f"  {key}: TTFT p50 {fmt(rows[-1]['ttft_p50_ms'], '.0f')} ms, "
+                  f"{fmt(rows[-1]['req_per_s'], '.2f')} req/s", flush=True)
         if probe:
             run_probe(srv.url, label, work, rows, results)
         results.save()
@@ -331,10 +332,6 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
-def _fmt(v: Any, spec: str) -> str:
-    return "–" if v is None else format(v, spec)
-
-
 def failed_row(cells: list, error: str, blanks: int) -> str:
     """A table row for a run that failed: its key cells, the error's first line, then empty cells."""
     return "| " + " | ".join(map(str, cells)) + f" | failed: {error.splitlines()[0][:80]} |" + " |" * blanks
@@ -350,11 +347,11 @@ def table_md(rows: list[dict]) -> str:
             continue
         speed = r.get("ttft_speedup_vs_stock")
         lines.append(
-            f"| {r['preset']} | {r['server']} | {r['concurrency']} | {_fmt(r['ttft_p50_ms'], '.0f')} | "
-            f"{_fmt(r['ttft_p90_ms'], '.0f')} | {_fmt(r['e2e_p50_ms'], '.0f')} | {_fmt(r['req_per_s'], '.2f')} | "
-            f"{_fmt(r['output_tok_per_s'], '.0f')} | {'–' if speed is None else f'{speed:.2f}×'} | "
-            f"{_fmt(r.get('prefix_hit_ttft_ms'), '.1f')} | {_fmt(r.get('hit_rate'), '.2f')} | "
-            f"{_fmt(r.get('recomputed_fraction'), '.3f')} | {_fmt(r.get('store_tokens'), '.0f')} |")
+            f"| {r['preset']} | {r['server']} | {r['concurrency']} | {fmt(r['ttft_p50_ms'], '.0f')} | "
+            f"{fmt(r['ttft_p90_ms'], '.0f')} | {fmt(r['e2e_p50_ms'], '.0f')} | {fmt(r['req_per_s'], '.2f')} | "
+            f"{fmt(r['output_tok_per_s'], '.0f')} | {'–' if speed is None else f'{speed:.2f}×'} | "
+            f"{fmt(r.get('prefix_hit_ttft_ms'), '.1f')} | {fmt(r.get('hit_rate'), '.2f')} | "
+            f"{fmt(r.get('recomputed_fraction'), '.3f')} | {fmt(r.get('store_tokens'), '.0f')} |")
     failed = [r for r in rows if "error" not in r and r.get("completed") != r.get("num_prompts")]
     for r in failed:  # their latency numbers cover the successful requests only
         error = (r.get("first_error") or "?").strip().splitlines()

@@ -63,7 +63,7 @@ def test_table_shows_missing_values_as_dashes():
            "hit_rate": None, "key_hits": 0.0, "key_lookups": 0.0, "lookups_per_replica": [0.0, 0.0],
            "ttft_p50_ms": None, "ttft_p90_ms": None}
     table = affinity.table_md([row])
-    assert "| round_robin | `--policy round_robin` | 0 / 3 | — | 0 / 0 | 0 / 0 | — | — |" in table
+    assert "| round_robin | `--policy round_robin` | 0 / 3 | – | 0 / 0 | 0 / 0 | – | – |" in table
 
 
 def test_percentile():
