@@ -7,7 +7,7 @@ dataclass, never os.environ.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 from vlcache_sglang.compression.config import BUDGET_METHODS, CompressionConfig
@@ -20,6 +20,12 @@ SUPPORTED_ATTENTION_BACKENDS = ("flashinfer", "triton")
 COMPRESSION_DECODE_BACKENDS = ("triton",)
 SUPPORTED_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
 RADIX_CACHE_BACKEND_NAME = "vlcache"
+
+
+# CompressionConfig's field -> the VLCacheConfig field (and so the --vlcache-<field> flag) that sets it.
+_COMPRESSION_FIELDS = {"compress_ratio": "compress_ratio", "budget": "compress_budget",
+                       "recent_window": "compress_recent_window", "sink_tokens": "compress_sink_tokens",
+                       "max_budget": "compress_max_layer_ratio"}
 
 
 @dataclass(frozen=True)
@@ -68,18 +74,14 @@ class VLCacheConfig:
         try:  # CompressionConfig's own checks, one place; the message names the flag
             self.compression
         except ValueError as exc:
-            field = str(exc).split()[0]
-            flag = {"compress_ratio": "compress-ratio", "budget": "compress-budget",
-                    "recent_window": "compress-recent-window", "sink_tokens": "compress-sink-tokens",
-                    "max_budget": "compress-max-layer-ratio"}.get(field, field.replace("_", "-"))
-            raise ValueError(f"--vlcache-{flag}: {exc}") from exc
+            first = str(exc).split()[0]  # the checks name their field first
+            field = _COMPRESSION_FIELDS.get(first, first)
+            raise ValueError(f"--vlcache-{field.replace('_', '-')}: {exc}") from exc
 
     @property
     def compression(self) -> CompressionConfig:
         """The server's compression options (off unless --vlcache-compress-ratio is given)."""
-        return CompressionConfig(compress_ratio=self.compress_ratio, budget=self.compress_budget,
-                                 recent_window=self.compress_recent_window, sink_tokens=self.compress_sink_tokens,
-                                 max_budget=self.compress_max_layer_ratio)
+        return CompressionConfig(**{theirs: getattr(self, ours) for theirs, ours in _COMPRESSION_FIELDS.items()})
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -197,21 +199,7 @@ class VLCacheConfig:
 
     @classmethod
     def from_cli_namespace(cls, ns: argparse.Namespace) -> "VLCacheConfig":
-        return cls(
-            enabled=bool(getattr(ns, "enable_vlcache", False)),
-            policy=getattr(ns, "vlcache_policy", cls.policy),
-            recompute_ratio=getattr(ns, "vlcache_recompute_ratio", cls.recompute_ratio),
-            first_k=getattr(ns, "vlcache_first_k", cls.first_k),
-            profile=getattr(ns, "vlcache_profile", None),
-            check_layer=getattr(ns, "vlcache_check_layer", cls.check_layer),
-            blend_score=getattr(ns, "vlcache_blend_score", cls.blend_score),
-            error_bound=getattr(ns, "vlcache_error_bound", cls.error_bound),
-            mm_store_tokens=getattr(ns, "vlcache_mm_store_tokens", None),
-            encoder_cache_mb=getattr(ns, "vlcache_encoder_cache_mb", cls.encoder_cache_mb),
-            processed_cache_mb=getattr(ns, "vlcache_processed_cache_mb", cls.processed_cache_mb),
-            compress_ratio=getattr(ns, "vlcache_compress_ratio", None),
-            compress_budget=getattr(ns, "vlcache_compress_budget", cls.compress_budget),
-            compress_recent_window=getattr(ns, "vlcache_compress_recent_window", cls.compress_recent_window),
-            compress_sink_tokens=getattr(ns, "vlcache_compress_sink_tokens", cls.compress_sink_tokens),
-            compress_max_layer_ratio=getattr(ns, "vlcache_compress_max_layer_ratio", cls.compress_max_layer_ratio),
-        )
+        """Every field from its flag: `--enable-vlcache`, and `--vlcache-<field>` for the rest (a
+        namespace without the flag, e.g. SGLang's own tests, keeps the field's default)."""
+        values = {f.name: getattr(ns, f"vlcache_{f.name}", f.default) for f in fields(cls) if f.name != "enabled"}
+        return cls(enabled=bool(getattr(ns, "enable_vlcache", False)), **values)
