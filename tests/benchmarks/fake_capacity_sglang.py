@@ -14,6 +14,10 @@ import json
 import sys
 import threading
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fake_sglang  # noqa: E402  (the quiet handler and its reply helper)
 
 POOL = 4000
 CAP_UNCOMPRESSED, CAP_COMPRESSED = 3, 100
@@ -37,17 +41,9 @@ def decode_logger() -> None:
                       f"token usage: {state['held'] / POOL:.2f}, gen throughput (token/s): 1.0, ", flush=True)
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *a):
-        pass
-
-    def _send(self, code: int, text: str, ctype: str = "text/plain") -> None:
-        data = text.encode()
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+class Handler(fake_sglang.JsonHandler):
+    def _send(self, code: int, body, ctype: str = "text/plain") -> None:  # plain text unless told
+        super()._send(code, body, ctype)
 
     def do_GET(self):
         if self.path == "/health":
