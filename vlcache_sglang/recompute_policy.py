@@ -163,6 +163,7 @@ class LayerObservation:
     v_fresh: torch.Tensor
     v_cached: torch.Tensor
     sum_ranks: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t, compare=False, repr=False)
+    _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)  # _squares' results
 
     def __post_init__(self) -> None:
         n = self.tokens.shape[0]
@@ -170,24 +171,26 @@ class LayerObservation:
         if self.tokens.dim() != 1 or any(len(sh) != 2 or sh[0] != n for sh in shapes):
             raise ValueError(f"tokens [n] and K/V [n, d] must agree, got {tuple(self.tokens.shape)} and {shapes}")
 
-    def _squares(self, x: torch.Tensor) -> torch.Tensor:
-        """[n] ‖x‖₂² per token over every KV head of the model (all ranks' squares summed)."""
-        return self.sum_ranks(x.float().square().sum(dim=-1))
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self._squares(x).sqrt()
+    def _squares(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """([n] ‖fresh − cached‖₂², [n] ‖fresh‖₂²) of K ("k") or V ("v") per token over every KV head of
+        the model (all ranks' squares summed). Computed once per observation: every measure below
+        reads them, and under TP each sum is an all-reduce. (Not functools.cached_property: before
+        Python 3.12 it holds one lock for all instances, which deadlocks ranks that all-reduce inside.)"""
+        cache = self._cache
+        if which not in cache:
+            fresh, cached = (self.k_fresh, self.k_cached) if which == "k" else (self.v_fresh, self.v_cached)
+            f = fresh.float()
+            cache[which] = (self.sum_ranks((f - cached.float()).square().sum(dim=-1)),
+                            self.sum_ranks(f.square().sum(dim=-1)))
+        return cache[which]
 
     def deviation(self, which: str = "k") -> torch.Tensor:
         """[n] float32 CPU: ‖fresh − cached‖₂ of each token's K (or V) over all KV heads."""
-        fresh, cached = (self.k_fresh, self.k_cached) if which == "k" else (self.v_fresh, self.v_cached)
-        return self._norm(fresh.float() - cached.float()).cpu()
+        return self._squares(which)[0].sqrt().cpu()
 
     def relative_error(self) -> torch.Tensor:
         """[n] float32 CPU: max over K and V of ‖fresh − cached‖ / ‖fresh‖ (the error_bounded measure)."""
-        errs = []
-        for fresh, cached in ((self.k_fresh, self.k_cached), (self.v_fresh, self.v_cached)):
-            f = fresh.float()
-            errs.append(self._norm(f - cached.float()) / self._norm(f).clamp_min(1e-12))
+        errs = [num.sqrt() / den.sqrt().clamp_min(1e-12) for num, den in map(self._squares, "kv")]
         return torch.maximum(errs[0], errs[1]).cpu()
 
     def group_relative_error(self, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -195,12 +198,9 @@ class LayerObservation:
         over K and V of sqrt(Σ ‖fresh − cached‖²) / sqrt(Σ ‖fresh‖²) over the group's tokens."""
         ids = groups.to(self.k_fresh.device)
         errs = []
-        for fresh, cached in ((self.k_fresh, self.k_cached), (self.v_fresh, self.v_cached)):
-            f = fresh.float()
-            zeros = torch.zeros(num_groups, dtype=torch.float32, device=f.device)
-            num = zeros.index_add(0, ids, self._squares(f - cached.float()))
-            den = zeros.index_add(0, ids, self._squares(f))
-            errs.append((num / den.clamp_min(1e-24)).sqrt())
+        for num, den in map(self._squares, "kv"):
+            zeros = torch.zeros(num_groups, dtype=torch.float32, device=num.device)
+            errs.append((zeros.index_add(0, ids, num) / zeros.index_add(0, ids, den).clamp_min(1e-24)).sqrt())
         return torch.maximum(errs[0], errs[1]).cpu()
 
 
