@@ -151,7 +151,7 @@ def test_factory_builds_a_radix_cache_only_for_a_vlcache_server():
     enabled = SimpleNamespace(vlcache=VLCacheConfig(enabled=True))
     cache = vlcache_tree_cache_factory(_ctx(enabled, ["Qwen2_5_VLForConditionalGeneration"]))
     assert isinstance(cache, MultimodalRadixCache) and isinstance(cache, RadixCache)
-    assert cache.num_layers == 28 and cache.policy.name == "error_bounded"  # the default
+    assert cache.num_layers == 28 and cache.policy.name == "image_bounded"  # the default
     with pytest.raises(VLCacheSetupError, match="--enable-vlcache"):
         vlcache_tree_cache_factory(_ctx(SimpleNamespace(), ["Qwen2_5_VLForConditionalGeneration"]))
     with pytest.raises(VLCacheSetupError, match="LlamaForCausalLM"):
