@@ -159,6 +159,8 @@ def install_scheduler(cache: Any, ctx: Any) -> None:
         logger.info("vlcache compression: %s", cache.config.compression)
     verify_hooks(required=required)  # all or nothing: never serve half installed
     model = ctx.tp_worker.model_runner.model
+    if cache.compression is not None:
+        compression.compile_kernels(model.model, allocator.get_kvcache())
     prefill.capture_graphs(model.model, ctx.model_config.dtype, req_to_token, allocator.get_kvcache())
 
 

@@ -145,3 +145,38 @@ def test_gpu_long_prompt_matches_reference():
     (scores, sparse), (want_scores, want_sparse) = _both(q, k, req_to_token, positions, 16_384)
     torch.testing.assert_close(scores, want_scores, rtol=2e-2, atol=2e-2)
     _assert_counts_close(sparse, want_sparse, int((positions + 1).sum()) * 28, 2e-3)
+
+
+def _compiled_variants(kernel) -> int:
+    """Binaries Triton holds for `kernel` on the current GPU (one per specialisation key)."""
+    return len(kernel.device_caches[torch.cuda.current_device()][0])
+
+
+@pytest.mark.gpu
+def test_gpu_one_compiled_variant_for_every_request_shape():
+    """Query counts, prompt lengths and request rows of every value class (1, multiples of 16, odd)
+    reuse the binary the first shape compiled: a new request shape compiles nothing inside its TTFT.
+    (Counted after the first call: other tests in the session compile other head/dtype variants.)"""
+    from vlcache_sglang.kernels import attention_scores as mod
+
+    counts = []
+    for tau, m, row in [(1, 33, ROW), (16, 64, ROW), (5, 1000, ROW), (32, 4096, 1), (3, 517, 3)]:
+        q, k, req_to_token, positions = _request(m, tau, 28, 4, 128, torch.bfloat16, "cuda", seed=tau)
+        req_to_token = req_to_token.roll(row - ROW, 0)  # the request's row at index `row`
+        post_vision_scores(q, k, req_to_token, row, positions, m, 1 / math.sqrt(128))
+        counts.append((_compiled_variants(mod._row_stats_kernel), _compiled_variants(mod._scores_kernel)))
+    assert all(c == counts[0] for c in counts), counts
+
+
+@pytest.mark.gpu
+def test_gpu_compile_for_builds_the_binary_requests_run():
+    """After start-up's compile_for, a request of another shape on a pool of that layer shape (a row of a
+    wider req_to_token, odd prompt length, one query) compiles nothing more."""
+    from vlcache_sglang.kernels import attention_scores as mod
+
+    pool_k = torch.zeros(8, 2, 96, dtype=torch.float16, device="cuda")  # a head shape no other test uses
+    mod.compile_for(6, pool_k)
+    before = (_compiled_variants(mod._row_stats_kernel), _compiled_variants(mod._scores_kernel))
+    q, k, req_to_token, positions = _request(301, 1, 6, 2, 96, torch.float16, "cuda")
+    post_vision_scores(q, k, req_to_token, ROW, positions, 301, 96 ** -0.5)
+    assert (_compiled_variants(mod._row_stats_kernel), _compiled_variants(mod._scores_kernel)) == before

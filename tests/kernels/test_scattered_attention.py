@@ -244,3 +244,24 @@ def test_split_choice():
         assert choose_splits(3, 4, 50_000, dev) == min(MAX_SPLITS, -(-2 * sms // 12))
         assert choose_splits(3, 4, 600, dev) == 2, "at least MIN_KEYS_PER_SPLIT keys per split"
         assert choose_splits(4 * sms, 4, 50_000, dev) == 1, "the tiles alone fill the GPU"
+
+
+@pytest.mark.gpu
+def test_gpu_one_compiled_variant_for_every_batch_shape():
+    """Batches of 1, 16 and odd query counts with split-KV partials reuse the binaries the first batch
+    compiled: a new batch shape of the eager loop compiles nothing inside a request. (Counted after the
+    first call: other tests in the session compile other variants.)"""
+    from vlcache_sglang.kernels import scattered_attention as mod
+
+    def variants() -> tuple[int, int]:
+        dev = torch.cuda.current_device()
+        return (len(mod._scattered_attention_kernel.device_caches[dev][0]),
+                len(mod._merge_splits_kernel.device_caches[dev][0]))
+
+    k, v, req_to_token, _, _ = _pool(CASE, 4, 128, torch.bfloat16, "cuda")
+    counts = []
+    for n, splits in [(1, 2), (16, 3), (37, 2), (5, 4)]:
+        positions, rows = torch.arange(40 - n, 40), torch.full((n,), 3)
+        _attend(_q(n, 28, 128, torch.bfloat16, "cuda"), k, v, req_to_token, rows, positions, 4, num_splits=splits)
+        counts.append(variants())
+    assert all(c == counts[0] for c in counts), counts

@@ -11,11 +11,13 @@ there would never take).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from vlcache_sglang.compression.decode_attention import KeptDecodeAttention
 from vlcache_sglang.compression.decode_graph import KeptDecodeGraph
 from vlcache_sglang.compression.runtime import CompressionRuntime
+from vlcache_sglang.kernels.attention_scores import compile_for
+from vlcache_sglang.model_patch.selective_graph import AttentionShape
 from vlcache_sglang.setup_checks import VLCacheSetupError
 
 _TRITON = "sglang.srt.layers.attention.triton_backend.TritonAttnBackend"
@@ -77,3 +79,11 @@ def install(runtime: CompressionRuntime) -> tuple[str, ...]:
     _graph.bind(runtime.kept, lambda: runtime.live_trimmed, runtime.stats)
     _installed = runtime
     return COMPRESSION_TARGETS
+
+
+def compile_kernels(lm: Any, kv_pool: Any) -> None:
+    """Build the scoring pass's Triton binaries at start-up (CUDA only: the interpreter compiles nothing),
+    for this rank's head shape, so that no compressed request compiles them inside its TTFT."""
+    k_buffer = kv_pool.k_buffer[0]
+    if k_buffer.is_cuda:
+        compile_for(AttentionShape.of(lm).num_qo_heads, k_buffer)

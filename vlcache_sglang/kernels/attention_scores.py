@@ -35,6 +35,17 @@ DEFAULT_BLOCK_N = 64
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+# Arguments that change from request to request (query count, prompt length, splits, the strides of
+# buffers sized by them; the request's req_to_token row, whose alignment follows its row index).
+# Triton would otherwise compile a variant per value class (== 1, divisible by 16, aligned or not) at
+# the first request of each class, inside its TTFT: on the H200 the first two 4x4K requests of a warm
+# server spent 1.9 and 0.6 s more between their last prefill chunk and their first token than the third
+# (0.04 s), the pattern of first-use compilation. Names a kernel lacks are ignored (Triton matches them
+# against its parameters).
+_PER_REQUEST_INTS = ["num_q", "num_keys", "num_splits", "stride_ss", "stride_pt", "stride_ph", "stride_cs"]
+_PER_REQUEST_POINTERS = ["slot_row"]
+
+
 @triton.jit
 def _rows(tile, kv_head, num_q, GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     """Row r: query tile * BLOCK_M + r // GROUP, head kv_head * GROUP + r % GROUP; valid if it exists."""
@@ -77,7 +88,7 @@ def _key_block(k_cache, slot_row, start, hi, kv_off, d, dmask, stride_kt, BLOCK_
     return j, jmask, k
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_REQUEST_INTS, do_not_specialize_on_alignment=_PER_REQUEST_POINTERS)
 def _row_stats_kernel(
     q,  # [tau, num_qo_heads, head_dim]
     k_cache,  # [slots, num_kv_heads, head_dim]
@@ -110,7 +121,7 @@ def _row_stats_kernel(
     tl.store(row_sum + out, l_i, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_REQUEST_INTS, do_not_specialize_on_alignment=_PER_REQUEST_POINTERS)
 def _scores_kernel(
     q, k_cache, slot_row, q_pos,
     row_max,  # [tau, num_qo_heads] fp32, merged over splits
@@ -208,6 +219,17 @@ def post_vision_scores(
         score_part.stride(0), score_part.stride(1), sparse_part.stride(0), sparse_part.stride(1),
         **meta)
     return score_part.sum((0, 1)), sparse_part.sum(0, dtype=torch.int32)
+
+
+def compile_for(num_qo_heads: int, k_cache: torch.Tensor) -> None:
+    """Compile both passes for this layer shape (k_cache: a layer's K buffer) now, not inside the first
+    compressed request's TTFT: with the per-request arguments unspecialised, the one binary a small
+    dummy request builds is the one every request runs."""
+    keys, (kv_heads, head_dim) = 64, k_cache.shape[1:]
+    k = torch.zeros(keys, kv_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
+    q = torch.zeros(2, num_qo_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
+    req_to_token = torch.arange(keys, dtype=torch.int32, device=k_cache.device).unsqueeze(0)
+    post_vision_scores(q, k, req_to_token, 0, torch.tensor([keys - 2, keys - 1]), keys, head_dim ** -0.5)
 
 
 def _merge_splits(part_max: torch.Tensor, part_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,6 +51,12 @@ class CapacityError(ValueError):
     """A plan larger than a fixed-capacity ScatteredAttention holds."""
 
 
+# Arguments that change from batch to batch in the eager loop (the split count; the partials' strides,
+# sized by the batch's query count): unspecialised, so a new batch shape never compiles a new variant
+# inside a request (Triton specialises ints on == 1 and divisibility by 16). Graph replays fix them anyway.
+_PER_BATCH_INTS = ["num_splits", "stride_os", "stride_ls"]
+
+
 @triton.jit
 def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     # Triton 3.6's interpreter multiplies bf16 operands as their raw uint16 bits; there, products
@@ -71,7 +77,7 @@ def _tile_rows(tiles, tile, kv_head, GROUP: tl.constexpr, BLOCK_ROWS: tl.constex
     return (q_start + m).to(tl.int64), kv_head * GROUP + r % GROUP, m < q_len
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH_INTS)
 def _scattered_attention_kernel(
     q,  # [n, num_qo_heads, head_dim]
     k_cache,  # [slots, num_kv_heads, head_dim]
@@ -184,7 +190,7 @@ def _scattered_attention_kernel(
                  acc.to(out.dtype.element_ty), mask=valid[:, None] & dmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH_INTS)
 def _merge_splits_kernel(
     o_part,  # [splits, n, num_qo_heads, head_dim] fp32, each split normalised by itself
     lse_part,  # [splits, n, num_qo_heads] fp32, log2-sum-exp2 (-inf: the split saw no key)
