@@ -32,6 +32,11 @@ class VLCacheStats:
     compressed_requests: int = 0
     compress_freed_slots: int = 0
     compress_not_captured: int = 0
+    # Of the trimmed requests: Σ_l prompt tokens layer l keeps, over Σ_l prompt tokens (L·m each). Their
+    # ratio is the kept share actually served, which exceeds α where the always-kept voters and window
+    # outweigh α·m (short prompts).
+    compress_kept_token_layers: int = 0
+    compress_prompt_token_layers: int = 0
     # Decode steps run eagerly because the per-layer graph buffers could not hold the batch.
     compress_graph_fallbacks: int = 0
 
@@ -47,9 +52,15 @@ class VLCacheStats:
         total = self.reused_token_layers
         return self.recomputed_token_layers / total if total else 0.0
 
+    @property
+    def compress_kept_fraction(self) -> float:
+        total = self.compress_prompt_token_layers
+        return self.compress_kept_token_layers / total if total else 0.0
+
     def as_dict(self) -> dict[str, float]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
-        d.update(hit_rate=round(self.hit_rate, 4), recomputed_fraction=round(self.recomputed_fraction, 4))
+        d.update(hit_rate=round(self.hit_rate, 4), recomputed_fraction=round(self.recomputed_fraction, 4),
+                 compress_kept_fraction=round(self.compress_kept_fraction, 4))
         return d
 
     def maybe_log(self, every_s: float = 30.0) -> None:

@@ -132,8 +132,14 @@ def test_a_compressed_request_is_trimmed_never_inserted_and_frees_exactly_its_pl
     assert cache.compression.kept.kept_lens[1].tolist() == [0] * LAYERS
     assert cache.evictable_size() == N_IMG  # still only the image node: the request was not inserted
     _invariant(cache)
-    assert cache.compression.stats.compressed_requests == 1
-    assert cache.compression.stats.compress_freed_slots == plan.free_slots.numel()
+    stats = cache.compression.stats
+    assert stats.compressed_requests == 1
+    assert stats.compress_freed_slots == plan.free_slots.numel()
+    # The kept share served: each layer's kept prompt tokens over L·m (at alpha 0.2 above alpha: the
+    # voters after the image are always kept).
+    assert stats.compress_kept_token_layers == sum(k.numel() for k in want.kept_positions)
+    assert stats.compress_prompt_token_layers == LAYERS * M
+    assert 0.2 <= stats.compress_kept_fraction < 1.0
 
 
 def test_retraction_frees_the_plan_and_the_request_may_be_trimmed_again(device):

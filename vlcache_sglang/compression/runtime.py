@@ -154,6 +154,8 @@ class CompressionRuntime:
         self._trimmed_rows.add(int(req.req_pool_idx))
         self.stats.compressed_requests += 1
         self.stats.compress_freed_slots += int(plan.free_slots.numel())
+        self.stats.compress_kept_token_layers += sum(plan.kept_lengths)
+        self.stats.compress_prompt_token_layers += plan.num_layers * plan.prompt_len
         logger.debug("vlcache: request %s compressed: %s", req.rid, result.info)
         return True
 
