@@ -20,6 +20,9 @@
 # run at each bound, default error_bounded,image_bounded), SWEEP_ARGS (sweep
 # options, e.g. "--error-bounds 0.02,0.1"), VLCACHE_FLAGS (e.g. "--vlcache-blend-score v"), REUSE_SIM=1,
 # REUSE_CKPT=1 (a warm machine: keep /tmp/tiny-qwen2.5-vl from the last run, skip training).
+# CKPT (another checkpoint dir, e.g. train_tiny.sh's EXTRA variant /tmp/tiny-bchat; with REUSE_CKPT=1) and
+# SETS (the data sets, default A,B,multi; KNOB sets run only with A and B both): a checkpoint trained on
+# layout b alone has no regime A or multi, e.g. REUSE_CKPT=1 CKPT=/tmp/tiny-bchat SETS=B.
 set -euo pipefail
 t0=$(date +%s)  # before the bundle is unpacked: the budget is the whole command's
 source benchmarks/gpu_env.sh  # OUT, PYTHONPATH; unpacks the dummy 7B directory (our tokenizer source)
@@ -32,7 +35,9 @@ else
   KNOB=mix:0.25,mix:0.5,mix:0.75; FRACTIONS=0,1,2,5,10,20,50; BOUNDS=0.1,0.25,0.05,0.5; CAL_IMAGES=12
 fi
 LAYOUTS=${LAYOUTS:-a:0.45,b:0.3,multi:0.25}
-CKPT=/tmp/tiny-qwen2.5-vl
+CKPT=${CKPT:-/tmp/tiny-qwen2.5-vl}
+SETS=${SETS:-A,B,multi}
+[[ ",$SETS," == *",A,"* && ",$SETS," == *",B,"* ]] || KNOB=""  # the knob mixes layouts a and b
 DATA=/tmp/tiny_eval
 # Passes start only if they end before this; ~45 s stay for stopping the servers and the tables.
 DEADLINE=$(( t0 + BUDGET_S - 45 ))
@@ -58,12 +63,12 @@ fi
 
 stamp "eval sets + calibration requests"
 KNOB_SETS=$(echo "$KNOB" | tr ':' '-')
-python3 -m benchmarks.tiny_vlm.make_eval --model "$CKPT" --out-dir "$DATA" --regimes "A,B,multi,$KNOB" \
+python3 -m benchmarks.tiny_vlm.make_eval --model "$CKPT" --out-dir "$DATA" --regimes "$SETS${KNOB:+,$KNOB}" \
   --images "$IMAGES" --repeats "$REPEATS" --multi-requests "$MULTI" --calibration "$CAL_IMAGES"
 
 stamp "servers (stock; calibrate; vlcache with the profile) + sweep until $(( DEADLINE - t0 )) s"
 rc=0
-python3 -m benchmarks.tiny_vlm.serve_eval --model "$CKPT" --data-dir "$DATA" --sets A,B,multi \
+python3 -m benchmarks.tiny_vlm.serve_eval --model "$CKPT" --data-dir "$DATA" --sets "$SETS" \
   --knob-sets "$KNOB_SETS" --out-dir "$OUT/accuracy" --log-dir /tmp/tiny_server_logs \
   --calibration "$DATA/calibration.jsonl" --profile "$OUT/profile.json" --calibration-timeout-s 120 \
   --deadline-unix "$DEADLINE" \
