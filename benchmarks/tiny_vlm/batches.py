@@ -1,10 +1,12 @@
 """Training and evaluation batches: token ids, M-RoPE positions, pixel values and answer targets.
 
-A sample is (images, question, context) in one of three layouts (`LAYOUTS`):
+A sample is (images, question, context) in one of four layouts (`LAYOUTS`):
 - `a`: filler + question, then the image, then "Answer:" (the question is before the image);
 - `b`: a system prompt and earlier chat turns, then the image, then question + "Answer:" (the common
   chat case; a `ref` question needs a colour named in the context before the image);
-- `multi`: filler + a question about all images, then 2-4 images, then "Answer:".
+- `multi`: filler + a question about all images, then 2-4 images, then "Answer:";
+- `mrow`: layout b's context, then `row_images` labelled images, then a row question naming one of them
+  (regime R with several images: a prompt of many image tokens, the question after all of them).
 Its sequence is the chat prompt SGLang renders followed by the answer and <|im_end|>; the loss and the
 accuracy look only at the answer tokens and <|im_end|> (predicting <|im_end|> is what makes the server
 stop after the answer).
@@ -21,13 +23,17 @@ import torch
 from tokenizers import Tokenizer
 
 from benchmarks.tiny_vlm import prompts
-from benchmarks.tiny_vlm.grid_task import (GridSpec, Question, favourite_count_question,
-                                           random_grids, random_question, total_question)
+from benchmarks.tiny_vlm.grid_task import (GridSpec, Question, favourite_count_question, random_grids,
+                                           random_question, row_question, total_question)
 from benchmarks.tiny_vlm.pixels import MERGE, grid_pixel_values, grid_thw, tokens_per_image
 
 TASK_FILE = "tiny_vlm_task.json"  # beside the checkpoint: the task it was trained on
-LAYOUTS = ("a", "b", "multi")
+LAYOUTS = ("a", "b", "multi", "mrow")
 B_KINDS = ("count", "cell", "most", "ref", "row")
+# Layout mrow's image count: 2 is the smallest "which image" question; at 6 (8x8 cells, prompts of
+# ~510 tokens, 25 of them after the last image) alpha 0.1 already keeps twice the post-vision window.
+ROW_IMAGES = (2, 6)
+NO_FAVOURITE_P = 0.3  # layouts b and mrow: share of contexts (apart from `ref`) that name no favourite colour
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +47,7 @@ class TaskConfig:
     b_weights: tuple[tuple[str, float], ...] = (("count", 0.25), ("cell", 0.15), ("most", 0.1), ("ref", 0.5))
     multi_images: tuple[int, int] = (2, 4)  # fewest, most images of a multi sample
     multi_max_count: int = 2  # most cells of one colour per image in multi samples (totals stay one digit)
+    row_images: int = 4  # images of an mrow sample
 
     def __post_init__(self) -> None:
         bad = [k for k, _ in self.layouts if k not in LAYOUTS] + [k for k, _ in self.b_weights if k not in B_KINDS]
@@ -50,6 +57,8 @@ class TaskConfig:
         if not 1 <= lo <= hi or hi * self.multi_max_count > 9:
             raise ValueError(f"multi_images {self.multi_images} x multi_max_count {self.multi_max_count}: totals "
                              "must stay one digit (most images x most count <= 9) and 1 <= fewest <= most")
+        if not ROW_IMAGES[0] <= self.row_images <= ROW_IMAGES[1]:
+            raise ValueError(f"row_images must be {ROW_IMAGES[0]}..{ROW_IMAGES[1]}, got {self.row_images}")
 
     @property
     def multi_spec(self) -> GridSpec:
@@ -74,8 +83,9 @@ class TaskConfig:
                 extra[name] = pairs(d[name])
         if "multi_images" in d:
             extra["multi_images"] = tuple(int(x) for x in d["multi_images"])
-        if "multi_max_count" in d:
-            extra["multi_max_count"] = int(d["multi_max_count"])
+        for name in ("multi_max_count", "row_images"):
+            if name in d:
+                extra[name] = int(d[name])
         return cls(spec, pairs(d["weights"]), int(d["max_filler_words"]), **extra)
 
     def layout_share(self, layout: str) -> float:
@@ -89,9 +99,9 @@ class Sample:
     question: Question
     filler: str  # layouts a and multi: text before the question
     layout: str = "a"
-    system: str | None = None  # layout b: the system prompt (None: the template's default)
-    history: tuple[tuple[str, str], ...] = ()  # layout b: earlier (role, text) turns
-    more_grids: tuple[np.ndarray, ...] = ()  # layout multi: the images after the first
+    system: str | None = None  # layouts b and mrow: the system prompt (None: the template's default)
+    history: tuple[tuple[str, str], ...] = ()  # layouts b and mrow: earlier (role, text) turns
+    more_grids: tuple[np.ndarray, ...] = ()  # layouts multi and mrow: the images after the first
 
     @property
     def grids(self) -> tuple[np.ndarray, ...]:
@@ -106,6 +116,8 @@ class Sample:
         """The user turn's text pieces, an image between each two (prompts.render_messages)."""
         if self.layout == "b":
             return "", f"{self.question.text}\n{prompts.ANSWER_CUE}"
+        if self.layout == "mrow":
+            return (*prompts.image_labels(len(self.grids)), f"{self.question.text}\n{prompts.ANSWER_CUE}")
         before, after = prompts.user_text(self.filler, self.question.text)
         return (before, *[""] * len(self.more_grids), after)
 
@@ -151,15 +163,37 @@ def layout_b_sample(grid: np.ndarray, task: TaskConfig, rng: np.random.Generator
     favourite colour (so its mention is no hint of the question); a `ref` question asks about it."""
     spec = task.spec
     kind = kind or _draw(task.b_weights, rng)
-    favourite = spec.colours[int(rng.integers(len(spec.colours)))]
+    favourite = _random_colour(spec, rng)
     if kind == "ref":
-        question = favourite_count_question(grid, spec, favourite)
-    else:
-        question = random_question(grid, spec, rng, {kind: 1.0})
-        if rng.random() < 0.3:
-            favourite = None
+        return _chat_sample((grid,), favourite_count_question(grid, spec, favourite), task, rng, favourite)
+    question = random_question(grid, spec, rng, {kind: 1.0})
+    return _chat_sample((grid,), question, task, rng, _maybe_unnamed(favourite, rng))
+
+
+def layout_mrow_sample(grids: list[np.ndarray] | tuple, task: TaskConfig, rng: np.random.Generator) -> Sample:
+    """Layout b's context before all `grids`, then a row question naming one of them by its ordinal:
+    the answer reads `cells` tokens of one image among many (regime R with several images)."""
+    image = int(rng.integers(len(grids)))
+    question = row_question(grids[image], task.spec, int(rng.integers(1, task.spec.cells + 1)), image + 1)
+    favourite = _maybe_unnamed(_random_colour(task.spec, rng), rng)
+    return _chat_sample(grids, question, task, rng, favourite, "mrow")
+
+
+def _random_colour(spec: GridSpec, rng: np.random.Generator) -> str:
+    return spec.colours[int(rng.integers(len(spec.colours)))]
+
+
+def _maybe_unnamed(favourite: str, rng: np.random.Generator) -> str | None:
+    """Most contexts name a favourite colour whatever the question, so its mention is no hint of a `ref`."""
+    return None if rng.random() < NO_FAVOURITE_P else favourite
+
+
+def _chat_sample(grids: list[np.ndarray] | tuple, question: Question, task: TaskConfig, rng: np.random.Generator,
+                 favourite: str | None, layout: str = "b") -> Sample:
+    """Layout b's context (system prompt, earlier turns; `favourite` stated in it unless None) before
+    `grids`, `question` after them."""
     system, history = prompts.chat_context(rng, task.max_filler_words, favourite)
-    return Sample(grid, question, "", "b", system, history)
+    return Sample(grids[0], question, "", layout, system, history, tuple(grids[1:]))
 
 
 def layout_multi_sample(grids: list[np.ndarray] | tuple, task: TaskConfig, rng: np.random.Generator,
@@ -179,6 +213,8 @@ def random_samples(task: TaskConfig, n: int, rng: np.random.Generator) -> list[S
         if layout == "multi":
             k = int(rng.integers(task.multi_images[0], task.multi_images[1] + 1))
             out.append(layout_multi_sample(list(random_grids(task.multi_spec, k, rng)), task, rng))
+        elif layout == "mrow":
+            out.append(layout_mrow_sample(list(random_grids(task.spec, task.row_images, rng)), task, rng))
         else:
             grid = random_grids(task.spec, 1, rng)[0]
             out.append(layout_a_sample(grid, task, rng) if layout == "a" else layout_b_sample(grid, task, rng))
@@ -187,10 +223,16 @@ def random_samples(task: TaskConfig, n: int, rng: np.random.Generator) -> list[S
 
 def encode(tok: Tokenizer, spec: GridSpec, sample: Sample) -> tuple[list[int], list[int]]:
     """(prompt ids with the image pads expanded, answer ids ending in <|im_end|>)."""
-    text = prompts.render_messages(sample.system, sample.history, sample.parts())
-    ids = tok.encode(text, add_special_tokens=False).ids
     answer = tok.encode(sample.question.answer, add_special_tokens=False).ids + [prompts.IM_END]
-    return prompts.expand_image_pad(ids, tokens_per_image(spec), len(sample.grids)), answer
+    return prompt_ids(tok, spec, sample.system, sample.history, sample.parts()), answer
+
+
+def prompt_ids(tok: Tokenizer, spec: GridSpec, system: str | None, history: tuple | list,
+               parts: tuple[str, ...] | list[str]) -> list[int]:
+    """The prompt's token ids as SGLang builds them (prompts.render_messages; one image between each two
+    parts, its pad expanded to one token per cell)."""
+    ids = tok.encode(prompts.render_messages(system, history, parts), add_special_tokens=False).ids
+    return prompts.expand_image_pad(ids, tokens_per_image(spec), len(parts) - 1)
 
 
 def route_span(seq: list[int], layout: str = "a") -> tuple[int, int, int]:

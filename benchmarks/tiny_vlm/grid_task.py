@@ -115,11 +115,13 @@ def cell_question(grid: np.ndarray, spec: GridSpec, row: int, col: int) -> Quest
     return Question("cell", f"What colour is the cell in row {row}, column {col}?", colour)
 
 
-def row_question(grid: np.ndarray, spec: GridSpec, row: int) -> Question:
+def row_question(grid: np.ndarray, spec: GridSpec, row: int, image: int | None = None) -> Question:
     """A row's colours left to right (1-based row): `cells` answer tokens, each read from one image
-    token — the several-token, image-dependent answer that KV compression (issue 13) is measured on."""
+    token — the several-token, image-dependent answer that KV compression (issue 13) is measured on.
+    `image`: the grid's 1-based ordinal among a prompt's images, named in the question (layout mrow)."""
     colours = [spec.palette[int(i)] for i in grid[row - 1]]
-    return Question("row", f"What are the colours of row {row}, left to right?", " ".join(colours))
+    which = f"row {row}" if image is None else f"row {row} of image {image}"
+    return Question("row", f"What are the colours of {which}, left to right?", " ".join(colours))
 
 
 def most_question(grid: np.ndarray, spec: GridSpec) -> Question | None:

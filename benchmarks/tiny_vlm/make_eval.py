@@ -14,6 +14,9 @@ Regimes (batches.LAYOUTS):
   between them: S = 1 is A, S = 0 is B; an image stored under one layout is reused under the other).
 - R: rows for KV compression (issue 13): layout b, the question "What are the colours of row r, left to
   right?" after the image, each image once; the answer is `cells` colour names read from the image.
+  `--row-images K` (K > 1, layout mrow): each request has K new labelled images ("Image 1:" ...) after
+  the context and asks "What are the colours of row r of image i, left to right?" after all of them,
+  so image tokens dominate the prompt as in VL-Cache's setting. `--images` requests either way.
 - multi: 2-4 images per request, question (a total count over all images) before them; requests come
   in rounds, round 0 all new images, later rounds some images of round 0, some new, in shuffled order
   (errors add up over the reused images).
@@ -39,7 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.tiny_vlm import prompts
-from benchmarks.tiny_vlm.batches import Sample, TaskConfig, layout_b_sample, layout_multi_sample
+from benchmarks.tiny_vlm.batches import (Sample, TaskConfig, layout_b_sample, layout_mrow_sample, layout_multi_sample,
+                                         load_tokenizer, prompt_ids)
 from benchmarks.tiny_vlm.grid_task import Question, png_bytes, random_grids, random_question, render
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -161,13 +165,20 @@ def multi_records(task: TaskConfig, requests: int, rounds: int = 3,
     return records
 
 
-def row_records(task: TaskConfig, images: int, seed: int = EVAL_SEED + ROW_SEED_OFFSET) -> list[dict]:
-    """Regime R: each held-out image once, a row question after it (layout b, a context before)."""
-    if images < 1:
-        raise ValueError(f"images must be >= 1, got {images}")
+def row_records(task: TaskConfig, images: int, seed: int = EVAL_SEED + ROW_SEED_OFFSET,
+                row_images: int = 1) -> list[dict]:
+    """Regime R: `images` requests, each with `row_images` held-out images of its own and a row question
+    after them (a context before): one image in layout b, several in layout mrow (the question names one)."""
+    if images < 1 or row_images < 1:
+        raise ValueError(f"images and row_images must be >= 1, got {images}, {row_images}")
     rng = np.random.default_rng(seed)
-    return [record(f"r{i:04d}", layout_b_sample(g, task, rng, kind="row"), [data_url(g, task)])
-            for i, g in enumerate(random_grids(task.spec, images, rng))]
+    grids = random_grids(task.spec, images * row_images, rng)  # row_images 1: the same stream as before
+
+    def sample(gs: np.ndarray) -> Sample:
+        return layout_b_sample(gs[0], task, rng, kind="row") if len(gs) == 1 else layout_mrow_sample(list(gs), task, rng)
+
+    return [record(f"r{i:04d}", sample(gs), [data_url(g, task) for g in gs])
+            for i, gs in enumerate(grids.reshape(images, row_images, *grids.shape[1:]))]
 
 
 def calibration_requests(task: TaskConfig, images: int, repeats: int, seed: int = CALIB_SEED) -> list[dict]:
@@ -198,12 +209,39 @@ def regime_records(task: TaskConfig, regime: str, args: argparse.Namespace) -> l
         need("multi")
         return multi_records(task, args.multi_requests, args.multi_rounds, args.seed + MULTI_SEED_OFFSET)
     if regime == "R":
-        need("b")
-        if dict(task.b_weights).get("row", 0) <= 0:
-            raise SystemExit("regime R needs row questions in layout b, which the checkpoint was not trained on; "
-                             "train with --kinds-b ...,row:W")
-        return row_records(task, args.images, args.seed + ROW_SEED_OFFSET)
+        k = args.row_images
+        if k == 1:
+            if task.layout_share("b") <= 0 < task.layout_share("mrow"):
+                raise SystemExit(f"regime R: the checkpoint was trained on layout mrow only; pass --row-images "
+                                 f"{task.row_images}")
+            need("b")
+            if dict(task.b_weights).get("row", 0) <= 0:
+                raise SystemExit("regime R needs row questions in layout b, which the checkpoint was not trained "
+                                 "on; train with --kinds-b ...,row:W")
+        else:
+            need("mrow")
+            if task.row_images != k:
+                raise SystemExit(f"regime R with --row-images {k}: the checkpoint's mrow samples have "
+                                 f"{task.row_images} images; train with --row-images {k}")
+        return row_records(task, args.images, args.seed + ROW_SEED_OFFSET, k)
     raise SystemExit(f"unknown regime {regime!r}; choose from A, B, mix:S (0 <= S <= 1), multi, R")
+
+
+def prompt_lengths(records: list[dict], model_dir: str | Path, task: TaskConfig) -> str | None:
+    """'m tokens min..max (mean), tau after the last image' as SGLang builds the prompts: the budget
+    alpha * m that compression keeps, against the post-vision window it always keeps. None without the
+    checkpoint's tokenizer."""
+    if not (Path(model_dir) / "tokenizer.json").is_file():
+        return None
+    tok = load_tokenizer(model_dir)
+    m, tau = [], []
+    for r in records:
+        history = [(t["role"], t["content"]) for t in r.get("history", [])]
+        ids = prompt_ids(tok, task.spec, r.get("system"), history, r["prompt"].split(prompts.IMAGE_MARKER))
+        m.append(len(ids))
+        tau.append(len(ids) - prompts.image_runs(ids)[-1][1])
+    return (f"prompts of {min(m)}..{max(m)} tokens (mean {np.mean(m):.0f}), "
+            f"{min(tau)}..{max(tau)} after the last image")
 
 
 def regime_file(regime: str) -> str:
@@ -222,7 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     out.add_argument("--out", help="one JSONL file: regime A")
     out.add_argument("--out-dir", help="one JSONL file per --regimes entry (and calibration.jsonl)")
     p.add_argument("--regimes", default="A,B,multi", help="with --out-dir: A, B, mix:S, multi, R (comma-separated)")
-    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--images", type=int, default=64, help="images per set (regime R: requests)")
+    p.add_argument("--row-images", type=int, default=1,
+                   help="regime R: images per request (1: layout b; K > 1: layout mrow, trained with --row-images K)")
     p.add_argument("--repeats", type=int, default=5, help="occurrences per image (1 first + repeats - 1 reuses)")
     p.add_argument("--group", type=int, default=8, help="images interleaved together")
     p.add_argument("--multi-requests", type=int, default=48)
@@ -241,7 +281,9 @@ def main(argv: list[str] | None = None) -> None:
         write_jsonl(path, records)
         kinds = {k: sum(r["kind"] == k for r in records) for k in sorted({r["kind"] for r in records})}
         n_images = len({u for r in records for u in r["images"]})
-        print(f"wrote {len(records)} records ({n_images} images; {kinds}) to {path}")
+        lengths = prompt_lengths(records, args.model, task)
+        print(f"wrote {len(records)} records ({n_images} images; {kinds}) to {path}"
+              + (f"; {lengths}" if lengths else ""))
     if args.out_dir and args.calibration:
         path = Path(args.out_dir) / "calibration.jsonl"
         write_jsonl(path, calibration_requests(task, args.calibration, min(args.repeats, 4)))

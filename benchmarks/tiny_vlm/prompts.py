@@ -70,6 +70,12 @@ def user_text(filler: str, question: str) -> tuple[str, str]:
     return before, ANSWER_CUE
 
 
+def image_labels(n: int) -> tuple[str, ...]:
+    """The text before each of n images ("Image 1:", ...), as Qwen2-VL's template writes "Picture 1: "
+    with add_vision_id: a question can then name an image by its ordinal. No trailing space (user_text)."""
+    return tuple(f"Image {i}:" for i in range(1, n + 1))
+
+
 def dataset_prompt(before: str, after: str) -> str:
     """The accuracy.py dataset form: text with an `<image>` marker."""
     return f"{before}{IMAGE_MARKER}{after}"

@@ -3,6 +3,8 @@
     python -m benchmarks.tiny_vlm.train --out /tmp/tiny-qwen2.5-vl --minutes 4          (GPU, layout a)
     python -m benchmarks.tiny_vlm.train --out /tmp/tiny-qwen2.5-vl --minutes 2.5 \
         --layouts a:0.45,b:0.3,multi:0.25                                   (GPU, every regime: accuracy_bench.sh)
+    python -m benchmarks.tiny_vlm.train --out /tmp/tiny-mrows --minutes 6 --layers 8 \
+        --layouts mrow:1 --row-images 4                       (GPU, rows of one of 4 images: compression_bench.sh)
     python -m benchmarks.tiny_vlm.train --out /tmp/tiny-cpu --minutes 8 --size small --cells 4 \
         --max-count 3 --kinds count:1 --batch 32 --max-filler-words 8                           (CPU)
 
@@ -121,11 +123,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kinds", default="count:0.7,cell:0.2,most:0.1", help="layout a's question kinds and weights")
     p.add_argument("--layouts", default="a:1",
                    help="share of samples per layout (batches.LAYOUTS): a = question before the image, b = system "
-                        "prompt / chat turns before it and the question after, multi = 2-4 images, a total count")
+                        "prompt / chat turns before it and the question after, multi = 2-4 images, a total count, "
+                        "mrow = layout b's context, --row-images images, a row of one of them")
     p.add_argument("--kinds-b", default="count:0.25,cell:0.15,most:0.1,ref:0.5",
                    help="layout b's kinds (ref: how many cells have the favourite colour named before the image)")
     p.add_argument("--multi-images", default="2,4", help="fewest,most images of a multi sample")
     p.add_argument("--multi-max-count", type=int, default=2, help="most cells of one colour per multi image")
+    p.add_argument("--row-images", type=int, default=TaskConfig.row_images,
+                   help="images of an mrow sample (2..6; make_eval's regime R asks with --row-images the same)")
     # small: the size whose training the CPU runs checked (it learned faster per step than base there).
     p.add_argument("--size", choices=list(SIZES), default="small", help="model_config.SIZES entry")
     p.add_argument("--layers", type=int, default=None, help="text layers (default: the size's)")
@@ -179,7 +184,7 @@ def task_from_args(args: argparse.Namespace) -> TaskConfig:
     return TaskConfig(spec=spec, weights=_weights("--kinds", args.kinds, KINDS), max_filler_words=args.max_filler_words,
                       layouts=_weights("--layouts", args.layouts, LAYOUTS),
                       b_weights=_weights("--kinds-b", args.kinds_b, B_KINDS), multi_images=(lo, hi),
-                      multi_max_count=args.multi_max_count)
+                      multi_max_count=args.multi_max_count, row_images=args.row_images)
 
 
 def routed_samples(samples, route_p: float, route_kinds: set[str], route_p_ref: float,

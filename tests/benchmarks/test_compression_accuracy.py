@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from benchmarks.tiny_vlm.batches import TaskConfig  # noqa: E402
 from benchmarks.tiny_vlm.grid_task import GridSpec  # noqa: E402
 from benchmarks.tiny_vlm.make_eval import row_records, write_jsonl  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[2]
 TASK = TaskConfig(spec=GridSpec(cells=4, colours=("red", "green", "blue"), max_count=3), max_filler_words=8,
                   layouts=(("b", 1.0),), b_weights=(("row", 1.0),))
 
@@ -113,3 +117,29 @@ def test_launched_servers_compress_only_on_request_and_the_script_passes_known_o
     options = [w for w in call.split() if w.startswith("--")]
     args = ca.parse_args([x for o in options for x in (o, "1.0" if o == "--alphas" else "1")])
     assert args.model and args.log_dir
+
+
+def _row_task(row_images: str) -> subprocess.CompletedProcess:
+    script = 'source benchmarks/row_task.sh && echo "$ROW_VARIANT" && echo "$ROW_CKPT"'
+    return subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "ROW_IMAGES": row_images})
+
+
+@pytest.mark.parametrize("k, name, layout", [(1, "rows", "b"), (4, "mrows4", "mrow")])
+def test_the_scripts_row_variant_trains_what_make_eval_asks(k, name, layout):
+    """compression_bench.sh and train_tiny.sh train ROW_IMAGES's variant (row_task.sh) and make_eval's
+    regime R with --row-images K accepts that checkpoint's task."""
+    from benchmarks.tiny_vlm.make_eval import regime_records
+    from benchmarks.tiny_vlm.train import parse_args, task_from_args
+
+    variant, ckpt = _row_task(str(k)).stdout.splitlines()
+    assert variant.split(":")[0] == name and ckpt == f"/tmp/tiny-{name}"
+    task = task_from_args(parse_args(["--out", "x", *variant.split(":", 1)[1].split()]))
+    assert task.layouts == ((layout, 1.0),) and (k == 1 or task.row_images == k)
+    records = regime_records(task, "R", argparse.Namespace(images=2, seed=0, row_images=k))
+    assert [len(r["images"]) for r in records] == [k, k]
+    assert _row_task("7").returncode != 0 and "ROW_IMAGES must be 1..6" in _row_task("7").stderr
+    bench = (ROOT / "benchmarks" / "compression_bench.sh").read_text()
+    call = bench[bench.index("python3 -m benchmarks.tiny_vlm.make_eval"):].split("|")[0]
+    assert '--row-images "$ROW_IMAGES"' in call and "ROW_IMAGES=${ROW_IMAGES:-1}" in bench
+    assert "ROW_IMAGES=${ROW_IMAGES:-4}" in (ROOT / "benchmarks" / "train_tiny.sh").read_text()

@@ -1,6 +1,7 @@
 """The eval set: accuracy.py's format, recurring identical images after different text, right answers."""
 
 import base64
+import re
 import io
 import sys
 from pathlib import Path
@@ -200,7 +201,7 @@ def test_regime_r_asks_each_image_once_for_a_row_after_its_context():
 
     rows = TaskConfig(spec=TASK.spec, max_filler_words=12, layouts=(("b", 1.0),),
                       b_weights=(("count", 0.5), ("row", 0.5)))
-    args = argparse.Namespace(images=6, repeats=3, group=2, seed=1, multi_requests=3, multi_rounds=3)
+    args = argparse.Namespace(images=6, repeats=3, group=2, seed=1, multi_requests=3, multi_rounds=3, row_images=1)
     records = [accuracy.parse_record(r, Path(".")) for r in regime_records(rows, "R", args)]
     assert len(records) == 6 and len({r.images[0] for r in records}) == 6 and {r.kind for r in records} == {"b.row"}
     for rec in records:
@@ -209,3 +210,47 @@ def test_regime_r_asks_each_image_once_for_a_row_after_its_context():
         assert rec.prompt.startswith(prompts.IMAGE_MARKER) and rec.answer == row_question(grid, TASK.spec, r).answer
     with pytest.raises(SystemExit, match="row questions"):
         regime_records(MIXED, "R", args)
+
+
+MROWS = TaskConfig(spec=TASK.spec, max_filler_words=12, layouts=(("mrow", 1.0),), row_images=4)
+
+
+def test_regime_r_with_k_images_asks_a_row_of_one_of_them_after_them_all(tmp_path):
+    import argparse
+
+    from benchmarks.tiny_vlm.make_eval import regime_records
+
+    args = argparse.Namespace(images=8, seed=1, row_images=4)
+    records = regime_records(MROWS, "R", args)
+    loaded = _load(tmp_path, records)
+    assert len(records) == 8 and {r["kind"] for r in records} == {"mrow.row"}
+    assert len({u for r in records for u in r["images"]}) == 32, "every request has 4 new images"
+    named = set()
+    for r, rec in zip(records, loaded):
+        assert len(r["images"]) == 4 and r["prompt"].count(prompts.IMAGE_MARKER) == 4
+        pieces = r["prompt"].split(prompts.IMAGE_MARKER)
+        assert pieces[:4] == ["Image 1:", "Image 2:", "Image 3:", "Image 4:"] and pieces[4].endswith("\nAnswer:")
+        row, image = (int(x) for x in re.search(r"row (\d) of image (\d),", pieces[4]).groups())
+        assert r["answer"] == row_question(_grid_of(r["images"][image - 1], TASK.spec), TASK.spec, row).answer
+        named.add(image)
+        # What accuracy.py sends (and compression_accuracy.py scores against `answer`): the context,
+        # then label, image, ..., the question.
+        content = rec.messages()[-1]["content"]
+        assert [c["type"] for c in content] == ["text", "image_url"] * 4 + ["text"]
+        assert [c["image_url"]["url"] for c in content if c["type"] == "image_url"] == r["images"]
+        assert rec.messages()[0]["role"] == "system" and not rec.repeat
+    assert len(named) >= 3
+    with pytest.raises(SystemExit, match="needs layout 'mrow'"):
+        regime_records(MIXED, "R", args)
+    with pytest.raises(SystemExit, match="pass --row-images 4"):
+        regime_records(MROWS, "R", argparse.Namespace(images=2, seed=1, row_images=1))
+    with pytest.raises(SystemExit, match="train with --row-images 3"):
+        regime_records(MROWS, "R", argparse.Namespace(images=2, seed=1, row_images=3))
+
+
+def test_regime_r_with_one_image_is_unchanged():
+    from benchmarks.tiny_vlm.make_eval import row_records
+
+    rows = TaskConfig(spec=TASK.spec, max_filler_words=12, layouts=(("b", 1.0),), b_weights=(("row", 1.0),))
+    assert row_records(rows, 5, seed=2) == row_records(rows, 5, seed=2, row_images=1)
+    assert [len(r["images"]) for r in row_records(rows, 5, seed=2)] == [1] * 5

@@ -158,3 +158,21 @@ def test_a_non_finite_step_is_survived_and_a_broken_run_is_refused():
         model.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite weights"):
         check_finite(losses, 10, model)
+
+
+def test_a_few_mrow_steps_write_a_checkpoint_make_eval_asks_rows_of(tiny_dir, tmp_path, capsys):
+    from benchmarks.tiny_vlm.make_eval import main as make_eval
+
+    out = tmp_path / "mrows"
+    result = train(_tiny_args(tiny_dir, out, "--eval-every-s", "1e9", "--layouts", "mrow:1", "--row-images", "2"))
+    assert result["steps"] == 3 and np.isfinite(result["final_loss"])
+    assert set(result["held_out_acc"]) == {"all", "mrow.row"}
+    task = TaskConfig.load(out)
+    assert task.layouts == (("mrow", 1.0),) and task.row_images == 2
+    make_eval(["--model", str(out), "--out-dir", str(tmp_path / "eval"), "--regimes", "R", "--images", "3",
+               "--row-images", "2"])
+    records = [json.loads(line) for line in (tmp_path / "eval" / "R.jsonl").read_text().splitlines()]
+    assert [len(r["images"]) for r in records] == [2, 2, 2] and {r["kind"] for r in records} == {"mrow.row"}
+    printed = capsys.readouterr().out
+    # 4x4 cells: 16 tokens per image; 25 tokens after the last (the question, the generation prompt)
+    assert "wrote 3 records (6 images; {'mrow.row': 3})" in printed and "25..25 after the last image" in printed
