@@ -2,7 +2,7 @@
 # Accuracy of VL-Cache KV compression (issue 13) on a tiny Qwen2.5-VL trained to read grid rows out, on
 # the GPU host, one command (repo root, .gpu_bundle carried; ~9 min; REUSE_CKPT=1: ~3 min):
 #   bash benchmarks/compression_bench.sh
-# ROW_IMAGES=K (2..6; default 1): K images per request, the question after all of them naming one
+# ROW_IMAGES=K (2..6; default 4, as train_tiny.sh's; 1: the one-image task): K images per request, the question after all of them naming one
 # ("What are the colours of row r of image i, left to right?"), so image tokens dominate the prompt as
 # VL-Cache assumes: m ~ 370 tokens at K = 4 (318..453), ~510 at K = 6, against the 25 after the last
 # image that every layer keeps (with one image, m ~ 150 and 21). Checkpoint /tmp/tiny-mrowsK.
@@ -13,9 +13,10 @@
 #    the image, layout b; with ROW_IMAGES=K layout mrow: 8 answer tokens, each read from one image
 #    token), or keep the checkpoint
 # 2. make_eval regime R (IMAGES requests, each with ROW_IMAGES held-out images of its own)
-# 3. benchmarks/compression_accuracy.py: stock + a compressing server per budget method (vlcache, uniform:
-#    the H2O-like baseline, vlcache+sink4: the first 4 prompt tokens kept too), every alpha by per-request
-#    override, policy full; alpha 1.0 against stock. The servers start cold in ~3 min on a fresh machine:
+# 3. benchmarks/compression_accuracy.py: stock + a compressing server per budget method (BUDGETS, default
+#    vlcache,uniform: the H2O-like baseline; vlcache+sink4 keeps the first 4 prompt tokens too, which
+#    gained nothing on the one-image task), every alpha by per-request override, policy full; alpha 1.0
+#    against stock. The servers start cold in ~3 min on a fresh machine:
 #    give REUSE_CKPT=1 runs BUDGET_S >= 420.
 # Results in $OUT: progress.log, train.log, compression/compression.{md,json,png}, server_tails.txt.
 set -euo pipefail
@@ -25,7 +26,7 @@ MINUTES=${MINUTES:-6}
 BUDGET_S=${BUDGET_S:-560}
 IMAGES=${IMAGES:-128}
 ALPHAS=${ALPHAS:-1.0,0.5,0.2,0.1,0.05}
-ROW_IMAGES=${ROW_IMAGES:-1}
+ROW_IMAGES=${ROW_IMAGES:-4}
 source benchmarks/row_task.sh
 CKPT=$ROW_CKPT
 DATA=/tmp/${ROW_VARIANT%%:*}_eval
@@ -46,7 +47,7 @@ python3 -m benchmarks.tiny_vlm.make_eval --model "$CKPT" --out-dir "$DATA" --reg
 stamp "servers + sweep"
 rc=0
 python3 benchmarks/compression_accuracy.py --dataset "$DATA/R.jsonl" --model "$CKPT" --log-dir /tmp/rows_logs \
-  --out-dir "$OUT/compression" --alphas "$ALPHAS" --deadline-unix $(( t0 + BUDGET_S - 40 )) \
+  --out-dir "$OUT/compression" --alphas "$ALPHAS" --budgets "${BUDGETS:-vlcache,uniform}" --deadline-unix $(( t0 + BUDGET_S - 40 )) \
   >"$OUT/sweep.log" 2>&1 || rc=$?
 [ "$rc" != 0 ] && { stamp "compression_accuracy exit $rc"; tail -30 "$OUT/sweep.log"; }
 rm -f "$OUT/pip.log"
