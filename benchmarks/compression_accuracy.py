@@ -50,12 +50,22 @@ def token_agreement(text: str, reference: str) -> float:
     return sum(a == b for a, b in zip(ref, got)) / max(len(ref), len(got))
 
 
+def kept_measured(window: dict) -> Optional[float]:
+    """The kept share the server served over a pass (its gauges' deltas): Σ_l kept prompt tokens over
+    Σ_l prompt tokens of the trimmed requests; None when none was trimmed (alpha 1.0, stock)."""
+    prompt = window.get("compress_prompt_token_layers", 0.0)
+    return window.get("compress_kept_token_layers", 0.0) / prompt if prompt else None
+
+
 def summarise(label: str, alpha: float, results: list[dict], reference: Optional[list[dict]],
-              records: list[accuracy.Record], stock: Optional[list[dict]] = None) -> dict:
-    """One row: accuracy, cell accuracy, agreement with `reference` (the server's alpha 1.0 pass)."""
+              records: list[accuracy.Record], stock: Optional[list[dict]] = None,
+              window: Optional[dict] = None) -> dict:
+    """One row: accuracy, cell accuracy, agreement with `reference` (the server's alpha 1.0 pass), the
+    kept share measured over the pass (`window`: run_alpha's gauge deltas)."""
     answers = {r.id: r.answer for r in records}
     ok = [r for r in results if r["error"] is None]
-    row = {"server": label, "alpha": alpha, "n": len(results), "errors": len(results) - len(ok),
+    row = {"server": label, "alpha": alpha, "kept_measured": kept_measured(window or {}),
+           "n": len(results), "errors": len(results) - len(ok),
            "accuracy": accuracy.mean_or_none([r["correct"] for r in results]),
            "cell_accuracy": accuracy.mean_or_none([cell_accuracy(r["text"], answers[r["id"]]) for r in ok]),
            # Ended by the model (EOS / a stop token), not by max_tokens: compressed answers that are right
@@ -73,23 +83,24 @@ def summarise(label: str, alpha: float, results: list[dict], reference: Optional
 
 
 def run_alpha(target: accuracy.Target, records: list[accuracy.Record], alpha: Optional[float], max_tokens: int,
-              concurrency: int, timeout_s: float, stop_at: Optional[float]) -> list[dict]:
-    """One pass of every record at `alpha` (None: a stock server, no override), after a flush."""
+              concurrency: int, timeout_s: float, stop_at: Optional[float]) -> tuple[list[dict], dict]:
+    """One pass of every record at `alpha` (None: a stock server, no override), after a flush: the
+    results and the server's gauge deltas over the pass."""
     override = None if alpha is None else {"policy": "full", "compress_ratio": alpha}
-    results, _ = accuracy.run_pass(target, [records], max_tokens, concurrency, override, 0, flush=True,
-                                   timeout_s=timeout_s, stop_at=stop_at)
-    return results
+    return accuracy.run_pass(target, [records], max_tokens, concurrency, override, 0, flush=True,
+                             timeout_s=timeout_s, stop_at=stop_at)
 
 
 def table_md(rows: list[dict]) -> str:
     def f(v: Optional[float], spec: str = ".3f") -> str:
         return accuracy_report.fmt(v, spec)
 
-    lines = ["| server | α | accuracy | cell accuracy | stopped | agreement with α = 1 (text / tokens) | "
-             "agreement with stock | errors | latency s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| server | α | kept (measured) | accuracy | cell accuracy | stopped | agreement with α = 1 "
+             "(text / tokens) | agreement with stock | errors | latency s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         stock = f(r.get("agree_stock")) if "agree_stock" in r else "–"
-        lines.append(f"| {r['server']} | {r['alpha']:g} | {f(r['accuracy'])} | {f(r['cell_accuracy'])} | "
+        lines.append(f"| {r['server']} | {r['alpha']:g} | {f(r.get('kept_measured'))} | {f(r['accuracy'])} | "
+                     f"{f(r['cell_accuracy'])} | "
                      f"{f(r.get('stopped'))} | {f(r.get('agree_uncompressed'))} / "
                      f"{f(r.get('token_agree_uncompressed'))} | {stock} | {r['errors']} | {f(r['latency_s'], '.3f')} |")
     return "\n".join(lines)
@@ -172,8 +183,8 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stock = None
     if args.stock:
-        stock = run_alpha(accuracy.Target("stock", args.stock.rstrip("/")), records, None, args.max_tokens,
-                          args.concurrency, args.timeout_s, args.deadline_unix)
+        stock, _ = run_alpha(accuracy.Target("stock", args.stock.rstrip("/")), records, None, args.max_tokens,
+                             args.concurrency, args.timeout_s, args.deadline_unix)
     rows, skipped = [], []
     for spec in args.server:
         target = accuracy.parse_server(spec)
@@ -182,10 +193,11 @@ def sweep(args: argparse.Namespace) -> list[dict]:
             if args.deadline_unix is not None and time.time() > args.deadline_unix:
                 skipped.append(f"{target.label} α {alpha:g}")
                 continue
-            results = run_alpha(target, records, alpha, args.max_tokens, args.concurrency, args.timeout_s,
-                                args.deadline_unix)
+            results, window = run_alpha(target, records, alpha, args.max_tokens, args.concurrency, args.timeout_s,
+                                        args.deadline_unix)
             reference = reference or results
-            rows.append(summarise(target.label, alpha, results, reference, records, stock if alpha == 1.0 else None))
+            rows.append(summarise(target.label, alpha, results, reference, records, stock if alpha == 1.0 else None,
+                                  window))
             print(f"{target.label} α {alpha:g}: accuracy {rows[-1]['accuracy']}, errors {rows[-1]['errors']}",
                   flush=True)
     table = table_md(rows)

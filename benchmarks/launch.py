@@ -374,7 +374,7 @@ def running(servers: Sequence[Server], first_alone: bool = False,
 
 def gauge_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, Optional[float]]:
     """Rates over a window between two metrics() snapshots: hit rate and recomputed fraction (reused
-    tokens computed, summed over layers, over reused tokens times layers) of the requests in between (the gauges themselves are cumulative), store size at the end.
+    tokens computed, summed over layers, over reused tokens times layers) of the requests in between (the gauges themselves are cumulative), store size at the end, compression's kept token-layers.
     None where the window saw no images (or the server is stock)."""
     def d(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -391,4 +391,7 @@ def gauge_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str,
                                 if d("reused_token_layers") else None),
         "store_tokens": after.get("store_tokens"),
         "store_bytes": after.get("store_bytes"),
+        # Compression: the trimmed requests' kept and total prompt token-layers in the window.
+        "compress_kept_token_layers": d("compress_kept_token_layers"),
+        "compress_prompt_token_layers": d("compress_prompt_token_layers"),
     }

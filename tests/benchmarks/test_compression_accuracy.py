@@ -26,11 +26,17 @@ TASK = TaskConfig(spec=GridSpec(cells=4, colours=("red", "green", "blue"), max_c
                   layouts=(("b", 1.0),), b_weights=(("row", 1.0),))
 
 
+VOTERS = 10  # tokens every layer of the fake keeps, whatever alpha: the served share exceeds alpha
+
+
 def _fake(answers: dict[str, str], wrong_below: float) -> type:
-    """Answers each image's row; below `wrong_below` the last colour is wrong (2 of 3 images)."""
+    """Answers each image's row; below `wrong_below` the last colour is wrong (2 of 3 images). A request
+    at alpha < 1 counts as trimmed in the compression gauges: 100 prompt token-layers, of which
+    alpha * 100 + VOTERS kept."""
 
     class Rows(fake_sglang.JsonHandler):
         bodies: list = []
+        gauges = {"compress_kept_token_layers": 0.0, "compress_prompt_token_layers": 0.0}
 
         def do_POST(self):
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -42,6 +48,9 @@ def _fake(answers: dict[str, str], wrong_below: float) -> type:
                        for c in m["content"] if c["type"] == "image_url")
             answer, finish = answers[url], "stop"
             alpha = ((body.get("custom_params") or {}).get("vlcache") or {}).get("compress_ratio", 1.0)
+            if alpha < 1.0:
+                type(self).gauges["compress_kept_token_layers"] += alpha * 100 + VOTERS
+                type(self).gauges["compress_prompt_token_layers"] += 100
             if alpha < wrong_below and sorted(answers).index(url) % 3:
                 words = answer.split()
                 answer, finish = " ".join(words[:-1] + ["yellow"]), "length"  # wrong, and ran to max_tokens
@@ -49,7 +58,8 @@ def _fake(answers: dict[str, str], wrong_below: float) -> type:
                                                      "finish_reason": finish}]}))
 
         def do_GET(self):
-            self._send(200, "", "text/plain")
+            metrics = "".join(f"sglang:vlcache_{k} {v}\n" for k, v in type(self).gauges.items())
+            self._send(200, metrics if self.path.startswith("/metrics") else "", "text/plain")
 
     return Rows
 
@@ -78,6 +88,10 @@ def test_rows_per_alpha_score_accuracy_cells_and_agreement(tmp_path):
     assert lossy_row["stopped"] == pytest.approx(2 / 6) and by[("vlcache", 0.2)]["stopped"] == 1.0
     assert "agree_stock" not in lossy_row and by[("uniform", 1.0)]["accuracy"] == 1.0
     assert (tmp_path / "out" / "compression.md").read_text().count("| uniform |") == 3
+    # The kept share each pass served, from the gauges' deltas over it (none trimmed at alpha 1).
+    assert by[("uniform", 0.2)]["kept_measured"] == pytest.approx(0.2 + VOTERS / 100)
+    assert by[("vlcache", 0.5)]["kept_measured"] == pytest.approx(0.5 + VOTERS / 100)
+    assert by[("vlcache", 1.0)]["kept_measured"] is None
     # (run_pass ends every pass with one text-only request that flushes the gauges: no image, no override)
     overrides = [b["custom_params"]["vlcache"] for b in lossy_h.bodies if "custom_params" in b]
     assert sorted(o["compress_ratio"] for o in overrides) == [0.2] * 6 + [0.5] * 6 + [1.0] * 6
@@ -141,5 +155,6 @@ def test_the_scripts_row_variant_trains_what_make_eval_asks(k, name, layout):
     assert _row_task("7").returncode != 0 and "ROW_IMAGES must be 1..6" in _row_task("7").stderr
     bench = (ROOT / "benchmarks" / "compression_bench.sh").read_text()
     call = bench[bench.index("python3 -m benchmarks.tiny_vlm.make_eval"):].split("|")[0]
-    assert '--row-images "$ROW_IMAGES"' in call and "ROW_IMAGES=${ROW_IMAGES:-1}" in bench
+    # The same default K in both scripts: REUSE_CKPT=1 after train_tiny.sh finds the checkpoint it left.
+    assert '--row-images "$ROW_IMAGES"' in call and "ROW_IMAGES=${ROW_IMAGES:-4}" in bench
     assert "ROW_IMAGES=${ROW_IMAGES:-4}" in (ROOT / "benchmarks" / "train_tiny.sh").read_text()
