@@ -8,7 +8,8 @@
 # Results in $OUT: compression_speed.{md,json,png}, compression_speed.log (the driver's output),
 # details.tar.gz (bench JSON, bench and server logs). The short table comes last.
 # Knobs: BUDGET_S (whole script, default 540), ALPHA (0.1), CAPACITY (40 requests; 0: none),
-# SPEED_ARGS (more compression_speed.py options, e.g. "--presets multi-4k --concurrency 1").
+# SPEED_ARGS (more compression_speed.py options, e.g. "--presets multi-4k --concurrency 1"; "--stock-default-decode"
+# adds stock with SGLang's own FlashInfer decode and overlap scheduling, the speed users get uncompressed).
 set -uo pipefail
 t0=$(date +%s)
 BUDGET_S=${BUDGET_S:-540}

@@ -32,6 +32,25 @@ def test_both_servers_run_compressions_backends_and_the_vlcache_one_has_no_store
     assert cs.override(1.0) == {"custom_params": {"vlcache": {"policy": "full", "compress_ratio": 1.0}}}
 
 
+def test_stock_as_users_run_it_keeps_sglangs_decode_backend_and_overlap():
+    flags = cs.stock_default_flags(BASE)
+    assert flags[:len(BASE)] == BASE and "--decode-attention-backend" not in flags
+    assert "--disable-overlap-schedule" not in flags and "--decode-log-interval" in flags
+
+
+def test_the_default_decode_stock_server_runs_between_stock_and_ours(tmp_path, monkeypatch):
+    import time
+    monkeypatch.setattr(serving, "gpu_name", lambda: "fake")
+    monkeypatch.setattr(serving, "gpu_memory_used_mib", lambda: 0)
+    monkeypatch.setattr(serving, "build_workload", functools.partial(serving.build_workload, size_override=SMALL))
+    monkeypatch.setattr(cs.plot, "try_plot", lambda kind, run_dir: None)
+    out_dir = cs.main(["--out-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
+                       "--deadline-unix", str(time.time() + 60), "--capacity-requests", "0", "--stock-default-decode"])
+    data = json.loads((out_dir / "compression_speed.json").read_text())
+    assert data["meta"]["skipped"] == ["server stock", f"server {cs.STOCK_DEFAULT}", "server vlcache-compress-0.1"]
+    assert data["meta"]["servers"][cs.STOCK_DEFAULT]["flags"] == cs.LOG_FLAGS
+
+
 def test_bench_command_carries_the_override(tmp_path):
     body = cs.override(0.1)
     cmd = serving.bench_command("http://127.0.0.1:1", tmp_path / "w.jsonl", 4, 1, tmp_path / "o.jsonl", body)
