@@ -8,7 +8,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from vlcache_sglang.layer_profile import (LayerProfile, check_profile_matches, layer_ratios, load_layer_profile,
-                                          save_layer_profile)
+                                          save_layer_profile, step_ratios)
 
 sensitivities = st.lists(st.floats(min_value=0.0, max_value=1e6, allow_nan=False, allow_subnormal=False),
                          min_size=1, max_size=40)
@@ -27,6 +27,29 @@ def test_ratios_are_non_increasing_in_unit_interval_with_the_requested_mean(sens
     assert all(a >= b for a, b in zip(r, r[1:])), r  # nested sets S_{l+1} ⊆ S_l
     # Always achievable: the constant mean_ratio is one feasible answer.
     assert math.isclose(sum(r) / len(r), mean, rel_tol=1e-9, abs_tol=1e-12), (r, mean)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sensitivities, ratios, st.integers(min_value=1, max_value=6))
+def test_step_ratios_keep_the_sum_and_nesting_with_at_most_the_levels_asked(sens, mean, levels):
+    r = layer_ratios(LayerProfile(tuple(sens), "first_token_kl"), mean)
+    q = step_ratios(r, levels)
+    assert len(q) == len(r) and len(set(q)) <= max(levels, 1)
+    assert all(a >= b - 1e-12 for a, b in zip(q, q[1:])), q  # still nested
+    assert math.isclose(sum(q), sum(r), rel_tol=1e-9, abs_tol=1e-12), "the same compute"
+    assert all(0.0 <= x <= 1.0 + 1e-12 for x in q)
+
+
+def test_step_ratios_cut_where_the_profile_drops_and_leave_few_levels_alone():
+    assert step_ratios([1.0, 0.9, 0.2, 0.1], 2) == pytest.approx((0.95, 0.95, 0.15, 0.15))
+    # 1/l over 28 layers (the synthetic 7B profile): four runs, front-loaded, each at its mean
+    r = layer_ratios(LayerProfile((0.0,) + tuple(1 / l for l in range(1, 28)), "synthetic"), 0.05)
+    q = step_ratios(r, 4)
+    assert len(set(q)) == 4 and q[0] == pytest.approx(r[0]) and q[-1] < 0.05 < q[0]
+    steps = (0.5, 0.5, 0.2, 0.1)
+    assert step_ratios(steps, 3) == steps and step_ratios(steps, 0) == steps  # nothing to merge / off
+    with pytest.raises(ValueError, match="non-increasing"):
+        step_ratios([0.1, 0.2], 1)
 
 
 @settings(max_examples=100, deadline=None)

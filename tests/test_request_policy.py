@@ -57,6 +57,10 @@ def test_a_profile_of_another_model_is_refused_with_the_fix(tmp_path):
     resolver = PolicyResolver(VLCacheConfig(enabled=True, policy="vlcache", profile=str(path)), num_layers=3)
     ratios = resolver.default.params.layer_ratios
     assert len(ratios) == 3 and abs(sum(ratios) / 3 - 0.05) < 1e-9
+    # --vlcache-profile-levels: the ratios as a step function of that many values, same mean
+    stepped = PolicyResolver(VLCacheConfig(enabled=True, policy="vlcache", profile=str(path), profile_levels=1),
+                             num_layers=3).default.params.layer_ratios
+    assert stepped == pytest.approx((0.05, 0.05, 0.05)) and len(set(ratios)) > 1
 
 
 def _req(custom):

@@ -39,6 +39,9 @@ class VLCacheConfig:
     recompute_ratio: float = 0.05
     first_k: int = 32
     profile: Optional[str] = None  # vlcache: layer-sensitivity profile file (python -m vlcache_sglang.calibrate)
+    # vlcache with a profile: its ratios as a step function of at most this many values (0: exact).
+    # Each change of the set costs the eager loop a gather and an attention plan (layer_profile.step_ratios).
+    profile_levels: int = 4
     check_layer: int = 1  # cacheblend / error_bounded / image_bounded
     blend_score: str = "k"  # cacheblend: rank by K ("k", LMCache) or V ("v", the authors' code) deviation
     error_bound: float = 0.1  # error/image_bounded: largest relative K/V error at the check layer served from cache
@@ -64,6 +67,9 @@ class VLCacheConfig:
         except ValueError as exc:
             field = str(exc).split()[0]
             raise ValueError(f"--vlcache-{field.replace('_', '-')}: {exc}") from exc
+        if self.profile_levels < 0:
+            raise ValueError(f"--vlcache-profile-levels must be >= 0 (0: the profile's ratios exactly), "
+                             f"got {self.profile_levels}")
         if self.mm_store_tokens is not None and self.mm_store_tokens <= 0:
             raise ValueError(
                 f"--vlcache-mm-store-tokens must be > 0 (omit it for a quarter of the KV pool), "
@@ -119,6 +125,14 @@ class VLCacheConfig:
             metavar="FILE",
             help="Layer-sensitivity profile of this model for policy vlcache (written by "
             "`python -m vlcache_sglang.calibrate`); without it every layer recomputes the same ratio.",
+        )
+        group.add_argument(
+            "--vlcache-profile-levels",
+            type=int,
+            default=VLCacheConfig.profile_levels,
+            help="With --vlcache-profile: the per-layer ratios as a step function of at most this many "
+            "values, each run of layers at its mean (same compute; fewer set changes for the eager loop). "
+            "0: the profile's ratios exactly.",
         )
         group.add_argument(
             "--vlcache-check-layer",

@@ -45,7 +45,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -181,3 +181,42 @@ def layer_ratios(profile: LayerProfile, mean_ratio: float) -> tuple[float, ...]:
     w = torch.tensor([s / top for s in suffix], dtype=torch.float64)  # in [0, 1]: no overflow for huge ones
     # Non-increasing w gives non-increasing ratios (water_fill is monotone); min() keeps clipped ones at 1.
     return tuple(min(1.0, max(0.0, x)) for x in water_fill(w, m * L, 1.0).tolist())
+
+
+def step_ratios(ratios: Sequence[float], levels: int) -> tuple[float, ...]:
+    """Non-increasing ratios as a step function of at most `levels` values: contiguous runs of layers,
+    each at its mean, cut where the squared deviation from the run means is least (exact, by dynamic
+    programming over the cut points). The sum, hence the compute, is unchanged, and the result is still
+    non-increasing (means of contiguous runs of a non-increasing sequence), so the sets stay nested.
+    levels <= 0, or at least as many as the distinct ratios: unchanged.
+
+    Why: the eager loop gathers rows and plans attention at every layer whose set changes (~2.5 ms a
+    layer for a 1080p image on the 7B, H200), so a profile with 28 distinct ratios pays that 28 times
+    per reuse prefill; `levels` steps pay it `levels` times."""
+    r = [float(x) for x in ratios]
+    if any(b > a + 1e-12 for a, b in zip(r, r[1:])):
+        raise ValueError(f"ratios must be non-increasing (layer_ratios' output), got {r}")
+    if levels <= 0 or len(set(r)) <= levels:
+        return tuple(r)
+    n = len(r)
+    s1, s2 = [0.0], [0.0]
+    for x in r:
+        s1.append(s1[-1] + x)
+        s2.append(s2[-1] + x * x)
+
+    def cost(i: int, j: int) -> float:  # squared deviation of r[i:j] from its mean
+        return s2[j] - s2[i] - (s1[j] - s1[i]) ** 2 / (j - i)
+
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(levels + 1)]  # best[g][j]: r[:j] in g runs
+    cut = [[0] * (n + 1) for _ in range(levels + 1)]
+    best[0][0] = 0.0
+    for g in range(1, levels + 1):
+        for j in range(g, n + 1):
+            best[g][j], cut[g][j] = min((best[g - 1][i] + cost(i, j), i) for i in range(g - 1, j))
+    out, j = [0.0] * n, n
+    for g in range(levels, 0, -1):
+        i = cut[g][j]
+        out[i:j] = [(s1[j] - s1[i]) / (j - i)] * (j - i)
+        j = i
+    return tuple(out)

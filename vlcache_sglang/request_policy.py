@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from vlcache_sglang.compression.config import CompressionConfig
 from vlcache_sglang.config import VLCacheConfig
-from vlcache_sglang.layer_profile import LayerProfile, layer_ratios, load_layer_profile
+from vlcache_sglang.layer_profile import LayerProfile, layer_ratios, load_layer_profile, step_ratios
 from vlcache_sglang.recompute_policy import (
     PolicyParams,
     RecomputePolicy,
@@ -157,7 +157,7 @@ class PolicyResolver:
         params = PolicyParams(
             recompute_ratio=ratio,
             first_k=c.first_k if override.first_k is None else override.first_k,
-            layer_ratios=layer_ratios(self._profile, ratio) if c.profile else None,
+            layer_ratios=step_ratios(layer_ratios(self._profile, ratio), c.profile_levels) if c.profile else None,
             check_layer=c.check_layer,
             blend_score=c.blend_score,
             error_bound=c.error_bound if override.error_bound is None else override.error_bound,
