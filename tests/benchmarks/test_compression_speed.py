@@ -32,6 +32,14 @@ def test_both_servers_run_compressions_backends_and_the_vlcache_one_has_no_store
     assert cs.override(1.0) == {"custom_params": {"vlcache": {"policy": "full", "compress_ratio": 1.0}}}
 
 
+def _no_gpu_no_plot(monkeypatch) -> None:
+    """What the driver asks of the host (GPU name, memory, images at full size, the plot) made offline."""
+    monkeypatch.setattr(serving, "gpu_name", lambda: "fake")
+    monkeypatch.setattr(serving, "gpu_memory_used_mib", lambda: 0)
+    monkeypatch.setattr(serving, "build_workload", functools.partial(serving.build_workload, size_override=SMALL))
+    monkeypatch.setattr(cs.plot, "try_plot", lambda kind, run_dir: None)
+
+
 def test_stock_as_users_run_it_keeps_sglangs_decode_backend_and_overlap():
     flags = cs.stock_default_flags(BASE)
     assert flags[:len(BASE)] == BASE and "--decode-attention-backend" not in flags
@@ -40,10 +48,7 @@ def test_stock_as_users_run_it_keeps_sglangs_decode_backend_and_overlap():
 
 def test_the_default_decode_stock_server_runs_between_stock_and_ours(tmp_path, monkeypatch):
     import time
-    monkeypatch.setattr(serving, "gpu_name", lambda: "fake")
-    monkeypatch.setattr(serving, "gpu_memory_used_mib", lambda: 0)
-    monkeypatch.setattr(serving, "build_workload", functools.partial(serving.build_workload, size_override=SMALL))
-    monkeypatch.setattr(cs.plot, "try_plot", lambda kind, run_dir: None)
+    _no_gpu_no_plot(monkeypatch)
     out_dir = cs.main(["--out-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
                        "--deadline-unix", str(time.time() + 60), "--capacity-requests", "0", "--stock-default-decode"])
     data = json.loads((out_dir / "compression_speed.json").read_text())
@@ -219,10 +224,7 @@ def test_whole_run_with_a_fake_pool(tmp_path, monkeypatch, capsys):
 
 def test_deadline_skips_phases_and_says_so(tmp_path, monkeypatch):
     import time
-    monkeypatch.setattr(serving, "gpu_name", lambda: "fake")
-    monkeypatch.setattr(serving, "gpu_memory_used_mib", lambda: 0)
-    monkeypatch.setattr(serving, "build_workload", functools.partial(serving.build_workload, size_override=SMALL))
-    monkeypatch.setattr(cs.plot, "try_plot", lambda kind, run_dir: None)
+    _no_gpu_no_plot(monkeypatch)
     out_dir = cs.main(["--out-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
                        "--deadline-unix", str(time.time() + 60), "--capacity-requests", "2"])
     data = json.loads((out_dir / "compression_speed.json").read_text())
