@@ -137,6 +137,7 @@ def install_scheduler(cache: Any, ctx: Any) -> None:
     from vlcache_sglang import prefill_budget, receive_guard
     from vlcache_sglang.hook_check import SCHEDULER_TARGETS, verify_hooks
     from vlcache_sglang.model_patch import install as install_model
+    from vlcache_sglang.model_patch.selective_graph import layer_segments
 
     allocator = ctx.params.token_to_kv_pool_allocator
     req_to_token = ctx.params.req_to_token_pool.req_to_token
@@ -161,7 +162,10 @@ def install_scheduler(cache: Any, ctx: Any) -> None:
     model = ctx.tp_worker.model_runner.model
     if cache.compression is not None:
         compression.compile_kernels(model.model, allocator.get_kvcache())
-    prefill.capture_graphs(model.model, ctx.model_config.dtype, req_to_token, allocator.get_kvcache())
+    # A stepped profile's layer segments get graphs of their own (the server's policy; a request's
+    # override with other steps takes the other paths).
+    segments = layer_segments(cache.policy.params.layer_ratios)
+    prefill.capture_graphs(model.model, ctx.model_config.dtype, req_to_token, allocator.get_kvcache(), segments)
 
 
 def register() -> None:

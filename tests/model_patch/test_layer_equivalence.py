@@ -192,9 +192,10 @@ def test_an_observing_policy_that_keeps_everything_is_sglangs_forward(standin, t
 
 # ---- a shrinking set: S_1 ⊂ S_0, the dropped tokens' layer-1 KV from a reuse copy ----------------
 
-def _shrinking_sets(num_layers: int):
+def _shrinking_sets(num_layers: int, stepped: bool = False):
     """S_0 = every token; after layer 0 drop image tokens (scattered in the fresh request, so
-    S_1 has several runs per request); a third layer, if any, drops one more."""
+    S_1 has several runs per request); a third layer, if any, drops one more (stepped: keeps S_1, so
+    the sets change only at layers 0 and 1, a stepped profile's two segments)."""
     a_img = torch.arange(12, 28)
     a0 = torch.arange(PREFIXED.prefix_len, PREFIXED.seq_len)
     a1 = a0[~torch.isin(a0, a_img[4:13])]  # keeps the image's first 4 and last 3 tokens
@@ -202,14 +203,15 @@ def _shrinking_sets(num_layers: int):
     b1 = b0[~torch.isin(b0, torch.tensor([4, 5, 8, 11, 12, 13]))]
     a, b = [a0, a1], [b0, b1]
     if num_layers == 3:
-        a.append(a1[a1 != 12])
+        a.append(a1 if stepped else a1[a1 != 12])
         b.append(b1)  # unchanged: the same object
     return [a, b]
 
 
-def _graph_body_prefill(standin: StandIn, monkeypatch, bucket: int):
+def _graph_body_prefill(standin: StandIn, monkeypatch, bucket: int, segments=()):
     """A SelectivePrefill whose CUDA graph path runs on the CPU: the capture replaced by rerunning the
-    captured body (as in test_selective_graph.py), one bucket, a small fixed tile grid."""
+    captured body (as in test_selective_graph.py), one bucket, a small fixed tile grid; `segments`:
+    the layer ranges of a stepped plan, captured too."""
     from vlcache_sglang.model_patch import selective_graph
     from vlcache_sglang.model_patch.selective_prefill import SelectivePrefill
 
@@ -221,25 +223,34 @@ def _graph_body_prefill(standin: StandIn, monkeypatch, bucket: int):
     # Its fixed grid has a tile per possible request beyond the full ones; interpreted, 64 cost 10 s.
     monkeypatch.setattr(selective_graph, "MAX_REQUESTS_PER_GRAPH", 2)
     prefill = SelectivePrefill(standin.inv_freq)
-    prefill._graphs = selective_graph.SelectiveGraphs(buckets=(bucket,), why_not=lambda *args: None)
+    prefill._graphs = selective_graph.SelectiveGraphs(buckets=(bucket,), why_not=lambda *args: None,
+                                                      segments=segments)
     return prefill
 
 
-@pytest.mark.parametrize("num_layers,graph", [(2, False), (3, False), (3, True)],
-                         ids=["2-eager", "3-eager", "3-graph-body"])
-def test_shrinking_sets_match_sglang_with_reused_kv(standin, triton_attention, monkeypatch, num_layers, graph):
+SEGMENTS = ((0, 1), (1, 3))
+
+
+@pytest.mark.parametrize("num_layers,graph,stepped,segments", [
+    (2, False, False, ()), (3, False, False, ()), (3, True, False, ()), (3, True, True, SEGMENTS),
+    (3, True, False, SEGMENTS)], ids=["2-eager", "3-eager", "3-graph-body", "3-graph-segments",
+                                      "3-segments-other-steps"])
+def test_shrinking_sets_match_sglang_with_reused_kv(standin, triton_attention, monkeypatch, num_layers, graph,
+                                                    stepped, segments):
     """graph-body: the shrinking plan in the CUDA graph path, S_0 at every layer with per-layer write
-    slots (a dropped token writes slot 0 and keeps its cached K/V)."""
+    slots (a dropped token writes slot 0 and keeps its cached K/V). graph-segments: a stepped plan
+    (sets change at layers 0 and 1 only) through one graph per captured segment, [0, 1) and [1, 3);
+    other-steps: a plan that changes at layer 2 too, which those segments cannot run, takes S_0's graph."""
     model = standin if num_layers == standin.num_layers else build_standin(num_layers=num_layers)
     batch = model.make_batch([PREFIXED, FRESH])
-    sets = _shrinking_sets(num_layers)
+    sets = _shrinking_sets(num_layers, stepped)
     layer_sets = batch.by_layer(sets)
     # The reuse copy: every token outside S_l gets (other) KV at layer l before the forward.
     reused = model.reuse_copy(batch, layer_sets)
     assert sorted(reused) == list(range(1, num_layers)), "S_0 is every token"
     want, want_pool = stock_reference(model, batch, layer_sets)
 
-    prefill = _graph_body_prefill(model, monkeypatch, bucket=64) if graph else None
+    prefill = _graph_body_prefill(model, monkeypatch, bucket=64, segments=segments) if graph else None
     got, prefill = vlcache_forward(model, batch, sets, prefill)
 
     last = batch.rows_of(layer_sets[-1])
@@ -252,7 +263,10 @@ def test_shrinking_sets_match_sglang_with_reused_kv(standin, triton_attention, m
     for layer, (slots, k, v) in reused.items():
         assert torch.equal(model.kv(layer, slots)[0], k) and torch.equal(model.kv(layer, slots)[1], v), \
             f"layer {layer}: the reused KV of dropped tokens is left alone"
-    if graph:
+    if stepped:
+        assert prefill._backends == ["triton-graph-segments"]
+        assert not any(sel.charged_first_set for sel in prefill.test_selectors), "each layer's own set"
+    elif graph:
         assert prefill._backends == ["triton-graph"]
         assert all(sel.charged_first_set for sel in prefill.test_selectors), "charged S_0 at every layer"
     else:

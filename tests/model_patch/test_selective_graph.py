@@ -236,3 +236,51 @@ def test_why_not_graphs_names_the_switch_and_the_missing_device(monkeypatch):
     monkeypatch.delenv(selective_graph.ENV_VAR)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert selective_graph.why_not_graphs(lm, torch.bfloat16, torch.bfloat16) == "no CUDA device"
+
+
+def test_layer_segments_are_the_runs_of_equal_ratios():
+    from vlcache_sglang.model_patch.selective_graph import layer_segments
+
+    assert layer_segments((0.3, 0.3, 0.1, 0.1, 0.1, 0.02)) == ((0, 2), (2, 5), (5, 6))
+    assert layer_segments((0.05,) * 4) == () and layer_segments(None) == (), "one set: the plain graph"
+
+
+def test_segment_graphs_run_a_stepped_plan_as_the_eager_loop_does(capture):
+    """Sets that change only at layer 1 ([0, 1): 10 tokens, [1, 3): 7 of them), one graph per segment,
+    each in its own bucket (16 and 8): the last set's outputs and every layer's written K/V equal the
+    eager loop with the same per-layer write slots, dropped tokens keep their cached K/V."""
+    from vlcache_sglang.model_patch.selective_graph import SegmentInput
+
+    device = capture
+    lm = make_model(device)
+    req_to_token = (1 + torch.randperm(SLOTS - 1)[: 2 * WIDTH]).reshape(2, WIDTH).to(device, torch.int32)
+    sets = {0: [0, 1, 2, 3, 4, 5, 6], 1: [7, 8, 9]}
+    hidden, positions, layer_loc, runs = active_tokens(sets, req_to_token, device)
+    kept = torch.tensor([0, 2, 4, 5, 6, 7, 9], device=device)
+    keep = torch.zeros(10, dtype=torch.bool, device=device)
+    keep[kept] = True
+    masked_loc = layer_loc.clone()
+    masked_loc[1:, ~keep] = 0
+    later_runs = runs_of([torch.tensor([0, 2, 4, 5, 6]), torch.tensor([7, 9])], [0, 1])
+    graphs = SelectiveGraphs(buckets=(8, 16), why_not=ALLOWED, segments=((0, 1), (1, LAYERS)))
+    base, want_pool, got_pool = Pool(device), Pool(device), Pool(device)
+    with torch.no_grad():
+        assert graphs.capture(lm, hidden.dtype, HIDDEN, torch.int64, req_to_token, got_pool)
+        want_pool.load_(base)
+        got_pool.load_(base)
+        want = eager(lm, want_pool, hidden, positions, masked_loc, runs, req_to_token)
+        segments = [SegmentInput(0, 1, None, positions, layer_loc[0], runs),
+                    SegmentInput(1, LAYERS, kept, positions[:, kept], layer_loc[0][kept], later_runs)]
+        got = graphs.run_segments(lm, hidden, segments, req_to_token, got_pool)
+    assert got is not None and got.shape == (7, HIDDEN)
+    torch.testing.assert_close(got, want[kept], rtol=1e-4, atol=1e-4)
+    for layer in range(LAYERS):
+        written = masked_loc[layer][masked_loc[layer] != 0]
+        dropped = layer_loc[0][~keep] if layer else layer_loc[0][:0]
+        for got_kv, want_kv, base_kv in ((got_pool.k_buffer, want_pool.k_buffer, base.k_buffer),
+                                         (got_pool.v_buffer, want_pool.v_buffer, base.v_buffer)):
+            torch.testing.assert_close(got_kv[layer][written], want_kv[layer][written], rtol=1e-4, atol=1e-4)
+            assert torch.equal(got_kv[layer][dropped], base_kv[layer][dropped]), f"layer {layer}: cached K/V kept"
+    # A segment with no graph of its own (another step) is refused before anything is replayed.
+    other = [SegmentInput(0, 2, None, positions, layer_loc[0], runs)]
+    assert graphs.run_segments(lm, hidden, other, req_to_token, got_pool) is None

@@ -13,7 +13,11 @@ attention tiles fit its capacity; otherwise the eager loop runs. A set that shri
 runs as S_0 at every layer with per-layer write slots: layer l writes the K/V of S_l's tokens and
 sends the others' to slot 0, so their cached K/V stays, as in the eager loop. That computes |S_0|
 tokens per layer instead of |S_l| (charged so: `LayerSelector.charge_first_set`), but in one replay:
-for the few hundred tokens that fit a bucket the eager loop is bound by kernel launches.
+for the few hundred tokens that fit a bucket the eager loop is bound by kernel launches. A stepped
+plan (a profile made a step function, `--vlcache-profile-levels`: its sets change only at the starts
+of a few layer segments, captured too when the server's own policy has them) runs one graph per
+segment instead, each padded to its own set's bucket, the hidden states gathered between them: it
+computes |S_l| per layer, as the eager loop, in a few replays.
 Inside a graph, attention is the Triton scattered kernel in fixed-capacity mode: its tile table is
 refilled before each replay and its grid is fixed (FlashInfer's graph mode fixes the number of
 runs, which varies from batch to batch here). Padding tokens write their K/V to slot 0, the slot
@@ -26,13 +30,13 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from vlcache_sglang.kernels.scattered_attention import CapacityError, ScatteredAttention
 from vlcache_sglang.model_patch.selective_attention import RunLayout, query_tokens
-from vlcache_sglang.model_patch.selective_layers import all_layers
+from vlcache_sglang.model_patch.selective_layers import layer_range
 
 ENV_VAR = "VLCACHE_CUDA_GRAPH"  # "0" turns the graphs off (the eager loop runs every batch)
 BUCKETS = (32, 64, 128, 256, 512, 1024)
@@ -62,12 +66,36 @@ def why_not_graphs(lm: Any, model_dtype: torch.dtype, kv_dtype: torch.dtype) -> 
 
 @dataclasses.dataclass
 class _Graph:
+    """One bucket's graph of layers [lo, hi) (all of them, or one segment of a stepped plan)."""
     replay: Callable[[], None]
-    hidden: torch.Tensor  # [bucket, hidden]: static input, the active tokens' embeddings
+    hidden: torch.Tensor  # [bucket, hidden]: static input, the active tokens' embeddings (or layer lo's input)
+    residual: Optional[torch.Tensor]  # [bucket, hidden]: layer lo's residual input; None from the first layer
     positions: torch.Tensor  # [3, bucket]: M-RoPE positions
-    out_loc: torch.Tensor  # [layers, bucket]: KV slots the tokens write at each layer
+    out_loc: torch.Tensor  # [hi - lo, bucket]: KV slots the tokens write at each layer
     attention: ScatteredAttention  # fixed capacity: its tile table is refilled per batch
-    out: torch.Tensor  # [bucket, hidden]: static output, after the final norm
+    # static output: after the final norm [bucket, hidden] if hi is the last layer, else [2, bucket,
+    # hidden] (layer hi's hidden and residual inputs)
+    out: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentInput:
+    """One segment [lo, hi) of a stepped plan: its tokens computed at every layer of it."""
+    lo: int
+    hi: int
+    keep: Optional[torch.Tensor]  # its tokens' indices among the previous segment's (None: the first)
+    positions: torch.Tensor  # [3, n]
+    out_loc: torch.Tensor  # [n]: KV slots, the same at each of its layers
+    runs: RunLayout
+
+
+def layer_segments(ratios: Optional[Sequence[float]]) -> tuple[tuple[int, int], ...]:
+    """The runs of equal per-layer ratios as layer ranges [lo, hi) — where a stepped profile's sets stay
+    the same (`layer_profile.step_ratios`); () without ratios or with one run (one set: the plain graph)."""
+    if not ratios:
+        return ()
+    cuts = [0] + [l for l in range(1, len(ratios)) if ratios[l] != ratios[l - 1]] + [len(ratios)]
+    return tuple(zip(cuts, cuts[1:])) if len(cuts) > 2 else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,11 +124,14 @@ class SelectiveGraphs:
     """Captures (once) and replays the graphs of one server's selective decoder loop."""
 
     def __init__(self, buckets: tuple[int, ...] = BUCKETS,
-                 why_not: Callable[[Any, torch.dtype, torch.dtype], Optional[str]] = why_not_graphs) -> None:
-        """why_not(lm, model dtype, KV dtype): asked once, before the first capture (tests replace it)."""
+                 why_not: Callable[[Any, torch.dtype, torch.dtype], Optional[str]] = why_not_graphs,
+                 segments: Sequence[tuple[int, int]] = ()) -> None:
+        """why_not(lm, model dtype, KV dtype): asked once, before the first capture (tests replace it);
+        segments: layer ranges [lo, hi) of a stepped plan (`layer_segments`), captured besides all layers."""
         self._buckets = tuple(sorted(buckets))
         self._why_not = why_not
-        self._graphs: dict[int, _Graph] = {}
+        self._graphs: dict[tuple[int, int, int], _Graph] = {}  # (lo, hi, bucket)
+        self.segments = tuple((int(lo), int(hi)) for lo, hi in segments)
         self._shape: Optional[AttentionShape] = None  # the model's, set at capture
         self._pool: Any = None
         self.disabled: Optional[str] = None  # why graphs are not used (set once, logged once)
@@ -122,22 +153,63 @@ class SelectiveGraphs:
         if not self._graphs and not self.capture(lm, hidden.dtype, hidden.shape[-1], layer_out_loc.dtype,
                                                  req_to_token, pool):
             return None
-        g, shape = self._graphs[bucket], self._shape
-        try:
-            g.attention.plan(*query_tokens(runs), req_to_token, shape.num_qo_heads, shape.num_kv_heads,
-                             shape.head_dim, shape.sm_scale)
-        except CapacityError:
-            return None  # more requests than the graph's tile table holds
+        g = self._graphs[(lm.start_layer, lm.end_layer, bucket)]
+        if not self._plan(g, runs, req_to_token):
+            return None
         _fill(g.hidden, hidden)
         _fill(g.positions, positions, dim=1)
         _fill(g.out_loc, layer_out_loc, dim=1)  # padding writes slot 0
         g.replay()
         return g.out[:n]
 
+    def run_segments(self, lm: Any, hidden: torch.Tensor, segments: Sequence[SegmentInput], req_to_token: torch.Tensor,
+                     pool: Any) -> Optional[torch.Tensor]:
+        """A stepped plan (its sets change only where `segments` start) through one graph per segment,
+        each padded to its own set's bucket: the hidden states of the last segment's tokens after the
+        final norm, [n_last, H]; None when some segment has no captured graph or its bucket's tile table
+        is too small (nothing replayed yet: the caller takes another path). hidden: [n_0, H], the first
+        segment's tokens' embeddings."""
+        if self.disabled is not None or not segments:
+            return None
+        if not self._graphs and not self.capture(lm, hidden.dtype, hidden.shape[-1], segments[0].out_loc.dtype,
+                                                 req_to_token, pool):
+            return None
+        graphs = []
+        for seg in segments:  # every plan first: a fallback must not follow half the replays
+            bucket = bucket_for(seg.positions.shape[1], self._buckets)
+            g = self._graphs.get((seg.lo, seg.hi, bucket)) if bucket is not None else None
+            if g is None or not self._plan(g, seg.runs, req_to_token):
+                return None
+            graphs.append(g)
+        residual = None
+        for seg, g in zip(segments, graphs):
+            n = seg.positions.shape[1]
+            if seg.keep is not None:  # copies out of the previous graph's static output
+                hidden, residual = out[0, seg.keep], out[1, seg.keep]
+            _fill(g.hidden, hidden)
+            if g.residual is not None:
+                _fill(g.residual, residual)
+            _fill(g.positions, seg.positions, dim=1)
+            _fill(g.out_loc, seg.out_loc.expand(seg.hi - seg.lo, -1), dim=1)
+            g.replay()
+            out = g.out[..., :n, :]
+        return out
+
+    def _plan(self, g: _Graph, runs: RunLayout, req_to_token: torch.Tensor) -> bool:
+        """Refill g's tile table for these runs; False when more requests than it holds."""
+        shape = self._shape
+        try:
+            g.attention.plan(*query_tokens(runs), req_to_token, shape.num_qo_heads, shape.num_kv_heads,
+                             shape.head_dim, shape.sm_scale)
+        except CapacityError:
+            return False
+        return True
+
     def capture(self, lm: Any, dtype: torch.dtype, hidden_size: int, loc_dtype: torch.dtype,
-                req_to_token: torch.Tensor, pool: Any) -> bool:
-        """Capture every bucket's graph (once; the server calls it at start-up, so no request pays
-        for it). False, with `disabled` saying why, when this server runs the eager loop instead."""
+                req_to_token: torch.Tensor, pool: Any, segments: Optional[Sequence[tuple[int, int]]] = None) -> bool:
+        """Capture every bucket's graph of all layers, and of each layer range in `segments` (a stepped
+        plan's, `layer_segments`; None: the constructor's), once; the server calls it at start-up, so no
+        request pays for it. False, with `disabled` saying why, when this server runs the eager loop instead."""
         if self._graphs:
             return True
         if self.disabled is not None:
@@ -150,34 +222,41 @@ class SelectiveGraphs:
         self._shape = AttentionShape.of(lm)
         try:
             self._pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
+            if segments is not None:
+                self.segments = tuple((int(lo), int(hi)) for lo, hi in segments)
+            ranges = [(lm.start_layer, lm.end_layer), *self.segments]
             for bucket in reversed(self._buckets):  # largest first: the smaller ones reuse its memory
-                self._graphs[bucket] = self._capture(bucket, lm, dtype, hidden_size, loc_dtype, req_to_token, pool)
+                for lo, hi in dict.fromkeys(ranges):
+                    self._graphs[(lo, hi, bucket)] = self._capture(bucket, lo, hi, lm, dtype, hidden_size, loc_dtype,
+                                                                   req_to_token, pool)
         except Exception as exc:  # noqa: BLE001 - any capture failure leaves the eager loop, which works
             self._graphs.clear()
             self.disabled = f"capture failed: {type(exc).__name__}: {exc}"
             logger.warning("vlcache: CUDA graphs of the selective prefill off (%s); the eager loop runs", self.disabled)
             return False
-        logger.info("vlcache: captured %d CUDA graphs of the selective prefill (buckets %s tokens) in %.0f ms",
-                    len(self._graphs), list(self._buckets), 1000 * (time.perf_counter() - t0))
+        logger.info("vlcache: captured %d CUDA graphs of the selective prefill (buckets %s tokens%s) in %.0f ms",
+                    len(self._graphs), list(self._buckets),
+                    f"; layer segments {list(self.segments)}" if self.segments else "",
+                    1000 * (time.perf_counter() - t0))
         return True
 
-    def _capture(self, bucket: int, lm: Any, dtype: torch.dtype, hidden_size: int, loc_dtype: torch.dtype,
-                 req_to_token: torch.Tensor, pool: Any) -> _Graph:
+    def _capture(self, bucket: int, lo: int, hi: int, lm: Any, dtype: torch.dtype, hidden_size: int,
+                 loc_dtype: torch.dtype, req_to_token: torch.Tensor, pool: Any) -> _Graph:
         device, shape = req_to_token.device, self._shape
         hidden = torch.zeros(bucket, hidden_size, dtype=dtype, device=device)
+        residual = torch.zeros_like(hidden) if lo > lm.start_layer else None
         positions = torch.zeros(3, bucket, dtype=torch.int64, device=device)
-        layers = lm.end_layer - lm.start_layer
-        out_loc = torch.zeros(layers, bucket, dtype=loc_dtype, device=device)  # capture-time writes: slot 0
+        out_loc = torch.zeros(hi - lo, bucket, dtype=loc_dtype, device=device)  # capture-time writes: slot 0
         attention = ScatteredAttention(capacity=(bucket, tile_capacity(bucket, shape)))
         empty = torch.empty(0, dtype=torch.int64)
         attention.plan(empty, empty, req_to_token, shape.num_qo_heads, shape.num_kv_heads, shape.head_dim,
                        shape.sm_scale)
 
         def body() -> torch.Tensor:
-            return all_layers(lm, positions, hidden, out_loc, pool, attention)
+            return layer_range(lm, lo, hi, positions, hidden, residual, out_loc, pool, attention)
 
         replay, out = cuda_graph_capture(body, self._pool, device)
-        return _Graph(replay, hidden, positions, out_loc, attention, out)
+        return _Graph(replay, hidden, residual, positions, out_loc, attention, out)
 
 
 def cuda_graph_capture(body: Callable[[], torch.Tensor], pool: Any,

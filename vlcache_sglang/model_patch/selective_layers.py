@@ -57,9 +57,18 @@ def all_layers(lm: Any, positions: torch.Tensor, hidden: torch.Tensor, layer_out
     """Every layer of `lm` on one token set, then the final norm (what a CUDA graph captures).
     layer_out_loc [L, n]: where layer l writes each token's K/V; a token that layer l does not
     recompute writes slot 0 (SGLang's slot for padded writes), so its cached K/V stays in place."""
-    residual = None
-    for i, layer_id in enumerate(range(lm.start_layer, lm.end_layer)):
+    return layer_range(lm, lm.start_layer, lm.end_layer, positions, hidden, None, layer_out_loc, pool, attention)
+
+
+def layer_range(lm: Any, lo: int, hi: int, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: Optional[torch.Tensor], layer_out_loc: torch.Tensor, pool: Any,
+                attention: Any) -> torch.Tensor:
+    """Layers [lo, hi) of `lm` on one token set (layer_out_loc [hi - lo, n]); residual None at the
+    first layer. Ending at the last layer: the final norm's output [n, H]; else the next layer's
+    inputs stacked, [2, n, H] (hidden, residual): one tensor, what a captured graph returns."""
+    for i, layer_id in enumerate(range(lo, hi)):
         hidden, residual = selective_layer(lm.layers[layer_id], positions, hidden, residual, layer_out_loc[i],
                                            pool, attention)
-    hidden, _ = lm.norm(hidden, residual)
-    return hidden
+    if hi == lm.end_layer:
+        return lm.norm(hidden, residual)[0]
+    return torch.stack([hidden, residual])

@@ -15,19 +15,20 @@ Two AROUND hooks, active only for batches that carry a vlcache plan (else stock 
   The final hidden states are scattered back to the extend layout; the last prompt token of every
   request is always active, so the logits processor reads what it always reads. When every layer's
   S_l is known before the forward and S_0 is small, the loop runs as one CUDA graph replay
-  (selective_graph.py; a shrinking plan as S_0 with per-layer write slots).
+  (selective_graph.py; a shrinking plan as S_0 with per-layer write slots, a stepped one as a graph
+  per captured layer segment).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 
 from vlcache_sglang.kernels import copy_rotate_pool_kv
 from vlcache_sglang.model_patch import forward_profile, rotation_check
 from vlcache_sglang.model_patch.selective_attention import RunLayout, SelectiveAttention, runs_of
-from vlcache_sglang.model_patch.selective_graph import SelectiveGraphs
+from vlcache_sglang.model_patch.selective_graph import SegmentInput, SelectiveGraphs
 from vlcache_sglang.model_patch.selective_layers import layer_attend, layer_qkv, selective_layer
 from vlcache_sglang.recompute_policy import LayerObservation
 from vlcache_sglang.reuse_planner import PLANS_ATTR, RequestReuse
@@ -207,11 +208,33 @@ class SelectivePrefill:
         self._sum_ranks = tp_sum_ranks()  # resolved once, in the scheduler process, after TP is set up
         self.query_observer: Optional[QueryObserver] = None
 
-    def capture_graphs(self, lm: Any, dtype: torch.dtype, req_to_token: torch.Tensor, pool: Any) -> None:
+    def capture_graphs(self, lm: Any, dtype: torch.dtype, req_to_token: torch.Tensor, pool: Any,
+                       segments: Sequence[tuple[int, int]] = ()) -> None:
         """The decoder loop's CUDA graphs, at server start-up (else the first reuse request would pay
-        for the capture: 5.5 s on a cold H200)."""
+        for the capture: 5.5 s on a cold H200); `segments`: the layer ranges of the server's stepped
+        plan (`selective_graph.layer_segments`), captured too."""
         hidden_size = lm.config.hidden_size
-        self._graphs.capture(lm, dtype, hidden_size, torch.int64, req_to_token, pool)
+        self._graphs.capture(lm, dtype, hidden_size, torch.int64, req_to_token, pool, segments)
+
+    def _run_segments(self, lm: Any, sel: SelectiveBatch, full: torch.Tensor, positions: torch.Tensor,
+                      forward_batch: Any, req_to_token: torch.Tensor, pool: Any) -> Optional[torch.Tensor]:
+        """The batch through the per-segment graphs when its sets change only where captured segments
+        start (None otherwise, or when a segment has no graph for its size)."""
+        segments = self._graphs.segments
+        starts = {lo for lo, _ in segments}
+        if not segments or any(sel.changed(layer) and layer not in starts for layer in range(sel.num_layers)):
+            return None
+        inputs, prev = [], None
+        for lo, hi in segments:
+            rows, runs = sel.layer(lo)
+            if rows.numel() == 0:
+                return None  # the eager loop's early exit handles it
+            keep = None if prev is None else torch.searchsorted(prev, rows)
+            inputs.append(SegmentInput(lo, hi, keep, positions[:, rows].contiguous(),
+                                       forward_batch.out_cache_loc[rows], runs))
+            prev = rows
+        first = sel.layer(segments[0][0])[0]
+        return self._graphs.run_segments(lm, full[first], inputs, req_to_token, pool)
 
     def around_vl_forward(self, original: Callable[..., Any], model: Any, input_ids: Any, positions: Any,
                           forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
@@ -278,7 +301,14 @@ class SelectivePrefill:
         observer = self.query_observer
         if observer is not None and not observer.wants_queries(forward_batch):
             observer = None
-        # A replay shows no layer's Q to the observer; the per-layer write slots only for a set that fits.
+        # A replay shows no layer's Q to the observer. A stepped plan: a graph per segment; else the
+        # per-layer write slots of S_0, for a set that fits.
+        if sel.static_plan and observer is None and not sel.single_set:
+            graphed = self._run_segments(lm, sel, full, positions, forward_batch, req_to_token, pool)
+            if graphed is not None:
+                self._backends.append("triton-graph-segments")
+                out[sel.layer(sel.num_layers - 1)[0]] = graphed
+                return out
         if sel.static_plan and observer is None and self._graphs.fits(rows.numel()):
             graphed = self._graphs.run(lm, hidden, row_positions, sel.layer_out_loc(row_out_loc), runs,
                                        req_to_token, pool)
