@@ -24,9 +24,8 @@ class CompressionConfig:
     budget: str = "vlcache"
     recent_window: int = 0  # last prompt tokens every layer keeps besides the post-vision queries
     # First prompt tokens every layer keeps (attention sinks, as StreamingLLM keeps them): 0 is
-    # VL-Cache's own rule. On the tiny row task's ~95-token prompts, budgets that kept only the voting
-    # tail answered right and then did not stop (H200, 2026-12-01); whether the sinks are why is what
-    # this measures.
+    # VL-Cache's own rule. On the tiny row task's ~150-token prompts, budgets that kept only the voting
+    # tail answered right and then did not stop (H200, 2026-12-01); keeping 4 sinks changed nothing.
     sink_tokens: int = 0
     # beta_max: no layer keeps more than this share of the request's own prompt tokens (budget.py), so
     # that at least 1 - beta_max of them go back to the pool; 1.0 is the paper's budget.
