@@ -2,8 +2,9 @@
 # Accuracy of VL-Cache KV compression (issue 13) on a tiny Qwen2.5-VL trained to read grid rows out, on
 # the GPU host, one command (repo root, .gpu_bundle carried; ~9 min; REUSE_CKPT=1: ~3 min):
 #   bash benchmarks/compression_bench.sh
-# ROW_IMAGES=K (2..6; default 4, as train_tiny.sh's; 1: the one-image task): K images per request, the question after all of them naming one
-# ("What are the colours of row r of image i, left to right?"), so image tokens dominate the prompt as
+# ROW_IMAGES=K (2..6; default 4, as train_tiny.sh's; 1: the one-image task): K images per request,
+# the question after all of them naming one ("What are the colours of row r of image i, left to
+# right?"), so image tokens dominate the prompt as
 # VL-Cache assumes: m ~ 370 tokens at K = 4 (318..453), ~510 at K = 6, against the 25 after the last
 # image that every layer keeps (with one image, m ~ 150 and 21). Checkpoint /tmp/tiny-mrowsK.
 # benchmarks/train_tiny.sh trains the same checkpoint (its EXTRA variant: /tmp/tiny-mrows4 by default,
