@@ -111,6 +111,16 @@ class AttentionShape:
         return cls(radix.tp_q_head_num, radix.tp_k_head_num, radix.head_dim, radix.scaling)
 
 
+def tiles_layers(segments: Sequence[tuple[int, int]], start: int, end: int) -> bool:
+    """Whether the ranges cover [start, end) in order, each non-empty, with no gap or overlap."""
+    edges = [start]
+    for lo, hi in segments:
+        if lo != edges[-1] or hi <= lo:
+            return False
+        edges.append(hi)
+    return edges[-1] == end
+
+
 def bucket_for(n: int, buckets: tuple[int, ...] = BUCKETS) -> Optional[int]:
     """The smallest of the (ascending) buckets holding n tokens (None when none does)."""
     return next((b for b in buckets if n <= b), None)
@@ -224,6 +234,10 @@ class SelectiveGraphs:
             self._pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
             if segments is not None:
                 self.segments = tuple((int(lo), int(hi)) for lo, hi in segments)
+            if self.segments and not tiles_layers(self.segments, lm.start_layer, lm.end_layer):
+                logger.warning("vlcache: layer segments %s do not tile layers [%d, %d): not captured",
+                               list(self.segments), lm.start_layer, lm.end_layer)
+                self.segments = ()
             ranges = [(lm.start_layer, lm.end_layer), *self.segments]
             for bucket in reversed(self._buckets):  # largest first: the smaller ones reuse its memory
                 for lo, hi in dict.fromkeys(ranges):
