@@ -161,7 +161,9 @@ def install_scheduler(cache: Any, ctx: Any) -> None:
     verify_hooks(required=required)  # all or nothing: never serve half installed
     model = ctx.tp_worker.model_runner.model
     if cache.compression is not None:
-        compression.compile_kernels(model.model, allocator.get_kvcache())
+        from vlcache_sglang.compression.install import compile_kernels
+
+        compile_kernels(model.model, allocator.get_kvcache())
     # A stepped profile's layer segments get graphs of their own (the server's policy; a request's
     # override with other steps takes the other paths).
     segments = layer_segments(cache.policy.params.layer_ratios)

@@ -245,19 +245,6 @@ def test_layer_segments_are_the_runs_of_equal_ratios():
     assert layer_segments((0.05,) * 4) == () and layer_segments(None) == (), "one set: the plain graph"
 
 
-def test_segments_that_do_not_tile_the_layers_are_not_captured(device, monkeypatch):
-    from vlcache_sglang.model_patch.selective_graph import tiles_layers
-
-    assert tiles_layers(((0, 1), (1, 3)), 0, 3) and not tiles_layers(((0, 1), (2, 3)), 0, 3)
-    assert not tiles_layers(((0, 2), (1, 3)), 0, 3) and not tiles_layers(((0, 1),), 0, 3)
-    monkeypatch.setattr(selective_graph, "cuda_graph_capture", lambda body, pool, dev: ((lambda: None), body()))
-    lm = make_model(device)
-    req_to_token = (1 + torch.randperm(SLOTS - 1)[:WIDTH]).reshape(1, WIDTH).to(device, torch.int32)
-    graphs = SelectiveGraphs(buckets=(8,), why_not=ALLOWED, segments=((0, 1), (2, LAYERS)))
-    assert graphs.capture(lm, torch.float32, HIDDEN, torch.int64, req_to_token, Pool(device))
-    assert graphs.segments == () and graphs.disabled is None, "the plain graphs stay; the bad segments go"
-
-
 def test_segment_graphs_run_a_stepped_plan_as_the_eager_loop_does(capture):
     """Sets that change only at layer 1 ([0, 1): 10 tokens, [1, 3): 7 of them), one graph per segment,
     each in its own bucket (16 and 8): the last set's outputs and every layer's written K/V equal the

@@ -111,16 +111,6 @@ class AttentionShape:
         return cls(radix.tp_q_head_num, radix.tp_k_head_num, radix.head_dim, radix.scaling)
 
 
-def tiles_layers(segments: Sequence[tuple[int, int]], start: int, end: int) -> bool:
-    """Whether the ranges cover [start, end) in order, each non-empty, with no gap or overlap."""
-    edges = [start]
-    for lo, hi in segments:
-        if lo != edges[-1] or hi <= lo:
-            return False
-        edges.append(hi)
-    return edges[-1] == end
-
-
 def bucket_for(n: int, buckets: tuple[int, ...] = BUCKETS) -> Optional[int]:
     """The smallest of the (ascending) buckets holding n tokens (None when none does)."""
     return next((b for b in buckets if n <= b), None)
@@ -136,12 +126,13 @@ class SelectiveGraphs:
     def __init__(self, buckets: tuple[int, ...] = BUCKETS,
                  why_not: Callable[[Any, torch.dtype, torch.dtype], Optional[str]] = why_not_graphs,
                  segments: Sequence[tuple[int, int]] = ()) -> None:
-        """why_not(lm, model dtype, KV dtype): asked once, before the first capture (tests replace it);
-        segments: layer ranges [lo, hi) of a stepped plan (`layer_segments`), captured besides all layers."""
+        """why_not(lm, model dtype, KV dtype): asked once, before the first capture (tests replace it).
+        `segments`: layer ranges [lo, hi) of a stepped plan (`layer_segments`), captured besides all
+        layers; set before the capture."""
         self._buckets = tuple(sorted(buckets))
         self._why_not = why_not
         self._graphs: dict[tuple[int, int, int], _Graph] = {}  # (lo, hi, bucket)
-        self.segments = tuple((int(lo), int(hi)) for lo, hi in segments)
+        self.segments = tuple(segments)
         self._shape: Optional[AttentionShape] = None  # the model's, set at capture
         self._pool: Any = None
         self.disabled: Optional[str] = None  # why graphs are not used (set once, logged once)
@@ -216,10 +207,10 @@ class SelectiveGraphs:
         return True
 
     def capture(self, lm: Any, dtype: torch.dtype, hidden_size: int, loc_dtype: torch.dtype,
-                req_to_token: torch.Tensor, pool: Any, segments: Optional[Sequence[tuple[int, int]]] = None) -> bool:
-        """Capture every bucket's graph of all layers, and of each layer range in `segments` (a stepped
-        plan's, `layer_segments`; None: the constructor's), once; the server calls it at start-up, so no
-        request pays for it. False, with `disabled` saying why, when this server runs the eager loop instead."""
+                req_to_token: torch.Tensor, pool: Any) -> bool:
+        """Capture every bucket's graph of all layers, and of each layer range in `segments`, once; the
+        server calls it at start-up, so no request pays for it. False, with `disabled` saying why, when
+        this server runs the eager loop instead."""
         if self._graphs:
             return True
         if self.disabled is not None:
@@ -232,12 +223,6 @@ class SelectiveGraphs:
         self._shape = AttentionShape.of(lm)
         try:
             self._pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
-            if segments is not None:
-                self.segments = tuple((int(lo), int(hi)) for lo, hi in segments)
-            if self.segments and not tiles_layers(self.segments, lm.start_layer, lm.end_layer):
-                logger.warning("vlcache: layer segments %s do not tile layers [%d, %d): not captured",
-                               list(self.segments), lm.start_layer, lm.end_layer)
-                self.segments = ()
             ranges = [(lm.start_layer, lm.end_layer), *self.segments]
             for bucket in reversed(self._buckets):  # largest first: the smaller ones reuse its memory
                 for lo, hi in dict.fromkeys(ranges):

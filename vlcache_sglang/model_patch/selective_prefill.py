@@ -213,8 +213,8 @@ class SelectivePrefill:
         """The decoder loop's CUDA graphs, at server start-up (else the first reuse request would pay
         for the capture: 5.5 s on a cold H200); `segments`: the layer ranges of the server's stepped
         plan (`selective_graph.layer_segments`), captured too."""
-        hidden_size = lm.config.hidden_size
-        self._graphs.capture(lm, dtype, hidden_size, torch.int64, req_to_token, pool, segments)
+        self._graphs.segments = tuple(segments)
+        self._graphs.capture(lm, dtype, lm.config.hidden_size, torch.int64, req_to_token, pool)
 
     def _run_segments(self, lm: Any, sel: SelectiveBatch, full: torch.Tensor, positions: torch.Tensor,
                       forward_batch: Any, req_to_token: torch.Tensor, pool: Any) -> Optional[torch.Tensor]:
@@ -224,7 +224,8 @@ class SelectivePrefill:
         starts = {lo for lo, _ in segments}
         if not segments or any(sel.changed(layer) and layer not in starts for layer in range(sel.num_layers)):
             return None
-        inputs, prev = [], None
+        inputs: list[SegmentInput] = []
+        first = prev = None
         for lo, hi in segments:
             rows, runs = sel.layer(lo)
             if rows.numel() == 0:
@@ -232,8 +233,8 @@ class SelectivePrefill:
             keep = None if prev is None else torch.searchsorted(prev, rows)
             inputs.append(SegmentInput(lo, hi, keep, positions[:, rows].contiguous(),
                                        forward_batch.out_cache_loc[rows], runs))
+            first = rows if first is None else first
             prev = rows
-        first = sel.layer(segments[0][0])[0]
         return self._graphs.run_segments(lm, full[first], inputs, req_to_token, pool)
 
     def around_vl_forward(self, original: Callable[..., Any], model: Any, input_ids: Any, positions: Any,
