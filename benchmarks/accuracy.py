@@ -301,7 +301,7 @@ class Config:
     """One pass of a data set through the vlcache server, the policy set by the request override."""
 
     label: str  # accuracy.py label: policy or policy:param (first_k:K, vlcache:R, error_bounded:TAU)
-    policy: str
+    policy: str  # the policy, or policy/sS for a bounded policy whose check samples share S (a plot line of its own)
     fraction: Optional[float]  # the recompute fraction asked for (None: error_bounded, set by its bound)
     override: Optional[dict]  # custom_params.vlcache; None for the stock server
     tier: int  # run order: lower first
@@ -309,6 +309,11 @@ class Config:
     @property
     def param(self) -> Optional[str]:
         return self.label.partition(":")[2] or None
+
+    @property
+    def family(self) -> str:
+        """The policy without a check sample's suffix."""
+        return self.policy.partition("/")[0]
 
 
 def _tier(fraction: float) -> int:
@@ -318,11 +323,13 @@ def _tier(fraction: float) -> int:
 def plan_configs(fractions: tuple[float, ...] | list[float] = FRACTIONS, image_tokens: int = 64,
                  error_bounds: tuple[float, ...] | list[float] = (), error_floor: float = 0.02,
                  policies: tuple[str, ...] = RATIO_POLICIES,
-                 bounded_policies: tuple[str, ...] = ("error_bounded",)) -> list[Config]:
+                 bounded_policies: tuple[str, ...] = ("error_bounded",),
+                 check_samples: tuple[float, ...] | list[float] = (1.0,)) -> list[Config]:
     """full (the reference), none, each ratio policy at each fraction, each bounded policy at each bound
-    (its recompute_ratio is the floor), in run order. first_k's k = round(fraction x image tokens); a k that
+    and check sample (its recompute_ratio is the floor; a sample below 1 probes: policy/sS), in run order. first_k's k = round(fraction x image tokens); a k that
     is 0 (= none) or all tokens (= full), or that an earlier fraction already gave, is left out."""
     bad = [f for f in fractions if not 0.0 <= f <= 1.0] + [t for t in error_bounds if t < 0]
+    bad += [x for x in check_samples if not 0.0 < x <= 1.0]
     if bad or not 0.0 <= error_floor <= 1.0:
         raise ValueError(f"fractions and the floor must be in [0, 1] and bounds >= 0; got {bad or error_floor}")
     unknown = [p for p in policies if p not in RATIO_POLICIES] + [p for p in bounded_policies if p not in BOUNDED_POLICIES]
@@ -344,17 +351,21 @@ def plan_configs(fractions: tuple[float, ...] | list[float] = FRACTIONS, image_t
                 configs.append(Config(label, policy, f, override, _tier(f)))
     for i, tau in enumerate(error_bounds):
         for policy in bounded_policies:
-            configs.append(Config(f"{policy}:{tau:g}", policy, None,
-                                  {"policy": policy, "error_bound": tau, "recompute_ratio": error_floor}, 2 + i))
+            for share in check_samples:
+                name = policy if share == 1.0 else f"{policy}/s{share:g}"
+                override = {"policy": policy, "error_bound": tau, "recompute_ratio": error_floor}
+                if share != 1.0:
+                    override["check_sample"] = share
+                configs.append(Config(f"{name}:{tau:g}", name, None, override, 2 + i))
     return sorted(configs, key=lambda c: c.tier)
 
 
 def knob_subset(configs: list[Config], fractions: tuple[float, ...] | list[float]) -> list[Config]:
     """The configs the knob data sets run: full, none, each ratio policy at `fractions`, the first bound."""
-    first_tier = min((c.tier for c in configs if c.policy in BOUNDED_POLICIES), default=None)
-    bounds = [c for c in configs if c.policy in BOUNDED_POLICIES and c.tier == first_tier]
+    first_tier = min((c.tier for c in configs if c.family in BOUNDED_POLICIES), default=None)
+    bounds = [c for c in configs if c.family in BOUNDED_POLICIES and c.tier == first_tier]
     return [c for c in configs if c.policy in ("full", "none") or c in bounds
-            or (c.fraction in fractions and c.policy not in BOUNDED_POLICIES)]
+            or (c.fraction in fractions and c.family not in BOUNDED_POLICIES)]
 
 
 def image_tokens_of(data_url: str) -> int:
@@ -540,6 +551,9 @@ def parse_sweep_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--error-floor", type=float, default=0.02, help="error_bounded's recompute_ratio (its floor)")
     p.add_argument("--bounded-policies", default="error_bounded",
                    help=f"policies run at each --error-bounds value (of {', '.join(BOUNDED_POLICIES)})")
+    p.add_argument("--check-samples", default="1",
+                   help="bounded policies' check samples (share of each image the check measures; below 1 a "
+                        "probe pass replans the request), each a config of its own")
     p.add_argument("--knob-fractions", default="5", help="percent; the knob data sets' configs")
     p.add_argument("--image-tokens", type=int, default=None, help="tokens per image (default: read from the PNG)")
     p.add_argument("--concurrency", type=int, default=16)
@@ -557,6 +571,7 @@ def parse_sweep_args(argv: Optional[list[str]]) -> argparse.Namespace:
         args.plan_fractions = _floats(args.fractions, 0.01)
         args.knob_fraction_list = _floats(args.knob_fractions, 0.01)
         args.bounds = _floats(args.error_bounds)
+        args.samples = _floats(args.check_samples)
     except ValueError as e:
         p.error(str(e))
     names = [n for n, _ in args.sets + args.knob_sets]
@@ -610,7 +625,7 @@ def sweep_main(argv: Optional[list[str]] = None, restart: Optional[Callable[[], 
     image_tokens = args.image_tokens or image_tokens_of(first.images[0])
     plan = plan_configs(args.plan_fractions, image_tokens, args.bounds, args.error_floor,
                         tuple(x for x in args.policies.split(",") if x),
-                        tuple(x for x in args.bounded_policies.split(",") if x))
+                        tuple(x for x in args.bounded_policies.split(",") if x), args.samples)
     knob_plan = knob_subset(plan, args.knob_fraction_list)
     jobs = [(c, n) for c in plan for n, s in sets.items() if not s["knob"] or c in knob_plan]
     # Stable: data set order within a tier; the knob's inner points after the main sets' 2 % and 20 %.
@@ -688,7 +703,7 @@ def _reading_order(c: Config) -> tuple:
     """Tables list full, none, then each policy by its fraction (a bounded policy by its bound)."""
     order = ("full", "none", *RATIO_POLICIES, *BOUNDED_POLICIES)
     value = c.fraction if c.fraction is not None else float(c.param or 0)
-    return (order.index(c.policy) if c.policy in order else len(order), c.policy, value)
+    return (order.index(c.family) if c.family in order else len(order), c.policy, value)
 
 
 def write_sweep(args: argparse.Namespace, sets: dict, plan: list[Config], runs: dict, stock_runs: dict,

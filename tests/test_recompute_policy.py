@@ -258,6 +258,9 @@ def test_params_reject_what_no_policy_can_serve():
         PolicyParams(check_layer=0)
     with pytest.raises(ValueError, match="blend_score"):
         PolicyParams(blend_score="q")
+    for share in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="check_sample"):
+            PolicyParams(check_sample=share)
 
 
 def test_selector_protocol_errors():
@@ -367,3 +370,67 @@ def _two_ranks(body):
     for t in threads:
         t.join(timeout=30)
     return out
+
+
+# ---- a probe: the check measures a sample, its decision replans every layer ------------------------
+
+PROBE_LAYOUT = TokenLayout(seq_len=34, prefix_len=0,
+                           images=(ImageSpan(2, 10, True), ImageSpan(12, 10, False), ImageSpan(22, 10, True)))
+
+
+def _probe(name: str, bound: float, share: float = 0.25) -> RecomputePolicy:
+    return get_recompute_policy(name, PolicyParams(recompute_ratio=0.1, error_bound=bound, check_sample=share))
+
+
+def test_a_probe_computes_the_floor_and_a_strided_sample_up_to_its_check_layer():
+    policy = _probe("image_bounded", 0.25)
+    assert policy.probes and not get_recompute_policy("image_bounded").probes
+    sel = LayerSelector(policy, PROBE_LAYOUT, 3)
+    assert sel.probing and sel.ready(0) and not sel.ready(1)
+    # floor: each image's first token (10 % of 10); sample: every 4th token from the image's start
+    assert sel.candidates(1).tolist() == [2, 6, 10, 22, 26, 30]
+    assert torch.isin(PROBE_LAYOUT.base_tokens(), sel.sets[0]).all()
+
+
+def test_image_bounded_probe_replans_an_image_beyond_the_bound_whole_from_layer_0():
+    dev = torch.zeros(34)
+    dev[[22, 26, 30]] = 0.7  # image 3's sampled tokens at relative 0.35 > 0.25; image 1 exact
+    sel = drive(_probe("image_bounded", 0.25), PROBE_LAYOUT, 3, lambda t: dev[t])
+    assert sel.replanned and not sel.probing and sel.layer_invariant
+    reused = set(PROBE_LAYOUT.reused_tokens().tolist())
+    kept = [t for t in sel.sets[0].tolist() if t in reused]
+    assert kept == [2] + list(range(22, 32)), "image 1's floor; image 3 whole, its unsampled tokens too"
+    assert all(s is sel.sets[0] for s in sel.sets), "one static plan from layer 0"
+    # the probe: 6 sampled tokens at layer 0 and their QKV at the check layer; then 11 at each of 3 layers
+    assert sel.outcome().computed_token_layers == 6 + 6 + 11 * 3
+
+
+def test_error_bounded_probe_bounds_only_the_sampled_tokens():
+    dev = torch.zeros(34)
+    dev[[26, 27]] = 0.7  # 26 is sampled, 27 is not: nobody measured it
+    sel = drive(_probe("error_bounded", 0.25), PROBE_LAYOUT, 3, lambda t: dev[t])
+    reused = set(PROBE_LAYOUT.reused_tokens().tolist())
+    assert [t for t in sel.sets[2].tolist() if t in reused] == [2, 22, 26]
+
+
+def test_a_probe_of_every_token_is_the_plain_check():
+    """check_sample 1 is no probe: the same sets as the policy without it."""
+    dev = torch.rand(34, generator=torch.Generator().manual_seed(3))
+    plain = drive(get_recompute_policy("image_bounded", PolicyParams(recompute_ratio=0.1, error_bound=0.25)),
+                  PROBE_LAYOUT, 3, lambda t: dev[t])
+    whole = drive(_probe("image_bounded", 0.25, share=1.0), PROBE_LAYOUT, 3, lambda t: dev[t])
+    assert not whole.replanned and all(torch.equal(a, b) for a, b in zip(plain.sets, whole.sets))
+
+
+@pytest.mark.parametrize("name", ["error_bounded", "image_bounded"])
+@given(layout=layouts(), num_layers=st.integers(2, 5), share=st.floats(0.05, 0.99), seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_probing_policies_keep_the_contract_through_the_selector(name, layout, num_layers, share, seed):
+    gen = torch.Generator().manual_seed(seed)
+    policy = get_recompute_policy(name, PolicyParams(recompute_ratio=0.05, error_bound=0.5, check_sample=share))
+    sel = drive(policy, layout, num_layers, lambda t: torch.rand(t.numel(), generator=gen))
+    assert all(sel.ready(layer) for layer in range(num_layers))
+    _check_contract(policy, layout, sel.sets)
+    assert sel.replanned == bool(layout.reused_images)
+    n = layout.reused_tokens().numel()
+    assert 0 <= sel.outcome().computed_token_layers <= n * (num_layers + 2), "plan plus the probe's two layers"

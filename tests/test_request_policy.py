@@ -25,6 +25,8 @@ def test_overrides_parse_to_typed_values():
     ({"first_k": 2.5}, "must be a int"),
     ({"first_k": True}, "must be a int"),
     ({"error_bound": -1}, ">= 0"),
+    ({"check_sample": 0}, r"check_sample must lie in \(0, 1\]"),
+    ({"check_sample": 1.5}, r"check_sample must lie in \(0, 1\]"),
     ({"compress_ratio": 0}, r"compress_ratio must lie in \(0, 1\]"),
     ({"compress_ratio": 1.5}, r"compress_ratio must lie in \(0, 1\]"),
     ({"compress_ratio": "0.1"}, "must be a float"),
@@ -46,6 +48,8 @@ def test_resolver_builds_each_override_once_and_the_default_otherwise():
     assert policy.name == "vlcache" and policy.params.recompute_ratio == 0.2
     assert resolver.for_request(asks) is policy
     assert "no profile: uniform" in resolver.describe()
+    probe = resolver.for_request(_req({"vlcache": {"policy": "image_bounded", "check_sample": 0.1}}))
+    assert probe.probes and probe.params.check_sample == 0.1 and not resolver.default.probes
 
 
 def test_a_profile_of_another_model_is_refused_with_the_fix(tmp_path):

@@ -45,6 +45,9 @@ class VLCacheConfig:
     check_layer: int = 1  # cacheblend / error_bounded / image_bounded
     blend_score: str = "k"  # cacheblend: rank by K ("k", LMCache) or V ("v", the authors' code) deviation
     error_bound: float = 0.1  # error/image_bounded: largest relative K/V error at the check layer served from cache
+    # error/image_bounded: share of each reused image the check measures (1: all; below, a probe pass
+    # over a strided sample replans the request: the check costs that share, not every token up to c)
+    check_sample: float = 1.0
     # KV tokens that multimodal nodes may hold; None = a quarter of the KV pool.
     mm_store_tokens: Optional[int] = None
     encoder_cache_mb: int = 2048
@@ -63,7 +66,7 @@ class VLCacheConfig:
             raise ValueError(f"--vlcache-policy={self.policy!r} is unknown; choose one of {policies}")
         try:  # the policy's own checks, one place; the message names the flag
             PolicyParams(recompute_ratio=self.recompute_ratio, first_k=self.first_k, check_layer=self.check_layer,
-                         blend_score=self.blend_score, error_bound=self.error_bound)
+                         blend_score=self.blend_score, error_bound=self.error_bound, check_sample=self.check_sample)
         except ValueError as exc:
             field = str(exc).split()[0]
             raise ValueError(f"--vlcache-{field.replace('_', '-')}: {exc}") from exc
@@ -154,6 +157,16 @@ class VLCacheConfig:
             help="error_bounded / image_bounded: a reused token keeps its cached KV past the check layer only "
             "if its K and V there are within this relative L2 error of the fresh ones (image_bounded: and its "
             "image's as a whole); the rest is recomputed.",
+        )
+        group.add_argument(
+            "--vlcache-check-sample",
+            type=float,
+            default=VLCacheConfig.check_sample,
+            help="error_bounded / image_bounded: share (0..1] of each reused image that the layers up to the "
+            "check layer compute and the check measures (a strided sample plus the floor). Below 1 the check "
+            "is a probe: its decision replans the request and the prefill starts over from layer 0, so the "
+            "check costs about this share of the first layers; the image's error is estimated from the sample "
+            "and the token bound holds for the sampled tokens. 1 (the default): every reused token.",
         )
         group.add_argument(
             "--vlcache-mm-store-tokens",

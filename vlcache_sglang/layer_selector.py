@@ -7,6 +7,11 @@ Layers a policy decides without looking are selected as soon as the previous lay
 static policy (none, full, first_k, vlcache) is planned completely here, on the scheduler, before
 the forward; an observing one (cacheblend, error_bounded) up to its check layer.
 
+A probing policy (error/image_bounded with a check sample below 1) computes only a sample of the
+reused tokens up to its check layer; its observation there decides the reused tokens of every layer
+(`replan`), the selector records that static plan from layer 0, and the decoder loop starts over.
+What the probe computed stays charged.
+
 `changed[l]` says whether S_l differs from S_{l-1} (sets are nested, so a size comparison decides
 it); consumers use it to reuse the previous layer's gathered rows and attention plan.
 """
@@ -45,6 +50,11 @@ class LayerSelector:
         self.changed: list[bool] = [True] * num_layers
         self._reused_in_set: list[int] = [0] * num_layers  # reused tokens in S_l
         self._qkv_reused: list[int] = [0] * num_layers  # reused tokens whose QKV layer l computed
+        self._probe_token_layers = 0  # what a probe's pass computed of the reused tokens, before its replan
+        self.replanned = False  # a probe decided: the sets are its static plan from layer 0
+        # Nothing reused, nothing to probe: the check sees no token and decides nothing new, so the
+        # loop need not start over for it.
+        self._probes = policy.probes and bool(layout.reused_images)
         self._next = 0  # layers [0, _next) are decided
         if not policy.observes(num_layers):
             for layer, s in enumerate(policy.plan(layout, num_layers)):
@@ -58,6 +68,11 @@ class LayerSelector:
     def ready(self, layer: int) -> bool:
         """S_layer is known (else the policy observes there: call observe first)."""
         return layer < self._next
+
+    @property
+    def probing(self) -> bool:
+        """The policy probes and has not decided yet: this pass ends at its check layer."""
+        return self._probes and not self.replanned
 
     @property
     def layer_invariant(self) -> bool:
@@ -75,6 +90,9 @@ class LayerSelector:
         """Decide S_layer from the observation (fresh vs cached K/V of `candidates(layer)`)."""
         if layer != self._next or not self.policy.observes_at(layer):
             raise ValueError(f"layer {layer} is not awaiting an observation (next undecided: {self._next})")
+        if self._probes:
+            self._replan(layer, self.policy.replan(self.layout, self.num_layers, observation))
+            return self.sets[layer]
         previous = self.sets[layer - 1]
         chosen = self.policy.select(self.layout, layer, self.num_layers, previous, observation)
         self._record(layer, chosen, observed=True)
@@ -94,7 +112,7 @@ class LayerSelector:
             raise ValueError(f"layers {self._next}..{self.num_layers - 1} were never decided")
         return ReuseOutcome(
             reused_tokens=sum(img.num_tokens for img in self.layout.reused_images),
-            computed_token_layers=sum(self._qkv_reused),
+            computed_token_layers=sum(self._qkv_reused) + self._probe_token_layers,
             recomputed_last_layer=self._reused_in_set[-1],
             num_layers=self.num_layers,
         )
@@ -108,6 +126,18 @@ class LayerSelector:
             s = self.policy.select(self.layout, layer, self.num_layers, previous)
             self._record(layer, s, observed=False)
             self._next += 1
+
+    def _replan(self, probed: int, reused: torch.Tensor) -> None:
+        """The probe's decision at layer `probed`: base ∪ `reused` at every layer, from layer 0. Its
+        pass computed layers < probed in full for the sample and QKV at `probed`: charged."""
+        if not bool(torch.isin(reused, self.layout.reused_tokens()).all()):
+            raise RuntimeError(f"policy {self.policy.name!r} replanned tokens that are not reused image tokens")
+        self._probe_token_layers = sum(self._qkv_reused[:probed]) + self._reused_in_set[probed - 1]
+        plan = torch.sort(torch.cat([self.layout.base_tokens(), reused])).values
+        for layer in range(self.num_layers):  # one object at every layer: unchanged after layer 0
+            self._record(layer, plan, observed=False)
+        self._next = self.num_layers
+        self.replanned = True
 
     def _record(self, layer: int, s: torch.Tensor, observed: bool) -> None:
         previous = self.sets[layer - 1] if layer else None

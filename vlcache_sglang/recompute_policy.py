@@ -122,6 +122,9 @@ class PolicyParams:
     check_layer: int = 1  # cacheblend / error_bounded: the layer whose K/V deviation decides
     blend_score: str = "k"  # cacheblend ranks by the deviation of "k" (LMCache) or "v" (authors' code)
     error_bound: float = 0.1  # error_bounded: the largest relative K/V error served from cache
+    # error/image_bounded: share of each reused image the layers up to the check layer compute (a
+    # strided sample plus the floor); below 1 the check is a probe and its decision replans every layer.
+    check_sample: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recompute_ratio <= 1.0:
@@ -137,6 +140,9 @@ class PolicyParams:
             raise ValueError(f"blend_score must be 'k' or 'v', got {self.blend_score!r}")
         if not self.error_bound >= 0.0:
             raise ValueError(f"error_bound must be >= 0, got {self.error_bound}")
+        if not 0.0 < self.check_sample <= 1.0:
+            raise ValueError(f"check_sample must lie in (0, 1] (1: the check layer sees every reused token), "
+                             f"got {self.check_sample}")
         if self.layer_ratios is not None:
             r = self.layer_ratios
             if any(not 0.0 <= x <= 1.0 for x in r) or any(b > a for a, b in zip(r, r[1:])):
@@ -222,6 +228,18 @@ class RecomputePolicy(ABC):
 
     def observes(self, num_layers: int) -> bool:
         return any(self.observes_at(layer) for layer in range(num_layers))
+
+    @property
+    def probes(self) -> bool:
+        """True when the layers up to the check layer compute only a sample of the reused tokens, so
+        the observation there cannot choose among S_{l-1} alone: it decides, by `replan`, the reused
+        tokens every layer computes, and the decoder loop starts over from layer 0."""
+        return False
+
+    def replan(self, layout: TokenLayout, num_layers: int, observation: LayerObservation) -> torch.Tensor:
+        """A probing policy's decision: the reused tokens that every layer computes (any of them, not
+        only the observed ones)."""
+        raise NotImplementedError(f"policy {self.name!r} does not probe")
 
     @abstractmethod
     def budget(self, layout: TokenLayout, layer: int, num_layers: int) -> int:
@@ -361,6 +379,17 @@ def _among(candidates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return candidates[torch.isin(candidates, tokens)]
 
 
+def _strided(layout: TokenLayout, share: float) -> torch.Tensor:
+    """Every round(1/share)-th token of each reused image, counted from the image's first token (so
+    the prefill chunks of one image sample alike)."""
+    step = max(1, round(1.0 / share))
+    picked = []
+    for img in layout.reused_images:
+        first = (-img.offset_in_image) % step  # the span's first token whose place in the image is k*step
+        picked.append(torch.arange(img.start + first, img.end, step))
+    return torch.cat(picked) if picked else torch.empty(0, dtype=torch.long)
+
+
 def _reused_count(layout: TokenLayout) -> int:
     return sum(img.num_tokens for img in layout.reused_images)
 
@@ -453,11 +482,28 @@ class ErrorBounded(_CheckLayerPolicy):
 
     name = "error_bounded"
 
-    def _keep(self, layout, candidates, observation) -> torch.Tensor:
+    @property
+    def probes(self) -> bool:
+        return self.params.check_sample < 1.0
+
+    def _floor(self, layout: TokenLayout) -> torch.Tensor:
         r = self.params.recompute_ratio
-        floor = _among(candidates, _heads(layout, lambda img: ratio_count(r, img.whole_image_tokens)))
+        return _heads(layout, lambda img: ratio_count(r, img.whole_image_tokens))
+
+    def _choose(self, layout, layer, num_layers, candidates, observation) -> torch.Tensor:
+        if self.probes and layer < self.params.check_layer:  # the probe: the floor and a strided sample
+            return _among(candidates, torch.cat([self._floor(layout), _strided(layout, self.params.check_sample)]))
+        return super()._choose(layout, layer, num_layers, candidates, observation)
+
+    def _keep(self, layout, candidates, observation) -> torch.Tensor:
+        floor = _among(candidates, self._floor(layout))
         over = candidates[observation.relative_error() > self.params.error_bound]
         return torch.cat([floor, over])
+
+    def replan(self, layout: TokenLayout, num_layers: int, observation: LayerObservation) -> torch.Tensor:
+        """After a probe: the floor and the sampled tokens beyond τ, at every layer (a token outside the
+        sample is not measured and stays cached: the bound holds for the sampled tokens)."""
+        return torch.unique(self._keep(layout, observation.tokens, observation))
 
 
 @register_recompute_policy
@@ -475,7 +521,22 @@ class ImageBounded(ErrorBounded):
 
     def _keep(self, layout, candidates, observation) -> torch.Tensor:
         kept = super()._keep(layout, candidates, observation)
+        image_of, over = self._images_over(layout, candidates, observation)
+        return torch.cat([kept, candidates[over[image_of]]])
+
+    def replan(self, layout: TokenLayout, num_layers: int, observation: LayerObservation) -> torch.Tensor:
+        """After a probe: an image whose sampled tokens' aggregate error exceeds τ is computed whole at
+        every layer (its unsampled tokens included: the loop starts over from layer 0, so they have
+        hidden states), any other as error_bounded's replan."""
+        _, over = self._images_over(layout, observation.tokens, observation)
+        whole = [torch.arange(img.start, img.end) for img, o in zip(layout.reused_images, over.tolist()) if o]
+        return torch.unique(torch.cat([super().replan(layout, num_layers, observation), *whole]))
+
+    def _images_over(self, layout: TokenLayout, candidates: torch.Tensor,
+                     observation: LayerObservation) -> tuple[torch.Tensor, torch.Tensor]:
+        """([n] each candidate's reused-image index, [images] whether that image's aggregate error over
+        its candidates exceeds τ)."""
         starts = torch.tensor([img.start for img in layout.reused_images], dtype=torch.long)
         image_of = torch.searchsorted(starts, candidates, right=True) - 1
         over = observation.group_relative_error(image_of, starts.numel()) > self.params.error_bound
-        return torch.cat([kept, candidates[over[image_of]]])
+        return image_of, over

@@ -6,7 +6,7 @@ A request may override the server's policy and its parameters in its body, throu
 
     "custom_params": {"vlcache": {"policy": "cacheblend", "recompute_ratio": 0.1}}
 
-Keys: `policy`, `recompute_ratio`, `first_k`, `error_bound` (any subset; the rest are the server's),
+Keys: `policy`, `recompute_ratio`, `first_k`, `error_bound`, `check_sample` (any subset; the rest are the server's),
 and `compress_ratio` (alpha of VL-Cache compression for this request; 1.0 serves it uncompressed;
 only on a server started with --vlcache-compress-ratio, whose set-up decode over kept sets needs).
 `validate_override` runs on the tokenizer side inside SGLang's `SamplingParams.verify`, so a bad
@@ -33,8 +33,9 @@ from vlcache_sglang.recompute_policy import (
 logger = logging.getLogger(__name__)
 
 OVERRIDE_KEY = "vlcache"
-_NUMERIC = {"recompute_ratio": float, "first_k": int, "error_bound": float, "compress_ratio": float}
-_POLICY_NUMERIC = ("recompute_ratio", "first_k", "error_bound")  # PolicyParams' fields
+_NUMERIC = {"recompute_ratio": float, "first_k": int, "error_bound": float, "check_sample": float,
+            "compress_ratio": float}
+_POLICY_NUMERIC = ("recompute_ratio", "first_k", "error_bound", "check_sample")  # PolicyParams' fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,7 @@ class PolicyOverride:
     recompute_ratio: Optional[float] = None
     first_k: Optional[int] = None
     error_bound: Optional[float] = None
+    check_sample: Optional[float] = None
     compress_ratio: Optional[float] = None  # alpha of this request's compression
 
 
@@ -161,6 +163,7 @@ class PolicyResolver:
             check_layer=c.check_layer,
             blend_score=c.blend_score,
             error_bound=c.error_bound if override.error_bound is None else override.error_bound,
+            check_sample=c.check_sample if override.check_sample is None else override.check_sample,
         )
         return get_recompute_policy(name, params)
 

@@ -58,6 +58,7 @@ class _FixedSelector:
         self.sets = list(sets)
         self.changed = [True] + [b.numel() != a.numel() for a, b in zip(self.sets, self.sets[1:])]
         self.layer_invariant = not any(self.changed[1:])
+        self.probing = False  # a fixed plan: nothing to probe
         self.charged_first_set = False
 
     def ready(self, layer: int) -> bool:
@@ -298,3 +299,62 @@ def test_first_k_matches_sglang_with_reused_kv(standin, triton_attention, monkey
     assert prefill._backends == (["triton-graph"] if graph else ["triton"])
     if not graph:
         assert prefill._graphs.disabled == "no CUDA device"
+
+
+# ---- a probe: the check layer measures a sample, the loop starts over with the decided sets ---------
+
+def _run_selector(standin: StandIn, batch, plan) -> tuple[torch.Tensor, object]:
+    """The vlcache decoder loop over `batch` with a real LayerSelector for its first request."""
+    from sglang.srt.models.qwen2 import Qwen2Model
+
+    from vlcache_sglang.model_patch.selective_prefill import SELECTIVE_ATTR, SelectiveBatch, SelectivePrefill
+
+    fb = batch.forward_batch
+    sel = SelectiveBatch([plan, None], fb, standin.num_layers)
+    prefill = SelectivePrefill(standin.inv_freq)
+    setattr(fb, SELECTIVE_ATTR, sel)
+    try:
+        with standin.forward_context():
+            got = prefill.around_lm_forward(Qwen2Model.forward, standin.lm, batch.input_ids, batch.positions, fb)
+    finally:
+        setattr(fb, SELECTIVE_ATTR, None)
+    return got, prefill
+
+
+@pytest.mark.parametrize("bound", [0.0, 1e9], ids=["beyond-the-bound", "within-it"])
+def test_a_probe_replans_from_layer_0_and_matches_sglang(standin, triton_attention, bound):
+    """image_bounded with a 1/4 sample: layer 0 computes text + the floor + every 4th image token,
+    the check at layer 1 measures them, and the loop starts over. Beyond the bound the image is
+    recomputed whole (= stock's forward, pools included); within it only the floor runs on, and the
+    sampled tokens keep the layer-0 K/V the probe wrote (fresh: layer 0 depends on token and
+    position alone), which the reference reproduces by writing them at layer 0."""
+    from vlcache_sglang.layer_selector import LayerSelector
+    from vlcache_sglang.recompute_policy import PolicyParams, get_recompute_policy
+
+    batch = standin.make_batch([PREFIXED, FRESH])
+    layout = PREFIXED.token_layout()
+    policy = get_recompute_policy("image_bounded", PolicyParams(recompute_ratio=0.1, check_layer=1,
+                                                                error_bound=bound, check_sample=0.25))
+    plan = SimpleNamespace(selector=LayerSelector(policy, layout, standin.num_layers), report=None)
+    base = layout.base_tokens()
+    probe = plan.selector.sets[0]
+    assert probe.tolist() == sorted(base.tolist() + [12, 16, 20, 24]), "floor 12 (1 of 16) + every 4th"
+    floor = torch.sort(torch.cat([base, torch.tensor([12])])).values
+    # Cached K/V in every image slot (the reuse copy); the probe's sample reads them at layer 1.
+    standin.reuse_copy(batch, batch.by_layer([[base, base], None]))
+    if bound == 0.0:
+        want, want_pool = stock_reference(standin, batch)
+    else:
+        want, want_pool = stock_reference(standin, batch, batch.by_layer([[probe, floor], None]))
+
+    got, prefill = _run_selector(standin, batch, plan)
+
+    assert plan.selector.replanned
+    final = plan.selector.sets[-1]
+    assert torch.equal(final, torch.arange(PREFIXED.prefix_len, PREFIXED.seq_len) if bound == 0.0 else floor)
+    rows = batch.rows_of([final, torch.arange(FRESH.seq_len)])
+    torch.testing.assert_close(got[rows], want[rows], atol=ATOL, rtol=RTOL)
+    assert_pools_equal(standin.snapshot_kv(), want_pool)
+    assert prefill._backends == ["triton", "triton"], "planned at layer 0 of the probe and again of the rerun"
+    main = 16 if bound == 0.0 else 1
+    assert plan.selector.outcome().computed_token_layers == 4 + 4 + main * standin.num_layers

@@ -43,6 +43,7 @@ def _selective(standin, batch, sets, runtime):
             self.sets = per_layer
             self.changed = [True] + [b.numel() != a.numel() for a, b in zip(per_layer, per_layer[1:])]
             self.layer_invariant = not any(self.changed[1:])
+            self.probing = False
 
         def ready(self, layer):
             return True

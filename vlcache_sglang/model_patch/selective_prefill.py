@@ -11,7 +11,9 @@ Two AROUND hooks, active only for batches that carry a vlcache plan (else stock 
   attends over each request's whole KV (SelectiveAttention), and runs the MLP for them alone.
   Where a request's policy observes at l, QKV/RoPE run for S_{l-1} first, the policy sees those
   fresh K/V beside the cached ones in the slots and picks S_l, and only then are S_l's K/V written
-  (the reused tokens it left out keep the cached K/V).
+  (the reused tokens it left out keep the cached K/V). A probing policy's observation replans its
+  request from layer 0 (`LayerSelector.replan`): the loop then starts over with the sets decided,
+  rewriting what the probe's pass wrote for them.
   The final hidden states are scattered back to the extend layout; the last prompt token of every
   request is always active, so the logits processor reads what it always reads. When every layer's
   S_l is known before the forward and S_0 is small, the loop runs as one CUDA graph replay
@@ -105,6 +107,16 @@ class SelectiveBatch:
             if s is not None:
                 s.charge_first_set()
 
+    @property
+    def probing(self) -> bool:
+        """Some request's policy probes: this pass ends at its check layer and the loop starts over."""
+        return any(s is not None and s.probing for s in self._selectors)
+
+    def start_over(self) -> None:
+        """After a probe replanned its request: every layer's rows are built again from the sets."""
+        n = self.num_layers
+        self._rows, self._rows_cpu, self._runs, self._changed = [None] * n, [None] * n, [None] * n, [True] * n
+
     def ready(self, layer: int) -> bool:
         """Every request's S_layer is known (else some policy observes at this layer)."""
         return all(s is None or s.ready(layer) for s in self._selectors)
@@ -121,9 +133,11 @@ class SelectiveBatch:
         return self._changed[layer]
 
     def observe(self, layer: int, rows_cpu: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                out_loc: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+                out_loc: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
         """Hand each observing request the fresh (k, v: [rows, d], rows = S_{layer-1}) and cached
-        (the pool's, at their slots) K/V of its reused tokens of S_{layer-1}; they decide S_layer."""
+        (the pool's, at their slots) K/V of its reused tokens of S_{layer-1}; they decide S_layer.
+        True when a probe replanned its request (the loop must start over: `start_over`)."""
+        replanned = False
         for i, sel in enumerate(self._selectors):
             if sel is None or sel.ready(layer):
                 continue
@@ -136,6 +150,8 @@ class SelectiveBatch:
                 v_fresh=v[idx], v_cached=v_cache[slots].reshape(len(tokens), -1),
                 sum_ranks=self._sum_ranks,
             ))
+            replanned = replanned or sel.replanned
+        return replanned
 
     def rows_cpu(self, layer: int) -> torch.Tensor:
         self.layer(layer)
@@ -299,8 +315,8 @@ class SelectivePrefill:
         row_positions = positions[:, rows].contiguous()
         row_out_loc = forward_batch.out_cache_loc[rows]
         hidden, residual = full[rows], None
-        observer = self.query_observer
-        if observer is not None and not observer.wants_queries(forward_batch):
+        observer = self.query_observer  # not in a probe's pass: the loop starts over after it
+        if observer is not None and (sel.probing or not observer.wants_queries(forward_batch)):
             observer = None
         # A replay shows no layer's Q to the observer. A stepped plan: a graph per segment; else the
         # per-layer write slots of S_0, for a set that fits.
@@ -330,8 +346,12 @@ class SelectivePrefill:
                 # The policy looks at this layer's fresh K/V of S_{l-1} before anything is written.
                 observed = layer_qkv(layer, row_positions, hidden, residual)
                 k_cache, v_cache = pool.get_kv_buffer(layer.self_attn.attn.layer_id)
-                sel.observe(layer_id, sel.rows_cpu(layer_id - 1), observed[1], observed[2], row_out_loc, k_cache,
-                            v_cache)
+                if sel.observe(layer_id, sel.rows_cpu(layer_id - 1), observed[1], observed[2], row_out_loc, k_cache,
+                               v_cache):
+                    # A probe decided its request's sets from layer 0 on: run the batch again with them
+                    # (its embeddings as they are; every token it computes rewrites its K/V).
+                    sel.start_over()
+                    return self._selective_forward(lm, input_ids, positions, forward_batch, full, sel)
             new_rows, runs = sel.layer(layer_id)
             if layer_id > lm.start_layer and sel.changed(layer_id):  # S_l shrank: keep its rows among S_{l-1}'s
                 if new_rows.numel() == 0:
