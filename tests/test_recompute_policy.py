@@ -403,6 +403,7 @@ def test_image_bounded_probe_replans_an_image_beyond_the_bound_whole_from_layer_
     assert all(s is sel.sets[0] for s in sel.sets), "one static plan from layer 0"
     # the probe: 6 sampled tokens at layer 0 and their QKV at the check layer; then 11 at each of 3 layers
     assert sel.outcome().computed_token_layers == 6 + 6 + 11 * 3
+    assert sel.outcome().computed_tokens == 13, "computed at some layer: the sample (2, 6, 10) and image 3"
 
 
 def test_error_bounded_probe_bounds_only_the_sampled_tokens():

@@ -276,3 +276,31 @@ def test_a_request_that_ends_early_releases_its_image_lock_and_leaves_the_pool_w
     assert cache.stats.stored_images == 1
     alloc = cache.token_to_kv_pool_allocator
     assert alloc.available_size() + cache.evictable_size() == POOL, (alloc.available_size(), cache.evictable_size())
+
+
+def test_a_probe_that_recomputes_an_image_whole_takes_it_out_of_cached_tokens(cache):
+    """plan_batch counts S_0 before the forward; a probe's S_0 is its sample, and its replan may
+    recompute the image whole: the report after the forward corrects cached_tokens and the stats."""
+    from vlcache_sglang.recompute_policy import LayerObservation
+    from vlcache_sglang.reuse_planner import PLANS_ATTR, plan_batch
+
+    first, _ = _request(cache, text_before=5, text_after=3, row=0)
+    cache.cache_unfinished_req(first)
+    second, slots = _request(cache, text_before=9, text_after=4, row=1)
+    second.sampling_params = SimpleNamespace(custom_params={"vlcache": {
+        "policy": "image_bounded", "check_sample": 0.25, "error_bound": 0.0, "recompute_ratio": 0.05}})
+    extend = len(second.origin_input_ids)
+    batch = SimpleNamespace(reqs=[second], prefix_lens=[0], extend_lens=[extend], out_cache_loc=slots,
+                            extend_logprob_start_lens=None)
+    plan_batch(batch, cache)
+    plan = getattr(second.multimodal_inputs, PLANS_ATTR)[0]
+    sel = plan.selector
+    assert sel.probing and second.cached_tokens == 12 - 3, "the sample: every 4th of 12 tokens (the floor among them)"
+    tokens = sel.candidates(1)
+    fresh = torch.ones(tokens.numel(), 4)
+    sel.observe(1, LayerObservation(tokens, fresh, fresh * 2, fresh, fresh * 2))  # relative error 1 > 0
+    assert sel.replanned
+    plan.report(sel.outcome())
+    assert second.cached_tokens == 0, "the image was recomputed whole: nothing served from cache"
+    assert cache.stats.recomputed_tokens == 12
+    assert cache.stats.recomputed_token_layers == 3 + 3 + 12 * LAYERS, "the probe's two layers, then the plan"

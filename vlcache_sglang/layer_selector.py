@@ -34,6 +34,7 @@ class ReuseOutcome:
     computed_token_layers: int  # Σ_l reused tokens whose QKV layer l computed (the honest cost)
     recomputed_last_layer: int  # reused tokens still computed at the last layer
     num_layers: int
+    computed_tokens: int = 0  # reused tokens some layer computed (S_0's; a probe's sample and plan)
 
     @property
     def recomputed_fraction(self) -> float:
@@ -51,6 +52,7 @@ class LayerSelector:
         self._reused_in_set: list[int] = [0] * num_layers  # reused tokens in S_l
         self._qkv_reused: list[int] = [0] * num_layers  # reused tokens whose QKV layer l computed
         self._probe_token_layers = 0  # what a probe's pass computed of the reused tokens, before its replan
+        self._probe_first: Optional[torch.Tensor] = None  # the probe's S_0
         self.replanned = False  # a probe decided: the sets are its static plan from layer 0
         # Nothing reused, nothing to probe: the check sees no token and decides nothing new, so the
         # loop need not start over for it.
@@ -115,7 +117,14 @@ class LayerSelector:
             computed_token_layers=sum(self._qkv_reused) + self._probe_token_layers,
             recomputed_last_layer=self._reused_in_set[-1],
             num_layers=self.num_layers,
+            computed_tokens=self._computed_tokens(),
         )
+
+    def _computed_tokens(self) -> int:
+        if self._probe_first is None:
+            return self._reused_in_set[0]  # S_0 is the widest set
+        both = torch.unique(torch.cat([self._probe_first, self.sets[0]]))
+        return int(self.layout.is_reused(both).sum())
 
     # ----- internals ------------------------------------------------------------------------------
 
@@ -133,6 +142,7 @@ class LayerSelector:
         if not bool(torch.isin(reused, self.layout.reused_tokens()).all()):
             raise RuntimeError(f"policy {self.policy.name!r} replanned tokens that are not reused image tokens")
         self._probe_token_layers = sum(self._qkv_reused[:probed]) + self._reused_in_set[probed - 1]
+        self._probe_first = self.sets[0]
         plan = torch.sort(torch.cat([self.layout.base_tokens(), reused])).values
         for layer in range(self.num_layers):  # one object at every layer: unchanged after layer 0
             self._record(layer, plan, observed=False)

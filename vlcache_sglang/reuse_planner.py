@@ -21,6 +21,7 @@ later chunk of the same request can never pick up a stale plan.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -188,6 +189,16 @@ def plan_request(
     )
 
 
+def report_outcome(cache: "MultimodalRadixCache", req: Any, counted: int, outcome: ReuseOutcome) -> None:
+    """After the forward: the chunk's per-layer counts, and what a probe's replan computed beyond the
+    S_0 that `plan_batch` counted (an image it recomputes whole is not served from cache)."""
+    extra = outcome.computed_tokens - counted
+    if extra > 0:
+        req.cached_tokens -= extra
+        cache.stats.recomputed_tokens += extra
+    cache.count_outcome(outcome)  # publishes the stats
+
+
 def plan_batch(batch: "ScheduleBatch", cache: "MultimodalRadixCache") -> None:
     """Attach a RequestReuse to each request of a freshly prepared extend batch that reuses images."""
     pt = 0
@@ -208,7 +219,7 @@ def plan_batch(batch: "ScheduleBatch", cache: "MultimodalRadixCache") -> None:
                 cache.stats.reused_tokens += plan.reused_tokens
                 cache.stats.recomputed_tokens += recomputed
                 req.cached_tokens += plan.reused_tokens - recomputed
-                plan.report = cache.count_outcome
+                plan.report = functools.partial(report_outcome, cache, req, recomputed)
         pt += extend_len
     cache.publish_stats()
 
