@@ -328,6 +328,9 @@ def run_meta(args: argparse.Namespace) -> dict:
             "concurrency": args.concurrency, "tenants": args.tenants, "zipf": args.zipf,
             "images_per_request": list(args.images_per_request), "pick": args.pick,
             "mem_fraction": args.mem_fraction, "replica_command": args.replica_command}
+    if args.replica_command:  # a dry run's stand-in replicas: no model, no GPU, no memory share
+        for key in ("layout", "model", "mem_fraction"):
+            meta.pop(key)
     if args.layout == "dp":
         # metrics.py's gauges are "mostrecent": with one scheduler per rank, /metrics shows the rank
         # that wrote last, not the sum. Right once the gauges sum over ranks (multiprocess "livesum").
