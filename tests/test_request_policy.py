@@ -50,6 +50,8 @@ def test_resolver_builds_each_override_once_and_the_default_otherwise():
     assert "no profile: uniform" in resolver.describe()
     probe = resolver.for_request(_req({"vlcache": {"policy": "image_bounded", "check_sample": 0.1}}))
     assert probe.probes and probe.params.check_sample == 0.1 and not resolver.default.probes
+    server = PolicyResolver(VLCacheConfig(enabled=True, check_sample=0.5), num_layers=4).default
+    assert server.name == "image_bounded" and server.probes, "--vlcache-check-sample reaches the server's policy"
 
 
 def test_a_profile_of_another_model_is_refused_with_the_fix(tmp_path):
