@@ -15,8 +15,11 @@ Static policies (none, full, first_k, vlcache) decide from the layout alone and 
 layers on the scheduler. A policy that *observes* at layer l (`observes_at(l)`: cacheblend,
 error_bounded, image_bounded at their check layer) decides S_l from a `LayerObservation`: the fresh and the cached
 K/V of the reused tokens of S_{l-1}, computed by the decoder loop before anything is written
-(`layer_selector.py` runs this protocol for one request). Policies are registered by name, like
-SGLang's radix-cache backends.
+(`layer_selector.py` runs this protocol for one request). A policy that *probes* (`probes`:
+error/image_bounded with check_sample < 1) computes only a sample up to its check layer; its
+observation there decides, by `replan`, a new plan for every layer from 0 (any reused tokens, so
+nesting holds for the plan, not against the probe's sets), and the decoder loop starts over.
+Policies are registered by name, like SGLang's radix-cache backends.
 """
 
 from __future__ import annotations
