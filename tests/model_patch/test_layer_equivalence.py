@@ -73,16 +73,21 @@ def vlcache_forward(standin: StandIn, batch, sets: Sequence[Optional[Sequence[to
     """The vlcache decoder loop over `batch`: sets[i][l] is S_l of request i (absolute token indices,
     a list over layers; the same object at consecutive layers when unchanged), or None for a request
     without a plan (every token at every layer). Returns the [n, hidden] output and the prefill."""
+    plans = [None if s is None else SimpleNamespace(selector=_FixedSelector(s), report=None) for s in sets]
+    return run_plans(standin, batch, plans, prefill)
+
+
+def run_plans(standin: StandIn, batch, plans: list, prefill=None) -> tuple[torch.Tensor, object]:
+    """The vlcache decoder loop (the hook on Qwen2Model.forward) over `batch` with these plans (each
+    with a `selector`, or None: every token at every layer)."""
     from sglang.srt.models.qwen2 import Qwen2Model
 
     from vlcache_sglang.model_patch.selective_prefill import SELECTIVE_ATTR, SelectiveBatch, SelectivePrefill
 
-    plans = [None if s is None else SimpleNamespace(selector=_FixedSelector(s), report=None) for s in sets]
     prefill = prefill if prefill is not None else SelectivePrefill(standin.inv_freq)
     prefill.test_selectors = [p.selector for p in plans if p is not None]  # what the tests inspect after
     fb = batch.forward_batch
-    sel = SelectiveBatch(plans, fb, standin.num_layers)
-    setattr(fb, SELECTIVE_ATTR, sel)
+    setattr(fb, SELECTIVE_ATTR, SelectiveBatch(plans, fb, standin.num_layers))
     try:
         with standin.forward_context():
             out = prefill.around_lm_forward(Qwen2Model.forward, standin.lm, batch.input_ids, batch.positions, fb)
@@ -166,9 +171,7 @@ def test_an_observing_policy_that_keeps_everything_is_sglangs_forward(standin, t
     """cacheblend at ratio 1 through a real LayerSelector: the check layer computes QKV, hands the
     fresh and cached K/V to the policy, keeps every token; the result must be stock's."""
     from vlcache_sglang.layer_selector import LayerSelector
-    from vlcache_sglang.model_patch.selective_prefill import SELECTIVE_ATTR, SelectiveBatch, SelectivePrefill
     from vlcache_sglang.recompute_policy import PolicyParams, get_recompute_policy
-    from sglang.srt.models.qwen2 import Qwen2Model
 
     batch = standin.make_batch([PREFIXED, FRESH])
     want, want_pool = stock_reference(standin, batch)
@@ -177,15 +180,7 @@ def test_an_observing_policy_that_keeps_everything_is_sglangs_forward(standin, t
     policy = get_recompute_policy("cacheblend", PolicyParams(recompute_ratio=1.0, check_layer=1))
     plan = SimpleNamespace(selector=LayerSelector(policy, layout, standin.num_layers), report=None)
     assert not plan.selector.ready(1), "the check layer waits for its observation"
-    fb = batch.forward_batch
-    sel = SelectiveBatch([plan, None], fb, standin.num_layers)
-    setattr(fb, SELECTIVE_ATTR, sel)
-    try:
-        with standin.forward_context():
-            got = SelectivePrefill(standin.inv_freq).around_lm_forward(Qwen2Model.forward, standin.lm,
-                                                                        batch.input_ids, batch.positions, fb)
-    finally:
-        setattr(fb, SELECTIVE_ATTR, None)
+    got, _ = run_plans(standin, batch, [plan, None])
     assert plan.selector.ready(standin.num_layers - 1)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
     assert_pools_equal(standin.snapshot_kv(), want_pool)
@@ -303,24 +298,6 @@ def test_first_k_matches_sglang_with_reused_kv(standin, triton_attention, monkey
 
 # ---- a probe: the check layer measures a sample, the loop starts over with the decided sets ---------
 
-def _run_selector(standin: StandIn, batch, plan) -> tuple[torch.Tensor, object]:
-    """The vlcache decoder loop over `batch` with a real LayerSelector for its first request."""
-    from sglang.srt.models.qwen2 import Qwen2Model
-
-    from vlcache_sglang.model_patch.selective_prefill import SELECTIVE_ATTR, SelectiveBatch, SelectivePrefill
-
-    fb = batch.forward_batch
-    sel = SelectiveBatch([plan, None], fb, standin.num_layers)
-    prefill = SelectivePrefill(standin.inv_freq)
-    setattr(fb, SELECTIVE_ATTR, sel)
-    try:
-        with standin.forward_context():
-            got = prefill.around_lm_forward(Qwen2Model.forward, standin.lm, batch.input_ids, batch.positions, fb)
-    finally:
-        setattr(fb, SELECTIVE_ATTR, None)
-    return got, prefill
-
-
 @pytest.mark.parametrize("bound", [0.0, 1e9], ids=["beyond-the-bound", "within-it"])
 def test_a_probe_replans_from_layer_0_and_matches_sglang(standin, triton_attention, bound):
     """image_bounded with a 1/4 sample: layer 0 computes text + the floor + every 4th image token,
@@ -347,7 +324,7 @@ def test_a_probe_replans_from_layer_0_and_matches_sglang(standin, triton_attenti
     else:
         want, want_pool = stock_reference(standin, batch, batch.by_layer([[probe, floor], None]))
 
-    got, prefill = _run_selector(standin, batch, plan)
+    got, prefill = run_plans(standin, batch, [plan, None])
 
     assert plan.selector.replanned
     final = plan.selector.sets[-1]
