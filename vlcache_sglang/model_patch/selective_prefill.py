@@ -12,8 +12,8 @@ Two AROUND hooks, active only for batches that carry a vlcache plan (else stock 
   Where a request's policy observes at l, QKV/RoPE run for S_{l-1} first, the policy sees those
   fresh K/V beside the cached ones in the slots and picks S_l, and only then are S_l's K/V written
   (the reused tokens it left out keep the cached K/V). A probing policy's observation replans its
-  request from layer 0 (`LayerSelector.replan`): the loop then starts over with the sets decided,
-  rewriting what the probe's pass wrote for them.
+  request from layer 0 (the policy's `replan`, recorded by its LayerSelector): the loop then starts
+  over with the sets decided, rewriting what the probe's pass wrote for them.
   The final hidden states are scattered back to the extend layout; the last prompt token of every
   request is always active, so the logits processor reads what it always reads. When every layer's
   S_l is known before the forward and S_0 is small, the loop runs as one CUDA graph replay
