@@ -311,11 +311,14 @@ def test_a_policy_that_breaks_nesting_is_caught():
 
 @pytest.mark.parametrize("name, params", [("cacheblend", PolicyParams(recompute_ratio=0.3)),
                                           ("error_bounded", PolicyParams(recompute_ratio=0.05, error_bound=0.6)),
-                                          ("image_bounded", PolicyParams(recompute_ratio=0.05, error_bound=0.6))])
+                                          ("image_bounded", PolicyParams(recompute_ratio=0.05, error_bound=0.6)),
+                                          ("image_bounded", PolicyParams(recompute_ratio=0.05, error_bound=0.6,
+                                                                         check_sample=0.5))],
+                         ids=["cacheblend", "error_bounded", "image_bounded", "image_bounded-probe"])
 def test_tensor_parallel_ranks_select_alike_from_their_own_heads(name, params):
     """A simulated TP=2 split of the KV heads: each rank observes only its heads; with the per-token
-    squares summed across ranks (`sum_ranks`, an all-reduce in the server) both ranks select what one
-    GPU holding every head selects. Without the sum they diverge (the check can fail)."""
+    squares summed across ranks (`sum_ranks`, an all-reduce in the server) both ranks select (a probe:
+    replan) what one GPU holding every head selects. Without the sum they diverge (the check can fail)."""
     layout = TokenLayout(seq_len=60, prefix_len=0, images=(ImageSpan(4, 48, True),))
     policy = get_recompute_policy(name, params)
     gen = torch.Generator().manual_seed(7)
@@ -325,23 +328,21 @@ def test_tensor_parallel_ranks_select_alike_from_their_own_heads(name, params):
     scale = torch.rand(n, heads, 1, generator=gen).repeat(1, 1, d).reshape(n, heads * d) ** 3
     cached_k = fresh_k + scale * torch.randn(n, heads * d, generator=gen)
     cached_v = fresh_v + scale * torch.randn(n, heads * d, generator=gen)
-    tokens = torch.arange(4, 52)
     half = heads * d // 2
 
-    def observation(cols: slice, sum_ranks) -> LayerObservation:
-        return LayerObservation(tokens, fresh_k[:, cols], cached_k[:, cols], fresh_v[:, cols], cached_v[:, cols],
-                                sum_ranks=sum_ranks)
-
-    def run(obs: LayerObservation) -> list[int]:
+    def run(cols: slice, sum_ranks) -> list[int]:
         sel = LayerSelector(policy, layout, 4)
-        sel.observe(1, obs)
+        tokens = sel.candidates(1)  # every reused token, or a probe's sample
+        rows = tokens - 4
+        sel.observe(1, LayerObservation(tokens, fresh_k[rows][:, cols], cached_k[rows][:, cols],
+                                        fresh_v[rows][:, cols], cached_v[rows][:, cols], sum_ranks=sum_ranks))
         return sel.sets[3].tolist()
 
-    one_gpu = run(observation(slice(None), lambda t: t))
+    one_gpu = run(slice(None), lambda t: t)
     ranks = (slice(0, half), slice(half, None))
-    summed = _two_ranks(lambda r, sum_ranks: run(observation(ranks[r], sum_ranks)))
+    summed = _two_ranks(lambda r, sum_ranks: run(ranks[r], sum_ranks))
     assert summed[0] == summed[1] == one_gpu
-    alone = [run(observation(ranks[r], lambda t: t)) for r in (0, 1)]
+    alone = [run(ranks[r], lambda t: t) for r in (0, 1)]
     assert alone[0] != alone[1], "each rank alone would select other tokens: the sum is what aligns them"
 
 
