@@ -298,13 +298,16 @@ def test_first_k_matches_sglang_with_reused_kv(standin, triton_attention, monkey
 
 # ---- a probe: the check layer measures a sample, the loop starts over with the decided sets ---------
 
-@pytest.mark.parametrize("bound", [0.0, 1e9], ids=["beyond-the-bound", "within-it"])
-def test_a_probe_replans_from_layer_0_and_matches_sglang(standin, triton_attention, bound):
+@pytest.mark.parametrize("bound,graph", [(0.0, False), (1e9, False), (1e9, True)],
+                         ids=["beyond-the-bound", "within-it", "within-it-graph-body"])
+def test_a_probe_replans_from_layer_0_and_matches_sglang(standin, triton_attention, monkeypatch, bound, graph):
     """image_bounded with a 1/4 sample: layer 0 computes text + the floor + every 4th image token,
     the check at layer 1 measures them, and the loop starts over. Beyond the bound the image is
     recomputed whole (= stock's forward, pools included); within it only the floor runs on, and the
     sampled tokens keep the layer-0 K/V the probe wrote (fresh: layer 0 depends on token and
-    position alone), which the reference reproduces by writing them at layer 0."""
+    position alone), which the reference reproduces by writing them at layer 0. graph-body: the
+    rerun's plan is the same at every layer, so it takes the CUDA-graph path (its body rerun on
+    the CPU)."""
     from vlcache_sglang.layer_selector import LayerSelector
     from vlcache_sglang.recompute_policy import PolicyParams, get_recompute_policy
 
@@ -324,14 +327,17 @@ def test_a_probe_replans_from_layer_0_and_matches_sglang(standin, triton_attenti
     else:
         want, want_pool = stock_reference(standin, batch, batch.by_layer([[probe, floor], None]))
 
-    got, prefill = run_plans(standin, batch, [plan, None])
+    got, prefill = run_plans(standin, batch, [plan, None],
+                             _graph_body_prefill(standin, monkeypatch, bucket=64) if graph else None)
 
     assert plan.selector.replanned
     final = plan.selector.sets[-1]
     assert torch.equal(final, torch.arange(PREFIXED.prefix_len, PREFIXED.seq_len) if bound == 0.0 else floor)
     rows = batch.rows_of([final, torch.arange(FRESH.seq_len)])
     torch.testing.assert_close(got[rows], want[rows], atol=ATOL, rtol=RTOL)
-    assert_pools_equal(standin.snapshot_kv(), want_pool)
-    assert prefill._backends == ["triton", "triton"], "planned at layer 0 of the probe and again of the rerun"
+    # A graph bucket's padding writes slot 0, SGLang's slot for padded writes.
+    assert_pools_equal(standin.snapshot_kv(), want_pool, skip_slots=(0,) if graph else ())
+    assert prefill._backends == ["triton", "triton-graph" if graph else "triton"], \
+        "planned at layer 0 of the probe, then the rerun's plan"
     main = 16 if bound == 0.0 else 1
     assert plan.selector.outcome().computed_token_layers == 4 + 4 + main * standin.num_layers
