@@ -117,7 +117,11 @@ def test_store_bound_evicts_least_recently_used_first(cache):
     for key in (1, 2, 3):  # 3 x 30 tokens = 90 <= bound 100
         _store(cache, key, 30)
     cache.lookup_image(1, (1, 2, 60), 30)  # 1 is now more recent than 2
+    removed = []
+    cache._record_remove_event = lambda node, medium=None: removed.append(node)  # SGLang's KV-event hook
+    two = cache._image_nodes[(None, 2)]
     assert _store(cache, 4, 30)
+    assert removed == [two], "the evicted image node is reported as RadixCache.evict reports its nodes"
     assert [cache.has_image(k) for k in (1, 2, 3, 4)] == [True, False, True, True]
     assert cache.image_store_tokens == 90
     assert not _store(cache, 5, 101), "larger than the bound"

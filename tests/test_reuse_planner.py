@@ -304,3 +304,24 @@ def test_a_probe_that_recomputes_an_image_whole_takes_it_out_of_cached_tokens(ca
     assert second.cached_tokens == 0, "the image was recomputed whole: nothing served from cache"
     assert cache.stats.recomputed_tokens == 12
     assert cache.stats.recomputed_token_layers == 3 + 3 + 12 * LAYERS, "the probe's two layers, then the plan"
+
+
+def test_a_retracted_request_counts_its_reuse_once_and_starts_its_state_over(cache):
+    """SGLang retracts a decoding request under memory pressure (`reset_for_retract`: retraction_count
+    + 1, retracted_stain) and prefills it again: cached_tokens counts once, as SGLang's own count, and
+    what the first prefill reused does not keep an image out of the store."""
+    from vlcache_sglang.reuse_planner import plan_batch, req_state
+
+    first, _ = _request(cache, text_before=5, text_after=3, row=0)
+    cache.cache_unfinished_req(first)
+    second, slots = _request(cache, text_before=9, text_after=4, row=1)
+    extend = len(second.origin_input_ids)
+    batch = SimpleNamespace(reqs=[second], prefix_lens=[0], extend_lens=[extend], out_cache_loc=slots)
+    plan_batch(batch, cache)
+    assert second.cached_tokens == 10 and req_state(second).reused_keys == {IMAGE_KEY}
+    cache._after_prefill(second, kv_len=extend)  # the forward ran; its locks are released
+    second.retraction_count, second.retracted_stain = 1, True  # what reset_for_retract sets
+    assert req_state(second).reused_keys == set() and req_state(second).retractions == 1
+    plan_batch(batch, cache)
+    assert second.cached_tokens == 10, "counted once, as SGLang counts its own"
+    assert cache.stats.reused_tokens == 24, "the stats count the work done: both prefills reused"

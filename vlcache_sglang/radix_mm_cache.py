@@ -276,6 +276,7 @@ class MultimodalRadixCache(RadixCache):
             excess -= len(node.value)
             self.token_to_kv_pool_allocator.free(node.value)
             self._delete_leaf(node)
+            self._record_remove_event(node)  # as RadixCache.evict: KV-event subscribers see it go
         return excess <= 0
 
     def _alloc_slots(self, n: int) -> Optional[torch.Tensor]:

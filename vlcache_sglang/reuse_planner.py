@@ -70,14 +70,26 @@ class ReqReuseState:
     # Token index of the first reused image whose KV is approximate (a policy other than `full`):
     # images after it were computed over approximate KV, second-generation, and are not stored.
     approximate_from: Optional[int] = None
+    retractions: int = 0  # the request's retraction_count when this state began
 
 
 def req_state(req: "Req") -> ReqReuseState:
+    """The request's reuse bookkeeping. A retracted request (SGLang counts `retraction_count`) is
+    prefilled again from scratch: what its earlier prefill reused and stored says nothing about the
+    new one (a stale `reused_keys` would keep an image computed this time out of the store), so its
+    state starts over; locks still held carry over, to be released as ever."""
     state = getattr(req, "vlcache_state", None)
-    if state is None:
-        state = ReqReuseState()
+    retractions = getattr(req, "retraction_count", 0)
+    if state is None or state.retractions != retractions:
+        state = ReqReuseState(locked=state.locked if state is not None else [], retractions=retractions)
         req.vlcache_state = state
     return state
+
+
+def counts_cached_tokens(req: "Req") -> bool:
+    """Whether this prefill adds to `req.cached_tokens`: as SGLang's own count, only before the
+    request was first retracted (`retracted_stain`), so a re-prefill does not count its reuse twice."""
+    return not getattr(req, "retracted_stain", False)
 
 
 def image_items(mm_inputs: Any) -> list[tuple[Any, int, int]]:
@@ -194,7 +206,8 @@ def report_outcome(cache: "MultimodalRadixCache", req: Any, counted: int, outcom
     S_0 that `plan_batch` counted (an image it recomputes whole is not served from cache)."""
     extra = outcome.computed_tokens - counted
     if extra > 0:
-        req.cached_tokens -= extra
+        if counts_cached_tokens(req):
+            req.cached_tokens -= extra
         cache.stats.recomputed_tokens += extra
     cache.count_outcome(outcome)  # publishes the stats
 
@@ -218,7 +231,8 @@ def plan_batch(batch: "ScheduleBatch", cache: "MultimodalRadixCache") -> None:
                 recomputed = int(plan.layout.is_reused(s0).sum())
                 cache.stats.reused_tokens += plan.reused_tokens
                 cache.stats.recomputed_tokens += recomputed
-                req.cached_tokens += plan.reused_tokens - recomputed
+                if counts_cached_tokens(req):
+                    req.cached_tokens += plan.reused_tokens - recomputed
                 plan.report = functools.partial(report_outcome, cache, req, recomputed)
         pt += extend_len
     cache.publish_stats()
