@@ -129,6 +129,22 @@ def test_store_bound_evicts_least_recently_used_first(cache):
     assert cache.stats.store_skipped == 1
 
 
+@pytest.mark.parametrize("policy, evicted", [("lru", 1), ("lfu", 2)])
+def test_store_bound_evicts_in_the_servers_eviction_order(device, policy, evicted):
+    """--radix-eviction-policy ranks image nodes as it ranks tree leaves: a hit counts for LFU."""
+    _, allocator = make_kv_pool(POOL, LAYERS, HEADS, DIM, device)
+    params = CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=allocator,
+                             page_size=1, eviction_policy=policy)
+    cache = MultimodalRadixCache(params, VLCacheConfig(enabled=True, policy="none"), max_store_tokens=100,
+                                 num_layers=LAYERS, inv_freq=INV_FREQ.to(device))
+    for key in (1, 2, 3):
+        _store(cache, key, 30)
+    for key in (1, 1, 3, 3, 2):  # 2 is the most recent, and the least often used
+        cache.lookup_image(key, (1, 2, 60), 30)
+    assert _store(cache, 4, 30)
+    assert [k for k in (1, 2, 3) if not cache.has_image(k)] == [evicted]
+
+
 def test_store_under_memory_pressure_evicts_the_tree_or_skips(cache):
     alloc = cache.token_to_kv_pool_allocator
     held = alloc.alloc(alloc.available_size() - 10)  # running requests hold nearly everything

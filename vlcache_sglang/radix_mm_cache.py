@@ -132,6 +132,7 @@ class MultimodalRadixCache(RadixCache):
             return None
         self.stats.key_hits += count
         node.last_access_time = time.monotonic()
+        node.hit_count += count  # SGLang's LFU / SLRU eviction ranks by it, as for prefix hits
         return node
 
     def peek_image(self, image_key: int, grid_thw: Optional[tuple[int, int, int]], num_tokens: int,
@@ -264,12 +265,13 @@ class MultimodalRadixCache(RadixCache):
     # ----- internals ---------------------------------------------------------------------------
 
     def _make_store_room(self, n: int) -> bool:
-        """Evict least recently used unlocked image nodes until n more tokens fit the bound."""
+        """Evict unlocked image nodes until n more tokens fit the bound, in the order of the server's
+        --radix-eviction-policy (LRU by default), as RadixCache.evict ranks tree leaves."""
         excess = self.stats.store_tokens + n - self.max_store_tokens
         if excess <= 0:
             return True
         victims = sorted((nd for nd in self._image_nodes.values() if nd.lock_ref == 0 and not nd.children),
-                         key=lambda nd: nd.last_access_time)
+                         key=self.eviction_strategy.get_priority)
         for node in victims:
             if excess <= 0:
                 break
