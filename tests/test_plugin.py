@@ -110,6 +110,20 @@ def test_unsupported_setups_fail_at_startup_naming_the_problem(qwen_model_dir, e
         prepare_server_args(_argv(qwen_model_dir, "--enable-vlcache", *extra))
 
 
+def test_an_encoder_cache_size_set_twice_must_agree(qwen_model_dir, monkeypatch):
+    """SGLANG_VLM_CACHE_SIZE_MB and --vlcache-encoder-cache-mb size the same cache: a variable that
+    says otherwise is refused (it used to win silently); one that agrees, or none, is fine."""
+    argv = _argv(qwen_model_dir, "--attention-backend", "flashinfer", "--enable-vlcache", "--vlcache-encoder-cache-mb", "512")
+    monkeypatch.setenv("SGLANG_VLM_CACHE_SIZE_MB", "100")
+    with pytest.raises(VLCacheSetupError, match="pass --vlcache-encoder-cache-mb 100"):
+        prepare_server_args(argv)
+    monkeypatch.setenv("SGLANG_VLM_CACHE_SIZE_MB", "512")
+    assert prepare_server_args(argv).vlcache.encoder_cache_mb == 512
+    monkeypatch.delenv("SGLANG_VLM_CACHE_SIZE_MB")
+    prepare_server_args(argv)
+    assert os.environ["SGLANG_VLM_CACHE_SIZE_MB"] == "512", "set for the scheduler processes"
+
+
 def test_compression_flags_reach_the_config_and_need_the_vlcache_flag(qwen_model_dir):
     args = prepare_server_args(_argv(qwen_model_dir, "--enable-vlcache", "--attention-backend", "flashinfer",
                                      "--decode-attention-backend", "triton", "--disable-overlap-schedule",

@@ -18,7 +18,8 @@ from typing import Any, Callable
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from vlcache_sglang.config import RADIX_CACHE_BACKEND_NAME, VLCacheConfig
-from vlcache_sglang.setup_checks import VLCacheSetupError, check_compression, check_server_args
+from vlcache_sglang.setup_checks import (VLCacheSetupError, check_compression, check_encoder_cache_env,
+                                         check_server_args)
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,10 @@ def apply_config(server_args: Any, config: VLCacheConfig) -> None:
     _check_policy(server_args, config)
     server_args.radix_cache_backend = RADIX_CACHE_BACKEND_NAME
     server_args.vlcache = config
-    # SGLang's own vision-encoder output cache (keyed by image hash) serves reused images; size it
-    # from our option unless the user sized it. Scheduler processes inherit the environment.
-    os.environ.setdefault("SGLANG_VLM_CACHE_SIZE_MB", str(config.encoder_cache_mb))
+    # SGLang's own vision-encoder output cache (keyed by image hash) serves reused images; sized by
+    # our option (a variable set to another size is refused). Scheduler processes inherit it.
+    check_encoder_cache_env(config.encoder_cache_mb, os.environ.get("SGLANG_VLM_CACHE_SIZE_MB"))
+    os.environ["SGLANG_VLM_CACHE_SIZE_MB"] = str(config.encoder_cache_mb)
     _install_processor_shortcut(server_args, config)
     from vlcache_sglang.hook_check import TOKENIZER_TARGETS, verify_hooks
 

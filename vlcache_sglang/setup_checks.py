@@ -135,6 +135,16 @@ def check_compression(server_args: Any, compress_ratio: Optional[float]) -> None
         )
 
 
+def check_encoder_cache_env(encoder_cache_mb: int, env_value: Optional[str]) -> None:
+    """SGLang sizes its encoder cache from SGLANG_VLM_CACHE_SIZE_MB, which we set from
+    --vlcache-encoder-cache-mb; a variable already set to another size would silently win."""
+    if env_value is not None and env_value.strip() != str(encoder_cache_mb):
+        raise VLCacheSetupError(
+            f"SGLANG_VLM_CACHE_SIZE_MB={env_value} is set and --vlcache-encoder-cache-mb is {encoder_cache_mb}: "
+            f"they size the same cache. Unset the variable or pass --vlcache-encoder-cache-mb {env_value.strip()}."
+        )
+
+
 def check_server_args(server_args: Any) -> None:
     """All start-up checks, on a fully resolved ServerArgs."""
     from vlcache_sglang.hook_check import check_sglang_version
