@@ -131,3 +131,32 @@ def test_a_shrinking_static_plan_runs_the_eager_loop_like_nested_fixed_sets(run,
     assert not torch.allclose(out[SEQ - 1], full_out[SEQ - 1]), "reused KV that differs must change the answer"
     ratio_one, _ = go(get_recompute_policy("cacheblend", PolicyParams(recompute_ratio=1.0)), _fresh_pool(device))
     torch.testing.assert_close(ratio_one[SEQ - 1], full_out[SEQ - 1])
+
+
+@pytest.mark.parametrize("bound", [0.0, 1e9], ids=["beyond-the-bound", "within-it"])
+def test_a_probe_starts_the_loop_over_with_its_plan(run, device, bound):
+    """image_bounded with a 1/4 sample: the check measures the sample, the loop starts over with the
+    replanned sets. Beyond the bound: `full`'s output and pools. Within it: what a static plan of the
+    probe's layer-0 set, then the floor, computes (the sample keeps the layer-0 K/V the probe wrote)."""
+    go, slots = run
+    probe = get_recompute_policy("image_bounded", PolicyParams(recompute_ratio=0.05, error_bound=bound,
+                                                               check_sample=0.25))
+    pool = _fresh_pool(device)
+    out, selector = go(probe, pool)
+    assert selector.replanned and selector.layer_invariant
+    if bound == 0.0:
+        want_pool = _fresh_pool(device)
+        want, _ = go(get_recompute_policy("full"), want_pool)
+        assert selector.sets[0].tolist() == list(range(SEQ)), "the image recomputed whole"
+    else:
+        sample = LAYOUT.base_tokens().tolist() + [4, 8, 12, 16]  # the floor (4) and every 4th token
+        floor = torch.tensor(sorted(LAYOUT.base_tokens().tolist() + [4]))
+        assert torch.equal(selector.sets[0], floor)
+        want_pool = _fresh_pool(device)
+        want, _ = go(FixedSets([torch.tensor(sorted(sample)), floor, floor]), want_pool)
+    torch.testing.assert_close(out[SEQ - 1], want[SEQ - 1])
+    for layer in range(LAYERS):
+        torch.testing.assert_close(pool.k_buffer[layer], want_pool.k_buffer[layer])
+        torch.testing.assert_close(pool.v_buffer[layer], want_pool.v_buffer[layer])
+    # the probe's sample (4 tokens) at layer 0 and its QKV at the check layer, then the plan
+    assert selector.outcome().computed_token_layers == 4 + 4 + (16 if bound == 0.0 else 1) * LAYERS
