@@ -251,6 +251,27 @@ def test_vlcache_follows_its_layer_ratios_by_whole_image_size():
     assert [t for t in policy.plan(tail, 4)[0].tolist() if t < 40] == list(range(25, 30))
 
 
+@given(layout=layouts(), steps=st.lists(st.floats(0, 1), min_size=1, max_size=4), reps=st.integers(1, 4))
+@settings(max_examples=60, deadline=None)
+def test_a_stepped_vlcache_plan_selects_once_per_step_and_as_every_layer_would(layout, steps, reps):
+    """plan() shares a step's set across its layers: the same sets as a select per layer, one select
+    per run of equal ratios (what a request's planning costs the scheduler)."""
+    ratios = tuple(r for r in sorted(steps, reverse=True) for _ in range(reps))
+    policy = get_recompute_policy("vlcache", PolicyParams(layer_ratios=ratios))
+    per_layer, previous = [], None
+    for layer in range(len(ratios)):
+        previous = policy.select(layout, layer, len(ratios), previous)
+        per_layer.append(previous)
+    calls = []
+    select = policy.select
+    policy.select = lambda *a, **k: calls.append(a[1]) or select(*a, **k)
+    sets = policy.plan(layout, len(ratios))
+    assert all(torch.equal(a, b) for a, b in zip(sets, per_layer))
+    runs = 1 + sum(b != a for a, b in zip(ratios, ratios[1:]))
+    assert len(calls) == (1 if policy.same_set_every_layer else runs)
+    _check_contract(policy, layout, sets)
+
+
 def test_params_reject_what_no_policy_can_serve():
     with pytest.raises(ValueError, match="non-increasing"):
         PolicyParams(layer_ratios=(0.1, 0.2))

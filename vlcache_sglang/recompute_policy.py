@@ -435,6 +435,19 @@ class VLCache(RecomputePolicy):
     def _choose(self, layout, layer, num_layers, candidates, observation) -> torch.Tensor:
         return _among(candidates, self._head_tokens(layout, layer, num_layers))
 
+    def plan(self, layout: TokenLayout, num_layers: int) -> list[torch.Tensor]:
+        """One select per run of equal r_l (a stepped profile has ≤ 4), its set shared by the run's
+        layers: each select costs ~0.3 ms of scheduler time, 28 of them ~8 ms per request chunk."""
+        if self.same_set_every_layer:
+            return super().plan(layout, num_layers)
+        sets: list[torch.Tensor] = []
+        for layer in range(num_layers):
+            if layer and self.ratio(layer, num_layers) == self.ratio(layer - 1, num_layers):
+                sets.append(sets[-1])  # the same ratio picks the same heads
+            else:
+                sets.append(self.select(layout, layer, num_layers, sets[-1] if layer else None))
+        return sets
+
 
 class _CheckLayerPolicy(RecomputePolicy):
     """Every reused token is computed up to the check layer c; at c the policy sees their fresh and
