@@ -457,3 +457,22 @@ def test_probing_policies_keep_the_contract_through_the_selector(name, layout, n
     assert sel.replanned == bool(layout.reused_images)
     n = layout.reused_tokens().numel()
     assert 0 <= sel.outcome().computed_token_layers <= n * (num_layers + 2), "plan plus the probe's two layers"
+
+
+@pytest.mark.parametrize("name", ["cacheblend", "error_bounded", "image_bounded"])
+@given(layout=layouts(), num_layers=st.integers(2, 6), seed=st.integers(0, 2**16))
+@settings(max_examples=30, deadline=None)
+def test_a_check_layer_policy_selects_at_layer_0_and_its_check_layer_only(name, layout, num_layers, seed):
+    """Every other layer repeats its predecessor's set (the selects it skips cost host time inside
+    the forward, after the observation): the same sets as a select at every layer."""
+    policy = get_recompute_policy(name, PolicyParams(recompute_ratio=0.2, error_bound=0.5))
+    deviation = lambda t: torch.rand(t.numel(), generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    calls = []
+    select = policy.select
+    policy.select = lambda *a, **k: calls.append(a[1]) or select(*a, **k)
+    fast = drive(policy, layout, num_layers, deviation)
+    assert calls == [0, 1]
+    policy.repeats_previous = lambda layer, n: False  # a select at every layer, as before
+    slow = drive(policy, layout, num_layers, deviation)
+    assert all(torch.equal(a, b) for a, b in zip(fast.sets, slow.sets))
+    assert fast.outcome() == slow.outcome()

@@ -131,8 +131,10 @@ class LayerSelector:
     def _advance(self) -> None:
         while self._next < self.num_layers and not self.policy.observes_at(self._next):
             layer = self._next
-            previous = self.sets[layer - 1] if layer else None
-            s = self.policy.select(self.layout, layer, self.num_layers, previous)
+            if self.policy.repeats_previous(layer, self.num_layers):
+                s = self.sets[layer - 1]
+            else:
+                s = self.policy.select(self.layout, layer, self.num_layers, self.sets[layer - 1] if layer else None)
             self._record(layer, s, observed=False)
             self._next += 1
 
