@@ -167,9 +167,13 @@ def install_scheduler(cache: Any, ctx: Any) -> None:
 
         compile_kernels(model.model, allocator.get_kvcache())
     # A stepped profile's layer segments get graphs of their own (the server's policy; a request's
-    # override with other steps takes the other paths).
-    segments = layer_segments(cache.policy.params.layer_ratios)
-    prefill.capture_graphs(model.model, ctx.model_config.dtype, req_to_token, allocator.get_kvcache(), segments)
+    # override with other steps takes the other paths), and so do the layers after an observing
+    # policy's check layer, whose sets no longer change once it has decided.
+    policy = cache.policy
+    segments = layer_segments(policy.params.layer_ratios)
+    tails = (policy.params.check_layer + 1,) if policy.observes(cache.num_layers) else ()
+    prefill.capture_graphs(model.model, ctx.model_config.dtype, req_to_token, allocator.get_kvcache(), segments,
+                           tails)
 
 
 def register() -> None:

@@ -204,10 +204,10 @@ def _shrinking_sets(num_layers: int, stepped: bool = False):
     return [a, b]
 
 
-def _graph_body_prefill(standin: StandIn, monkeypatch, bucket: int, segments=()):
+def _graph_body_prefill(standin: StandIn, monkeypatch, bucket: int, segments=(), tails=()):
     """A SelectivePrefill whose CUDA graph path runs on the CPU: the capture replaced by rerunning the
     captured body (as in test_selective_graph.py), one bucket, a small fixed tile grid; `segments`:
-    the layer ranges of a stepped plan, captured too."""
+    the layer ranges of a stepped plan, captured too; `tails`: first layers of [lo, last] ranges."""
     from vlcache_sglang.model_patch import selective_graph
     from vlcache_sglang.model_patch.selective_prefill import SelectivePrefill
 
@@ -220,7 +220,7 @@ def _graph_body_prefill(standin: StandIn, monkeypatch, bucket: int, segments=())
     monkeypatch.setattr(selective_graph, "MAX_REQUESTS_PER_GRAPH", 2)
     prefill = SelectivePrefill(standin.inv_freq)
     prefill._graphs = selective_graph.SelectiveGraphs(buckets=(bucket,), why_not=lambda *args: None,
-                                                      segments=segments)
+                                                      segments=segments, tails=tails)
     return prefill
 
 
@@ -341,3 +341,37 @@ def test_a_probe_replans_from_layer_0_and_matches_sglang(standin, triton_attenti
         "planned at layer 0 of the probe, then the rerun's plan"
     main = 16 if bound == 0.0 else 1
     assert plan.selector.outcome().computed_token_layers == 4 + 4 + main * standin.num_layers
+
+
+# ---- after a check layer: the remaining layers as one graph ----------------------------------------
+
+def test_the_layers_after_a_check_replay_one_tail_graph_as_the_eager_loop_runs_them(standin, triton_attention,
+                                                                                    monkeypatch):
+    """cacheblend (check layer 1) on a 3-layer stand-in: the eager loop observes at layer 1, keeps
+    the top quarter, and runs layer 2; with a tail graph from layer 2 that layer is one replay. Same
+    kept tokens, outputs and pools (a graph bucket's padding writes slot 0)."""
+    from vlcache_sglang.layer_selector import LayerSelector
+    from vlcache_sglang.recompute_policy import PolicyParams, get_recompute_policy
+
+    model = build_standin(num_layers=3)
+    batch = model.make_batch([PREFIXED, FRESH])
+    layout = PREFIXED.token_layout()
+    base = layout.base_tokens()
+    model.reuse_copy(batch, batch.by_layer([[base] * 3, None]))  # cached K/V in every image slot
+    policy = get_recompute_policy("cacheblend", PolicyParams(recompute_ratio=0.25, check_layer=1))
+    before = model.snapshot_kv()
+
+    def run(prefill):
+        model.restore_kv(before)
+        plan = SimpleNamespace(selector=LayerSelector(policy, layout, model.num_layers), report=None)
+        got, prefill = run_plans(model, batch, [plan, None], prefill)
+        return got, prefill, plan.selector, model.snapshot_kv()
+
+    want, eager, want_sel, want_pool = run(None)
+    got, graphed, got_sel, got_pool = run(_graph_body_prefill(model, monkeypatch, bucket=64, tails=(2,)))
+    assert all(torch.equal(a, b) for a, b in zip(got_sel.sets, want_sel.sets))
+    rows = batch.rows_of([got_sel.sets[-1], torch.arange(FRESH.seq_len)])
+    torch.testing.assert_close(got[rows], want[rows], atol=ATOL, rtol=RTOL)
+    assert_pools_equal(got_pool, want_pool, skip_slots=(0,))
+    assert eager._backends == ["triton", "triton"]
+    assert graphed._backends == ["triton", "triton", "triton-graph-tail"], "layer 2 as a replay"

@@ -18,7 +18,7 @@ from vlcache_sglang.kernels.scattered_attention import ScatteredAttention
 from vlcache_sglang.model_patch import selective_graph
 from vlcache_sglang.model_patch.selective_attention import runs_of
 from vlcache_sglang.model_patch.selective_graph import SelectiveGraphs
-from vlcache_sglang.model_patch.selective_layers import all_layers
+from vlcache_sglang.model_patch.selective_layers import all_layers, layer_range
 
 # The server's check asks SGLang's server args and wants CUDA; these tests run the graphs on CPU too.
 ALLOWED = lambda lm, model_dtype, kv_dtype: None  # noqa: E731
@@ -284,3 +284,36 @@ def test_segment_graphs_run_a_stepped_plan_as_the_eager_loop_does(capture):
     # A segment with no graph of its own (another step) is refused before anything is replayed.
     other = [SegmentInput(0, 2, None, positions, layer_loc[0], runs)]
     assert graphs.run_segments(lm, hidden, other, req_to_token, got_pool) is None
+
+
+def test_a_tail_graph_runs_the_last_layers_as_the_eager_loop_does(capture):
+    """Layers [1, 3) from a given hidden state and residual (what the eager loop hands over after an
+    observing policy's check layer), one set at every layer: the graph's output and written K/V equal
+    the eager layers'; layer 0's K/V is not touched."""
+    from vlcache_sglang.model_patch.selective_attention import query_tokens
+
+    device = capture
+    lm = make_model(device)
+    req_to_token = (1 + torch.randperm(SLOTS - 1)[: 2 * WIDTH]).reshape(2, WIDTH).to(device, torch.int32)
+    hidden, positions, layer_loc, runs = active_tokens({0: [0, 1, 2, 3, 4], 1: [7, 8, 9]}, req_to_token, device)
+    residual = torch.randn_like(hidden)
+    graphs = SelectiveGraphs(buckets=(8, 16), why_not=ALLOWED, tails=(1,))
+    base, want_pool, got_pool = Pool(device), Pool(device), Pool(device)
+    with torch.no_grad():
+        assert graphs.capture(lm, hidden.dtype, HIDDEN, torch.int64, req_to_token, got_pool)
+        want_pool.load_(base)
+        got_pool.load_(base)
+        attention = ScatteredAttention()
+        attention.plan(*query_tokens(runs), req_to_token, QO_HEADS, KV_HEADS, HEAD_DIM, 1 / math.sqrt(HEAD_DIM))
+        want = layer_range(lm, 1, LAYERS, positions, hidden.clone(), residual.clone(), layer_loc[1:], want_pool,
+                           attention)
+        got = graphs.run_tail(lm, 1, hidden, residual, positions, layer_loc[0], runs, req_to_token, got_pool)
+        assert graphs.run_tail(lm, 2, hidden, residual, positions, layer_loc[0], runs, req_to_token, got_pool) is None, \
+            "no graph of [2, 3) was captured"
+    assert got is not None and got.shape == (8, HIDDEN)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    slots = layer_loc[0]
+    assert torch.equal(got_pool.k_buffer[0], base.k_buffer[0]), "layer 0 is the eager loop's"
+    for layer in (1, 2):
+        torch.testing.assert_close(got_pool.k_buffer[layer][slots], want_pool.k_buffer[layer][slots], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got_pool.v_buffer[layer][slots], want_pool.v_buffer[layer][slots], rtol=1e-4, atol=1e-4)

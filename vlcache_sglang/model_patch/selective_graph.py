@@ -125,14 +125,16 @@ class SelectiveGraphs:
 
     def __init__(self, buckets: tuple[int, ...] = BUCKETS,
                  why_not: Callable[[Any, torch.dtype, torch.dtype], Optional[str]] = why_not_graphs,
-                 segments: Sequence[tuple[int, int]] = ()) -> None:
+                 segments: Sequence[tuple[int, int]] = (), tails: Sequence[int] = ()) -> None:
         """why_not(lm, model dtype, KV dtype): asked once, before the first capture (tests replace it).
         `segments`: layer ranges [lo, hi) of a stepped plan (`layer_segments`), captured besides all
-        layers; set before the capture."""
+        layers; `tails`: first layers lo of ranges [lo, last] run by `run_tail` (after a check layer);
+        both set before the capture."""
         self._buckets = tuple(sorted(buckets))
         self._why_not = why_not
         self._graphs: dict[tuple[int, int, int], _Graph] = {}  # (lo, hi, bucket)
         self.segments = tuple(segments)
+        self.tails = tuple(tails)
         self._shape: Optional[AttentionShape] = None  # the model's, set at capture
         self._pool: Any = None
         self.disabled: Optional[str] = None  # why graphs are not used (set once, logged once)
@@ -196,6 +198,27 @@ class SelectiveGraphs:
             out = g.out[..., :n, :]
         return out
 
+    def run_tail(self, lm: Any, lo: int, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
+                 out_loc: torch.Tensor, runs: RunLayout, req_to_token: torch.Tensor, pool: Any) -> Optional[torch.Tensor]:
+        """Layers [lo, last] and the final norm for n tokens whose set no longer changes (after an
+        observing policy's check layer): hidden and residual [n, H], layer lo's inputs from the eager
+        loop; positions [3, n]; out_loc [n], their KV slots at every one of these layers. [n, H], valid
+        until the next replay; None when no captured graph fits (the caller goes on eagerly)."""
+        bucket = bucket_for(hidden.shape[0], self._buckets)
+        if self.disabled is not None or bucket is None:
+            return None
+        if not self._graphs and not self.capture(lm, hidden.dtype, hidden.shape[-1], out_loc.dtype, req_to_token, pool):
+            return None
+        g = self._graphs.get((lo, lm.end_layer, bucket))
+        if g is None or not self._plan(g, runs, req_to_token):
+            return None
+        _fill(g.hidden, hidden)
+        _fill(g.residual, residual)
+        _fill(g.positions, positions, dim=1)
+        _fill(g.out_loc, out_loc.expand(lm.end_layer - lo, -1), dim=1)
+        g.replay()
+        return g.out[: hidden.shape[0]]
+
     def _plan(self, g: _Graph, runs: RunLayout, req_to_token: torch.Tensor) -> bool:
         """Refill g's tile table for these runs; False when more requests than it holds."""
         shape = self._shape
@@ -223,7 +246,8 @@ class SelectiveGraphs:
         self._shape = AttentionShape.of(lm)
         try:
             self._pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
-            ranges = [(lm.start_layer, lm.end_layer), *self.segments]
+            ranges = [(lm.start_layer, lm.end_layer), *self.segments,
+                      *((lo, lm.end_layer) for lo in self.tails if lm.start_layer < lo < lm.end_layer)]
             for bucket in reversed(self._buckets):  # largest first: the smaller ones reuse its memory
                 for lo, hi in dict.fromkeys(ranges):
                     self._graphs[(lo, hi, bucket)] = self._capture(bucket, lo, hi, lm, dtype, hidden_size, loc_dtype,
@@ -235,7 +259,8 @@ class SelectiveGraphs:
             return False
         logger.info("vlcache: captured %d CUDA graphs of the selective prefill (buckets %s tokens%s) in %.0f ms",
                     len(self._graphs), list(self._buckets),
-                    f"; layer segments {list(self.segments)}" if self.segments else "",
+                    (f"; layer segments {list(self.segments)}" if self.segments else "")
+                    + (f"; tails from layers {list(self.tails)}" if self.tails else ""),
                     1000 * (time.perf_counter() - t0))
         return True
 

@@ -117,6 +117,11 @@ class SelectiveBatch:
         n = self.num_layers
         self._rows, self._rows_cpu, self._runs, self._changed = [None] * n, [None] * n, [None] * n, [True] * n
 
+    def settled_after(self, layer: int) -> bool:
+        """Every layer is decided and no set changes after `layer`: the rest of the loop could run as
+        one graph of layers [layer, last]."""
+        return self.ready(self.num_layers - 1) and not any(self.changed(j) for j in range(layer + 1, self.num_layers))
+
     def ready(self, layer: int) -> bool:
         """Every request's S_layer is known (else some policy observes at this layer)."""
         return all(s is None or s.ready(layer) for s in self._selectors)
@@ -225,11 +230,13 @@ class SelectivePrefill:
         self.query_observer: Optional[QueryObserver] = None
 
     def capture_graphs(self, lm: Any, dtype: torch.dtype, req_to_token: torch.Tensor, pool: Any,
-                       segments: Sequence[tuple[int, int]] = ()) -> None:
+                       segments: Sequence[tuple[int, int]] = (), tails: Sequence[int] = ()) -> None:
         """The decoder loop's CUDA graphs, at server start-up (else the first reuse request would pay
         for the capture: 5.5 s on a cold H200); `segments`: the layer ranges of the server's stepped
-        plan (`selective_graph.layer_segments`), captured too."""
+        plan (`selective_graph.layer_segments`), captured too; `tails`: first layers of the ranges
+        [lo, last] that run after an observing policy's check layer."""
         self._graphs.segments = tuple(segments)
+        self._graphs.tails = tuple(tails)
         self._graphs.capture(lm, dtype, lm.config.hidden_size, torch.int64, req_to_token, pool)
 
     def _run_segments(self, lm: Any, sel: SelectiveBatch, full: torch.Tensor, positions: torch.Tensor,
@@ -364,6 +371,15 @@ class SelectivePrefill:
                 rows = new_rows
                 row_positions = positions[:, rows].contiguous()
                 row_out_loc = forward_batch.out_cache_loc[rows]
+            if (observed is None and observer is None and layer_id in self._graphs.tails
+                    and sel.settled_after(layer_id)):
+                # After a check layer the sets are fixed: the remaining layers as one replay.
+                graphed = self._graphs.run_tail(lm, layer_id, hidden, residual, row_positions, row_out_loc, runs,
+                                                req_to_token, pool)
+                if graphed is not None:
+                    self._backends.append("triton-graph-tail")
+                    out[rows] = graphed
+                    return out
             if sel.changed(layer_id) or not planned:
                 self._plan(runs, req_to_token, layer.self_attn, hidden.dtype, pool)
                 planned = True
