@@ -243,7 +243,8 @@ def test_vlcache_follows_its_layer_ratios_by_whole_image_size():
     heads = [[t for t in s.tolist() if t >= 10] for s in sets]
     assert heads == [list(range(10, 30)), list(range(10, 20)), [10], []], "max(1, floor(r N)) leading tokens"
     uniform = get_recompute_policy("vlcache", PolicyParams(recompute_ratio=0.1))
-    assert uniform.same_set_every_layer
+    planned = uniform.plan(layout, 3)
+    assert planned[1] is planned[0] and planned[2] is planned[0], "uniform: one set shared by every layer"
     first_k = get_recompute_policy("first_k", PolicyParams(first_k=4))
     assert torch.equal(uniform.plan(layout, 2)[1], first_k.plan(layout, 2)[1]), "uniform = first_k at k = r N"
     # A chunk holding the image's tail [25, 40): the head is still sized from the whole image (40 tokens).
@@ -268,7 +269,7 @@ def test_a_stepped_vlcache_plan_selects_once_per_step_and_as_every_layer_would(l
     sets = policy.plan(layout, len(ratios))
     assert all(torch.equal(a, b) for a, b in zip(sets, per_layer))
     runs = 1 + sum(b != a for a, b in zip(ratios, ratios[1:]))
-    assert len(calls) == (1 if policy.same_set_every_layer else runs)
+    assert len(calls) == runs  # a uniform profile is one run: one select
     _check_contract(policy, layout, sets)
 
 

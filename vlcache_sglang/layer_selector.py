@@ -34,7 +34,7 @@ class ReuseOutcome:
     computed_token_layers: int  # Σ_l reused tokens whose QKV layer l computed (the honest cost)
     recomputed_last_layer: int  # reused tokens still computed at the last layer
     num_layers: int
-    computed_tokens: int = 0  # reused tokens some layer computed (S_0's; a probe's sample and plan)
+    computed_tokens: int  # reused tokens some layer computed (S_0's; a probe's sample and plan)
 
     @property
     def recomputed_fraction(self) -> float:

@@ -417,11 +417,6 @@ class VLCache(RecomputePolicy):
 
     name = "vlcache"
 
-    def __init__(self, params: PolicyParams = PolicyParams()) -> None:
-        super().__init__(params)
-        ratios = params.layer_ratios
-        self.same_set_every_layer = ratios is None or len(set(ratios)) <= 1
-
     def ratio(self, layer: int, num_layers: int) -> float:
         ratios = self.params.layer_ratios
         if ratios is None:
@@ -441,9 +436,8 @@ class VLCache(RecomputePolicy):
         return _among(candidates, self._head_tokens(layout, layer, num_layers))
 
     def repeats_previous(self, layer: int, num_layers: int) -> bool:
-        # A run of equal r_l picks the same heads: a stepped profile selects once per step.
-        same_ratio = layer > 0 and self.ratio(layer, num_layers) == self.ratio(layer - 1, num_layers)
-        return super().repeats_previous(layer, num_layers) or same_ratio
+        # A run of equal r_l picks the same heads: a stepped profile selects once per step, a uniform one once.
+        return layer > 0 and self.ratio(layer, num_layers) == self.ratio(layer - 1, num_layers)
 
 
 class _CheckLayerPolicy(RecomputePolicy):

@@ -291,6 +291,7 @@ def test_a_tail_graph_runs_the_last_layers_as_the_eager_loop_does(capture):
     observing policy's check layer), one set at every layer: the graph's output and written K/V equal
     the eager layers'; layer 0's K/V is not touched."""
     from vlcache_sglang.model_patch.selective_attention import query_tokens
+    from vlcache_sglang.model_patch.selective_graph import SegmentInput
 
     device = capture
     lm = make_model(device)
@@ -307,8 +308,10 @@ def test_a_tail_graph_runs_the_last_layers_as_the_eager_loop_does(capture):
         attention.plan(*query_tokens(runs), req_to_token, QO_HEADS, KV_HEADS, HEAD_DIM, 1 / math.sqrt(HEAD_DIM))
         want = layer_range(lm, 1, LAYERS, positions, hidden.clone(), residual.clone(), layer_loc[1:], want_pool,
                            attention)
-        got = graphs.run_tail(lm, 1, hidden, residual, positions, layer_loc[0], runs, req_to_token, got_pool)
-        assert graphs.run_tail(lm, 2, hidden, residual, positions, layer_loc[0], runs, req_to_token, got_pool) is None, \
+        tail = SegmentInput(1, LAYERS, None, positions, layer_loc[0], runs)
+        got = graphs.run_segments(lm, hidden, [tail], req_to_token, got_pool, residual)
+        later = SegmentInput(2, LAYERS, None, positions, layer_loc[0], runs)
+        assert graphs.run_segments(lm, hidden, [later], req_to_token, got_pool, residual) is None, \
             "no graph of [2, 3) was captured"
     assert got is not None and got.shape == (8, HIDDEN)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

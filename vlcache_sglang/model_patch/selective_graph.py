@@ -128,7 +128,7 @@ class SelectiveGraphs:
                  segments: Sequence[tuple[int, int]] = (), tails: Sequence[int] = ()) -> None:
         """why_not(lm, model dtype, KV dtype): asked once, before the first capture (tests replace it).
         `segments`: layer ranges [lo, hi) of a stepped plan (`layer_segments`), captured besides all
-        layers; `tails`: first layers lo of ranges [lo, last] run by `run_tail` (after a check layer);
+        layers; `tails`: first layers lo of ranges [lo, last], one segment run after a check layer;
         both set before the capture."""
         self._buckets = tuple(sorted(buckets))
         self._why_not = why_not
@@ -166,12 +166,13 @@ class SelectiveGraphs:
         return g.out[:n]
 
     def run_segments(self, lm: Any, hidden: torch.Tensor, segments: Sequence[SegmentInput], req_to_token: torch.Tensor,
-                     pool: Any) -> Optional[torch.Tensor]:
+                     pool: Any, residual: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """A stepped plan (its sets change only where `segments` start) through one graph per segment,
         each padded to its own set's bucket: the hidden states of the last segment's tokens after the
         final norm, [n_last, H]; None when some segment has no captured graph or its bucket's tile table
         is too small (nothing replayed yet: the caller takes another path). hidden: [n_0, H], the first
-        segment's tokens' embeddings."""
+        segment's input: the tokens' embeddings, or, with `residual` [n_0, H], the eager loop's state
+        at a later first layer (a tail after a check layer)."""
         if self.disabled is not None or not segments:
             return None
         if not self._graphs and not self.capture(lm, hidden.dtype, hidden.shape[-1], segments[0].out_loc.dtype,
@@ -184,7 +185,6 @@ class SelectiveGraphs:
             if g is None or not self._plan(g, seg.runs, req_to_token):
                 return None
             graphs.append(g)
-        residual = None
         for seg, g in zip(segments, graphs):
             n = seg.positions.shape[1]
             if seg.keep is not None:  # copies out of the previous graph's static output
@@ -197,27 +197,6 @@ class SelectiveGraphs:
             g.replay()
             out = g.out[..., :n, :]
         return out
-
-    def run_tail(self, lm: Any, lo: int, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
-                 out_loc: torch.Tensor, runs: RunLayout, req_to_token: torch.Tensor, pool: Any) -> Optional[torch.Tensor]:
-        """Layers [lo, last] and the final norm for n tokens whose set no longer changes (after an
-        observing policy's check layer): hidden and residual [n, H], layer lo's inputs from the eager
-        loop; positions [3, n]; out_loc [n], their KV slots at every one of these layers. [n, H], valid
-        until the next replay; None when no captured graph fits (the caller goes on eagerly)."""
-        bucket = bucket_for(hidden.shape[0], self._buckets)
-        if self.disabled is not None or bucket is None:
-            return None
-        if not self._graphs and not self.capture(lm, hidden.dtype, hidden.shape[-1], out_loc.dtype, req_to_token, pool):
-            return None
-        g = self._graphs.get((lo, lm.end_layer, bucket))
-        if g is None or not self._plan(g, runs, req_to_token):
-            return None
-        _fill(g.hidden, hidden)
-        _fill(g.residual, residual)
-        _fill(g.positions, positions, dim=1)
-        _fill(g.out_loc, out_loc.expand(lm.end_layer - lo, -1), dim=1)
-        g.replay()
-        return g.out[: hidden.shape[0]]
 
     def _plan(self, g: _Graph, runs: RunLayout, req_to_token: torch.Tensor) -> bool:
         """Refill g's tile table for these runs; False when more requests than it holds."""

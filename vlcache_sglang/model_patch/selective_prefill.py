@@ -374,8 +374,8 @@ class SelectivePrefill:
             if (observed is None and observer is None and layer_id in self._graphs.tails
                     and sel.settled_after(layer_id)):
                 # After a check layer the sets are fixed: the remaining layers as one replay.
-                graphed = self._graphs.run_tail(lm, layer_id, hidden, residual, row_positions, row_out_loc, runs,
-                                                req_to_token, pool)
+                tail = SegmentInput(layer_id, lm.end_layer, None, row_positions, row_out_loc, runs)
+                graphed = self._graphs.run_segments(lm, hidden, [tail], req_to_token, pool, residual)
                 if graphed is not None:
                     self._backends.append("triton-graph-tail")
                     out[rows] = graphed
