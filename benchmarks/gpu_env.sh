@@ -10,9 +10,17 @@ if [ ! -d "$SITE/sglang" ]; then
   mkdir -p "$SITE" && tar -C "$SITE" -xJf .gpu_bundle/site.tar.xz || exit 1
 fi
 [ -d "$MODEL" ] || tar -C /tmp -xJf .gpu_bundle/model.tar.xz || exit 1
-# Our package (with its entry point) goes into the bundle's site folder; nothing is fetched.
-python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --target "$SITE" . \
-  >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
+# Our package (with its entry point) goes into the bundle's site folder; nothing is fetched. Scripts run
+# side by side each source this file: one install per tree (stamp), under a lock (pip's build/ is shared).
+install_package() {
+  local stamp
+  stamp=$(cat setup.py $(find vlcache_sglang -name '*.py' | sort) | md5sum | cut -d' ' -f1)
+  [ "$(cat "$SITE/.vlcache_stamp" 2>/dev/null)" = "$stamp" ] && return 0
+  python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --target "$SITE" . \
+    >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; return 1; }
+  echo "$stamp" >"$SITE/.vlcache_stamp"
+}
+( flock 9; install_package ) 9>/tmp/vlcache_install.lock || exit 1
 export PYTHONPATH="$SITE"
 SERVER_FLAGS=(--model-path "$MODEL" --load-format dummy --attention-backend flashinfer
   --mm-attention-backend triton_attn --grammar-backend none --mem-fraction-static 0.7 --port "$PORT"
