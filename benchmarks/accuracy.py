@@ -353,9 +353,9 @@ def plan_configs(fractions: tuple[float, ...] | list[float] = FRACTIONS, image_t
         for policy in bounded_policies:
             for share in check_samples:
                 name = policy if share == 1.0 else f"{policy}/s{share:g}"
-                override = {"policy": policy, "error_bound": tau, "recompute_ratio": error_floor}
-                if share != 1.0:
-                    override["check_sample"] = share
+                # the share always travels: the server's default is a probe, a plain check must say 1
+                override = {"policy": policy, "error_bound": tau, "recompute_ratio": error_floor,
+                            "check_sample": share}
                 configs.append(Config(f"{name}:{tau:g}", name, None, override, 2 + i))
     return sorted(configs, key=lambda c: c.tier)
 

@@ -54,6 +54,18 @@ def test_resolver_builds_each_override_once_and_the_default_otherwise():
     assert server.name == "image_bounded" and server.probes, "--vlcache-check-sample reaches the server's policy"
 
 
+def test_the_start_up_line_states_the_default_bound_and_how_it_is_checked():
+    default = PolicyResolver(VLCacheConfig(enabled=True), num_layers=4)
+    assert default.default.probes, "the server's default check is a probe (README: Recompute policies)"
+    assert default.describe().endswith("; check at layer 1, tau 0.1, probe over a 0.1 sample")
+    plain = PolicyResolver(VLCacheConfig(enabled=True, check_sample=1.0, error_bound=0.2), num_layers=4)
+    assert plain.describe().endswith("; check at layer 1, tau 0.2, every reused token")
+    blend = PolicyResolver(VLCacheConfig(enabled=True, policy="cacheblend"), num_layers=4).describe()
+    assert blend.endswith("; check at layer 1, every reused token") and "tau" not in blend
+    static = PolicyResolver(VLCacheConfig(enabled=True, policy="first_k"), num_layers=4).describe()
+    assert "check" not in static
+
+
 def test_a_profile_of_another_model_is_refused_with_the_fix(tmp_path):
     path = tmp_path / "profile.json"
     path.write_text(json.dumps({"format": "vlcache-layer-profile", "version": 1, "metric": "first_token_kl",

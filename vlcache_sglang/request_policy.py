@@ -24,6 +24,7 @@ from vlcache_sglang.compression.config import CompressionConfig
 from vlcache_sglang.config import VLCacheConfig
 from vlcache_sglang.layer_profile import LayerProfile, layer_ratios, load_layer_profile, step_ratios
 from vlcache_sglang.recompute_policy import (
+    ErrorBounded,
     PolicyParams,
     RecomputePolicy,
     get_recompute_policy,
@@ -150,7 +151,16 @@ class PolicyResolver:
         source = (f"profile {self._config.profile} ({self._profile.metric}, {self._profile.samples} samples)"
                   if self._config.profile else "no profile: uniform layer ratios")
         shown = "" if ratios is None else f", r_l {min(ratios):.3f}..{max(ratios):.3f}"
-        return f"policy {self.default.name}, ratio {self._config.recompute_ratio}, {source}{shown}"
+        return f"policy {self.default.name}, ratio {self._config.recompute_ratio}, {source}{shown}{self._check()}"
+
+    def _check(self) -> str:
+        """The bound an observing default keeps and how its check measures it (empty for static plans)."""
+        c, policy = self._config, self.default
+        if not policy.observes(self._num_layers):
+            return ""
+        bound = f", tau {c.error_bound}" if isinstance(policy, ErrorBounded) else ""
+        sample = f", probe over a {c.check_sample:g} sample" if policy.probes else ", every reused token"
+        return f"; check at layer {c.check_layer}{bound}{sample}"
 
     def _build(self, override: PolicyOverride) -> RecomputePolicy:
         c = self._config

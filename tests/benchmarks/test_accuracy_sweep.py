@@ -41,7 +41,8 @@ def test_plan_covers_every_policy_and_fraction_in_run_order():
     by = {c.label: c for c in plan}
     assert by["first_k:3"].override == {"policy": "first_k", "first_k": 3}
     assert by["cacheblend:0.2"].override == {"policy": "cacheblend", "recompute_ratio": 0.2}
-    assert by["error_bounded:0.1"].override == {"policy": "error_bounded", "error_bound": 0.1, "recompute_ratio": 0.02}
+    assert by["error_bounded:0.1"].override == {"policy": "error_bounded", "error_bound": 0.1, "recompute_ratio": 0.02,
+                                             "check_sample": 1.0}
     assert by["full"].override == {"policy": "full"} and by["none"].override == {"policy": "none"}
 
 
@@ -59,14 +60,15 @@ def test_plan_rejects_bad_values_and_the_knob_subset():
                                        "error_bounded:0.1"]
     both = accuracy.plan_configs((0.05,), 16, (0.1, 0.3), bounded_policies=("error_bounded", "image_bounded"))
     by = {c.label: c for c in both}
-    assert by["image_bounded:0.3"].override == {"policy": "image_bounded", "error_bound": 0.3, "recompute_ratio": 0.02}
+    assert by["image_bounded:0.3"].override == {"policy": "image_bounded", "error_bound": 0.3, "recompute_ratio": 0.02,
+                                               "check_sample": 1.0}
     assert [c.label for c in accuracy.knob_subset(both, [0.05]) if c.fraction is None] == \
         ["error_bounded:0.1", "image_bounded:0.1"], "the knob runs every bounded policy at the first bound"
     probed = accuracy.plan_configs((0.05,), 16, (0.1,), bounded_policies=("image_bounded",), check_samples=(1.0, 0.25))
     by = {c.label: c for c in probed if c.family == "image_bounded"}
     assert list(by) == ["image_bounded:0.1", "image_bounded/s0.25:0.1"], "a probe is a config (and a plot line) of its own"
     assert by["image_bounded/s0.25:0.1"].override["check_sample"] == 0.25
-    assert "check_sample" not in by["image_bounded:0.1"].override
+    assert by["image_bounded:0.1"].override["check_sample"] == 1.0, "a plain check says so: the server probes"
     with pytest.raises(ValueError, match="must be in"):
         accuracy.plan_configs((0.05,), 16, (0.1,), check_samples=(0.0,))
 
