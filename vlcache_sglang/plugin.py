@@ -139,7 +139,7 @@ def install_scheduler(cache: Any, ctx: Any) -> None:
     from vlcache_sglang import prefill_budget, receive_guard
     from vlcache_sglang.hook_check import SCHEDULER_TARGETS, verify_hooks
     from vlcache_sglang.model_patch import install as install_model
-    from vlcache_sglang.model_patch.selective_graph import layer_segments
+    from vlcache_sglang.model_patch.selective_graph import layer_segments, tail_starts
 
     allocator = ctx.params.token_to_kv_pool_allocator
     req_to_token = ctx.params.req_to_token_pool.req_to_token
@@ -167,13 +167,10 @@ def install_scheduler(cache: Any, ctx: Any) -> None:
 
         compile_kernels(model.model, allocator.get_kvcache())
     # A stepped profile's layer segments get graphs of their own (the server's policy; a request's
-    # override with other steps takes the other paths), and so do the layers after an observing
-    # policy's check layer, whose sets no longer change once it has decided.
+    # override with other steps takes the other paths), and so do the layers after a plain check.
     policy = cache.policy
-    segments = layer_segments(policy.params.layer_ratios)
-    tails = (policy.params.check_layer + 1,) if policy.observes(cache.num_layers) else ()
-    prefill.capture_graphs(model.model, ctx.model_config.dtype, req_to_token, allocator.get_kvcache(), segments,
-                           tails)
+    prefill.capture_graphs(model.model, ctx.model_config.dtype, req_to_token, allocator.get_kvcache(),
+                           layer_segments(policy.params.layer_ratios), tail_starts(policy, cache.num_layers))
 
 
 def register() -> None:

@@ -238,6 +238,18 @@ def test_why_not_graphs_names_the_switch_and_the_missing_device(monkeypatch):
     assert selective_graph.why_not_graphs(lm, torch.bfloat16, torch.bfloat16) == "no CUDA device"
 
 
+def test_tail_graphs_only_for_a_plain_check():
+    from vlcache_sglang.model_patch.selective_graph import tail_starts
+    from vlcache_sglang.recompute_policy import PolicyParams, get_recompute_policy
+
+    def tails(name, **params):
+        return tail_starts(get_recompute_policy(name, PolicyParams(**params)), num_layers=8)
+
+    assert tails("image_bounded", check_sample=1.0) == (2,) and tails("cacheblend", check_layer=3) == (4,)
+    assert tails("image_bounded", check_sample=0.1) == (), "a probe replans from layer 0: no tail to replay"
+    assert tails("vlcache") == tails("first_k") == tails("none") == (), "static plans have no check layer"
+
+
 def test_layer_segments_are_the_runs_of_equal_ratios():
     from vlcache_sglang.model_patch.selective_graph import layer_segments
 

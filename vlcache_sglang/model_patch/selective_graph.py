@@ -98,6 +98,15 @@ def layer_segments(ratios: Optional[Sequence[float]]) -> tuple[tuple[int, int], 
     return tuple(zip(cuts, cuts[1:])) if len(cuts) > 2 else ()
 
 
+def tail_starts(policy: Any, num_layers: int) -> tuple[int, ...]:
+    """First layers of the ranges [lo, L) worth a graph after a check layer: an observing policy's sets
+    stop changing after its check layer c, so [c+1, L) replays as one. () for static plans and for a
+    probe, whose decision replans every layer from 0 (the rerun takes the layer-invariant graph)."""
+    if not policy.observes(num_layers) or policy.probes:
+        return ()
+    return (policy.params.check_layer + 1,)
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionShape:
     num_qo_heads: int
