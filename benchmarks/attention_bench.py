@@ -90,6 +90,8 @@ def bench_case(pool: Pool, active: list[torch.Tensor], args: argparse.Namespace,
     result = {"plan_flashinfer": plan_us(lambda: flashinfer.plan(
         runs, pool.req_to_token, args.heads, args.kv_heads, args.head_dim, scale, dtype, dtype, backend="flashinfer"))}
     result["flashinfer"] = time_per_layer(lambda l: flashinfer.run(q, pool.k[l], pool.v[l]), layers, args.iters)
+    if args.fa3:
+        result["fa3"], result["fa3_diff"] = fa3_case(flashinfer, runs, pool, q, args, scale, dtype)
     auto = SelectiveAttention(torch.device("cuda"))  # what the forward pays: choice plus the chosen plan
     result["plan_auto"] = plan_us(lambda: auto.plan(runs, pool.req_to_token, args.heads, args.kv_heads,
                                                     args.head_dim, scale, dtype, dtype))
@@ -108,6 +110,20 @@ def bench_case(pool: Pool, active: list[torch.Tensor], args: argparse.Namespace,
     return result
 
 
+def fa3_case(fa2: SelectiveAttention, runs, pool: Pool, q: torch.Tensor, args: argparse.Namespace, scale: float,
+             dtype: torch.dtype) -> tuple[str, str]:
+    """FlashInfer's Hopper backend on the same runs: (us per layer, max |fa3 - fa2|), or why it cannot run."""
+    fa3 = SelectiveAttention(torch.device("cuda"), flashinfer_backend="fa3")
+    try:
+        fa3.plan(runs, pool.req_to_token, args.heads, args.kv_heads, args.head_dim, scale, dtype, dtype,
+                 backend="flashinfer")
+        us = time_per_layer(lambda l: fa3.run(q, pool.k[l], pool.v[l]), len(pool.k), args.iters)
+    except Exception as exc:  # an unsupported configuration is a result here, not a crash of the table
+        return f"n/a ({type(exc).__name__})", "–"
+    diff = (fa3.run(q, pool.k[0], pool.v[0]).float() - fa2.run(q, pool.k[0], pool.v[0]).float()).abs().max()
+    return f"{us:.1f}", f"{diff.item():.2e}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--req-len", default="3000", help="request lengths, e.g. 3000,40000 (4 4K images)")
@@ -122,6 +138,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--iters", type=int, default=280)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--fa3", action="store_true",
+                   help="add FlashInfer's fa3 backend (Hopper) beside fa2: us per layer and max |fa3 - fa2|")
     args = p.parse_args()
     args.blocks = sorted({(int(r), int(n)) for r in args.block_rows.split(",") for n in args.block_n.split(",")}
                          | {(DEFAULT_BLOCK_ROWS, DEFAULT_BLOCK_N)})
@@ -129,9 +147,10 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, {args.heads} q / {args.kv_heads} kv heads, head_dim {args.head_dim}, "
           f"{args.dtype}, {args.active:.0%} of each request active; us per layer (mean of {args.iters} calls over "
           f"{args.layers} layer buffers); TRITON_MIN_KV_RATIO = {sa.TRITON_MIN_KV_RATIO}")
-    print("| req len | batch | runs/req | mean run len | kv ratio | flashinfer us | "
+    fa3_head = " fa3 us | max abs fa3 - fa2 |" if args.fa3 else ""
+    print("| req len | batch | runs/req | mean run len | kv ratio | flashinfer us |" + fa3_head + " "
           + " | ".join(f"triton {r}x{n} us" for r, n in args.blocks) + " | faster | chosen | plan us (flashinfer, chosen) | max abs diff |")
-    print("|---" * (10 + len(args.blocks)) + "|")
+    print("|---" * (10 + len(args.blocks) + 2 * args.fa3) + "|")
     for req_len in (int(x) for x in args.req_len.split(",")):
         n_active = max(1, round(args.active * req_len))
         for batch in (int(x) for x in args.batch.split(",")):
@@ -140,7 +159,8 @@ def main() -> None:
                 r = bench_case(pool, [even_runs(req_len, n_active, n_runs)] * batch, args, dtype)
                 faster = "triton" if r[(DEFAULT_BLOCK_ROWS, DEFAULT_BLOCK_N)] < r["flashinfer"] else "flashinfer"
                 print(f"| {req_len} | {batch} | {n_runs} | {r['mean_len']:.1f} | {r['ratio']:.2f} | "
-                      f"{r['flashinfer']:.1f} | " + " | ".join(f"{r[b]:.1f}" for b in args.blocks)
+                      f"{r['flashinfer']:.1f} | " + (f"{r['fa3']} | {r['fa3_diff']} | " if args.fa3 else "")
+                      + " | ".join(f"{r[b]:.1f}" for b in args.blocks)
                       + f" | {faster} | {r['choice']} | {r['plan_flashinfer']:.0f}, {r['plan_auto']:.0f} | "
                       f"{r['max_diff']:.2e} |", flush=True)
             del pool

@@ -121,8 +121,11 @@ def choose_backend(runs: RunLayout, num_qo_heads: int, num_kv_heads: int, q_dtyp
 class SelectiveAttention:
     """plan(): once per token set; run(): per layer. FlashInfer's paged prefill or the Triton kernel."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, flashinfer_backend: str = "fa2") -> None:
+        """flashinfer_backend: FlashInfer's paged-prefill implementation; "fa2" as SGLang's own
+        paged prefill uses (`attention_bench.py --fa3` compares FlashInfer's Hopper "fa3")."""
         self._device = device
+        self._flashinfer_backend = flashinfer_backend
         self._wrapper = None  # FlashInfer's, made on first use: it needs a GPU, Triton-only plans do not
         self._triton = ScatteredAttention()
         self._planned_q: Optional[int] = None
@@ -133,7 +136,8 @@ class SelectiveAttention:
             import flashinfer
 
             workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=self._device)
-            self._wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
+            self._wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD",
+                                                                           backend=self._flashinfer_backend)
         return self._wrapper
 
     def plan(
