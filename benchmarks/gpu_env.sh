@@ -14,7 +14,7 @@ fi
 # side by side each source this file: one install per tree (stamp), under a lock (pip's build/ is shared).
 install_package() {
   local stamp
-  stamp=$(cat setup.py $(find vlcache_sglang -name '*.py' | sort) | md5sum | cut -d' ' -f1)
+  stamp=$(cat setup.py $(find vlcache_sglang -type f ! -path '*__pycache__*' | sort) | md5sum | cut -d' ' -f1)
   [ "$(cat "$SITE/.vlcache_stamp" 2>/dev/null)" = "$stamp" ] && return 0
   python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --target "$SITE" . \
     >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; return 1; }

@@ -37,6 +37,7 @@ import torch
 from vlcache_sglang.kernels.scattered_attention import CapacityError, ScatteredAttention
 from vlcache_sglang.model_patch.selective_attention import RunLayout, query_tokens
 from vlcache_sglang.model_patch.selective_layers import layer_range
+from vlcache_sglang.recompute_policy import RecomputePolicy
 
 ENV_VAR = "VLCACHE_CUDA_GRAPH"  # "0" turns the graphs off (the eager loop runs every batch)
 BUCKETS = (32, 64, 128, 256, 512, 1024)
@@ -98,7 +99,7 @@ def layer_segments(ratios: Optional[Sequence[float]]) -> tuple[tuple[int, int], 
     return tuple(zip(cuts, cuts[1:])) if len(cuts) > 2 else ()
 
 
-def tail_starts(policy: Any, num_layers: int) -> tuple[int, ...]:
+def tail_starts(policy: RecomputePolicy, num_layers: int) -> tuple[int, ...]:
     """First layers of the ranges [lo, L) worth a graph after a check layer: an observing policy's sets
     stop changing after its check layer c, so [c+1, L) replays as one. () for static plans and for a
     probe, whose decision replans every layer from 0 (the rerun takes the layer-invariant graph)."""
