@@ -66,6 +66,23 @@ def test_the_start_up_line_states_the_default_bound_and_how_it_is_checked():
     assert "check" not in static
 
 
+def test_each_policy_has_its_own_check_sample_unless_the_server_or_the_request_sets_one():
+    def sample(config, custom=None):
+        resolver = PolicyResolver(config, num_layers=4)
+        policy = resolver.default if custom is None else resolver.for_request(_req({"vlcache": custom}))
+        return policy.name, policy.params.check_sample
+
+    image, error = VLCacheConfig(enabled=True), VLCacheConfig(enabled=True, policy="error_bounded")
+    assert sample(image) == ("image_bounded", 0.1), "the default policy probes"
+    assert sample(error) == ("error_bounded", 1.0), "a per-token bound measures every token"
+    assert sample(image, {"policy": "error_bounded"}) == ("error_bounded", 1.0)
+    assert sample(error, {"policy": "image_bounded"}) == ("image_bounded", 0.1)
+    assert sample(image, {"check_sample": 0.5}) == ("image_bounded", 0.5)
+    set_by_server = VLCacheConfig(enabled=True, check_sample=0.25)
+    assert sample(set_by_server, {"policy": "error_bounded"}) == ("error_bounded", 0.25)
+    assert sample(set_by_server, {"check_sample": 1}) == ("image_bounded", 1.0)
+
+
 def test_a_profile_of_another_model_is_refused_with_the_fix(tmp_path):
     path = tmp_path / "profile.json"
     path.write_text(json.dumps({"format": "vlcache-layer-profile", "version": 1, "metric": "first_token_kl",

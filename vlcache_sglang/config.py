@@ -47,9 +47,8 @@ class VLCacheConfig:
     error_bound: float = 0.1  # error/image_bounded: largest relative K/V error at the check layer served from cache
     # error/image_bounded: share of each reused image the check measures (1: all; below, a probe pass
     # over a strided sample replans the request: the check costs that share, not every token up to c).
-    # 0.1 because on the trained tiny models (H200, sixth session) it matched full wherever the plain
-    # check did (A, B, multi) while a context-free image cost 0.043 of the token-layers instead of 0.262.
-    check_sample: float = 0.1
+    # None: each policy's own (recompute_policy.default_check_sample: image_bounded 0.1, the others 1).
+    check_sample: Optional[float] = None
     # KV tokens that multimodal nodes may hold; None = a quarter of the KV pool.
     mm_store_tokens: Optional[int] = None
     encoder_cache_mb: int = 2048
@@ -68,7 +67,8 @@ class VLCacheConfig:
             raise ValueError(f"--vlcache-policy={self.policy!r} is unknown; choose one of {policies}")
         try:  # the policy's own checks, one place; the message names the flag
             PolicyParams(recompute_ratio=self.recompute_ratio, first_k=self.first_k, check_layer=self.check_layer,
-                         blend_score=self.blend_score, error_bound=self.error_bound, check_sample=self.check_sample)
+                         blend_score=self.blend_score, error_bound=self.error_bound,
+                         check_sample=1.0 if self.check_sample is None else self.check_sample)
         except ValueError as exc:
             field = str(exc).split()[0]
             raise ValueError(f"--vlcache-{field.replace('_', '-')}: {exc}") from exc
@@ -168,8 +168,9 @@ class VLCacheConfig:
             "check layer compute and the check measures (a strided sample plus the floor). Below 1 the check "
             "is a probe: its decision replans the request and the prefill starts over from layer 0, so the "
             "check costs about this share of the first layers; the image's error is estimated from the sample "
-            "and the token bound holds for the sampled tokens (default 0.1). 1: every reused token is measured, "
-            "the check costs layers 0..C over all of them.",
+            "and the token bound holds for the sampled tokens. 1: every reused token is measured, the check "
+            "costs layers 0..C over all of them. Default: the policy's own, 0.1 for image_bounded (the "
+            "server's default policy), 1 for error_bounded (its bound is per token).",
         )
         group.add_argument(
             "--vlcache-mm-store-tokens",

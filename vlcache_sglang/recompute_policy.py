@@ -221,6 +221,9 @@ class RecomputePolicy(ABC):
     # request on the scheduler, where each small torch op costs tens of microseconds. A subclass
     # whose _choose depends on the layer must set it back to False.
     same_set_every_layer: ClassVar[bool] = False
+    # The check sample this policy runs with when neither the server nor the request sets one
+    # (`default_check_sample`): 1, a plain check, for every policy but image_bounded.
+    default_check_sample: ClassVar[float] = 1.0
 
     def __init__(self, params: PolicyParams = PolicyParams()) -> None:
         self.params = params
@@ -327,6 +330,13 @@ def register_recompute_policy(cls: type[RecomputePolicy]) -> type[RecomputePolic
 
 def registered_recompute_policies() -> list[str]:
     return list(_POLICIES)
+
+
+def default_check_sample(name: str) -> float:
+    """The check sample of policy `name` where neither the server nor the request sets one."""
+    if name not in _POLICIES:
+        raise ValueError(f"unknown recompute policy {name!r}; registered: {registered_recompute_policies()}")
+    return _POLICIES[name].default_check_sample
 
 
 def get_recompute_policy(name: str, params: PolicyParams = PolicyParams()) -> RecomputePolicy:
@@ -529,6 +539,10 @@ class ImageBounded(ErrorBounded):
     and token by token."""
 
     name = "image_bounded"
+    # A probe over a tenth of each image: on the trained tiny models (H200, sixth session) the plain
+    # check's answers in every regime, at 0.043 instead of 0.262 of the token-layers where no image
+    # exceeds tau. Not error_bounded's: its bound is per token, and a probe leaves 9 in 10 unmeasured.
+    default_check_sample = 0.1
 
     def _keep(self, layout, candidates, observation) -> torch.Tensor:
         kept = super()._keep(layout, candidates, observation)

@@ -27,6 +27,7 @@ from vlcache_sglang.recompute_policy import (
     ErrorBounded,
     PolicyParams,
     RecomputePolicy,
+    default_check_sample,
     get_recompute_policy,
     registered_recompute_policies,
 )
@@ -159,7 +160,7 @@ class PolicyResolver:
         if not policy.observes(self._num_layers):
             return ""
         bound = f", tau {c.error_bound}" if isinstance(policy, ErrorBounded) else ""
-        sample = f", probe over a {c.check_sample:g} sample" if policy.probes else ", every reused token"
+        sample = f", probe over a {policy.params.check_sample:g} sample" if policy.probes else ", every reused token"
         return f"; check at layer {c.check_layer}{bound}{sample}"
 
     def _build(self, override: PolicyOverride) -> RecomputePolicy:
@@ -173,7 +174,7 @@ class PolicyResolver:
             check_layer=c.check_layer,
             blend_score=c.blend_score,
             error_bound=c.error_bound if override.error_bound is None else override.error_bound,
-            check_sample=c.check_sample if override.check_sample is None else override.check_sample,
+            check_sample=_check_sample(name, override, c),
         )
         return get_recompute_policy(name, params)
 
@@ -188,3 +189,12 @@ class PolicyResolver:
                 "rerun `python -m vlcache_sglang.calibrate` for this model"
             )
         return profile
+
+
+def _check_sample(policy: str, override: PolicyOverride, config: VLCacheConfig) -> float:
+    """The request's, else the server's, else the policy's own check sample (a request that switches
+    to error_bounded on an image_bounded server gets a plain check unless someone asked otherwise)."""
+    for value in (override.check_sample, config.check_sample):
+        if value is not None:
+            return value
+    return default_check_sample(policy)
