@@ -11,7 +11,8 @@ buffer per layer as a forward does (not the L2-warm KV of the previous call). Co
 FlashInfer and for the Triton kernel per tile size (query rows x keys), host launch cost included
 as in the patched forward (prefill runs without CUDA graphs); `faster`, the default Triton tile vs
 FlashInfer; `chosen`, what the current threshold picks; the plan cost of FlashInfer and of the
-chosen backend (paid once per distinct token set); max |FlashInfer - Triton| over the outputs.
+chosen backend (paid once per distinct token set); max |FlashInfer - Triton| over the outputs;
+with --fa3, FlashInfer's Hopper backend's us per layer and its max |fa3 - fa2|.
 Set the threshold between the largest `kv ratio` where FlashInfer wins and the smallest where
 Triton does, and the default tile to the fastest column.
 """

@@ -6,21 +6,25 @@ SITE=/tmp/site
 MODEL=/tmp/Qwen2.5-VL-7B-Instruct
 PORT=${PORT:-30000}
 export PYTHONUNBUFFERED=1
-if [ ! -d "$SITE/sglang" ]; then
-  mkdir -p "$SITE" && tar -C "$SITE" -xJf .gpu_bundle/site.tar.xz || exit 1
-fi
-[ -d "$MODEL" ] || tar -C /tmp -xJf .gpu_bundle/model.tar.xz || exit 1
-# Our package (with its entry point) goes into the bundle's site folder; nothing is fetched. Scripts run
-# side by side each source this file: one install per tree (stamp), under a lock (pip's build/ is shared).
-install_package() {
-  local stamp
-  stamp=$(cat setup.py $(find vlcache_sglang -type f ! -path '*__pycache__*' | sort) | md5sum | cut -d' ' -f1)
+# Scripts run side by side each source this file, so the set-up runs under one lock: tar makes its
+# folders before it has filled them, and pip's build/ folder is shared.
+unpack_bundle() {  # each part once per machine; a marker says it was unpacked whole
+  if [ ! -f "$SITE/.unpacked" ]; then
+    mkdir -p "$SITE" && tar -C "$SITE" -xJf .gpu_bundle/site.tar.xz && touch "$SITE/.unpacked" || return 1
+  fi
+  if [ ! -f "$MODEL/.unpacked" ]; then
+    tar -C /tmp -xJf .gpu_bundle/model.tar.xz && touch "$MODEL/.unpacked" || return 1
+  fi
+}
+install_package() {  # our package (with its entry point) into the bundle's site folder, once per tree
+  local stamp  # names and contents of every file the install takes
+  stamp=$(find setup.py vlcache_sglang -type f ! -path '*__pycache__*' -print0 | sort -z | xargs -0 md5sum | md5sum)
   [ "$(cat "$SITE/.vlcache_stamp" 2>/dev/null)" = "$stamp" ] && return 0
   python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --target "$SITE" . \
     >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; return 1; }
   echo "$stamp" >"$SITE/.vlcache_stamp"
 }
-( flock 9; install_package ) 9>/tmp/vlcache_install.lock || exit 1
+( flock 9 && unpack_bundle && install_package ) 9>/tmp/vlcache_setup.lock || exit 1
 export PYTHONPATH="$SITE"
 SERVER_FLAGS=(--model-path "$MODEL" --load-format dummy --attention-backend flashinfer
   --mm-attention-backend triton_attn --grammar-backend none --mem-fraction-static 0.7 --port "$PORT"

@@ -33,8 +33,8 @@ class VLCacheConfig:
     enabled: bool = False
     # The default keeps answers right: on the trained tiny models every policy at <= 20 % recompute lost
     # most of what reuse loses, image_bounded at tau 0.1 matched full on every regime while error_bounded
-    # lost 5-25 points (README "Recompute policies"). Where no token exceeds tau (dummy 7B weights) it
-    # costs what error_bounded costs: an image's aggregate error is at most its largest token error.
+    # lost 5-25 points (README "Recompute policies"). Its check is a probe over a tenth of each image
+    # (ImageBounded.default_check_sample): where no image exceeds tau it costs the floor and that sample.
     policy: str = "image_bounded"
     recompute_ratio: float = 0.05
     first_k: int = 32
@@ -143,8 +143,8 @@ class VLCacheConfig:
             "--vlcache-check-layer",
             type=int,
             default=VLCacheConfig.check_layer,
-            help="cacheblend / error_bounded / image_bounded: layers before it compute every reused token; at it the "
-            "fresh and cached K/V are compared (>= 1).",
+            help="cacheblend / error_bounded / image_bounded: layers before it compute every reused token (a probe: "
+            "its sample, --vlcache-check-sample); at it the fresh and cached K/V are compared (>= 1).",
         )
         group.add_argument(
             "--vlcache-blend-score",
@@ -170,7 +170,8 @@ class VLCacheConfig:
             "check costs about this share of the first layers; the image's error is estimated from the sample "
             "and the token bound holds for the sampled tokens. 1: every reused token is measured, the check "
             "costs layers 0..C over all of them. Default: the policy's own, 0.1 for image_bounded (the "
-            "server's default policy), 1 for error_bounded (its bound is per token).",
+            "server's default policy), 1 for error_bounded (its bound is per token). Given, it applies to "
+            "every request's check, a request that switches policy included.",
         )
         group.add_argument(
             "--vlcache-mm-store-tokens",

@@ -234,7 +234,7 @@ class SelectivePrefill:
         """The decoder loop's CUDA graphs, at server start-up (else the first reuse request would pay
         for the capture: 5.5 s on a cold H200); `segments`: the layer ranges of the server's stepped
         plan (`selective_graph.layer_segments`), captured too; `tails`: first layers of the ranges
-        [lo, last] that run after an observing policy's check layer."""
+        [lo, last] that run after a plain (not probing) check layer (`selective_graph.tail_starts`)."""
         self._graphs.segments = tuple(segments)
         self._graphs.tails = tuple(tails)
         self._graphs.capture(lm, dtype, lm.config.hidden_size, torch.int64, req_to_token, pool)
