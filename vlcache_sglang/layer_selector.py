@@ -52,8 +52,7 @@ class LayerSelector:
         self._reused_in_set: list[int] = [0] * num_layers  # reused tokens in S_l
         self._qkv_reused: list[int] = [0] * num_layers  # reused tokens whose QKV layer l computed
         self._probe_token_layers = 0  # what a probe's pass computed of the reused tokens, before its replan
-        self._probe_first: Optional[torch.Tensor] = None  # the probe's S_0
-        self.replanned = False  # a probe decided: the sets are its static plan from layer 0
+        self._probe_first: Optional[torch.Tensor] = None  # the probe's S_0, kept once its replan decided
         # Nothing reused, nothing to probe: the check sees no token and decides nothing new, so the
         # loop need not start over for it.
         self._probes = policy.probes and bool(layout.reused_images)
@@ -70,6 +69,11 @@ class LayerSelector:
     def ready(self, layer: int) -> bool:
         """S_layer is known (else the policy observes there: call observe first)."""
         return layer < self._next
+
+    @property
+    def replanned(self) -> bool:
+        """A probe decided: the sets are its static plan from layer 0."""
+        return self._probe_first is not None
 
     @property
     def probing(self) -> bool:
@@ -131,11 +135,8 @@ class LayerSelector:
     def _advance(self) -> None:
         while self._next < self.num_layers and not self.policy.observes_at(self._next):
             layer = self._next
-            if self.policy.repeats_previous(layer, self.num_layers):
-                s = self.sets[layer - 1]
-            else:
-                s = self.policy.select(self.layout, layer, self.num_layers, self.sets[layer - 1] if layer else None)
-            self._record(layer, s, observed=False)
+            previous = self.sets[layer - 1] if layer else None
+            self._record(layer, self.policy.next_set(self.layout, layer, self.num_layers, previous), observed=False)
             self._next += 1
 
     def _replan(self, probed: int, reused: torch.Tensor) -> None:
@@ -149,7 +150,6 @@ class LayerSelector:
         for layer in range(self.num_layers):  # one object at every layer: unchanged after layer 0
             self._record(layer, plan, observed=False)
         self._next = self.num_layers
-        self.replanned = True
 
     def _record(self, layer: int, s: torch.Tensor, observed: bool) -> None:
         previous = self.sets[layer - 1] if layer else None

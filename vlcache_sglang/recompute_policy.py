@@ -310,11 +310,16 @@ class RecomputePolicy(ABC):
             raise ValueError(f"policy {self.name!r} decides from observations; use a LayerSelector")
         sets: list[torch.Tensor] = []
         for layer in range(num_layers):
-            if self.repeats_previous(layer, num_layers):
-                sets.append(sets[-1])
-            else:
-                sets.append(self.select(layout, layer, num_layers, sets[-1] if layer else None))
+            sets.append(self.next_set(layout, layer, num_layers, sets[-1] if layer else None))
         return sets
+
+    def next_set(self, layout: TokenLayout, layer: int, num_layers: int,
+                 previous: Optional[torch.Tensor]) -> torch.Tensor:
+        """S_layer of a layer decided without an observation: the previous set itself where it repeats
+        (no select), else `select`."""
+        if self.repeats_previous(layer, num_layers):
+            return previous
+        return self.select(layout, layer, num_layers, previous)
 
 
 _POLICIES: dict[str, type[RecomputePolicy]] = {}
@@ -332,17 +337,19 @@ def registered_recompute_policies() -> list[str]:
     return list(_POLICIES)
 
 
-def default_check_sample(name: str) -> float:
-    """The check sample of policy `name` where neither the server nor the request sets one."""
+def _policy_class(name: str) -> type[RecomputePolicy]:
     if name not in _POLICIES:
         raise ValueError(f"unknown recompute policy {name!r}; registered: {registered_recompute_policies()}")
-    return _POLICIES[name].default_check_sample
+    return _POLICIES[name]
+
+
+def default_check_sample(name: str) -> float:
+    """The check sample of policy `name` where neither the server nor the request sets one."""
+    return _policy_class(name).default_check_sample
 
 
 def get_recompute_policy(name: str, params: PolicyParams = PolicyParams()) -> RecomputePolicy:
-    if name not in _POLICIES:
-        raise ValueError(f"unknown recompute policy {name!r}; registered: {registered_recompute_policies()}")
-    return _POLICIES[name](params)
+    return _policy_class(name)(params)
 
 
 @register_recompute_policy
