@@ -42,34 +42,51 @@ class FixedSets(RecomputePolicy):
 
 
 @pytest.fixture
-def run(device, monkeypatch):
-    """run(policy, pool) -> (final hidden states, selector): one request through _selective_forward."""
+def run_batch(device, monkeypatch):
+    """run_batch(policies, pool, rows) -> (final hidden states, selectors): one request per policy (the
+    same layout; request row r has its own embeddings and slots) in one _selective_forward."""
     from sglang.srt.model_executor import forward_context
 
     monkeypatch.setattr(selective_attention, "choose_backend", lambda *a, **k: "triton")
     torch.manual_seed(1)
     lm = make_model(device)
-    embeds = torch.randn(SEQ, HIDDEN, device=device)
+    embeds = [torch.randn(SEQ, HIDDEN, device=device) for _ in range(2)]
     req_to_token = torch.zeros(2, 64, dtype=torch.int32, device=device)
-    slots = torch.arange(10, 10 + SEQ, device=device)
-    req_to_token[0, :SEQ] = slots.to(torch.int32)
+    slots = [torch.arange(10 + 40 * r, 10 + 40 * r + SEQ, device=device) for r in range(2)]
+    for r, s in enumerate(slots):
+        req_to_token[r, :SEQ] = s.to(torch.int32)
     pos = torch.arange(SEQ)
-    positions = torch.stack([pos, pos // 3, pos % 5]).to(device)
-    fb = NS(extend_prefix_lens_cpu=[0], extend_seq_lens_cpu=[SEQ], req_pool_indices=torch.tensor([0]),
-            out_cache_loc=slots)
+    one_positions = torch.stack([pos, pos // 3, pos % 5]).to(device)
 
-    def go(policy, pool):
+    def go(policies, pool, rows=(0, 1)):
         monkeypatch.setattr(forward_context, "get_token_to_kv_pool", lambda: pool)
         monkeypatch.setattr(forward_context, "get_req_to_token_pool", lambda: NS(req_to_token=req_to_token))
+        n = len(rows)
+        fb = NS(extend_prefix_lens_cpu=[0] * n, extend_seq_lens_cpu=[SEQ] * n,
+                req_pool_indices=torch.tensor(list(rows)), out_cache_loc=torch.cat([slots[r] for r in rows]))
         empty = torch.empty(0, dtype=torch.long)
-        plan = RequestReuse(0, SEQ, LAYOUT, LayerSelector(policy, LAYOUT, LAYERS), empty, empty, empty)
-        sel = SelectiveBatch([plan], fb, LAYERS)
+        plans = [RequestReuse(r, SEQ, LAYOUT, LayerSelector(p, LAYOUT, LAYERS), empty, empty, empty)
+                 for r, p in zip(rows, policies)]
+        sel = SelectiveBatch(plans, fb, LAYERS)
         prefill = SelectivePrefill(torch.ones(4))
         prefill._graphs = SelectiveGraphs(why_not=lambda *args: "these tests run the eager loop")
-        out = prefill._selective_forward(lm, None, positions, fb, embeds, sel)
-        return out, plan.selector
+        out = prefill._selective_forward(lm, None, one_positions.repeat(1, n), fb,
+                                         torch.cat([embeds[r] for r in rows]), sel)
+        return out, [p.selector for p in plans]
 
     return go, slots
+
+
+@pytest.fixture
+def run(run_batch):
+    """run(policy, pool) -> (final hidden states, selector): one request (row 0) through _selective_forward."""
+    go_batch, slots = run_batch
+
+    def go(policy, pool):
+        out, (selector,) = go_batch([policy], pool, rows=(0,))
+        return out, selector
+
+    return go, slots[0]
 
 
 def _fresh_pool(device):
@@ -162,42 +179,6 @@ def test_a_probe_starts_the_loop_over_with_its_plan(run, device, bound):
     assert selector.outcome().computed_token_layers == 4 + 4 + (16 if bound == 0.0 else 1) * LAYERS
 
 
-@pytest.fixture
-def run_batch(device, monkeypatch):
-    """run_batch(policies, pool) -> (final hidden of each request's last token, selectors): one request
-    per policy (the same layout, its own embeddings and slots) in one _selective_forward."""
-    from sglang.srt.model_executor import forward_context
-
-    monkeypatch.setattr(selective_attention, "choose_backend", lambda *a, **k: "triton")
-    torch.manual_seed(1)
-    lm = make_model(device)
-    embeds = [torch.randn(SEQ, HIDDEN, device=device) for _ in range(2)]
-    req_to_token = torch.zeros(2, 64, dtype=torch.int32, device=device)
-    slots = [torch.arange(10 + 40 * r, 10 + 40 * r + SEQ, device=device) for r in range(2)]
-    for r, s in enumerate(slots):
-        req_to_token[r, :SEQ] = s.to(torch.int32)
-    pos = torch.arange(SEQ)
-    one_positions = torch.stack([pos, pos // 3, pos % 5]).to(device)
-
-    def go(policies, pool, rows=(0, 1)):
-        monkeypatch.setattr(forward_context, "get_token_to_kv_pool", lambda: pool)
-        monkeypatch.setattr(forward_context, "get_req_to_token_pool", lambda: NS(req_to_token=req_to_token))
-        n = len(rows)
-        fb = NS(extend_prefix_lens_cpu=[0] * n, extend_seq_lens_cpu=[SEQ] * n,
-                req_pool_indices=torch.tensor(list(rows)), out_cache_loc=torch.cat([slots[r] for r in rows]))
-        empty = torch.empty(0, dtype=torch.long)
-        plans = [RequestReuse(r, SEQ, LAYOUT, LayerSelector(p, LAYOUT, LAYERS), empty, empty, empty)
-                 for r, p in zip(rows, policies)]
-        sel = SelectiveBatch(plans, fb, LAYERS)
-        prefill = SelectivePrefill(torch.ones(4))
-        prefill._graphs = SelectiveGraphs(why_not=lambda *args: "these tests run the eager loop")
-        out = prefill._selective_forward(lm, None, one_positions.repeat(1, n), fb,
-                                         torch.cat([embeds[r] for r in rows]), sel)
-        return [out[SEQ * (i + 1) - 1] for i in range(n)], [p.selector for p in plans]
-
-    return go, slots
-
-
 def test_a_probe_restarts_the_loop_without_changing_its_batchmate(run_batch, device):
     """A probing request next to a static one: the restart reruns the batchmate's first layers, which
     must leave its output and its K/V exactly as when it runs alone (and the probe's as alone)."""
@@ -206,13 +187,13 @@ def test_a_probe_restarts_the_loop_without_changing_its_batchmate(run_batch, dev
                                                                check_sample=0.25))
     mate = get_recompute_policy("first_k", PolicyParams(first_k=3))
     pool = _fresh_pool(device)
-    (probe_out, mate_out), (probe_sel, mate_sel) = go([probe, mate], pool)
+    out, (probe_sel, mate_sel) = go([probe, mate], pool)
     assert probe_sel.replanned and mate_sel.layer_invariant
     alone_probe, alone_mate = _fresh_pool(device), _fresh_pool(device)
-    (want_probe,), _ = go([probe], alone_probe, rows=(0,))
-    (want_mate,), _ = go([mate], alone_mate, rows=(1,))
-    torch.testing.assert_close(probe_out, want_probe)
-    torch.testing.assert_close(mate_out, want_mate)
+    want_probe, _ = go([probe], alone_probe, rows=(0,))
+    want_mate, _ = go([mate], alone_mate, rows=(1,))
+    torch.testing.assert_close(out[SEQ - 1], want_probe[SEQ - 1])
+    torch.testing.assert_close(out[2 * SEQ - 1], want_mate[SEQ - 1])
     for layer in range(LAYERS):
         for got, want, s in ((pool, alone_probe, slots[0]), (pool, alone_mate, slots[1])):
             torch.testing.assert_close(got.k_buffer[layer][s], want.k_buffer[layer][s])
