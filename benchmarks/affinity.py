@@ -6,7 +6,7 @@
         --replica-command "python3 tests/benchmarks/fake_sglang.py {port} --store-images {store_images}" \
         --image-size 64 48                                 # CPU dry run against fakes
 
-Two replicas (`--enable-vlcache`, policy `full`, an image store of --store-images images each, small
+Two replicas (`--enable-vlcache`, --replica-policy: the server's default unless given, an image store of --store-images images each, small
 memory fractions so both fit one GPU; --layout: a GPU each, or one --dp-size 2 server) behind one
 router process. Per arm, the router is started with
 that arm's policy, both replicas are flushed, and the same workload goes through the router: one image
@@ -45,6 +45,7 @@ from accuracy_report import fmt  # noqa: E402  (one table-cell formatter)
 import serving  # noqa: E402
 import workloads  # noqa: E402
 
+from vlcache_sglang.config import VLCacheConfig  # noqa: E402
 from vlcache_sglang.routing_key import PICKS, routing_headers  # noqa: E402
 
 
@@ -136,7 +137,7 @@ def replica_servers(args: argparse.Namespace) -> list[launch.Server]:
                                          timeout_s=args.server_timeout_s, poll_s=0.5))
             continue
         # --max-total-tokens: the same KV pool on both (the second profiles the GPU with the first on it).
-        flags = (launch.base_flags(args.model) + launch.vlcache_flags("full")
+        flags = (launch.base_flags(args.model) + launch.vlcache_flags(args.replica_policy)
                  + ["--vlcache-mm-store-tokens", str(store_tokens), "--max-total-tokens", str(args.max_total_tokens)]
                  + shlex.split(args.replica_flags))
         if args.layout == "gpu-each":
@@ -301,6 +302,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--gpus-per-replica", type=int, default=1, help="gpu-each: GPUs per replica (its --tp-size)")
     p.add_argument("--mem-fraction", type=float, default=0.3)
     p.add_argument("--max-total-tokens", type=int, default=100_000, help="KV pool of each replica")
+    p.add_argument("--replica-policy", default=VLCacheConfig.policy,
+                   help="the replicas' recompute policy as serving.py's labels (POLICY[:PARAM]); the "
+                   "server's default unless given. `full` makes a hit save only the vision encoder")
     p.add_argument("--replica-flags", default="", help="more flags for both replicas")
     p.add_argument("--replica-command", default=None,
                    help="launch each replica with this command instead ({port}, {store_images}, {dp_size}: dry runs)")
@@ -327,9 +331,10 @@ def run_meta(args: argparse.Namespace) -> dict:
             "image_tokens": qwen_image_tokens(*args.image_size), "requests": args.requests,
             "concurrency": args.concurrency, "tenants": args.tenants, "zipf": args.zipf,
             "images_per_request": list(args.images_per_request), "pick": args.pick,
-            "mem_fraction": args.mem_fraction, "replica_command": args.replica_command}
+            "mem_fraction": args.mem_fraction, "replica_policy": args.replica_policy,
+            "replica_command": args.replica_command}
     if args.replica_command:  # a dry run's stand-in replicas: no model, no GPU, no memory share
-        for key in ("layout", "model", "mem_fraction"):
+        for key in ("layout", "model", "mem_fraction", "replica_policy"):
             meta.pop(key)
     if args.layout == "dp":
         # metrics.py's gauges are "mostrecent": with one scheduler per rank, /metrics shows the rank

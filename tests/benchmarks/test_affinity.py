@@ -58,6 +58,17 @@ def test_arguments_are_checked(tmp_path):
         args_for(tmp_path, "--pool-size", "4", "--store-images", "4")  # one store would hold the pool
 
 
+def test_replicas_serve_the_default_policy_unless_told(tmp_path):
+    def policy_of(*more):
+        flags = [s.flags for s in affinity.replica_servers(args_for(tmp_path, *more))]
+        assert flags[0] == flags[1], "both replicas alike"
+        return flags[0][flags[0].index("--vlcache-policy") + 1], flags[0]
+
+    assert policy_of()[0] == affinity.VLCacheConfig.policy
+    policy, flags = policy_of("--replica-policy", "first_k:16")
+    assert policy == "first_k" and flags[flags.index("--vlcache-first-k") + 1] == "16"
+
+
 def test_table_shows_missing_values_as_dashes():
     row = {"arm": "round_robin", "router": "--policy round_robin", "keyed": False, "ok": 0, "requests": 3,
            "hit_rate": None, "key_hits": 0.0, "key_lookups": 0.0, "lookups_per_replica": [0.0, 0.0],
