@@ -144,6 +144,8 @@ def replica_servers(args: argparse.Namespace) -> list[launch.Server]:
             flags += ["--base-gpu-id", str(i * args.gpus_per_replica)]
         if args.layout == "dp":
             flags += ["--dp-size", str(dp_size)]
+        if args.layout == "dp" or "--tp-size" in args.replica_flags:
+            flags.append("--vlcache-experimental-parallel")  # vlcache refuses TP / DP without it
         servers.append(launch.Server(label, flags, port, args.log_dir, mem_fraction=args.mem_fraction,
                                      timeout_s=args.server_timeout_s))
     return servers

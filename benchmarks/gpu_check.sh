@@ -7,6 +7,12 @@
 #   bash ../shared/gpu/make_bundle.sh .gpu_bundle && bash benchmarks/pack_model.sh .gpu_bundle
 set -uo pipefail
 source benchmarks/gpu_env.sh
+# PARALLEL_FLAGS="--tp-size 2" (several GPUs): every server gets them, stock too; the vlcache servers
+# also --vlcache-experimental-parallel, without which vlcache refuses TP / DP.
+read -ra PARALLEL <<<"${PARALLEL_FLAGS:-}"
+SERVER_FLAGS+=("${PARALLEL[@]}")
+VL_PARALLEL=()
+[ ${#PARALLEL[@]} -gt 0 ] && VL_PARALLEL=(--vlcache-experimental-parallel)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 echo "== a refused set-up (fa3 backend) must fail at start-up, naming the problem"
@@ -22,8 +28,8 @@ export VLCACHE_CHECK_ROTATION=1
 for label in stock vlcache chunked; do
   echo "== $label"
   extra=()
-  [ "$label" = vlcache ] && extra=(--enable-vlcache --vlcache-policy first_k)
-  [ "$label" = chunked ] && extra=(--enable-vlcache --vlcache-policy full --chunked-prefill-size 1024)
+  [ "$label" = vlcache ] && extra=(--enable-vlcache --vlcache-policy first_k "${VL_PARALLEL[@]}")
+  [ "$label" = chunked ] && extra=(--enable-vlcache --vlcache-policy full --chunked-prefill-size 1024 "${VL_PARALLEL[@]}")
   start_server "$label" "${extra[@]}" || continue
   python3 benchmarks/gpu_client.py --port "$PORT" --label "$label" --out "$OUT/probes.jsonl"
   curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && echo "$label: healthy after probes" || echo "$label: NOT healthy"
@@ -35,7 +41,7 @@ unset VLCACHE_CHECK_ROTATION
 
 echo "== memory pressure: distinct 4K images through a small KV pool, strict idle leak check"
 export SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE=1  # a leak at idle raises in the scheduler
-start_server pressure --enable-vlcache --vlcache-policy first_k \
+start_server pressure --enable-vlcache --vlcache-policy first_k "${VL_PARALLEL[@]}" \
   --max-total-tokens 40000 --vlcache-mm-store-tokens 25000 --enable-metrics && {
   python3 benchmarks/gpu_client.py --port "$PORT" --label pressure --out "$OUT/probes.jsonl" --pressure 5
   sleep 3  # let the scheduler go idle and run its leak check

@@ -471,6 +471,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--num-prompts", type=int, help="prompts per run (a run at concurrency c gets at least c)")
     p.add_argument("--probes", type=int, help="requests of the exact-prefix-hit probe")
+    p.add_argument("--vlcache-flags", default="",
+                   help="more flags for the vlcache servers only (e.g. \"--vlcache-experimental-parallel\")")
     p.add_argument("--model-path", default="/tmp/Qwen2.5-VL-7B-Instruct")
     p.add_argument("--real-weights", action="store_true", help="load the checkpoint's weights (default: dummy)")
     p.add_argument("--mem-fraction", type=float, default=0.7)
@@ -528,9 +530,10 @@ def main(argv: Optional[list[str]] = None) -> Path:
     servers = []
     for i, policy in enumerate(policies):
         label = server_label(policy)
-        srv = make_server(label, base + launch.vlcache_flags(policy), args.port + i, work_dir / "logs", args)
+        flags = launch.vlcache_flags(policy) + (shlex.split(args.vlcache_flags) if policy != "stock" else [])
+        srv = make_server(label, base + flags, args.port + i, work_dir / "logs", args)
         servers.append(srv)
-        meta["servers"][label] = {"flags": launch.vlcache_flags(policy)}
+        meta["servers"][label] = {"flags": flags}
         try:
             with srv:
                 meta["servers"][label].update(startup_s=srv.startup_s, kv_pool_tokens=kv_pool_tokens(srv.server_info()))

@@ -103,11 +103,25 @@ def test_flag_routes_to_vlcache_backend_and_survives_pickling(qwen_model_dir):
           "--vlcache-compress-ratio", "0.1"], "drop --enable-mixed-chunk"),
         (["--attention-backend", "triton", "--disable-overlap-schedule", "--disaggregation-mode", "prefill",
           "--vlcache-compress-ratio", "0.1"], "--disaggregation-mode prefill"),
+        (["--attention-backend", "flashinfer", "--tp-size", "2"], "or pass --vlcache-experimental-parallel"),
+        (["--attention-backend", "flashinfer", "--dp-size", "2"], "Drop --dp-size and serve one replica"),
+        (["--attention-backend", "flashinfer", "--pp-size", "2", "--vlcache-experimental-parallel"],
+         "drop --pp-size"),
+        (["--attention-backend", "triton", "--disable-overlap-schedule", "--tp-size", "2",
+          "--vlcache-experimental-parallel", "--vlcache-compress-ratio", "0.1"], "--tp-size 2 yet"),
     ],
 )
 def test_unsupported_setups_fail_at_startup_naming_the_problem(qwen_model_dir, extra, match):
     with pytest.raises(ValueError, match=match):
         prepare_server_args(_argv(qwen_model_dir, "--enable-vlcache", *extra))
+
+
+@pytest.mark.parametrize("extra", [["--tp-size", "2"], ["--dp-size", "2"]])
+def test_the_experimental_flag_accepts_tp_and_dp(qwen_model_dir, extra):
+    args = prepare_server_args(_argv(qwen_model_dir, "--attention-backend", "flashinfer", "--enable-vlcache",
+                                     "--vlcache-experimental-parallel", *extra))
+    assert args.radix_cache_backend == "vlcache" and args.vlcache.experimental_parallel
+    assert (args.tp_size, args.dp_size) == ((2, 1) if extra[0] == "--tp-size" else (1, 2))
 
 
 def test_an_encoder_cache_size_set_twice_must_agree(qwen_model_dir, monkeypatch):

@@ -60,6 +60,8 @@ class VLCacheConfig:
     compress_recent_window: int = 0
     compress_sink_tokens: int = 0
     compress_max_layer_ratio: float = 1.0  # beta_max: no layer keeps more (1.0: the paper's budget)
+    # Accept --tp-size / --dp-size > 1: built for them (README "Tensor parallelism"), never run on GPUs.
+    experimental_parallel: bool = False
 
     def __post_init__(self) -> None:
         policies = registered_recompute_policies()
@@ -230,6 +232,13 @@ class VLCacheConfig:
             help="Compression: no layer keeps more than this share of a request's prompt KV (the excess goes "
             "to the other layers), so at least 1 - BETA_MAX of it returns to the pool; 1.0 (the default) "
             "is VL-Cache's own budget, where one dense layer can keep everything and free nothing.",
+        )
+        group.add_argument(
+            "--vlcache-experimental-parallel",
+            action="store_true",
+            help="Accept --tp-size > 1 and --dp-size > 1. Built and CPU-tested for them (each rank its own "
+            "image store over its KV heads, observing policies' scores summed over the TP group), not yet run "
+            "on several GPUs; decoder CUDA graphs stay off under TP, and compression is refused with TP.",
         )
 
     @classmethod

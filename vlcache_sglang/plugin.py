@@ -49,7 +49,7 @@ def apply_config(server_args: Any, config: VLCacheConfig) -> None:
     The config rides on the ServerArgs instance (an extra attribute survives the pickling that
     hands server args to scheduler processes).
     """
-    check_server_args(server_args)
+    check_server_args(server_args, config.experimental_parallel)
     check_compression(server_args, config.compress_ratio)
     _check_policy(server_args, config)
     server_args.radix_cache_backend = RADIX_CACHE_BACKEND_NAME

@@ -57,11 +57,19 @@ def check_cache_flags(server_args: Any) -> None:
         )
 
 
-def check_parallelism(server_args: Any) -> None:
-    for flag, value in (("--tp-size", server_args.tp_size), ("--pp-size", server_args.pp_size),
-                        ("--dp-size", server_args.dp_size)):
-        if value not in (None, 1):
-            raise VLCacheSetupError(f"--enable-vlcache runs on one GPU for now; got {flag} {value}.")
+def check_parallelism(server_args: Any, experimental: bool = False) -> None:
+    """One GPU unless --vlcache-experimental-parallel; pipeline parallelism and speculative decoding never."""
+    if server_args.pp_size not in (None, 1):
+        # The selective forward runs every decoder layer of the model in one process.
+        raise VLCacheSetupError(f"--enable-vlcache does not support --pp-size {server_args.pp_size}; drop "
+                                f"--pp-size (or use --tp-size with --vlcache-experimental-parallel).")
+    for flag, value in (("--tp-size", server_args.tp_size), ("--dp-size", server_args.dp_size)):
+        if value not in (None, 1) and not experimental:
+            raise VLCacheSetupError(
+                f"--enable-vlcache has not been run with {flag} {value} yet. Drop {flag} and serve one replica "
+                f"per GPU behind SGLang's router (README \"Replicas with image affinity\"), or pass "
+                f"--vlcache-experimental-parallel to try it."
+            )
     if server_args.speculative_algorithm is not None:
         raise VLCacheSetupError(
             f"--enable-vlcache does not support speculative decoding (--speculative-algorithm "
@@ -128,6 +136,13 @@ def check_compression(server_args: Any, compress_ratio: Optional[float]) -> None
             f"--vlcache-compress-ratio does not support --disaggregation-mode {server_args.disaggregation_mode} "
             f"yet; drop one of them."
         )
+    if (server_args.tp_size or 1) > 1:
+        # A trim frees slots chosen from a rank's own heads' scores; TP ranks share one schedule, so
+        # their allocators (and admission decisions) would drift apart.
+        raise VLCacheSetupError(
+            f"--vlcache-compress-ratio does not support --tp-size {server_args.tp_size} yet (each rank would "
+            f"keep and free different slots); drop one of them, or use --dp-size replicas."
+        )
     if server_args.enable_mixed_chunk:
         raise VLCacheSetupError(
             "--vlcache-compress-ratio does not support --enable-mixed-chunk yet (decode rows would join the "
@@ -145,14 +160,14 @@ def check_encoder_cache_env(encoder_cache_mb: int, env_value: Optional[str]) -> 
         )
 
 
-def check_server_args(server_args: Any) -> None:
+def check_server_args(server_args: Any, experimental_parallel: bool = False) -> None:
     """All start-up checks, on a fully resolved ServerArgs."""
     from vlcache_sglang.hook_check import check_sglang_version
 
     check_sglang_version()
     check_attention_backends(server_args)
     check_cache_flags(server_args)
-    check_parallelism(server_args)
+    check_parallelism(server_args, experimental_parallel)
     check_kv_cache_dtype(server_args)
     check_unsupported_features(server_args)
     check_architecture(server_args.get_model_config().hf_config.architectures)

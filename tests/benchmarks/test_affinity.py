@@ -67,6 +67,15 @@ def test_replicas_serve_the_default_policy_unless_told(tmp_path):
     assert policy_of()[0] == affinity.VLCacheConfig.policy
     policy, flags = policy_of("--replica-policy", "first_k:16")
     assert policy == "first_k" and flags[flags.index("--vlcache-first-k") + 1] == "16"
+    assert "--vlcache-experimental-parallel" not in flags
+    for server in affinity.replica_servers(args_for(tmp_path, "--layout", "gpu-each", "--replica-flags=--tp-size=2")):
+        assert "--vlcache-experimental-parallel" in server.flags, "vlcache refuses TP without it"
+
+
+def test_the_dp_layout_is_one_server_with_two_ranks(tmp_path):
+    (server,) = affinity.replica_servers(args_for(tmp_path, "--layout", "dp"))
+    assert server.flags[server.flags.index("--dp-size") + 1] == "2"
+    assert "--vlcache-experimental-parallel" in server.flags
 
 
 def test_table_shows_missing_values_as_dashes():
