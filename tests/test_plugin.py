@@ -107,6 +107,8 @@ def test_flag_routes_to_vlcache_backend_and_survives_pickling(qwen_model_dir):
         (["--attention-backend", "flashinfer", "--dp-size", "2"], "Drop --dp-size and serve one replica"),
         (["--attention-backend", "flashinfer", "--pp-size", "2", "--vlcache-experimental-parallel"],
          "drop --pp-size"),
+        (["--attention-backend", "flashinfer", "--tp-size", "2", "--dp-size", "2", "--enable-dp-attention",
+          "--vlcache-experimental-parallel"], "--enable-dp-attention"),
         (["--attention-backend", "triton", "--disable-overlap-schedule", "--tp-size", "2",
           "--vlcache-experimental-parallel", "--vlcache-compress-ratio", "0.1"], "--tp-size 2 yet"),
     ],

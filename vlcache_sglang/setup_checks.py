@@ -70,6 +70,11 @@ def check_parallelism(server_args: Any, experimental: bool = False) -> None:
                 f"per GPU behind SGLang's router (README \"Replicas with image affinity\"), or pass "
                 f"--vlcache-experimental-parallel to try it."
             )
+    if getattr(server_args, "enable_dp_attention", False):
+        # DP attention splits the attention TP group from the MLP's: the selective forward's score
+        # all-reduce and head split assume one TP group (plain --dp-size replicas are fine).
+        raise VLCacheSetupError("--enable-vlcache does not support --enable-dp-attention; drop it (plain "
+                                "--dp-size with --vlcache-experimental-parallel runs independent ranks).")
     if server_args.speculative_algorithm is not None:
         raise VLCacheSetupError(
             f"--enable-vlcache does not support speculative decoding (--speculative-algorithm "
