@@ -339,9 +339,7 @@ def run_meta(args: argparse.Namespace) -> dict:
         for key in ("layout", "model", "mem_fraction", "replica_policy"):
             meta.pop(key)
     if args.layout == "dp":
-        # metrics.py's gauges are "mostrecent": with one scheduler per rank, /metrics shows the rank
-        # that wrote last, not the sum. Right once the gauges sum over ranks (multiprocess "livesum").
-        meta["gauges"] = "one rank's counts under --dp-size (mostrecent gauges), not the sum over ranks"
+        meta["gauges"] = "summed over the DP ranks' samples (label dp_rank)"
     return meta
 
 

@@ -76,24 +76,37 @@ def vlcache_flags(spec: str) -> list[str]:
 def parse_vlcache_gauges(text: str) -> dict[str, float]:
     """`sglang:vlcache_<name>` samples of a /metrics body as {name: value} (prefix stripped).
 
-    Our gauges are "mostrecent" multiprocess gauges, so each name has one sample; labels are ignored
-    and if a name did appear twice the later sample wins.
+    One scheduler per DP rank publishes (label `dp_rank`, vlcache_sglang/metrics.py): each count is
+    summed over the ranks and the ratios (hit_rate, recomputed_fraction, ...) are recomputed from the
+    sums. One rank (one GPU, TP) gives its samples as they are.
     """
-    return parse_gauges(text, GAUGE_PREFIX)
+    series: dict[str, list[float]] = {}
+    for name, value in _samples(text, GAUGE_PREFIX):
+        series.setdefault(name, []).append(value)
+    sums = {name: sum(values) for name, values in series.items()}
+    if all(len(values) == 1 for values in series.values()):
+        return sums
+    from vlcache_sglang.stats import VLCacheStats
+
+    counts = {f.name: int(sums[f.name]) for f in dataclasses.fields(VLCacheStats) if f.name in sums}
+    ratios = {k: v for k, v in VLCacheStats(**counts).as_dict().items() if k not in counts}
+    return {**sums, **{k: v for k, v in ratios.items() if k in sums}}
 
 
 def parse_gauges(text: str, prefix: str) -> dict[str, float]:
     """Samples of a /metrics body whose name starts with `prefix`, as {name without it: value}
     (labels ignored, a later sample of a name wins: one scheduler, one sample)."""
-    out: dict[str, float] = {}
+    return dict(_samples(text, prefix))
+
+
+def _samples(text: str, prefix: str) -> Iterator[tuple[str, float]]:
     for line in text.splitlines():
         if not line.startswith(prefix):
             continue  # comments (# HELP / # TYPE) and other metrics
         m = _SAMPLE.match(line.strip())
         if m is None:
             raise ValueError(f"unparseable metrics line: {line!r}")
-        out[m.group(1)[len(prefix):]] = float(m.group(3))
-    return out
+        yield m.group(1)[len(prefix):], float(m.group(3))
 
 
 def http_get(url: str, timeout_s: float = 10.0) -> tuple[int, str]:

@@ -340,7 +340,9 @@ def vlcache_tree_cache_factory(ctx: "TreeCacheBuildContext") -> RadixCache:
     logger.info("vlcache tree cache: %s; image store bound %d tokens of %d", cache.policies.describe(), max_store,
                 pool_tokens)
     if getattr(ctx.server_args, "enable_metrics", False):
-        from vlcache_sglang.metrics import VLCacheMetrics
+        from vlcache_sglang.metrics import VLCacheMetrics, publishing_dp_rank
 
-        cache.metrics = VLCacheMetrics()
+        dp_rank = publishing_dp_rank(ctx.tp_worker)
+        if dp_rank is not None:
+            cache.metrics = VLCacheMetrics(dp_rank)
     return cache

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from typing import Optional
+from typing import Optional
 
 IMAGE_TOKENS = 64
 
@@ -63,9 +64,11 @@ class Fake(JsonHandler):
         self._send(code, json.dumps({"object": "error", "message": message, "type": "BadRequest", "param": None,
                                      "code": code}))
 
-    def _count(self, name: str, n: float = 1) -> None:
+    def _count(self, name: str, n: float = 1, rank: Optional[int] = None) -> None:
+        """A gauge; under --dp-size one per rank (the key (name, rank)), as the real schedulers publish."""
         g = type(self).gauges
-        g[name] = g.get(name, 0) + n
+        key = name if rank is None else (name, rank)
+        g[key] = g.get(key, 0) + n
 
     # ----- GET -----
     def do_GET(self):
@@ -84,7 +87,8 @@ class Fake(JsonHandler):
                                                "is_generation": True, "has_image_understanding": True}))
         if self.path == "/metrics":
             with self.lock:
-                text = "".join(f"sglang:vlcache_{k} {float(v)}\n" for k, v in self.gauges.items())
+                text = "".join(f"sglang:vlcache_{k[0]}{{dp_rank=\"{k[1]}\"}} {float(v)}\n" if isinstance(k, tuple)
+                               else f"sglang:vlcache_{k} {float(v)}\n" for k, v in self.gauges.items())
             return self._send(200, text, "text/plain")
         self._send(404, "not found", "text/plain")
 
@@ -154,17 +158,17 @@ class Fake(JsonHandler):
             for data in payloads:
                 key = (None if self.reuse_across_salts else salt, hashlib.sha256(data).hexdigest(), rank)
                 if key in self.store:
-                    self._count("key_hits")
+                    self._count("key_hits", rank=rank)
                     if (override or {}).get("policy") == "none":
                         cached += IMAGE_TOKENS
                 else:
-                    self._count("key_misses")
+                    self._count("key_misses", rank=rank)
                     self.store[key] = True
-                    self._count("stored_images")
+                    self._count("stored_images", rank=rank)
                     mine = [k for k in self.store if k[2] == rank]
                     if len(mine) > self.store_images:
                         self.store.pop(mine[0])
-                        self._count("evicted_images")
+                        self._count("evicted_images", rank=rank)
         answer = "a" + hashlib.sha256(b"|".join(payloads) + "|".join(texts).encode()).hexdigest()[:6]
         n = int(body.get("n") or 1)
         if body.get("stream"):

@@ -84,6 +84,29 @@ def test_parse_vlcache_gauges():
         launch.parse_vlcache_gauges("sglang:vlcache_key_hits\n")
 
 
+def test_vlcache_gauges_of_dp_ranks_are_summed():
+    two_ranks = textwrap.dedent("""\
+        sglang:vlcache_key_hits{dp_rank="0"} 3.0
+        sglang:vlcache_key_hits{dp_rank="1"} 9.0
+        sglang:vlcache_key_misses{dp_rank="0"} 1.0
+        sglang:vlcache_key_misses{dp_rank="1"} 3.0
+        sglang:vlcache_hit_rate{dp_rank="0"} 0.75
+        sglang:vlcache_hit_rate{dp_rank="1"} 0.75
+        sglang:vlcache_reused_token_layers{dp_rank="0"} 100.0
+        sglang:vlcache_reused_token_layers{dp_rank="1"} 300.0
+        sglang:vlcache_recomputed_token_layers{dp_rank="0"} 0.0
+        sglang:vlcache_recomputed_token_layers{dp_rank="1"} 100.0
+        sglang:vlcache_recomputed_fraction{dp_rank="0"} 0.0
+        sglang:vlcache_recomputed_fraction{dp_rank="1"} 0.3333
+        """)
+    g = launch.parse_vlcache_gauges(two_ranks)
+    assert (g["key_hits"], g["key_misses"]) == (12.0, 4.0)
+    assert g["hit_rate"] == 0.75, "a ratio of the sums, not a sum of ratios"
+    assert g["recomputed_fraction"] == 0.25
+    one = launch.parse_vlcache_gauges('sglang:vlcache_key_hits{dp_rank="0"} 3.0\nsglang:vlcache_hit_rate{dp_rank="0"} 0.5\n')
+    assert one == {"key_hits": 3.0, "hit_rate": 0.5}, "one rank's samples as they are"
+
+
 def test_gauge_deltas_are_window_rates():
     before = {"key_hits": 2, "key_misses": 6, "key_mismatches": 0, "reused_tokens": 1000, "recomputed_tokens": 0,
               "reused_token_layers": 28000, "recomputed_token_layers": 0}
