@@ -46,7 +46,7 @@ start_server pressure --enable-vlcache --vlcache-policy first_k "${VL_PARALLEL[@
   python3 benchmarks/gpu_client.py --port "$PORT" --label pressure --out "$OUT/probes.jsonl" --pressure 5
   sleep 3  # let the scheduler go idle and run its leak check
   curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && echo "pressure: healthy after the stream" || echo "pressure: NOT healthy"
-  curl -s "http://127.0.0.1:$PORT/metrics" | grep -E "^sglang:vlcache_(key_hits|key_misses|stored_images|evicted_images|store_tokens|store_skipped) " | tee "$OUT/pressure_metrics.txt"
+  curl -s "http://127.0.0.1:$PORT/metrics" | grep -E "^sglang:vlcache_(key_hits|key_misses|stored_images|evicted_images|store_tokens|store_skipped)[ {]" | tee "$OUT/pressure_metrics.txt"
   stop_server
   # SGLang's idle invariant messages (a bare "leak" also matches torch's NCCL shutdown warning).
   grep -cE "memory leak detected|KV double free|use-after-free" "$OUT/server_pressure.log" \
