@@ -6,9 +6,9 @@
         --replica-command "python3 tests/benchmarks/fake_sglang.py {port} --store-images {store_images}" \
         --image-size 64 48                                 # CPU dry run against fakes
 
-Two replicas (`--enable-vlcache`, --replica-policy: the server's default unless given, an image store of --store-images images each, small
-memory fractions so both fit one GPU; --layout: a GPU each, or one --dp-size 2 server) behind one
-router process. Per arm, the router is started with
+Two replicas (`--enable-vlcache` with --replica-policy, the server's default unless given; an image
+store of --store-images images each; small memory fractions so both fit one GPU; --layout: a GPU each,
+or one --dp-size 2 server) behind one router process. Per arm, the router is started with
 that arm's policy, both replicas are flushed, and the same workload goes through the router: one image
 (--images-per-request) per request from a pool of --pool-size images (more than one store holds, fewer than two hold),
 after text no other request has. Arms:
