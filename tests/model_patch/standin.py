@@ -40,8 +40,10 @@ ROPE_THETA = 1_000_000.0
 _runtime: Optional[SimpleNamespace] = None
 
 
-def ensure_cpu_runtime() -> SimpleNamespace:
-    """SGLang's server args and world-size-1 distributed state on the CPU (idempotent, per process).
+def ensure_cpu_runtime(tp_size: int = 1, tp_rank: int = 0, init_file: Optional[str] = None) -> SimpleNamespace:
+    """SGLang's server args and distributed state on the CPU (idempotent, per process): world size 1,
+    or one rank of a `tp_size` tensor-parallel group over gloo (each rank its own process, all with the
+    same `init_file`).
 
     The server args stay published for the rest of the process (SGLang's layers read them at
     forward time); `restore_server_args()` puts back what was published before, for a fixture's
@@ -56,13 +58,23 @@ def ensure_cpu_runtime() -> SimpleNamespace:
     override = get_context().override_server_args(device="cpu", attention_backend="torch_native")
     server_args = override.install()
     if not torch.distributed.is_initialized():
-        init_file = tempfile.NamedTemporaryFile(prefix="standin-dist-", delete=False).name
-        ps.init_distributed_environment(world_size=1, rank=0, local_rank=0,
+        init_file = init_file or tempfile.NamedTemporaryFile(prefix="standin-dist-", delete=False).name
+        ps.init_distributed_environment(world_size=tp_size, rank=tp_rank, local_rank=tp_rank,
                                         distributed_init_method=f"file://{init_file}", backend="gloo")
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=1)
+        with mock.patch.object(ps, "init_model_parallel_group", _cpu_group(ps.init_model_parallel_group)):
+            ps.initialize_model_parallel(tensor_model_parallel_size=tp_size)
     _runtime = SimpleNamespace(server_args=server_args, override=override)
     return _runtime
+
+
+def _cpu_group(make_group):
+    """SGLang's group factory without its GPU communicators (pynccl, custom / mscclpp / symmetric-memory
+    all-reduce): a CPU tensor's all-reduce then goes to torch.distributed over gloo."""
+    def make(*args, **kwargs):
+        return make_group(*args, **{**kwargs, "use_pynccl": False, "use_custom_allreduce": False,
+                                    "use_mscclpp_allreduce": False, "use_torch_symm_mem_allreduce": False})
+    return make
 
 
 def restore_server_args() -> None:
@@ -87,19 +99,22 @@ def text_config(num_layers: int = 2):
     )
 
 
-def _randomize(lm: torch.nn.Module, seed: int) -> None:
-    """Random weights of a scale that keeps activations O(1) (SGLang allocates them empty)."""
+def _randomize(lm: torch.nn.Module, seed: int, shard_seed: Optional[int] = None) -> None:
+    """Random weights of a scale that keeps activations O(1) (SGLang allocates them empty).
+    shard_seed: a tensor-parallel rank's own draws for the parameters it holds a shard of; the norms,
+    which every rank holds whole, keep `seed`'s (None: one generator for all, the one-GPU model)."""
     gen = torch.Generator().manual_seed(seed)
+    shard = gen if shard_seed is None else torch.Generator().manual_seed(shard_seed)
     with torch.no_grad():
         for name, p in lm.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
             elif name.endswith("bias"):
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+                p.copy_(0.2 * torch.randn(p.shape, generator=shard))
             elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
+                p.copy_(torch.randn(p.shape, generator=shard))
             else:  # [out, in]
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+                p.copy_(torch.randn(p.shape, generator=shard) / math.sqrt(p.shape[-1]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,8 +208,12 @@ class StandIn:
     """The real SGLang model, pools and attention backend; see the module docstring."""
 
     def __init__(self, num_layers: int = 2, pool_size: int = 2048, max_requests: int = 32,
-                 max_context: int = 256, seed: int = 0) -> None:
-        ensure_cpu_runtime()
+                 max_context: int = 256, seed: int = 0, tp_size: int = 1, tp_rank: int = 0,
+                 init_file: Optional[str] = None) -> None:
+        """tp_size > 1: this process is rank `tp_rank` of a tensor-parallel group (`ensure_cpu_runtime`):
+        its shards of the model, its KV heads in the pool; the batches (tokens, slots) are the same on
+        every rank."""
+        ensure_cpu_runtime(tp_size, tp_rank, init_file)
         from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
         from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
         from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
@@ -210,14 +229,15 @@ class StandIn:
         with mock.patch.object(rotary_base, "_is_cpu", True):
             self.lm = Qwen2Model(self.config)
         self.lm.eval()
-        _randomize(self.lm, seed)
+        _randomize(self.lm, seed, None if tp_size == 1 else seed + 1000 * (tp_rank + 1))
+        self.kv_heads = KV_HEADS // tp_size
         self.rotary = self.lm.layers[0].self_attn.rotary_emb
         self.inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM))
 
-        self.pool = MHATokenToKVPool(size=pool_size, page_size=1, dtype=torch.float32, head_num=KV_HEADS,
+        self.pool = MHATokenToKVPool(size=pool_size, page_size=1, dtype=torch.float32, head_num=self.kv_heads,
                                      head_dim=HEAD_DIM, layer_num=num_layers, device="cpu",
                                      enable_memory_saver=False, enable_alt_stream=False)
-        gen = torch.Generator().manual_seed(seed + 1)
+        gen = torch.Generator().manual_seed(seed + 1 + 1000 * tp_rank)
         for buf in (*self.pool.k_buffer, *self.pool.v_buffer):  # never-written slots hold noise
             buf.copy_(torch.randn(buf.shape, generator=gen))
         self.allocator = TokenToKVPoolAllocator(pool_size, torch.float32, "cpu", self.pool, need_sort=False)
@@ -383,8 +403,8 @@ class StandIn:
         return written
 
     def random_kv(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.randn(n, KV_HEADS, HEAD_DIM, generator=self._gen),
-                torch.randn(n, KV_HEADS, HEAD_DIM, generator=self._gen))
+        return (torch.randn(n, self.kv_heads, HEAD_DIM, generator=self._gen),
+                torch.randn(n, self.kv_heads, HEAD_DIM, generator=self._gen))
 
 
 def build_standin(num_layers: int = 2, **kwargs) -> StandIn:

@@ -24,7 +24,8 @@ run shapes and would pick FlashInfer, which needs a GPU.
 
 What these tests cannot see, because the copy ignores it and the stand-in leaves it inert:
 RadixAttention's k_scale/v_scale (an fp8 KV cache with checkpoint scales), `layers_to_capture`
-(EAGLE3) and pipeline/tensor parallelism (setup_checks refuses speculative decoding and TP/PP/DP).
+(EAGLE3) and pipeline parallelism (setup_checks refuses speculative decoding and PP); tensor
+parallelism has its own two-rank test (test_tensor_parallel.py).
 `forward_batch` to the MLP is no difference: SGLang's Qwen2DecoderLayer calls `self.mlp(h)` too.
 """
 
@@ -87,7 +88,8 @@ def run_plans(standin: StandIn, batch, plans: list, prefill=None) -> tuple[torch
     prefill = prefill if prefill is not None else SelectivePrefill(standin.inv_freq)
     prefill.test_selectors = [p.selector for p in plans if p is not None]  # what the tests inspect after
     fb = batch.forward_batch
-    setattr(fb, SELECTIVE_ATTR, SelectiveBatch(plans, fb, standin.num_layers))
+    # As the server's path builds it (SelectivePrefill's own sum over TP ranks for observations).
+    setattr(fb, SELECTIVE_ATTR, SelectiveBatch(plans, fb, standin.num_layers, prefill._sum_ranks))
     try:
         with standin.forward_context():
             out = prefill.around_lm_forward(Qwen2Model.forward, standin.lm, batch.input_ids, batch.positions, fb)
