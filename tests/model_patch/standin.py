@@ -17,7 +17,9 @@ holds, as after a reuse copy), and only the rows of the last S_l are meaningful.
 
 What the runtime needs, set up once per process (`ensure_cpu_runtime`): SGLang's server args
 (a dummy-boundary ServerArgs through `RuntimeContext.override_server_args`, SGLang's test kit:
-device cpu, attention backend torch_native) and its distributed state for world size 1 over gloo.
+device cpu, attention backend torch_native) and its distributed state over gloo: world size 1, or
+one rank of a tensor-parallel group (`StandIn(tp_size=2, tp_rank=r)` in each of two processes:
+that rank's shards and KV heads; test_tensor_parallel.py).
 """
 
 from __future__ import annotations
