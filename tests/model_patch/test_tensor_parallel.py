@@ -8,7 +8,10 @@ and its one KV head of two in the pool; both ranks get the same batch. Checked o
 - the final hidden states are the same on both ranks;
 - an observing policy (`cacheblend`) selects the same tokens on both ranks, its per-token deviations
   summed over the group by `tp_sum_ranks` (SGLang's tensor_model_parallel_all_reduce); with the sum
-  replaced by identity the ranks, each seeing its own head, select differently (the check can fail).
+  replaced by identity the ranks, each seeing its own head, select differently (the check can fail);
+- the default policy's probe (`image_bounded`, a sampled check, then the loop starts over with the
+  decided sets) runs to the end on both ranks with the same sets and output: a rank that restarted
+  alone would leave the other waiting in an all-reduce.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def test_two_tp_ranks_compute_full_as_stock_and_select_alike(tmp_path):
     assert ranks[0]["blend_sets"] == ranks[1]["blend_sets"], "cacheblend selected differently on the two ranks"
     assert ranks[0]["blend_sets_unsummed"] != ranks[1]["blend_sets_unsummed"], \
         "without the sum over ranks each rank ranks by its own head: the control must diverge"
+    assert ranks[0]["probe"] == ranks[1]["probe"], "the probe decided differently on the two ranks"
+    assert ranks[0]["probe"]["replanned"], "the probe started the loop over"
 
 
 # ---- one rank (a process of its own) ---------------------------------------------------------------
@@ -70,20 +75,29 @@ def _rank_main(rank: int, init_file: str, out_dir: Path) -> None:
     got, _ = vlcache_forward(standin, batch, [policy_sets(PREFIXED, "full", layers), None])
     pool_diff = max((g - w).abs().max().item() for g, w in zip(standin.snapshot_kv(), want_pool))
 
-    def blend_sets(summed: bool) -> list[list[int]]:
+    def observed(policy, summed: bool = True):
         standin.restore_kv(cached)
-        policy = get_recompute_policy("cacheblend", PolicyParams(recompute_ratio=0.25, check_layer=1))
         plans = [SimpleNamespace(selector=LayerSelector(policy, PREFIXED.token_layout(), layers), report=None), None]
         prefill = SelectivePrefill(standin.inv_freq)  # resolves tp_sum_ranks() as a scheduler does
         if not summed:
             prefill._sum_ranks = lambda t: t
-        _, prefill = run_plans(standin, batch, plans, prefill)
-        return [s.tolist() for s in prefill.test_selectors[0].sets]
+        out, prefill = run_plans(standin, batch, plans, prefill)
+        return out, prefill.test_selectors[0]
+
+    def blend_sets(summed: bool) -> list[list[int]]:
+        policy = get_recompute_policy("cacheblend", PolicyParams(recompute_ratio=0.25, check_layer=1))
+        return [s.tolist() for s in observed(policy, summed)[1].sets]
+
+    def probe() -> dict:
+        params = PolicyParams(recompute_ratio=0.05, check_layer=1, error_bound=0.1, check_sample=0.25)
+        out, selector = observed(get_recompute_policy("image_bounded", params))
+        return {"sets": [s.tolist() for s in selector.sets], "replanned": selector.replanned,
+                "output": out.flatten().tolist()}
 
     assert tp_sum_ranks()(torch.ones(1)).item() == TP, "the sum goes over both ranks"
     result = {"full_vs_stock": (got - want).abs().max().item(), "pool_vs_stock": pool_diff,
               "output": got.flatten().tolist(), "blend_sets": blend_sets(summed=True),
-              "blend_sets_unsummed": blend_sets(summed=False)}
+              "blend_sets_unsummed": blend_sets(summed=False), "probe": probe()}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
 
 
