@@ -38,7 +38,11 @@ def test_two_tp_ranks_compute_full_as_stock_and_select_alike(tmp_path):
     procs = [subprocess.Popen([sys.executable, str(Path(__file__)), "--rank", str(r), "--init-file", str(init_file),
                                "--out", str(tmp_path)], env=env, cwd=HERE, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(TP)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
+    try:  # a rank left waiting in an all-reduce would hang: bounded, and both stopped on the way out
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     for r, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(TP)]
