@@ -117,7 +117,7 @@ def arm_rows(args: argparse.Namespace, arm_index: int) -> list[dict]:
 
 LAYOUTS = {
     "shared-gpu": "two replicas on GPU 0 (small --mem-fraction each), started one after the other",
-    "gpu-each": "two replicas, replica i on GPUs [i*G, (i+1)*G) (--gpus-per-replica G; G=2 with --tp-size 2)",
+    "gpu-each": "two replicas, replica i on GPUs [i*G, (i+1)*G) (--gpus-per-replica G, each replica then --tp-size G)",
     "dp": "one server with --dp-size 2 (a scheduler and a store per rank), router --dp-aware",
 }
 
@@ -142,10 +142,10 @@ def replica_servers(args: argparse.Namespace) -> list[launch.Server]:
                  + shlex.split(args.replica_flags))
         if args.layout == "gpu-each":
             flags += ["--base-gpu-id", str(i * args.gpus_per_replica)]
-        if args.layout == "dp":
-            flags += ["--dp-size", str(dp_size)]
-        if args.layout == "dp" or "--tp-size" in args.replica_flags:
-            flags.append("--vlcache-experimental-parallel")  # vlcache refuses TP / DP without it
+        parallel = (["--dp-size", str(dp_size)] if args.layout == "dp" else []) + (
+            ["--tp-size", str(args.gpus_per_replica)] if args.gpus_per_replica > 1 else [])
+        if parallel:  # vlcache refuses TP / DP without the flag
+            flags += parallel + ["--vlcache-experimental-parallel"]
         servers.append(launch.Server(label, flags, port, args.log_dir, mem_fraction=args.mem_fraction,
                                      timeout_s=args.server_timeout_s))
     return servers

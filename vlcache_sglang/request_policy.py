@@ -156,12 +156,13 @@ class PolicyResolver:
 
     def _check(self) -> str:
         """The bound an observing default keeps and how its check measures it (empty for static plans)."""
-        c, policy = self._config, self.default
+        policy = self.default
         if not policy.observes(self._num_layers):
             return ""
-        bound = f", tau {c.error_bound}" if isinstance(policy, ErrorBounded) else ""
-        sample = f", probe over a {policy.params.check_sample:g} sample" if policy.probes else ", every reused token"
-        return f"; check at layer {c.check_layer}{bound}{sample}"
+        p = policy.params
+        bound = f", tau {p.error_bound}" if isinstance(policy, ErrorBounded) else ""
+        sample = f", probe over a {p.check_sample:g} sample" if policy.probes else ", every reused token"
+        return f"; check at layer {p.check_layer}{bound}{sample}"
 
     def _build(self, override: PolicyOverride) -> RecomputePolicy:
         c = self._config

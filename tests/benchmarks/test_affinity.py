@@ -68,7 +68,8 @@ def test_replicas_serve_the_default_policy_unless_told(tmp_path):
     policy, flags = policy_of("--replica-policy", "first_k:16")
     assert policy == "first_k" and flags[flags.index("--vlcache-first-k") + 1] == "16"
     assert "--vlcache-experimental-parallel" not in flags
-    for server in affinity.replica_servers(args_for(tmp_path, "--layout", "gpu-each", "--replica-flags=--tp-size=2")):
+    for server in affinity.replica_servers(args_for(tmp_path, "--layout", "gpu-each", "--gpus-per-replica", "2")):
+        assert server.flags[server.flags.index("--tp-size") + 1] == "2", "a replica's GPUs are its TP group"
         assert "--vlcache-experimental-parallel" in server.flags, "vlcache refuses TP without it"
 
 
