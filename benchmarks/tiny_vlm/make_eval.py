@@ -165,10 +165,11 @@ def multi_records(task: TaskConfig, requests: int, rounds: int = 3,
     return records
 
 
-def row_records(task: TaskConfig, images: int, seed: int = EVAL_SEED + ROW_SEED_OFFSET,
-                row_images: int = 1) -> list[dict]:
-    """Regime R: `images` requests, each with `row_images` held-out images of its own and a row question
-    after them (a context before): one image in layout b, several in layout mrow (the question names one)."""
+def row_samples(task: TaskConfig, images: int, seed: int = EVAL_SEED + ROW_SEED_OFFSET,
+                row_images: int = 1) -> list[Sample]:
+    """Regime R's samples: `images` requests, each with `row_images` held-out images of its own and a row
+    question after them (a context before): one image in layout b, several in layout mrow (the question
+    names one). compression_sim.py reads the same stream."""
     if images < 1 or row_images < 1:
         raise ValueError(f"images and row_images must be >= 1, got {images}, {row_images}")
     rng = np.random.default_rng(seed)
@@ -177,8 +178,14 @@ def row_records(task: TaskConfig, images: int, seed: int = EVAL_SEED + ROW_SEED_
     def sample(gs: np.ndarray) -> Sample:
         return layout_b_sample(gs[0], task, rng, kind="row") if len(gs) == 1 else layout_mrow_sample(list(gs), task, rng)
 
-    return [record(f"r{i:04d}", sample(gs), [data_url(g, task) for g in gs])
-            for i, gs in enumerate(grids.reshape(images, row_images, *grids.shape[1:]))]
+    return [sample(gs) for gs in grids.reshape(images, row_images, *grids.shape[1:])]
+
+
+def row_records(task: TaskConfig, images: int, seed: int = EVAL_SEED + ROW_SEED_OFFSET,
+                row_images: int = 1) -> list[dict]:
+    """Regime R's records (row_samples), one request each."""
+    return [record(f"r{i:04d}", s, [data_url(g, task) for g in s.grids])
+            for i, s in enumerate(row_samples(task, images, seed, row_images))]
 
 
 def calibration_requests(task: TaskConfig, images: int, repeats: int, seed: int = CALIB_SEED) -> list[dict]:

@@ -1,0 +1,291 @@
+"""Why does VL-Cache compression lose the row answers? Plain-torch simulation of per-layer KV
+compression on a trained checkpoint (issue 13), next to the server's measurement.
+
+    python -m benchmarks.tiny_vlm.compression_sim --model /tmp/tiny-mrows6 [--requests 128]
+        [--alphas 1.0,0.5,0.2,0.1,0.05] [--out report.json]
+
+The held-out requests are regime R's (make_eval.row_samples: the same images and questions the server
+benchmark sends). Pass 1 runs the prompt + answer (teacher forced) with full causal attention and records,
+per layer and request, what the server's compression step reads (the post-vision queries' attention over
+the prompt: token scores s_l(j) and sparsity gamma_l) and what it cannot see (the attention of the answer's
+decode queries over the prompt). Pass 2 runs again with each layer's decode queries (the answer tokens as
+inputs, positions >= m) allowed to attend only to that layer's kept prompt tokens and the decode tokens,
+while the prompt rows attend in full: the server's compressed decode, teacher forced. Exact match is the
+greedy criterion (every answer token and <|im_end|> the argmax given the right ones before it), so it
+equals free-running greedy exact match; cells: the share of answer tokens that are the argmax.
+
+Selections at each alpha, all with the server's budget arithmetic (`vlcache_sglang.compression.budget`,
+`selection`: the post-vision tail always kept):
+- vlcache: beta_l from the sparsity, top-k by the post-vision score (what the server does);
+- uniform: beta_l = alpha, the same score (the H2O-like baseline);
+- oracle: vlcache's counts, top-k by the decode queries' own attention (future information: an upper
+  bound on what any scorer could keep with these budgets);
+- random: vlcache's counts, uniformly random tokens beyond the tail (the floor).
+Diagnostics per alpha and selection: decode recall (share of the decode queries' prompt attention mass on
+kept tokens, over layers and requests) and row recall (share of the asked row's 8 image tokens kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+
+from benchmarks.tiny_vlm import prompts
+from benchmarks.tiny_vlm.batches import Batch, TaskConfig, answer_logits, load_tokenizer, make_batch
+from benchmarks.tiny_vlm.checkpoint import load_checkpoint
+from benchmarks.tiny_vlm.make_eval import row_samples
+from benchmarks.tiny_vlm.pixels import tokens_per_image
+from vlcache_sglang.compression.budget import SPARSITY_THRESHOLD, kept_counts, uniform_budgets, vlcache_budgets
+from vlcache_sglang.compression.selection import select_kept_positions
+
+NAME = "vlcache_compression_sim"
+SELECTIONS = ("vlcache", "uniform", "oracle", "random")
+ALPHAS = (1.0, 0.5, 0.2, 0.1, 0.05)
+
+
+@dataclasses.dataclass
+class Layout:
+    """Per request of a batch: prompt length m, first post-vision position, sequence length, the asked row's
+    image-token positions."""
+    prompt_len: list[int]
+    voter_start: list[int]
+    seq_len: list[int]
+    row_tokens: list[list[int]]
+
+
+@dataclasses.dataclass
+class Observed:
+    """Pass 1, one layer, one request: prompt-length vectors (float64, CPU)."""
+    scores: torch.Tensor         # [m] s_l(j): post-vision queries' attention, summed over heads and queries
+    decode_mass: torch.Tensor    # [m] the decode queries' attention on prompt token j, summed likewise
+    sparsity: float              # gamma_l: share of a voter row's valid entries below 1 % of its max
+
+
+class SimAttention:
+    """The text layers' attention (registered as NAME): eager causal softmax in float32; observes in pass 1,
+    masks the decode rows' prompt keys to the kept sets in pass 2."""
+
+    def __init__(self) -> None:
+        self.layout: Optional[Layout] = None
+        self.observed: Optional[dict[int, list[Observed]]] = None   # layer -> per request
+        self.kept: Optional[dict[int, torch.Tensor]] = None          # layer -> [B, T] bool, prompt keys kept
+
+    def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: Optional[torch.Tensor] = None, scaling: Optional[float] = None,
+                 dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
+        b, h, t, d = query.shape
+        rep = h // key.shape[1]
+        k = key.float().repeat_interleave(rep, dim=1)
+        v = value.float().repeat_interleave(rep, dim=1)
+        logits = (query.float() @ k.transpose(-1, -2)) * (d ** -0.5 if scaling is None else scaling)
+        allowed = torch.ones(t, t, dtype=torch.bool, device=query.device).tril()[None, None]
+        layer = module.layer_idx
+        if self.kept is not None:
+            allowed = allowed & self._decode_mask(self.kept[layer], t)
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        if self.observed is not None:
+            self.observed.setdefault(layer, []).extend(self._observe(probs))
+        out = probs @ v                                            # [B, H, T, D]
+        return out.transpose(1, 2).to(query.dtype).contiguous(), None
+
+    def _decode_mask(self, kept: torch.Tensor, t: int) -> torch.Tensor:
+        """[B, 1, T, T]: a decode row (position >= m) sees a prompt key only if this layer keeps it."""
+        m = torch.tensor(self.layout.prompt_len, device=kept.device)[:, None]
+        pos = torch.arange(t, device=kept.device)[None]
+        decode_row, prompt_col = pos >= m, pos < m
+        drop = decode_row[:, :, None] & (prompt_col & ~kept)[:, None, :]
+        return ~drop[:, None]
+
+    def _observe(self, probs: torch.Tensor) -> list[Observed]:
+        out = []
+        for r, (m, v0, n) in enumerate(zip(self.layout.prompt_len, self.layout.voter_start, self.layout.seq_len)):
+            voters = probs[r, :, v0:m, :m].double()                # [H, tau, m], causal zeros included
+            valid = torch.arange(m, device=probs.device)[None, None] <= torch.arange(v0, m, device=probs.device)[None, :, None]
+            row_max = voters.amax(-1, keepdim=True)
+            sparse = ((voters < SPARSITY_THRESHOLD * row_max) & valid).sum(-1) / valid.sum(-1)
+            decode = probs[r, :, m:n - 1, :m].double()               # rows fed an answer token as input
+            out.append(Observed(voters.sum((0, 1)).cpu(), decode.sum((0, 1)).cpu(), float(sparse.mean())))
+        return out
+
+
+@contextlib.contextmanager
+def sim_attention(model: torch.nn.Module) -> Iterator[SimAttention]:
+    """Route the text layers' attention through a SimAttention for the duration (the vision tower keeps its own)."""
+    sim = SimAttention()
+    AttentionInterface.register(NAME, sim)
+    config = model.model.language_model.config
+    before = config._attn_implementation
+    config._attn_implementation = NAME
+    try:
+        yield sim
+    finally:
+        config._attn_implementation = before
+
+
+def row_target(question_text: str) -> tuple[int, int]:
+    """(row, image), 1-based, of a layout-mrow row question (grid_task.row_question's wording)."""
+    found = re.search(r"row (\d+) of image (\d+)", question_text)
+    if not found:
+        raise ValueError(f"not a several-image row question: {question_text!r}")
+    return int(found.group(1)), int(found.group(2))
+
+
+def batch_layout(batch: Batch, cells: int) -> Layout:
+    """Prompt lengths, voters (after the last image), sequence lengths and the asked row's tokens."""
+    prompt_len, voter_start, seq_len, rows = [], [], [], []
+    width = batch.input_ids.shape[1]
+    owner, where = batch.target_sample.tolist(), batch.target_pos.tolist()
+    for r, sample in enumerate(batch.samples):
+        # make_batch's targets: position m - 1 + j predicts answer token j (the last: <|im_end|>).
+        mine = [p - r * width for o, p in zip(owner, where) if o == r]
+        m, n = mine[0] + 1, mine[0] + 1 + len(mine)
+        runs = prompts.image_runs(batch.input_ids[r, :m].tolist())
+        row, image = row_target(sample.question.text)
+        start = runs[image - 1][0] + (row - 1) * cells
+        prompt_len.append(m)
+        voter_start.append(runs[-1][1])   # <|vision_end|> on, as post_vision_positions from SGLang's offsets
+        seq_len.append(n)
+        rows.append(list(range(start, start + cells)))
+    return Layout(prompt_len, voter_start, seq_len, rows)
+
+
+Selector = Callable[[Observed, int, int, np.random.Generator], torch.Tensor]
+
+
+def _top(scores: torch.Tensor, count: int, tail: int, _rng: np.random.Generator) -> torch.Tensor:
+    return select_kept_positions(scores, count, tail)
+
+
+def _random(scores: torch.Tensor, count: int, tail: int, rng: np.random.Generator) -> torch.Tensor:
+    return select_kept_positions(torch.from_numpy(rng.random(scores.numel())), count, tail)
+
+
+def kept_sets(observed: dict[int, list[Observed]], layout: Layout, selection: str, alpha: float,
+              rng: np.random.Generator) -> list[list[torch.Tensor]]:
+    """Per request, per layer: the kept prompt positions, with the server's budgets and protected tail."""
+    layers = sorted(observed)
+    out = []
+    for r, (m, v0) in enumerate(zip(layout.prompt_len, layout.voter_start)):
+        obs = [observed[l][r] for l in layers]
+        if selection == "uniform":
+            budgets = uniform_budgets(len(layers), alpha)
+        else:
+            budgets = vlcache_budgets([o.sparsity for o in obs], alpha)
+        tail = m - v0
+        counts = kept_counts(budgets, m, tail)
+        pick: Selector = _random if selection == "random" else _top
+        out.append([pick(o.decode_mass if selection == "oracle" else o.scores, c, tail, rng)
+                    for o, c in zip(obs, counts)])
+    return out
+
+
+def kept_masks(sets: list[list[torch.Tensor]], t: int, device: torch.device) -> dict[int, torch.Tensor]:
+    masks = {}
+    for layer in range(len(sets[0])):
+        mask = torch.zeros(len(sets), t, dtype=torch.bool)
+        for r, per_layer in enumerate(sets):
+            mask[r, per_layer[layer]] = True
+        masks[layer] = mask.to(device)
+    return masks
+
+
+def recalls(observed: dict[int, list[Observed]], layout: Layout, sets: list[list[torch.Tensor]]) -> tuple[float, float]:
+    """(decode recall, row recall), means over requests and layers."""
+    dec, row = [], []
+    for r, per_layer in enumerate(sets):
+        for layer, kept in enumerate(per_layer):
+            mass = observed[layer][r].decode_mass
+            dec.append(float(mass[kept].sum() / mass.sum()) if mass.sum() > 0 else 1.0)
+            row.append(len(set(layout.row_tokens[r]) & set(kept.tolist())) / len(layout.row_tokens[r]))
+    return float(np.mean(dec)), float(np.mean(row))
+
+
+def score_answers(logits: torch.Tensor, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+    """Per request: exact (greedy would produce the answer and <|im_end|>) and the share of answer
+    tokens that are the argmax."""
+    hit = (logits.argmax(-1) == batch.targets).double().cpu()
+    owner = batch.target_sample.cpu()
+    n = len(batch.samples)
+    right = torch.zeros(n, dtype=torch.float64).index_add_(0, owner, hit)
+    total = torch.zeros(n, dtype=torch.float64).index_add_(0, owner, torch.ones_like(hit))
+    return (right == total).numpy(), (right / total).numpy()
+
+
+@torch.no_grad()
+def simulate(model_dir: str | Path, requests: int, alphas: list[float], device: str, batch_size: int = 32,
+             selections: tuple[str, ...] = SELECTIONS, seed: int = 0) -> dict:
+    task = TaskConfig.load(model_dir)
+    tok = load_tokenizer(model_dir)
+    pre = json.loads((Path(model_dir) / "preprocessor_config.json").read_text())
+    model = load_checkpoint(model_dir, device)
+    samples = row_samples(task, requests, row_images=task.row_images)
+    rng = np.random.default_rng(seed)
+    acc: dict[tuple[str, float], dict[str, list]] = {}
+    gammas: list[list[float]] = []
+    with sim_attention(model) as sim:
+        for i in range(0, len(samples), batch_size):
+            batch = make_batch(samples[i:i + batch_size], tok, task.spec, pre["image_mean"], pre["image_std"], device)
+            sim.layout = batch_layout(batch, task.spec.cells)
+            sim.observed, sim.kept = {}, None
+            full_exact, full_cells = score_answers(answer_logits(model, batch), batch)
+            observed, sim.observed = sim.observed, None
+            gammas.extend([[observed[l][r].sparsity for l in sorted(observed)] for r in range(len(batch.samples))])
+            add(acc, ("full", 1.0), full_exact, full_cells, 1.0, 1.0)
+            for alpha in alphas:
+                for selection in selections:
+                    sets = kept_sets(observed, sim.layout, selection, alpha, rng)
+                    sim.kept = kept_masks(sets, batch.input_ids.shape[1], batch.input_ids.device)
+                    exact, cells = score_answers(answer_logits(model, batch), batch)
+                    sim.kept = None
+                    add(acc, (selection, alpha), exact, cells, *recalls(observed, sim.layout, sets))
+    rows = [{"selection": s, "alpha": a, "n": len(v["exact"]), "exact": float(np.mean(v["exact"])),
+             "cells": float(np.mean(v["cells"])), "decode_recall": float(np.mean(v["decode_recall"])),
+             "row_recall": float(np.mean(v["row_recall"]))} for (s, a), v in acc.items()]
+    return {"model": str(model_dir), "requests": len(samples), "image_tokens": tokens_per_image(task.spec),
+            "row_images": task.row_images, "sparsity_per_layer": np.mean(gammas, axis=0).tolist(), "rows": rows}
+
+
+def add(acc: dict, key: tuple[str, float], exact: np.ndarray, cells: np.ndarray, dec: float, row: float) -> None:
+    v = acc.setdefault(key, {"exact": [], "cells": [], "decode_recall": [], "row_recall": []})
+    v["exact"].extend(exact.tolist())
+    v["cells"].extend(cells.tolist())
+    v["decode_recall"].append(dec)
+    v["row_recall"].append(row)
+
+
+def table(report: dict) -> str:
+    lines = [f"compression simulation, {report['requests']} requests of {report['row_images']} images "
+             f"({report['image_tokens']} tokens each); gamma_l = "
+             + " ".join(f"{g:.2f}" for g in report["sparsity_per_layer"]),
+             "| selection | alpha | exact | cells | decode recall | row recall |", "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['selection']} | {r['alpha']} | {r['exact']:.3f} | {r['cells']:.3f} "
+                     f"| {r['decode_recall']:.3f} | {r['row_recall']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint written by tiny_vlm.train with --layouts mrow:1")
+    p.add_argument("--requests", type=int, default=128, help="held-out regime-R requests (make_eval's stream)")
+    p.add_argument("--alphas", default=",".join(map(str, ALPHAS)))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="also write the report as JSON here")
+    args = p.parse_args(argv)
+    report = simulate(args.model, args.requests, [float(a) for a in args.alphas.split(",")], args.device)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()

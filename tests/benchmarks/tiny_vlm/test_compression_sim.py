@@ -1,0 +1,131 @@
+"""compression_sim: its attention equals the model's own, alpha 1 equals no compression, the mask reaches
+only the decode rows, and the report has every selection."""
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.tiny_vlm.batches import TaskConfig, answer_logits, load_tokenizer, make_batch
+from benchmarks.tiny_vlm.compression_sim import (SELECTIONS, batch_layout, kept_masks, kept_sets, row_target,
+                                                 score_answers, sim_attention, simulate)
+from benchmarks.tiny_vlm.make_eval import row_samples
+from benchmarks.tiny_vlm.prompts import VISION_END, image_runs
+
+
+@pytest.fixture(scope="module")
+def task(spec) -> TaskConfig:
+    return TaskConfig(spec=spec, max_filler_words=8, layouts=(("mrow", 1.0),), row_images=3)
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_dir, task):
+    tok = load_tokenizer(tiny_dir)
+    return make_batch(row_samples(task, 4, seed=3, row_images=3), tok, task.spec, [0.5] * 3, [0.25] * 3, "cpu")
+
+
+def observe(model, batch, cells):
+    with sim_attention(model) as sim:
+        sim.layout = batch_layout(batch, cells)
+        sim.observed = {}
+        logits = answer_logits(model, batch)
+        return sim, sim.observed, logits
+
+
+def test_row_target_reads_row_questions_only() -> None:
+    assert row_target("What are the colours of row 3 of image 2, left to right?") == (3, 2)
+    with pytest.raises(ValueError, match="not a several-image row question"):
+        row_target("What are the colours of row 3, left to right?")
+
+
+def test_layout_names_the_asked_row_and_the_post_vision_voters(batch, spec) -> None:
+    layout = batch_layout(batch, spec.cells)
+    for r, sample in enumerate(batch.samples):
+        ids = batch.input_ids[r].tolist()
+        m = layout.prompt_len[r]
+        runs = image_runs(ids[:m])
+        assert ids[layout.voter_start[r]] == VISION_END and layout.voter_start[r] == runs[-1][1]
+        row, image = row_target(sample.question.text)
+        start, end = runs[image - 1]
+        assert layout.row_tokens[r] == list(range(start + (row - 1) * spec.cells, start + row * spec.cells))
+        assert layout.row_tokens[r][-1] < end
+        # The answer and <|im_end|> follow the prompt.
+        assert layout.seq_len[r] - m == int((batch.target_sample == r).sum())
+
+
+def test_sim_attention_equals_the_models_own_and_observes_probabilities(tiny_model, batch, spec) -> None:
+    stock = answer_logits(tiny_model, batch)
+    sim, observed, logits = observe(tiny_model, batch, spec.cells)
+    torch.testing.assert_close(logits, stock, atol=2e-5, rtol=1e-4)
+    layout = sim.layout
+    assert sorted(observed) == list(range(tiny_model.config.text_config.num_hidden_layers))
+    heads = tiny_model.config.text_config.num_attention_heads
+    for per_request in observed.values():
+        for r, o in enumerate(per_request):
+            m, v0 = layout.prompt_len[r], layout.voter_start[r]
+            # Every voter row is a distribution over the prompt: the scores sum to heads x tau.
+            assert o.scores.shape == (m,) and float(o.scores.sum()) == pytest.approx(heads * (m - v0), rel=1e-6)
+            # The decode rows' prompt mass is below one per row (they also attend to the answer so far).
+            decode_rows = layout.seq_len[r] - 1 - m
+            assert 0 < float(o.decode_mass.sum()) <= heads * decode_rows + 1e-6
+            assert 0.0 <= o.sparsity < 1.0
+
+
+def test_alpha_one_keeps_everything_and_equals_full(tiny_model, batch, spec) -> None:
+    sim, observed, full = observe(tiny_model, batch, spec.cells)
+    rng = np.random.default_rng(0)
+    with sim_attention(tiny_model) as again:
+        again.layout = sim.layout
+        for selection in SELECTIONS:
+            sets = kept_sets(observed, sim.layout, selection, 1.0, rng)
+            assert all(len(k) == m for per, m in zip(sets, sim.layout.prompt_len) for k in per)
+            again.kept = kept_masks(sets, batch.input_ids.shape[1], "cpu")
+            torch.testing.assert_close(answer_logits(tiny_model, batch), full, atol=0, rtol=0)
+
+
+def test_compression_changes_decode_rows_only(tiny_model, batch, spec) -> None:
+    sim, observed, full = observe(tiny_model, batch, spec.cells)
+    sets = kept_sets(observed, sim.layout, "vlcache", 0.05, np.random.default_rng(0))
+    tails = [m - v0 for m, v0 in zip(sim.layout.prompt_len, sim.layout.voter_start)]
+    assert all(len(k) < m and len(k) >= t for per, m, t in zip(sets, sim.layout.prompt_len, tails) for k in per)
+    with sim_attention(tiny_model) as again:
+        again.layout = sim.layout
+        again.kept = kept_masks(sets, batch.input_ids.shape[1], "cpu")
+        trimmed = answer_logits(tiny_model, batch)
+    first = torch.tensor([list(batch.target_sample.tolist()).index(r) for r in range(len(batch.samples))])
+    # The first answer token comes from the prefill's last row: untouched by the decode mask.
+    torch.testing.assert_close(trimmed[first], full[first], atol=1e-5, rtol=1e-5)
+    later = torch.ones(len(full), dtype=torch.bool)
+    later[first] = False
+    assert not torch.allclose(trimmed[later], full[later], atol=1e-4)
+
+
+def test_score_answers_counts_exact_and_cells(batch) -> None:
+    logits = torch.zeros(len(batch.targets), int(batch.targets.max()) + 2)
+    logits[torch.arange(len(batch.targets)), batch.targets] = 1.0
+    wrong = int((batch.target_sample == 1).nonzero()[0])
+    logits[wrong] = 0.0
+    logits[wrong, -1] = 1.0
+    exact, cells = score_answers(logits, batch)
+    n1 = int((batch.target_sample == 1).sum())
+    assert exact.tolist() == [True, False, True, True]
+    assert cells[1] == pytest.approx((n1 - 1) / n1) and cells[0] == 1.0
+
+
+def test_simulate_reports_every_selection_at_every_alpha(tiny_dir, tmp_path) -> None:
+    """End to end on a 2-step mrow checkpoint: chance-level numbers, the report's shape and anchors."""
+    from benchmarks.tiny_vlm.train import parse_args, train
+
+    out = tmp_path / "ckpt"
+    train(parse_args(["--out", str(out), "--size", "small", "--layers", "2", "--cells", "4", "--colours", "3",
+                      "--max-count", "3", "--layouts", "mrow:1", "--row-images", "2", "--batch", "4",
+                      "--held-out", "4", "--max-steps", "2", "--tokenizer-from", str(tiny_dir), "--device", "cpu"]))
+    report = simulate(out, requests=6, alphas=[1.0, 0.2], device="cpu", batch_size=4)
+    rows = {(r["selection"], r["alpha"]): r for r in report["rows"]}
+    assert set(rows) == {("full", 1.0)} | {(s, a) for s in SELECTIONS for a in (1.0, 0.2)}
+    assert all(r["n"] == 6 for r in rows.values()) and len(report["sparsity_per_layer"]) == 2
+    for s in SELECTIONS:
+        assert rows[(s, 1.0)]["exact"] == rows[("full", 1.0)]["exact"]
+        assert rows[(s, 1.0)]["decode_recall"] == pytest.approx(1.0) and rows[(s, 1.0)]["row_recall"] == 1.0
+    # The oracle keeps the decode queries' own top tokens: no selection with its counts holds more mass.
+    for s in ("vlcache", "random"):
+        assert rows[("oracle", 0.2)]["decode_recall"] >= rows[(s, 0.2)]["decode_recall"] - 1e-9
