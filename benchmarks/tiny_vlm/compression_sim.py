@@ -20,9 +20,11 @@ Selections at each alpha, all with the server's budget arithmetic (`vlcache_sgla
 - uniform: beta_l = alpha, the same score (the H2O-like baseline);
 - oracle: vlcache's counts, top-k by the decode queries' own attention (future information: an upper
   bound on what any scorer could keep with these budgets);
-- random: vlcache's counts, uniformly random tokens beyond the tail (the floor).
+- random: vlcache's counts, uniformly random tokens beyond the tail (the floor);
+- tail (once, alpha shown as 0): the post-vision tail alone at every layer (what every selection keeps).
 Diagnostics per alpha and selection: decode recall (share of the decode queries' prompt attention mass on
-kept tokens, over layers and requests) and row recall (share of the asked row's 8 image tokens kept).
+kept tokens, over layers and requests), row recall (share of the asked row's 8 image tokens kept), and of
+the kept tokens before the tail the share that are image tokens and whether the first token is kept.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from vlcache_sglang.compression.selection import select_kept_positions
 
 NAME = "vlcache_compression_sim"
 SELECTIONS = ("vlcache", "uniform", "oracle", "random")
+TAIL = "tail"  # simulated once per request: it does not depend on alpha
 ALPHAS = (1.0, 0.5, 0.2, 0.1, 0.05)
 
 
@@ -60,6 +63,7 @@ class Layout:
     voter_start: list[int]
     seq_len: list[int]
     row_tokens: list[list[int]]
+    image_tokens: list[set[int]]
 
 
 @dataclasses.dataclass
@@ -141,7 +145,7 @@ def row_target(question_text: str) -> tuple[int, int]:
 
 def batch_layout(batch: Batch, cells: int) -> Layout:
     """Prompt lengths, voters (after the last image), sequence lengths and the asked row's tokens."""
-    prompt_len, voter_start, seq_len, rows = [], [], [], []
+    prompt_len, voter_start, seq_len, rows, images = [], [], [], [], []
     width = batch.input_ids.shape[1]
     owner, where = batch.target_sample.tolist(), batch.target_pos.tolist()
     for r, sample in enumerate(batch.samples):
@@ -155,7 +159,8 @@ def batch_layout(batch: Batch, cells: int) -> Layout:
         voter_start.append(runs[-1][1])   # <|vision_end|> on, as post_vision_positions from SGLang's offsets
         seq_len.append(n)
         rows.append(list(range(start, start + cells)))
-    return Layout(prompt_len, voter_start, seq_len, rows)
+        images.append({i for a, b in runs for i in range(a, b)})
+    return Layout(prompt_len, voter_start, seq_len, rows, images)
 
 
 Selector = Callable[[Observed, int, int, np.random.Generator], torch.Tensor]
@@ -176,12 +181,13 @@ def kept_sets(observed: dict[int, list[Observed]], layout: Layout, selection: st
     out = []
     for r, (m, v0) in enumerate(zip(layout.prompt_len, layout.voter_start)):
         obs = [observed[l][r] for l in layers]
-        if selection == "uniform":
-            budgets = uniform_budgets(len(layers), alpha)
-        else:
-            budgets = vlcache_budgets([o.sparsity for o in obs], alpha)
         tail = m - v0
-        counts = kept_counts(budgets, m, tail)
+        if selection == TAIL:
+            counts = [tail] * len(obs)
+        elif selection == "uniform":
+            counts = kept_counts(uniform_budgets(len(layers), alpha), m, tail)
+        else:
+            counts = kept_counts(vlcache_budgets([o.sparsity for o in obs], alpha), m, tail)
         pick: Selector = _random if selection == "random" else _top
         out.append([pick(o.decode_mass if selection == "oracle" else o.scores, c, tail, rng)
                     for o, c in zip(obs, counts)])
@@ -198,15 +204,20 @@ def kept_masks(sets: list[list[torch.Tensor]], t: int, device: torch.device) -> 
     return masks
 
 
-def recalls(observed: dict[int, list[Observed]], layout: Layout, sets: list[list[torch.Tensor]]) -> tuple[float, float]:
-    """(decode recall, row recall), means over requests and layers."""
-    dec, row = [], []
+def recalls(observed: dict[int, list[Observed]], layout: Layout, sets: list[list[torch.Tensor]]) -> dict[str, float]:
+    """Means over requests and layers: decode recall, row recall, the image share of the kept tokens
+    before the tail (nan where none is kept there), the first token kept."""
+    out: dict[str, list[float]] = {"decode_recall": [], "row_recall": [], "image_share": [], "first_kept": []}
     for r, per_layer in enumerate(sets):
         for layer, kept in enumerate(per_layer):
             mass = observed[layer][r].decode_mass
-            dec.append(float(mass[kept].sum() / mass.sum()) if mass.sum() > 0 else 1.0)
-            row.append(len(set(layout.row_tokens[r]) & set(kept.tolist())) / len(layout.row_tokens[r]))
-    return float(np.mean(dec)), float(np.mean(row))
+            kept_set = set(kept.tolist())
+            head = [j for j in kept_set if j < layout.voter_start[r]]
+            out["decode_recall"].append(float(mass[kept].sum() / mass.sum()) if mass.sum() > 0 else 1.0)
+            out["row_recall"].append(len(set(layout.row_tokens[r]) & kept_set) / len(layout.row_tokens[r]))
+            out["image_share"].append(sum(j in layout.image_tokens[r] for j in head) / len(head) if head else np.nan)
+            out["first_kept"].append(float(0 in kept_set))
+    return {k: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan") for k, v in out.items()}
 
 
 def score_answers(logits: torch.Tensor, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
@@ -239,37 +250,41 @@ def simulate(model_dir: str | Path, requests: int, alphas: list[float], device: 
             full_exact, full_cells = score_answers(answer_logits(model, batch), batch)
             observed, sim.observed = sim.observed, None
             gammas.extend([[observed[l][r].sparsity for l in sorted(observed)] for r in range(len(batch.samples))])
-            add(acc, ("full", 1.0), full_exact, full_cells, 1.0, 1.0)
-            for alpha in alphas:
-                for selection in selections:
-                    sets = kept_sets(observed, sim.layout, selection, alpha, rng)
-                    sim.kept = kept_masks(sets, batch.input_ids.shape[1], batch.input_ids.device)
-                    exact, cells = score_answers(answer_logits(model, batch), batch)
-                    sim.kept = None
-                    add(acc, (selection, alpha), exact, cells, *recalls(observed, sim.layout, sets))
-    rows = [{"selection": s, "alpha": a, "n": len(v["exact"]), "exact": float(np.mean(v["exact"])),
-             "cells": float(np.mean(v["cells"])), "decode_recall": float(np.mean(v["decode_recall"])),
-             "row_recall": float(np.mean(v["row_recall"]))} for (s, a), v in acc.items()]
+            add(acc, ("full", 1.0), full_exact, full_cells, recalls(observed, sim.layout, kept_sets(
+                observed, sim.layout, "vlcache", 1.0, rng)))
+            runs = [(TAIL, 0.0)] + [(selection, alpha) for alpha in alphas for selection in selections]
+            for selection, alpha in runs:
+                sets = kept_sets(observed, sim.layout, selection, alpha, rng)
+                sim.kept = kept_masks(sets, batch.input_ids.shape[1], batch.input_ids.device)
+                exact, cells = score_answers(answer_logits(model, batch), batch)
+                sim.kept = None
+                add(acc, (selection, alpha), exact, cells, recalls(observed, sim.layout, sets))
+    rows = [{"selection": s, "alpha": a, "n": len(v["exact"]),
+             **{k: float(np.nanmean(x)) if not np.all(np.isnan(x)) else float("nan") for k, x in v.items()}}
+            for (s, a), v in acc.items()]
     return {"model": str(model_dir), "requests": len(samples), "image_tokens": tokens_per_image(task.spec),
             "row_images": task.row_images, "sparsity_per_layer": np.mean(gammas, axis=0).tolist(), "rows": rows}
 
 
-def add(acc: dict, key: tuple[str, float], exact: np.ndarray, cells: np.ndarray, dec: float, row: float) -> None:
-    v = acc.setdefault(key, {"exact": [], "cells": [], "decode_recall": [], "row_recall": []})
+def add(acc: dict, key: tuple[str, float], exact: np.ndarray, cells: np.ndarray, kept: dict[str, float]) -> None:
+    """Per request: exact, cells; per batch: the recalls (means over its requests)."""
+    v = acc.setdefault(key, {"exact": [], "cells": [], **{k: [] for k in kept}})
     v["exact"].extend(exact.tolist())
     v["cells"].extend(cells.tolist())
-    v["decode_recall"].append(dec)
-    v["row_recall"].append(row)
+    for k, x in kept.items():
+        v[k].append(x)
 
 
 def table(report: dict) -> str:
     lines = [f"compression simulation, {report['requests']} requests of {report['row_images']} images "
              f"({report['image_tokens']} tokens each); gamma_l = "
              + " ".join(f"{g:.2f}" for g in report["sparsity_per_layer"]),
-             "| selection | alpha | exact | cells | decode recall | row recall |", "|---|---|---|---|---|---|"]
+             "| selection | alpha | exact | cells | decode recall | row recall | image share | first kept |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['selection']} | {r['alpha']} | {r['exact']:.3f} | {r['cells']:.3f} "
-                     f"| {r['decode_recall']:.3f} | {r['row_recall']:.3f} |")
+                     f"| {r['decode_recall']:.3f} | {r['row_recall']:.3f} | {r['image_share']:.3f} "
+                     f"| {r['first_kept']:.2f} |")
     return "\n".join(lines)
 
 

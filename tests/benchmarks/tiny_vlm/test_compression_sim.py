@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks.tiny_vlm.batches import TaskConfig, answer_logits, load_tokenizer, make_batch
-from benchmarks.tiny_vlm.compression_sim import (SELECTIONS, batch_layout, kept_masks, kept_sets, row_target,
+from benchmarks.tiny_vlm.compression_sim import (SELECTIONS, TAIL, batch_layout, kept_masks, kept_sets, row_target,
                                                  score_answers, sim_attention, simulate)
 from benchmarks.tiny_vlm.make_eval import row_samples
 from benchmarks.tiny_vlm.prompts import VISION_END, image_runs
@@ -121,7 +121,7 @@ def test_simulate_reports_every_selection_at_every_alpha(tiny_dir, tmp_path) -> 
                       "--held-out", "4", "--max-steps", "2", "--tokenizer-from", str(tiny_dir), "--device", "cpu"]))
     report = simulate(out, requests=6, alphas=[1.0, 0.2], device="cpu", batch_size=4)
     rows = {(r["selection"], r["alpha"]): r for r in report["rows"]}
-    assert set(rows) == {("full", 1.0)} | {(s, a) for s in SELECTIONS for a in (1.0, 0.2)}
+    assert set(rows) == {("full", 1.0), (TAIL, 0.0)} | {(s, a) for s in SELECTIONS for a in (1.0, 0.2)}
     assert all(r["n"] == 6 for r in rows.values()) and len(report["sparsity_per_layer"]) == 2
     for s in SELECTIONS:
         assert rows[(s, 1.0)]["exact"] == rows[("full", 1.0)]["exact"]
@@ -129,3 +129,13 @@ def test_simulate_reports_every_selection_at_every_alpha(tiny_dir, tmp_path) -> 
     # The oracle keeps the decode queries' own top tokens: no selection with its counts holds more mass.
     for s in ("vlcache", "random"):
         assert rows[("oracle", 0.2)]["decode_recall"] >= rows[(s, 0.2)]["decode_recall"] - 1e-9
+    # The tail alone keeps nothing before the post-vision queries; the full cache keeps the first token.
+    assert np.isnan(rows[(TAIL, 0.0)]["image_share"]) and rows[(TAIL, 0.0)]["first_kept"] == 0.0
+    assert rows[("full", 1.0)]["first_kept"] == 1.0 and 0 < rows[("full", 1.0)]["image_share"] < 1
+
+
+def test_the_tail_selection_keeps_the_post_vision_queries_alone(tiny_model, batch, spec) -> None:
+    sim, observed, _ = observe(tiny_model, batch, spec.cells)
+    sets = kept_sets(observed, sim.layout, TAIL, 0.0, np.random.default_rng(0))
+    for per_layer, m, v0 in zip(sets, sim.layout.prompt_len, sim.layout.voter_start):
+        assert all(k.tolist() == list(range(v0, m)) for k in per_layer)
