@@ -5,18 +5,17 @@
 # The model is small and its steps are launch-bound, so variants share the one GPU at little cost each.
 # VARIANTS: "name:train.py flags|name:flags|..."; the one with the best held-out accuracy ("all") is
 # copied to /tmp/tiny-qwen2.5-vl. EXTRA: variants trained alongside but not in that choice, each left in
-# /tmp/tiny-<name> (the default: the row task's checkpoint compression_bench.sh reuses, ROW_IMAGES
-# images per request, default 4: `mrows4`, /tmp/tiny-mrows4 (reused by ROW_IMAGES=4 REUSE_CKPT=1 bash
-# benchmarks/compression_bench.sh); ROW_IMAGES=1: the one-image `rows`, /tmp/tiny-rows, as before;
-# flags in benchmarks/row_task.sh). Logs in $OUT/train_<name>.log, the choice in $OUT/train_choice.txt.
+# /tmp/tiny-<name> (the default: the compression task's checkpoint compression_bench.sh reuses,
+# COMPRESS_TASK=counts: /tmp/tiny-counts, reused by REUSE_CKPT=1 bash benchmarks/compression_bench.sh;
+# flags in benchmarks/compression_task.sh). Logs in $OUT/train_<name>.log, the choice in $OUT/train_choice.txt.
 set -uo pipefail
 source benchmarks/gpu_env.sh
 MINUTES=${MINUTES:-7}
 LAYOUTS=${LAYOUTS:-a:0.45,b:0.3,multi:0.25}
 VARIANTS=${VARIANTS:-"l8:--layers 8|l8s1:--layers 8 --seed 1|l4:--layers 4"}
-ROW_IMAGES=${ROW_IMAGES:-4}
-source benchmarks/row_task.sh || exit 1
-EXTRA=${EXTRA-$ROW_VARIANT}
+ROW_IMAGES=${ROW_IMAGES:-6}
+source benchmarks/compression_task.sh || exit 1
+EXTRA=${EXTRA-$TASK_VARIANT}
 CKPT=/tmp/tiny-qwen2.5-vl
 IFS='|' read -ra specs <<<"$VARIANTS"
 IFS='|' read -ra extras <<<"$EXTRA"

@@ -1,18 +1,19 @@
-"""Why does VL-Cache compression lose the row answers? Plain-torch simulation of per-layer KV
-compression on a trained checkpoint (issue 13), next to the server's measurement.
+"""What does VL-Cache compression keep and lose? Plain-torch simulation of per-layer KV compression on a
+trained checkpoint (issue 13), next to the server's measurement.
 
-    python -m benchmarks.tiny_vlm.compression_sim --model /tmp/tiny-mrows6 [--requests 128]
+    python -m benchmarks.tiny_vlm.compression_sim --model /tmp/tiny-counts [--requests 128]
         [--alphas 1.0,0.5,0.2,0.1,0.05] [--out report.json]
 
-The held-out requests are regime R's (make_eval.row_samples: the same images and questions the server
-benchmark sends). Pass 1 runs the prompt + answer (teacher forced) with full causal attention and records,
+The held-out requests are those of the checkpoint's compression task (make_eval.compression_samples:
+regime C's counts or regime R's rows, the images and questions the server benchmark sends). Pass 1 runs the prompt + answer (teacher forced) with full causal attention and records,
 per layer and request, what the server's compression step reads (the post-vision queries' attention over
 the prompt: token scores s_l(j) and sparsity gamma_l) and what it cannot see (the attention of the answer's
 decode queries over the prompt). Pass 2 runs again with each layer's decode queries (the answer tokens as
 inputs, positions >= m) allowed to attend only to that layer's kept prompt tokens and the decode tokens,
 while the prompt rows attend in full: the server's compressed decode, teacher forced. Exact match is the
 greedy criterion (every answer token and <|im_end|> the argmax given the right ones before it), so it
-equals free-running greedy exact match; cells: the share of answer tokens that are the argmax.
+equals free-running greedy exact match; tokens: the share of answer tokens that are the argmax given the
+right ones before them (teacher forced: not the server's cells, which follow the model's own tokens).
 
 Selections at each alpha, all with the server's budget arithmetic (`vlcache_sglang.compression.budget`,
 `selection`: the post-vision tail always kept):
@@ -23,8 +24,10 @@ Selections at each alpha, all with the server's budget arithmetic (`vlcache_sgla
 - random: vlcache's counts, uniformly random tokens beyond the tail (the floor);
 - tail (once, alpha shown as 0): the post-vision tail alone at every layer (what every selection keeps).
 Diagnostics per alpha and selection: decode recall (share of the decode queries' prompt attention mass on
-kept tokens, over layers and requests), row recall (share of the asked row's 8 image tokens kept), and of
-the kept tokens before the tail the share that are image tokens and whether the first token is kept.
+kept tokens, over layers and requests), key recall (share of the image tokens the answer reads kept: the
+asked row's cells, or the coloured cells for counts), and of the kept tokens before the tail the share
+that are image tokens and whether the first token is kept. The answer prior (how often the eval set's
+commonest answer is right) says whether the model reads the image at all: the row checkpoints did not.
 """
 
 from __future__ import annotations
@@ -42,9 +45,10 @@ import torch
 from transformers import AttentionInterface
 
 from benchmarks.tiny_vlm import prompts
-from benchmarks.tiny_vlm.batches import Batch, TaskConfig, answer_logits, load_tokenizer, make_batch
+from benchmarks.tiny_vlm.batches import Batch, Sample, TaskConfig, answer_logits, load_tokenizer, make_batch
 from benchmarks.tiny_vlm.checkpoint import load_checkpoint
-from benchmarks.tiny_vlm.make_eval import row_samples
+from benchmarks.tiny_vlm.grid_task import GridSpec
+from benchmarks.tiny_vlm.make_eval import compression_samples
 from benchmarks.tiny_vlm.pixels import tokens_per_image
 from vlcache_sglang.compression.budget import SPARSITY_THRESHOLD, kept_counts, uniform_budgets, vlcache_budgets
 from vlcache_sglang.compression.selection import select_kept_positions
@@ -57,12 +61,12 @@ ALPHAS = (1.0, 0.5, 0.2, 0.1, 0.05)
 
 @dataclasses.dataclass
 class Layout:
-    """Per request of a batch: prompt length m, first post-vision position, sequence length, the asked row's
-    image-token positions."""
+    """Per request of a batch: prompt length m, first post-vision position, sequence length, the image
+    tokens the answer reads (answer_tokens), every image token."""
     prompt_len: list[int]
     voter_start: list[int]
     seq_len: list[int]
-    row_tokens: list[list[int]]
+    key_tokens: list[list[int]]
     image_tokens: list[set[int]]
 
 
@@ -136,15 +140,36 @@ def sim_attention(model: torch.nn.Module) -> Iterator[SimAttention]:
 
 
 def row_target(question_text: str) -> tuple[int, int]:
-    """(row, image), 1-based, of a layout-mrow row question (grid_task.row_question's wording)."""
-    found = re.search(r"row (\d+) of image (\d+)", question_text)
+    """(row, image), 1-based, of a row question (grid_task.row_question's wording; one image: image 1)."""
+    found = re.search(r"colours of row (\d+)(?: of image (\d+))?", question_text)
     if not found:
-        raise ValueError(f"not a several-image row question: {question_text!r}")
-    return int(found.group(1)), int(found.group(2))
+        raise ValueError(f"not a row question: {question_text!r}")
+    return int(found.group(1)), int(found.group(2) or 1)
 
 
-def batch_layout(batch: Batch, cells: int) -> Layout:
-    """Prompt lengths, voters (after the last image), sequence lengths and the asked row's tokens."""
+def answer_tokens(sample: Sample, runs: list[tuple[int, int]], spec: GridSpec) -> list[int]:
+    """Positions of the image tokens the answer reads (one token per cell, raster order): the asked row's
+    cells, or every coloured cell of the image for counts."""
+    if spec.cell_px != 28:
+        raise ValueError(f"one image token per cell needs cell_px 28, got {spec.cell_px}")
+    kind = sample.question.kind
+    if kind == "row":
+        row, image = row_target(sample.question.text)
+        start = runs[image - 1][0] + (row - 1) * spec.cells
+        return list(range(start, start + spec.cells))
+    if kind == "counts":
+        return [runs[0][0] + int(i) for i in np.flatnonzero(sample.grid.ravel() != 0)]
+    raise ValueError(f"compression_sim reads row and counts questions, got {kind!r}")
+
+
+def answer_prior(samples: list[Sample]) -> float:
+    """Share of the samples whose answer is the commonest answer (a model at this level reads nothing)."""
+    answers = [s.question.answer for s in samples]
+    return max(answers.count(a) for a in set(answers)) / len(answers)
+
+
+def batch_layout(batch: Batch, spec: GridSpec) -> Layout:
+    """Prompt lengths, voters (after the last image), sequence lengths and the tokens the answer reads."""
     prompt_len, voter_start, seq_len, rows, images = [], [], [], [], []
     width = batch.input_ids.shape[1]
     owner, where = batch.target_sample.tolist(), batch.target_pos.tolist()
@@ -153,12 +178,10 @@ def batch_layout(batch: Batch, cells: int) -> Layout:
         mine = [p - r * width for o, p in zip(owner, where) if o == r]
         m, n = mine[0] + 1, mine[0] + 1 + len(mine)
         runs = prompts.image_runs(batch.input_ids[r, :m].tolist())
-        row, image = row_target(sample.question.text)
-        start = runs[image - 1][0] + (row - 1) * cells
         prompt_len.append(m)
         voter_start.append(runs[-1][1])   # <|vision_end|> on, as post_vision_positions from SGLang's offsets
         seq_len.append(n)
-        rows.append(list(range(start, start + cells)))
+        rows.append(answer_tokens(sample, runs, spec))
         images.append({i for a, b in runs for i in range(a, b)})
     return Layout(prompt_len, voter_start, seq_len, rows, images)
 
@@ -205,16 +228,17 @@ def kept_masks(sets: list[list[torch.Tensor]], t: int, device: torch.device) -> 
 
 
 def recalls(observed: dict[int, list[Observed]], layout: Layout, sets: list[list[torch.Tensor]]) -> dict[str, float]:
-    """Means over requests and layers: decode recall, row recall, the image share of the kept tokens
+    """Means over requests and layers: decode recall, key recall, the image share of the kept tokens
     before the tail (nan where none is kept there), the first token kept."""
-    out: dict[str, list[float]] = {"decode_recall": [], "row_recall": [], "image_share": [], "first_kept": []}
+    out: dict[str, list[float]] = {"decode_recall": [], "key_recall": [], "image_share": [], "first_kept": []}
     for r, per_layer in enumerate(sets):
         for layer, kept in enumerate(per_layer):
             mass = observed[layer][r].decode_mass
             kept_set = set(kept.tolist())
             head = [j for j in kept_set if j < layout.voter_start[r]]
             out["decode_recall"].append(float(mass[kept].sum() / mass.sum()) if mass.sum() > 0 else 1.0)
-            out["row_recall"].append(len(set(layout.row_tokens[r]) & kept_set) / len(layout.row_tokens[r]))
+            keys = layout.key_tokens[r]  # counts of an all-white image read no cell: nothing to recall
+            out["key_recall"].append(len(set(keys) & kept_set) / len(keys) if keys else np.nan)
             out["image_share"].append(sum(j in layout.image_tokens[r] for j in head) / len(head) if head else np.nan)
             out["first_kept"].append(float(0 in kept_set))
     return {k: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan") for k, v in out.items()}
@@ -238,60 +262,61 @@ def simulate(model_dir: str | Path, requests: int, alphas: list[float], device: 
     tok = load_tokenizer(model_dir)
     pre = json.loads((Path(model_dir) / "preprocessor_config.json").read_text())
     model = load_checkpoint(model_dir, device)
-    samples = row_samples(task, requests, row_images=task.row_images)
+    samples = compression_samples(task, requests)
     rng = np.random.default_rng(seed)
     acc: dict[tuple[str, float], dict[str, list]] = {}
     gammas: list[list[float]] = []
     with sim_attention(model) as sim:
         for i in range(0, len(samples), batch_size):
             batch = make_batch(samples[i:i + batch_size], tok, task.spec, pre["image_mean"], pre["image_std"], device)
-            sim.layout = batch_layout(batch, task.spec.cells)
+            sim.layout = batch_layout(batch, task.spec)
             sim.observed, sim.kept = {}, None
-            full_exact, full_cells = score_answers(answer_logits(model, batch), batch)
+            full_exact, full_tokens = score_answers(answer_logits(model, batch), batch)
             observed, sim.observed = sim.observed, None
             gammas.extend([[observed[l][r].sparsity for l in sorted(observed)] for r in range(len(batch.samples))])
-            add(acc, ("full", 1.0), full_exact, full_cells, recalls(observed, sim.layout, kept_sets(
+            add(acc, ("full", 1.0), full_exact, full_tokens, recalls(observed, sim.layout, kept_sets(
                 observed, sim.layout, "vlcache", 1.0, rng)))
             runs = [(TAIL, 0.0)] + [(selection, alpha) for alpha in alphas for selection in selections]
             for selection, alpha in runs:
                 sets = kept_sets(observed, sim.layout, selection, alpha, rng)
                 sim.kept = kept_masks(sets, batch.input_ids.shape[1], batch.input_ids.device)
-                exact, cells = score_answers(answer_logits(model, batch), batch)
+                exact, tokens = score_answers(answer_logits(model, batch), batch)
                 sim.kept = None
-                add(acc, (selection, alpha), exact, cells, recalls(observed, sim.layout, sets))
+                add(acc, (selection, alpha), exact, tokens, recalls(observed, sim.layout, sets))
     rows = [{"selection": s, "alpha": a, "n": len(v["exact"]),
              **{k: float(np.nanmean(x)) if not np.all(np.isnan(x)) else float("nan") for k, x in v.items()}}
             for (s, a), v in acc.items()]
     return {"model": str(model_dir), "requests": len(samples), "image_tokens": tokens_per_image(task.spec),
-            "row_images": task.row_images, "sparsity_per_layer": np.mean(gammas, axis=0).tolist(), "rows": rows}
+            "images_per_request": len(samples[0].grids), "kind": samples[0].kind,
+            "answer_prior": answer_prior(samples), "sparsity_per_layer": np.mean(gammas, axis=0).tolist(), "rows": rows}
 
 
-def add(acc: dict, key: tuple[str, float], exact: np.ndarray, cells: np.ndarray, kept: dict[str, float]) -> None:
-    """Per request: exact, cells; per batch: the recalls (means over its requests)."""
-    v = acc.setdefault(key, {"exact": [], "cells": [], **{k: [] for k in kept}})
+def add(acc: dict, key: tuple[str, float], exact: np.ndarray, tokens: np.ndarray, kept: dict[str, float]) -> None:
+    """Per request: exact, tokens; per batch: the recalls (means over its requests)."""
+    v = acc.setdefault(key, {"exact": [], "tokens": [], **{k: [] for k in kept}})
     v["exact"].extend(exact.tolist())
-    v["cells"].extend(cells.tolist())
+    v["tokens"].extend(tokens.tolist())
     for k, x in kept.items():
         v[k].append(x)
 
 
 def table(report: dict) -> str:
-    lines = [f"compression simulation, {report['requests']} requests of {report['row_images']} images "
-             f"({report['image_tokens']} tokens each); gamma_l = "
-             + " ".join(f"{g:.2f}" for g in report["sparsity_per_layer"]),
-             "| selection | alpha | exact | cells | decode recall | row recall | image share | first kept |",
+    lines = [f"compression simulation, {report['requests']} {report['kind']} requests of "
+             f"{report['images_per_request']} image(s) ({report['image_tokens']} tokens each); answer prior "
+             f"{report['answer_prior']:.3f}; gamma_l = " + " ".join(f"{g:.2f}" for g in report["sparsity_per_layer"]),
+             "| selection | alpha | exact | tokens | decode recall | key recall | image share | first kept |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['selection']} | {r['alpha']} | {r['exact']:.3f} | {r['cells']:.3f} "
-                     f"| {r['decode_recall']:.3f} | {r['row_recall']:.3f} | {r['image_share']:.3f} "
+        lines.append(f"| {r['selection']} | {r['alpha']} | {r['exact']:.3f} | {r['tokens']:.3f} "
+                     f"| {r['decode_recall']:.3f} | {r['key_recall']:.3f} | {r['image_share']:.3f} "
                      f"| {r['first_kept']:.2f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint written by tiny_vlm.train with --layouts mrow:1")
-    p.add_argument("--requests", type=int, default=128, help="held-out regime-R requests (make_eval's stream)")
+    p.add_argument("--model", required=True, help="checkpoint of a compression task (benchmarks/compression_task.sh)")
+    p.add_argument("--requests", type=int, default=128, help="held-out requests (make_eval's stream)")
     p.add_argument("--alphas", default=",".join(map(str, ALPHAS)))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="also write the report as JSON here")

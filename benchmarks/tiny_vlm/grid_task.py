@@ -21,7 +21,7 @@ RGB: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 210, 40), "purple": (140, 50, 170), "orange": (245, 130, 20), "black": (20, 20, 20),
 }
 BACKGROUND = "white"
-KINDS = ("count", "cell", "most", "row")  # random_question's kinds; `ref` and `total` need more context
+KINDS = ("count", "cell", "most", "row", "counts")  # random_question's kinds; `ref` and `total` need more context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +124,16 @@ def row_question(grid: np.ndarray, spec: GridSpec, row: int, image: int | None =
     return Question("row", f"What are the colours of {which}, left to right?", " ".join(colours))
 
 
+def counts_question(grid: np.ndarray, spec: GridSpec) -> Question:
+    """Every object colour's count, in palette order ("2 0 3 1"): several answer tokens, each a count over
+    the image's few coloured cells. Issue 13's compression task: the row task's checkpoints never learned
+    to read a row (their answers were the all-background row, right exactly as often as a row is empty),
+    while counting is what the tiny model does learn (`count`, `multi.total` ~0.9)."""
+    counts = [int((grid == spec.palette.index(c)).sum()) for c in spec.colours]
+    names = ", ".join(spec.colours[:-1]) + f" and {spec.colours[-1]}" if len(spec.colours) > 1 else spec.colours[0]
+    return Question("counts", f"How many {names} cells are there?", " ".join(map(str, counts)))
+
+
 def most_question(grid: np.ndarray, spec: GridSpec) -> Question | None:
     """None when the most common object colour is tied (the answer would be ambiguous)."""
     counts = np.bincount(grid.ravel(), minlength=len(spec.palette))[1:]
@@ -151,6 +161,8 @@ def random_question(grid: np.ndarray, spec: GridSpec, rng: np.random.Generator,
         return count_question(grid, spec, spec.colours[rng.integers(len(spec.colours))])
     if kind == "row":
         return row_question(grid, spec, int(rng.integers(1, spec.cells + 1)))
+    if kind == "counts":
+        return counts_question(grid, spec)
     row, col = random_coloured_cell(grid, rng)
     return cell_question(grid, spec, row, col)
 

@@ -17,6 +17,10 @@ Regimes (batches.LAYOUTS):
   `--row-images K` (K > 1, layout mrow): each request has K new labelled images ("Image 1:" ...) after
   the context and asks "What are the colours of row r of image i, left to right?" after all of them,
   so image tokens dominate the prompt as in VL-Cache's setting. `--images` requests either way.
+  (The row checkpoints trained so far never learned rows: they answer the all-background row.)
+- C: counts for KV compression (issue 13): layout b, one image per request, "How many red, green, blue
+  and yellow cells are there?" after it; the answer is one count per colour ("2 0 3 1"), read from the
+  image's few coloured cells (a 16 x 16 grid: 256 image tokens, at most 12 coloured).
 - multi: 2-4 images per request, question (a total count over all images) before them; requests come
   in rounds, round 0 all new images, later rounds some images of round 0, some new, in shuffled order
   (errors add up over the reused images).
@@ -53,6 +57,7 @@ EVAL_SEED = 30_000  # apart from training (< 10_000 + held-out) and reuse_sim (2
 CALIB_SEED = 40_000  # calibration images: the training distribution, neither eval nor held-out images
 MULTI_SEED_OFFSET = 7
 ROW_SEED_OFFSET = 11
+COUNTS_SEED_OFFSET = 13
 
 
 def distinct_questions(grid: np.ndarray, task: TaskConfig, n: int, rng: np.random.Generator) -> list[Question]:
@@ -188,6 +193,34 @@ def row_records(task: TaskConfig, images: int, seed: int = EVAL_SEED + ROW_SEED_
             for i, s in enumerate(row_samples(task, images, seed, row_images))]
 
 
+def counts_samples(task: TaskConfig, images: int, seed: int = EVAL_SEED + COUNTS_SEED_OFFSET) -> list[Sample]:
+    """Regime C's samples: `images` requests of one held-out image each, layout b's context before it and
+    the counts question ("How many red, green, blue and yellow cells are there?") after it."""
+    if images < 1:
+        raise ValueError(f"images must be >= 1, got {images}")
+    rng = np.random.default_rng(seed)
+    return [layout_b_sample(g, task, rng, kind="counts") for g in random_grids(task.spec, images, rng)]
+
+
+def counts_records(task: TaskConfig, images: int, seed: int = EVAL_SEED + COUNTS_SEED_OFFSET) -> list[dict]:
+    return [record(f"c{i:04d}", s, [data_url(g, task) for g in s.grids])
+            for i, s in enumerate(counts_samples(task, images, seed))]
+
+
+def compression_samples(task: TaskConfig, images: int) -> list[Sample]:
+    """The held-out samples of the compression task the checkpoint was trained on: regime C (counts)
+    before regime R (rows of several images, then of one); what compression_sim.py and the server
+    benchmark's eval set share."""
+    if task.layout_share("b") > 0 and dict(task.b_weights).get("counts", 0) > 0:
+        return counts_samples(task, images)
+    if task.layout_share("mrow") > 0:
+        return row_samples(task, images, row_images=task.row_images)
+    if task.layout_share("b") > 0 and dict(task.b_weights).get("row", 0) > 0:
+        return row_samples(task, images)
+    raise SystemExit(f"the checkpoint was trained on no compression task (layouts {task.layouts}, b kinds "
+                     f"{task.b_weights}): train with --layouts b:1 --kinds-b counts:1 (or a row task)")
+
+
 def calibration_requests(task: TaskConfig, images: int, repeats: int, seed: int = CALIB_SEED) -> list[dict]:
     """OpenAI chat requests from the training distribution: the layouts in the checkpoint's shares."""
     a, b, multi = (task.layout_share(k) for k in ("a", "b", "multi"))
@@ -231,7 +264,13 @@ def regime_records(task: TaskConfig, regime: str, args: argparse.Namespace) -> l
                 raise SystemExit(f"regime R with --row-images {k}: the checkpoint's mrow samples have "
                                  f"{task.row_images} images; train with --row-images {k}")
         return row_records(task, args.images, args.seed + ROW_SEED_OFFSET, k)
-    raise SystemExit(f"unknown regime {regime!r}; choose from A, B, mix:S (0 <= S <= 1), multi, R")
+    if regime == "C":
+        need("b")
+        if dict(task.b_weights).get("counts", 0) <= 0:
+            raise SystemExit("regime C needs counts questions in layout b, which the checkpoint was not trained "
+                             "on; train with --kinds-b counts:1")
+        return counts_records(task, args.images, args.seed + COUNTS_SEED_OFFSET)
+    raise SystemExit(f"unknown regime {regime!r}; choose from A, B, mix:S (0 <= S <= 1), multi, R, C")
 
 
 def prompt_lengths(records: list[dict], model_dir: str | Path, task: TaskConfig) -> str | None:
@@ -266,8 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="one JSONL file: regime A")
     out.add_argument("--out-dir", help="one JSONL file per --regimes entry (and calibration.jsonl)")
-    p.add_argument("--regimes", default="A,B,multi", help="with --out-dir: A, B, mix:S, multi, R (comma-separated)")
-    p.add_argument("--images", type=int, default=64, help="images per set (regime R: requests)")
+    p.add_argument("--regimes", default="A,B,multi", help="with --out-dir: A, B, mix:S, multi, R, C (comma-separated)")
+    p.add_argument("--images", type=int, default=64, help="images per set (regimes R, C: requests)")
     p.add_argument("--row-images", type=int, default=1,
                    help="regime R: images per request (1: layout b; K > 1: layout mrow, trained with --row-images K)")
     p.add_argument("--repeats", type=int, default=5, help="occurrences per image (1 first + repeats - 1 reuses)")

@@ -133,28 +133,34 @@ def test_launched_servers_compress_only_on_request_and_the_script_passes_known_o
     assert args.model and args.log_dir
 
 
-def _row_task(row_images: str) -> subprocess.CompletedProcess:
-    script = 'source benchmarks/row_task.sh && echo "$ROW_VARIANT" && echo "$ROW_CKPT"'
+def _task(compress_task: str, row_images: str = "") -> subprocess.CompletedProcess:
+    script = 'source benchmarks/compression_task.sh && printf "%s\\n" "$TASK_VARIANT" "$TASK_CKPT" "$TASK_REGIME" "$TASK_EVAL_ARGS"'
     return subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "ROW_IMAGES": row_images})
+                          env={**os.environ, "COMPRESS_TASK": compress_task, "ROW_IMAGES": row_images})
 
 
-@pytest.mark.parametrize("k, name, layout", [(1, "rows", "b"), (4, "mrows4", "mrow")])
-def test_the_scripts_row_variant_trains_what_make_eval_asks(k, name, layout):
-    """compression_bench.sh and train_tiny.sh train ROW_IMAGES's variant (row_task.sh) and make_eval's
-    regime R with --row-images K accepts that checkpoint's task."""
-    from benchmarks.tiny_vlm.make_eval import regime_records
+@pytest.mark.parametrize("compress_task, k, name, layout, regime", [
+    ("counts", "", "counts", "b", "C"), ("rows", "1", "rows", "b", "R"), ("rows", "4", "mrows4", "mrow", "R")])
+def test_the_scripts_task_variant_trains_what_make_eval_asks(compress_task, k, name, layout, regime):
+    """compression_bench.sh, compression_sim.sh and train_tiny.sh train COMPRESS_TASK's variant
+    (compression_task.sh) and make_eval's regime with the script's flags accepts that checkpoint's task."""
+    from benchmarks.tiny_vlm.make_eval import compression_samples, regime_records
     from benchmarks.tiny_vlm.train import parse_args, task_from_args
 
-    variant, ckpt = _row_task(str(k)).stdout.splitlines()
-    assert variant.split(":")[0] == name and ckpt == f"/tmp/tiny-{name}"
+    variant, ckpt, got_regime, eval_args = (_task(compress_task, k).stdout.splitlines() + [""])[:4]
+    assert variant.split(":")[0] == name and ckpt == f"/tmp/tiny-{name}" and got_regime == regime
     task = task_from_args(parse_args(["--out", "x", *variant.split(":", 1)[1].split()]))
-    assert task.layouts == ((layout, 1.0),) and (k == 1 or task.row_images == k)
-    records = regime_records(task, "R", argparse.Namespace(images=2, seed=0, row_images=k))
-    assert [len(r["images"]) for r in records] == [k, k]
-    assert _row_task("7").returncode != 0 and "ROW_IMAGES must be 1..6" in _row_task("7").stderr
+    assert task.layouts == ((layout, 1.0),) and (k in ("", "1") or task.row_images == int(k))
+    row_images = int(eval_args.split()[-1]) if eval_args else 1
+    records = regime_records(task, regime, argparse.Namespace(images=2, seed=0, row_images=row_images))
+    assert [len(r["images"]) for r in records] == [row_images] * 2
+    assert {r["kind"] for r in records} == {s.kind for s in compression_samples(task, 2)}
+    assert _task("rows", "7").returncode != 0 and "ROW_IMAGES must be 1..6" in _task("rows", "7").stderr
+    assert _task("nope").returncode != 0 and "COMPRESS_TASK must be counts or rows" in _task("nope").stderr
     bench = (ROOT / "benchmarks" / "compression_bench.sh").read_text()
     call = bench[bench.index("python3 -m benchmarks.tiny_vlm.make_eval"):].split("|")[0]
-    # The same default K in both scripts: REUSE_CKPT=1 after train_tiny.sh finds the checkpoint it left.
-    assert '--row-images "$ROW_IMAGES"' in call and "ROW_IMAGES=${ROW_IMAGES:-4}" in bench
-    assert "ROW_IMAGES=${ROW_IMAGES:-4}" in (ROOT / "benchmarks" / "train_tiny.sh").read_text()
+    assert '--regimes "$TASK_REGIME"' in call and "$TASK_EVAL_ARGS" in call
+    # The same default K in every script: REUSE_CKPT=1 after train_tiny.sh finds the checkpoint it left.
+    for script in ("compression_bench.sh", "train_tiny.sh", "compression_sim.sh"):
+        text = (ROOT / "benchmarks" / script).read_text()
+        assert "ROW_IMAGES=${ROW_IMAGES:-6}" in text and "source benchmarks/compression_task.sh" in text

@@ -1,14 +1,15 @@
 """compression_sim: its attention equals the model's own, alpha 1 equals no compression, the mask reaches
-only the decode rows, and the report has every selection."""
+only the decode rows, the answer's image tokens are the right ones, and the report has every selection."""
 
 import numpy as np
 import pytest
 import torch
 
 from benchmarks.tiny_vlm.batches import TaskConfig, answer_logits, load_tokenizer, make_batch
-from benchmarks.tiny_vlm.compression_sim import (SELECTIONS, TAIL, batch_layout, kept_masks, kept_sets, row_target,
-                                                 score_answers, sim_attention, simulate)
-from benchmarks.tiny_vlm.make_eval import row_samples
+from benchmarks.tiny_vlm.compression_sim import (SELECTIONS, TAIL, answer_prior, answer_tokens, batch_layout,
+                                                 kept_masks, kept_sets, row_target, score_answers, sim_attention,
+                                                 simulate)
+from benchmarks.tiny_vlm.make_eval import compression_samples, counts_samples, row_samples
 from benchmarks.tiny_vlm.prompts import VISION_END, image_runs
 
 
@@ -23,9 +24,9 @@ def batch(tiny_dir, task):
     return make_batch(row_samples(task, 4, seed=3, row_images=3), tok, task.spec, [0.5] * 3, [0.25] * 3, "cpu")
 
 
-def observe(model, batch, cells):
+def observe(model, batch, spec):
     with sim_attention(model) as sim:
-        sim.layout = batch_layout(batch, cells)
+        sim.layout = batch_layout(batch, spec)
         sim.observed = {}
         logits = answer_logits(model, batch)
         return sim, sim.observed, logits
@@ -33,12 +34,32 @@ def observe(model, batch, cells):
 
 def test_row_target_reads_row_questions_only() -> None:
     assert row_target("What are the colours of row 3 of image 2, left to right?") == (3, 2)
-    with pytest.raises(ValueError, match="not a several-image row question"):
-        row_target("What are the colours of row 3, left to right?")
+    assert row_target("What are the colours of row 3, left to right?") == (3, 1)
+    with pytest.raises(ValueError, match="not a row question"):
+        row_target("How many red cells are there?")
+
+
+def test_counts_read_the_coloured_cells(tiny_dir, spec) -> None:
+    task = TaskConfig(spec=spec, max_filler_words=8, layouts=(("b", 1.0),), b_weights=(("counts", 1.0),))
+    samples = counts_samples(task, 6, seed=1)
+    assert [s.question.answer for s in compression_samples(task, 6)] == [s.question.answer for s in counts_samples(task, 6)]
+    tok = load_tokenizer(tiny_dir)
+    b = make_batch(samples, tok, spec, [0.5] * 3, [0.25] * 3, "cpu")
+    layout = batch_layout(b, spec)
+    for r, s in enumerate(samples):
+        runs = image_runs(b.input_ids[r, :layout.prompt_len[r]].tolist())
+        keys = layout.key_tokens[r]
+        assert keys == answer_tokens(s, runs, spec) and len(keys) == int((s.grid != 0).sum())
+        assert all(runs[0][0] <= k < runs[0][1] for k in keys)
+        # The answer is the counts in palette order, and the key tokens hold exactly those cells.
+        flat = s.grid.ravel()
+        assert s.question.answer == " ".join(str(int((flat[[k - runs[0][0] for k in keys]] == i + 1).sum()))
+                                             for i in range(len(spec.colours)))
+    assert 0 < answer_prior(samples) <= 1 and answer_prior(samples[:1] * 3) == 1.0
 
 
 def test_layout_names_the_asked_row_and_the_post_vision_voters(batch, spec) -> None:
-    layout = batch_layout(batch, spec.cells)
+    layout = batch_layout(batch, spec)
     for r, sample in enumerate(batch.samples):
         ids = batch.input_ids[r].tolist()
         m = layout.prompt_len[r]
@@ -46,15 +67,15 @@ def test_layout_names_the_asked_row_and_the_post_vision_voters(batch, spec) -> N
         assert ids[layout.voter_start[r]] == VISION_END and layout.voter_start[r] == runs[-1][1]
         row, image = row_target(sample.question.text)
         start, end = runs[image - 1]
-        assert layout.row_tokens[r] == list(range(start + (row - 1) * spec.cells, start + row * spec.cells))
-        assert layout.row_tokens[r][-1] < end
+        assert layout.key_tokens[r] == list(range(start + (row - 1) * spec.cells, start + row * spec.cells))
+        assert layout.key_tokens[r][-1] < end
         # The answer and <|im_end|> follow the prompt.
         assert layout.seq_len[r] - m == int((batch.target_sample == r).sum())
 
 
 def test_sim_attention_equals_the_models_own_and_observes_probabilities(tiny_model, batch, spec) -> None:
     stock = answer_logits(tiny_model, batch)
-    sim, observed, logits = observe(tiny_model, batch, spec.cells)
+    sim, observed, logits = observe(tiny_model, batch, spec)
     torch.testing.assert_close(logits, stock, atol=2e-5, rtol=1e-4)
     layout = sim.layout
     assert sorted(observed) == list(range(tiny_model.config.text_config.num_hidden_layers))
@@ -71,7 +92,7 @@ def test_sim_attention_equals_the_models_own_and_observes_probabilities(tiny_mod
 
 
 def test_alpha_one_keeps_everything_and_equals_full(tiny_model, batch, spec) -> None:
-    sim, observed, full = observe(tiny_model, batch, spec.cells)
+    sim, observed, full = observe(tiny_model, batch, spec)
     rng = np.random.default_rng(0)
     with sim_attention(tiny_model) as again:
         again.layout = sim.layout
@@ -83,7 +104,7 @@ def test_alpha_one_keeps_everything_and_equals_full(tiny_model, batch, spec) -> 
 
 
 def test_compression_changes_decode_rows_only(tiny_model, batch, spec) -> None:
-    sim, observed, full = observe(tiny_model, batch, spec.cells)
+    sim, observed, full = observe(tiny_model, batch, spec)
     sets = kept_sets(observed, sim.layout, "vlcache", 0.05, np.random.default_rng(0))
     tails = [m - v0 for m, v0 in zip(sim.layout.prompt_len, sim.layout.voter_start)]
     assert all(len(k) < m and len(k) >= t for per, m, t in zip(sets, sim.layout.prompt_len, tails) for k in per)
@@ -111,21 +132,32 @@ def test_score_answers_counts_exact_and_cells(batch) -> None:
     assert cells[1] == pytest.approx((n1 - 1) / n1) and cells[0] == 1.0
 
 
-def test_simulate_reports_every_selection_at_every_alpha(tiny_dir, tmp_path) -> None:
-    """End to end on a 2-step mrow checkpoint: chance-level numbers, the report's shape and anchors."""
+def test_compression_samples_follow_the_checkpoints_task(spec) -> None:
+    rows = TaskConfig(spec=spec, layouts=(("mrow", 1.0),), row_images=3)
+    assert [len(s.grids) for s in compression_samples(rows, 2)] == [3, 3]
+    assert [s.kind for s in compression_samples(rows, 2)] == [s.kind for s in row_samples(rows, 2, row_images=3)]
+    with pytest.raises(SystemExit, match="no compression task"):
+        compression_samples(TaskConfig(spec=spec), 2)
+
+
+@pytest.mark.parametrize("task_flags, kind", [(["--layouts", "mrow:1", "--row-images", "2"], "mrow.row"),
+                                              (["--layouts", "b:1", "--kinds-b", "counts:1"], "b.counts")])
+def test_simulate_reports_every_selection_at_every_alpha(tiny_dir, tmp_path, task_flags, kind) -> None:
+    """End to end on a 2-step checkpoint of each task: chance-level numbers, the report's shape and anchors."""
     from benchmarks.tiny_vlm.train import parse_args, train
 
     out = tmp_path / "ckpt"
     train(parse_args(["--out", str(out), "--size", "small", "--layers", "2", "--cells", "4", "--colours", "3",
-                      "--max-count", "3", "--layouts", "mrow:1", "--row-images", "2", "--batch", "4",
+                      "--max-count", "3", *task_flags, "--batch", "4",
                       "--held-out", "4", "--max-steps", "2", "--tokenizer-from", str(tiny_dir), "--device", "cpu"]))
     report = simulate(out, requests=6, alphas=[1.0, 0.2], device="cpu", batch_size=4)
+    assert report["kind"] == kind and 0 < report["answer_prior"] <= 1
     rows = {(r["selection"], r["alpha"]): r for r in report["rows"]}
     assert set(rows) == {("full", 1.0), (TAIL, 0.0)} | {(s, a) for s in SELECTIONS for a in (1.0, 0.2)}
     assert all(r["n"] == 6 for r in rows.values()) and len(report["sparsity_per_layer"]) == 2
     for s in SELECTIONS:
         assert rows[(s, 1.0)]["exact"] == rows[("full", 1.0)]["exact"]
-        assert rows[(s, 1.0)]["decode_recall"] == pytest.approx(1.0) and rows[(s, 1.0)]["row_recall"] == 1.0
+        assert rows[(s, 1.0)]["decode_recall"] == pytest.approx(1.0) and rows[(s, 1.0)]["key_recall"] == 1.0
     # The oracle keeps the decode queries' own top tokens: no selection with its counts holds more mass.
     for s in ("vlcache", "random"):
         assert rows[("oracle", 0.2)]["decode_recall"] >= rows[(s, 0.2)]["decode_recall"] - 1e-9
@@ -135,7 +167,7 @@ def test_simulate_reports_every_selection_at_every_alpha(tiny_dir, tmp_path) -> 
 
 
 def test_the_tail_selection_keeps_the_post_vision_queries_alone(tiny_model, batch, spec) -> None:
-    sim, observed, _ = observe(tiny_model, batch, spec.cells)
+    sim, observed, _ = observe(tiny_model, batch, spec)
     sets = kept_sets(observed, sim.layout, TAIL, 0.0, np.random.default_rng(0))
     for per_layer, m, v0 in zip(sets, sim.layout.prompt_len, sim.layout.voter_start):
         assert all(k.tolist() == list(range(v0, m)) for k in per_layer)

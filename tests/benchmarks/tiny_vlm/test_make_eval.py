@@ -170,8 +170,25 @@ def test_regimes_need_the_layouts_the_checkpoint_was_trained_on(tmp_path):
     with pytest.raises(SystemExit, match="needs layout 'b'"):
         regime_records(TASK, "B", args)
     with pytest.raises(SystemExit, match="unknown regime"):
+        regime_records(MIXED, "Z", args)
+    with pytest.raises(SystemExit, match="regime C needs counts questions"):
         regime_records(MIXED, "C", args)
     assert {r["layout"] for r in regime_records(MIXED, "mix:0.5", args)} <= {"a", "b"}
+
+
+def test_regime_c_asks_every_colours_count_of_one_new_image_each():
+    import argparse
+
+    from benchmarks.tiny_vlm.make_eval import regime_records
+
+    counts = TaskConfig(spec=TASK.spec, max_filler_words=12, layouts=(("b", 1.0),), b_weights=(("counts", 1.0),))
+    records = regime_records(counts, "C", argparse.Namespace(images=5, seed=3))
+    assert len(records) == 5 and {r["kind"] for r in records} == {"b.counts"}
+    assert len({u for r in records for u in r["images"]}) == 5 and all(len(r["images"]) == 1 for r in records)
+    for r in records:
+        assert len(r["answer"].split()) == len(TASK.spec.colours) and all(c.isdigit() for c in r["answer"].split())
+        assert r["prompt"].endswith(f"{' and '.join([', '.join(TASK.spec.colours[:-1]), TASK.spec.colours[-1]])} "
+                                    "cells are there?\nAnswer:")
 
 
 def test_cli_writes_one_file_per_regime_and_calibration_requests(tmp_path, capsys):

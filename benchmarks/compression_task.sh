@@ -1,0 +1,28 @@
+# Sourced by compression_bench.sh, compression_sim.sh and train_tiny.sh: the task issue 13's compression
+# accuracy is measured on, as one train_tiny.sh variant "name:train.py flags" (TASK_VARIANT), its
+# checkpoint (TASK_CKPT), make_eval's regime (TASK_REGIME) and its flags (TASK_EVAL_ARGS).
+# COMPRESS_TASK:
+#   counts (default)  layout b, one 16 x 16 grid (256 image tokens, at most 3 cells of each of 4 colours),
+#                     "How many red, green, blue and yellow cells are there?" -> "2 0 3 1"; regime C;
+#                     prompts of ~380 tokens: alpha 0.1 keeps ~13 tokens beyond the ~25 after the image,
+#                     as many as the coloured cells                                  /tmp/tiny-counts
+#   rows              ROW_IMAGES (the sourcing script sets its default) images and a row question:
+#                     1: layout b, "What are the colours of row r, left to right?"     /tmp/tiny-rows
+#                     K 2..6: layout mrow, K labelled images, "... of row r of image i ..."  /tmp/tiny-mrowsK
+#                     The row checkpoints trained so far never learned rows (they answer the all-white
+#                     row, right as often as a row is empty): kept to reproduce those runs.
+# One place for the flags, so a checkpoint train_tiny.sh left is the one compression_bench.sh would train.
+case "${COMPRESS_TASK:-counts}" in
+  counts)
+    TASK_VARIANT="counts:--layers 8 --layouts b:1 --kinds-b counts:1 --cells 16 --max-count 3"
+    TASK_REGIME=C; TASK_EVAL_ARGS="" ;;
+  rows)
+    case "${ROW_IMAGES:-}" in
+      1) TASK_VARIANT="rows:--layers 8 --layouts b:1 --kinds-b row:0.6,cell:0.2,count:0.2 --route-p-ref 0" ;;
+      [2-6]) TASK_VARIANT="mrows$ROW_IMAGES:--layers 8 --layouts mrow:1 --row-images $ROW_IMAGES" ;;
+      *) echo "ROW_IMAGES must be 1..6, got '${ROW_IMAGES:-}'" >&2; return 1 2>/dev/null || exit 1 ;;
+    esac
+    TASK_REGIME=R; TASK_EVAL_ARGS="--row-images $ROW_IMAGES" ;;
+  *) echo "COMPRESS_TASK must be counts or rows, got '$COMPRESS_TASK'" >&2; return 1 2>/dev/null || exit 1 ;;
+esac
+TASK_CKPT=/tmp/tiny-${TASK_VARIANT%%:*}
