@@ -248,6 +248,15 @@ def mean_or_none(xs: list) -> Optional[float]:
     return sum(xs) / len(xs) if xs else None
 
 
+def answer_prior(answers: list[str]) -> float:
+    """Share of `answers` equal to the commonest one: what a model that reads nothing scores by always
+    giving it (the row checkpoints did exactly that)."""
+    if not answers:
+        raise ValueError("no answers")
+    normal = [normalise(a) for a in answers]
+    return max(normal.count(a) for a in set(normal)) / len(normal)
+
+
 def summarise(target: Target, results: list[dict], reference: list[dict], window: dict[str, float]) -> dict:
     ref = {r["id"]: r for r in reference}
     agree = [r["error"] is None and ref[r["id"]]["error"] is None and r["answer"] == ref[r["id"]]["answer"]

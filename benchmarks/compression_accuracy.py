@@ -106,6 +106,20 @@ def table_md(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PRIOR_MARGIN = 0.02  # uncompressed accuracy this close to the answer prior: the model reads nothing
+
+
+def prior_line(prior: float, rows: list[dict]) -> str:
+    """The answer prior, and a warning when the uncompressed accuracy does not clear it: compressing the KV
+    of a model that ignores the image cannot lose anything the table could show."""
+    best = max((r["accuracy"] for r in rows if r["alpha"] == 1.0 and r["accuracy"] is not None), default=None)
+    line = f"Answer prior (the commonest answer's share of the records): {prior:.3f}."
+    if best is not None and best <= prior + PRIOR_MARGIN:
+        line += (f" **The uncompressed accuracy ({best:.3f}) does not clear it: the model answers without reading "
+                 "the image, and this table says nothing about compression.**")
+    return line
+
+
 def compression_server_flags(budget: str) -> list[str]:
     """A compressing vlcache server: nothing trimmed unless a request asks (alpha 1.0 by default) and
     its budget method; `METHOD+sinkN` also keeps the first N prompt tokens at every layer."""
@@ -133,7 +147,7 @@ def build_servers(model: str, budgets: list[str], log_dir: str, base_port: int) 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, help="make_eval's R.jsonl")
+    p.add_argument("--dataset", required=True, help="make_eval's C.jsonl (counts) or R.jsonl (rows)")
     p.add_argument("--server", action="append", default=[], metavar="LABEL=URL",
                    help="a compressing server (--vlcache-compress-ratio 1.0) and its budget method's label")
     p.add_argument("--model", default=None, help="launch the servers on this checkpoint (with --log-dir)")
@@ -144,7 +158,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--stock", default=None, help="URL of stock SGLang: alpha 1.0 is compared with it")
     p.add_argument("--alphas", default=",".join(map(str, ALPHAS)))
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--max-tokens", type=int, default=12, help="a row of 8 colours is 8 tokens + <|im_end|>")
+    p.add_argument("--max-tokens", type=int, default=12,
+                   help="a row of 8 colours is 8 tokens + <|im_end|>, four counts 7 + <|im_end|>")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--timeout-s", type=float, default=60)
     p.add_argument("--deadline-unix", type=float, default=None, help="no pass starts after this")
@@ -201,9 +216,11 @@ def sweep(args: argparse.Namespace) -> list[dict]:
             print(f"{target.label} α {alpha:g}: accuracy {rows[-1]['accuracy']}, errors {rows[-1]['errors']}",
                   flush=True)
     table = table_md(rows)
-    (out_dir / "compression.json").write_text(json.dumps({"rows": rows, "skipped": skipped,
-                                                          "records": len(records)}, indent=1))
+    prior = accuracy.answer_prior([r.answer for r in records])
+    (out_dir / "compression.json").write_text(json.dumps({"rows": rows, "skipped": skipped, "records": len(records),
+                                                          "answer_prior": prior}, indent=1))
     note = f"\n\nSkipped (time budget): {', '.join(skipped)}" if skipped else ""
+    note += "\n\n" + prior_line(prior, rows)
     (out_dir / "compression.md").write_text(f"# Compression accuracy, {len(records)} records\n\n{table}{note}\n")
     plot.try_plot("compression", out_dir)
     print(f"\n{table}{note}", flush=True)

@@ -48,7 +48,7 @@ from benchmarks.tiny_vlm import prompts
 from benchmarks.tiny_vlm.batches import Batch, Sample, TaskConfig, answer_logits, load_tokenizer, make_batch
 from benchmarks.tiny_vlm.checkpoint import load_checkpoint
 from benchmarks.tiny_vlm.grid_task import GridSpec
-from benchmarks.tiny_vlm.make_eval import compression_samples
+from benchmarks.tiny_vlm.make_eval import accuracy, compression_samples  # accuracy: benchmarks/accuracy.py
 from benchmarks.tiny_vlm.pixels import tokens_per_image
 from vlcache_sglang.compression.budget import SPARSITY_THRESHOLD, kept_counts, uniform_budgets, vlcache_budgets
 from vlcache_sglang.compression.selection import select_kept_positions
@@ -57,6 +57,7 @@ NAME = "vlcache_compression_sim"
 SELECTIONS = ("vlcache", "uniform", "oracle", "random")
 TAIL = "tail"  # simulated once per request: it does not depend on alpha
 ALPHAS = (1.0, 0.5, 0.2, 0.1, 0.05)
+PRIOR_MARGIN = 0.02  # as compression_accuracy.py's
 
 
 @dataclasses.dataclass
@@ -160,12 +161,6 @@ def answer_tokens(sample: Sample, runs: list[tuple[int, int]], spec: GridSpec) -
     if kind == "counts":
         return [runs[0][0] + int(i) for i in np.flatnonzero(sample.grid.ravel() != 0)]
     raise ValueError(f"compression_sim reads row and counts questions, got {kind!r}")
-
-
-def answer_prior(samples: list[Sample]) -> float:
-    """Share of the samples whose answer is the commonest answer (a model at this level reads nothing)."""
-    answers = [s.question.answer for s in samples]
-    return max(answers.count(a) for a in set(answers)) / len(answers)
 
 
 def batch_layout(batch: Batch, spec: GridSpec) -> Layout:
@@ -288,7 +283,7 @@ def simulate(model_dir: str | Path, requests: int, alphas: list[float], device: 
             for (s, a), v in acc.items()]
     return {"model": str(model_dir), "requests": len(samples), "image_tokens": tokens_per_image(task.spec),
             "images_per_request": len(samples[0].grids), "kind": samples[0].kind,
-            "answer_prior": answer_prior(samples), "sparsity_per_layer": np.mean(gammas, axis=0).tolist(), "rows": rows}
+            "answer_prior": accuracy.answer_prior([s.question.answer for s in samples]), "sparsity_per_layer": np.mean(gammas, axis=0).tolist(), "rows": rows}
 
 
 def add(acc: dict, key: tuple[str, float], exact: np.ndarray, tokens: np.ndarray, kept: dict[str, float]) -> None:
@@ -306,6 +301,10 @@ def table(report: dict) -> str:
              f"{report['answer_prior']:.3f}; gamma_l = " + " ".join(f"{g:.2f}" for g in report["sparsity_per_layer"]),
              "| selection | alpha | exact | tokens | decode recall | key recall | image share | first kept |",
              "|---|---|---|---|---|---|---|---|"]
+    full = next(r["exact"] for r in report["rows"] if r["selection"] == "full")
+    if full <= report["answer_prior"] + PRIOR_MARGIN:
+        lines.insert(1, f"**Uncompressed exact {full:.3f} does not clear the answer prior: the model reads nothing "
+                        "from the image; no row below says anything about compression.**")
     for r in report["rows"]:
         lines.append(f"| {r['selection']} | {r['alpha']} | {r['exact']:.3f} | {r['tokens']:.3f} "
                      f"| {r['decode_recall']:.3f} | {r['key_recall']:.3f} | {r['image_share']:.3f} "

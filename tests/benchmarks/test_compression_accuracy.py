@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fake_sglang  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import accuracy  # noqa: E402
 import compression_accuracy as ca  # noqa: E402
 
 from benchmarks.tiny_vlm.batches import TaskConfig  # noqa: E402
@@ -87,7 +88,10 @@ def test_rows_per_alpha_score_accuracy_cells_and_agreement(tmp_path):
     assert lossy_row["token_agree_uncompressed"] == pytest.approx(1 - 4 / 6 / 4)
     assert lossy_row["stopped"] == pytest.approx(2 / 6) and by[("vlcache", 0.2)]["stopped"] == 1.0
     assert "agree_stock" not in lossy_row and by[("uniform", 1.0)]["accuracy"] == 1.0
-    assert (tmp_path / "out" / "compression.md").read_text().count("| uniform |") == 3
+    md = (tmp_path / "out" / "compression.md").read_text()
+    assert md.count("| uniform |") == 3 and "Answer prior" in md and "says nothing" not in md
+    prior = json.loads((tmp_path / "out" / "compression.json").read_text())["answer_prior"]
+    assert prior == accuracy.answer_prior([r["answer"] for r in records]) and prior < 1.0
     # The kept share each pass served, from the gauges' deltas over it (none trimmed at alpha 1).
     assert by[("uniform", 0.2)]["kept_measured"] == pytest.approx(0.2 + VOTERS / 100)
     assert by[("vlcache", 0.5)]["kept_measured"] == pytest.approx(0.5 + VOTERS / 100)
@@ -97,6 +101,16 @@ def test_rows_per_alpha_score_accuracy_cells_and_agreement(tmp_path):
     assert sorted(o["compress_ratio"] for o in overrides) == [0.2] * 6 + [0.5] * 6 + [1.0] * 6
     assert {o["policy"] for o in overrides} == {"full"}, "reuse stays out of the comparison"
     assert sum("custom_params" not in b and b["max_tokens"] > 1 for b in good_h.bodies) == 6, "stock: no override"
+
+
+def test_the_answer_prior_flags_a_model_that_reads_nothing():
+    assert accuracy.answer_prior(["white white", "White white", "red white", "x"]) == 0.5
+    with pytest.raises(ValueError, match="no answers"):
+        accuracy.answer_prior([])
+    rows = [{"alpha": 1.0, "accuracy": 0.305}, {"alpha": 0.5, "accuracy": 0.9}]
+    assert "says nothing about compression" in ca.prior_line(0.3047, rows)
+    assert "says nothing" not in ca.prior_line(0.10, rows) and "0.100" in ca.prior_line(0.10, rows)
+    assert "says nothing" not in ca.prior_line(0.3, [{"alpha": 1.0, "accuracy": None}])
 
 
 def test_the_reference_alpha_is_required_and_words_are_compared_by_position():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks.tiny_vlm.batches import TaskConfig, answer_logits, load_tokenizer, make_batch
-from benchmarks.tiny_vlm.compression_sim import (SELECTIONS, TAIL, answer_prior, answer_tokens, batch_layout,
+from benchmarks.tiny_vlm.compression_sim import (SELECTIONS, TAIL, answer_tokens, batch_layout,
                                                  kept_masks, kept_sets, row_target, score_answers, sim_attention,
                                                  simulate)
 from benchmarks.tiny_vlm.make_eval import compression_samples, counts_samples, row_samples
@@ -55,7 +55,6 @@ def test_counts_read_the_coloured_cells(tiny_dir, spec) -> None:
         flat = s.grid.ravel()
         assert s.question.answer == " ".join(str(int((flat[[k - runs[0][0] for k in keys]] == i + 1).sum()))
                                              for i in range(len(spec.colours)))
-    assert 0 < answer_prior(samples) <= 1 and answer_prior(samples[:1] * 3) == 1.0
 
 
 def test_layout_names_the_asked_row_and_the_post_vision_voters(batch, spec) -> None:
@@ -152,6 +151,10 @@ def test_simulate_reports_every_selection_at_every_alpha(tiny_dir, tmp_path, tas
                       "--held-out", "4", "--max-steps", "2", "--tokenizer-from", str(tiny_dir), "--device", "cpu"]))
     report = simulate(out, requests=6, alphas=[1.0, 0.2], device="cpu", batch_size=4)
     assert report["kind"] == kind and 0 < report["answer_prior"] <= 1
+    from benchmarks.tiny_vlm.compression_sim import table
+    full = next(r["exact"] for r in report["rows"] if r["selection"] == "full")
+    assert ("does not clear the answer prior" in table(report)) == (full <= report["answer_prior"] + 0.02)
+    assert "does not clear" not in table({**report, "answer_prior": full - 0.5})
     rows = {(r["selection"], r["alpha"]): r for r in report["rows"]}
     assert set(rows) == {("full", 1.0), (TAIL, 0.0)} | {(s, a) for s in SELECTIONS for a in (1.0, 0.2)}
     assert all(r["n"] == 6 for r in rows.values()) and len(report["sparsity_per_layer"]) == 2
