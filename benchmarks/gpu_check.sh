@@ -78,3 +78,6 @@ for r in rows:
 PY
 for f in "$OUT"/rotation_*.txt; do echo "$(basename "$f" .txt): $(wc -l <"$f") checks, worst: $(grep -o 'max |rotated - fresh| = [0-9.e+-]*' "$f" | sort -t= -k2 -g | tail -1)"; done
 tail -1 "$OUT/pytest.log"
+# The device tool returns at most 8 files from $OUT: the logs travel as one archive.
+tar czf "$OUT/logs.tar.gz" -C "$OUT" $(cd "$OUT" && ls server_*.log rotation_*.txt refused.log pytest.log pip.log 2>/dev/null) \
+  && (cd "$OUT" && rm -f server_*.log rotation_*.txt refused.log pytest.log pip.log)
