@@ -28,16 +28,8 @@ source benchmarks/compression_task.sh
 CKPT=$TASK_CKPT
 DATA=/tmp/${TASK_VARIANT%%:*}_eval
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$OUT/progress.log"; }
-quiet() { grep -v -i -e warn -e "loading weights" || true; }
-if [ "${REUSE_CKPT:-0}" = 1 ] && [ -f "$CKPT/model.safetensors" ]; then
-  stamp "REUSE_CKPT=1: $CKPT from an earlier run on this machine"
-else
-  stamp "train ($MINUTES min, ${TASK_VARIANT%%:*})"
-  # shellcheck disable=SC2086  # flags are words
-  python3 -m benchmarks.tiny_vlm.train --out "$CKPT" --minutes "$MINUTES" --tokenizer-from "$MODEL" \
-    ${TASK_VARIANT#*:} ${TRAIN_ARGS:-} 2>&1 | quiet | tee "$OUT/train.log" | tail -2
-fi
-cp "$CKPT/train_log.json" "$OUT/" 2>/dev/null || true
+stamp "checkpoint"
+train_task_checkpoint "$OUT/train.log" | tee -a "$OUT/progress.log"
 stamp "eval set $TASK_REGIME ($IMAGES requests)"
 # shellcheck disable=SC2086  # flags are words
 python3 -m benchmarks.tiny_vlm.make_eval --model "$CKPT" --out-dir "$DATA" --regimes "$TASK_REGIME" --images "$IMAGES" \

@@ -15,16 +15,8 @@ REQUESTS=${REQUESTS:-256}
 ROW_IMAGES=${ROW_IMAGES:-6}
 source benchmarks/compression_task.sh
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$OUT/progress.log"; }
-if [ "${REUSE_CKPT:-0}" = 1 ] && [ -f "$TASK_CKPT/model.safetensors" ]; then
-  stamp "REUSE_CKPT=1: $TASK_CKPT from an earlier run on this machine"
-else
-  stamp "train ($MINUTES min, ${TASK_VARIANT%%:*})"
-  # shellcheck disable=SC2086  # flags are words
-  python3 -m benchmarks.tiny_vlm.train --out "$TASK_CKPT" --minutes "$MINUTES" --tokenizer-from "$MODEL" \
-    ${TASK_VARIANT#*:} ${TRAIN_ARGS:-} >"$OUT/train.log" 2>&1
-  tail -2 "$OUT/train.log"
-fi
-cp "$TASK_CKPT/train_log.json" "$OUT/" 2>/dev/null || true
+stamp "checkpoint"
+train_task_checkpoint "$OUT/train.log" | tee -a "$OUT/progress.log"
 stamp "simulation ($REQUESTS held-out requests)"
 python3 -m benchmarks.tiny_vlm.compression_sim --model "$TASK_CKPT" --requests "$REQUESTS" \
   --out "$OUT/sim.json" ${SIM_ARGS:-} | tee "$OUT/sim.md"

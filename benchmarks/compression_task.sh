@@ -26,3 +26,16 @@ case "${COMPRESS_TASK:-counts}" in
   *) echo "COMPRESS_TASK must be counts or rows, got '$COMPRESS_TASK'" >&2; return 1 2>/dev/null || exit 1 ;;
 esac
 TASK_CKPT=/tmp/tiny-${TASK_VARIANT%%:*}
+
+train_task_checkpoint() {  # LOG: train TASK_CKPT for MINUTES (train.py's output in LOG), unless REUSE_CKPT=1 finds it
+  if [ "${REUSE_CKPT:-0}" = 1 ] && [ -f "$TASK_CKPT/model.safetensors" ]; then
+    echo "REUSE_CKPT=1: $TASK_CKPT from an earlier run on this machine"
+  else
+    echo "train ($MINUTES min, ${TASK_VARIANT%%:*})"
+    # shellcheck disable=SC2086  # flags are words
+    python3 -m benchmarks.tiny_vlm.train --out "$TASK_CKPT" --minutes "$MINUTES" --tokenizer-from "$MODEL" \
+      ${TASK_VARIANT#*:} ${TRAIN_ARGS:-} >"$1" 2>&1
+    grep -v -i -e warn -e "loading weights" "$1" | tail -2 || true
+  fi
+  cp "$TASK_CKPT/train_log.json" "$OUT/" 2>/dev/null || true
+}
