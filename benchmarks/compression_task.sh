@@ -2,7 +2,7 @@
 # accuracy is measured on, as one train_tiny.sh variant "name:train.py flags" (TASK_VARIANT), its
 # checkpoint (TASK_CKPT), make_eval's regime (TASK_REGIME) and its flags (TASK_EVAL_ARGS).
 # COMPRESS_TASK:
-#   counts (default)  layout b, one 16 x 16 grid (256 image tokens, at most 3 cells of each of 4 colours),
+#   counts (default)  layout b, one 16 x 16 grid (COUNTS_CELLS; 256 image tokens, at most 3 cells of each of 4 colours),
 #                     "How many red, green, blue and yellow cells are there?" -> "2 0 3 1"; regime C;
 #                     prompts of ~380 tokens: alpha 0.1 keeps ~13 tokens beyond the ~25 after the image,
 #                     as many as the coloured cells                                  /tmp/tiny-counts
@@ -14,7 +14,9 @@
 # One place for the flags, so a checkpoint train_tiny.sh left is the one compression_bench.sh would train.
 case "${COMPRESS_TASK:-counts}" in
   counts)
-    TASK_VARIANT="counts:--layers 8 --layouts b:1 --kinds-b counts:1 --cells 16 --max-count 3"
+    # COUNTS_CELLS (default 16) is the grid side; 16 is the smallest at which alpha 0.1 keeps as many
+    # tokens beyond the tail as an image can have coloured cells (12).
+    TASK_VARIANT="counts:--layers 8 --layouts b:1 --kinds-b counts:1 --cells ${COUNTS_CELLS:-16} --max-count 3"
     TASK_REGIME=C; TASK_EVAL_ARGS="" ;;
   rows)
     case "${ROW_IMAGES:-}" in
