@@ -4,8 +4,8 @@
 # COMPRESS_TASK:
 #   counts (default)  layout b, one 16 x 16 grid (COUNTS_CELLS; 256 image tokens, at most 3 cells of each of 4 colours),
 #                     "How many red, green, blue and yellow cells are there?" -> "2 0 3 1"; regime C;
-#                     prompts of ~380 tokens: alpha 0.1 keeps ~13 tokens beyond the ~25 after the image,
-#                     as many as the coloured cells                                  /tmp/tiny-counts
+#                     prompts of 296..396 tokens (mean 352), 21 after the image: alpha 0.1 keeps ~14
+#                     beyond them, as many as an image's coloured cells               /tmp/tiny-counts
 #   rows              ROW_IMAGES (the sourcing script sets its default) images and a row question:
 #                     1: layout b, "What are the colours of row r, left to right?"     /tmp/tiny-rows
 #                     K 2..6: layout mrow, K labelled images, "... of row r of image i ..."  /tmp/tiny-mrowsK
