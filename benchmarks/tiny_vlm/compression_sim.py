@@ -181,34 +181,44 @@ def batch_layout(batch: Batch, spec: GridSpec) -> Layout:
     return Layout(prompt_len, voter_start, seq_len, rows, images)
 
 
-Selector = Callable[[Observed, int, int, np.random.Generator], torch.Tensor]
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """The server's compression options the simulation follows (CompressionConfig's names): the first
+    sink_tokens prompt tokens kept at every layer, every beta_l capped at max_budget (water-filled)."""
+    sink_tokens: int = 0
+    max_budget: float = 1.0
 
 
-def _top(scores: torch.Tensor, count: int, tail: int, _rng: np.random.Generator) -> torch.Tensor:
-    return select_kept_positions(scores, count, tail)
+Selector = Callable[[torch.Tensor, int, int, int, np.random.Generator], torch.Tensor]
 
 
-def _random(scores: torch.Tensor, count: int, tail: int, rng: np.random.Generator) -> torch.Tensor:
-    return select_kept_positions(torch.from_numpy(rng.random(scores.numel())), count, tail)
+def _top(scores: torch.Tensor, count: int, tail: int, head: int, _rng: np.random.Generator) -> torch.Tensor:
+    return select_kept_positions(scores, count, tail, head)
+
+
+def _random(scores: torch.Tensor, count: int, tail: int, head: int, rng: np.random.Generator) -> torch.Tensor:
+    return select_kept_positions(torch.from_numpy(rng.random(scores.numel())), count, tail, head)
 
 
 def kept_sets(observed: dict[int, list[Observed]], layout: Layout, selection: str, alpha: float,
-              rng: np.random.Generator) -> list[list[torch.Tensor]]:
-    """Per request, per layer: the kept prompt positions, with the server's budgets and protected tail."""
+              rng: np.random.Generator, rules: Rules = Rules()) -> list[list[torch.Tensor]]:
+    """Per request, per layer: the kept prompt positions, with the server's budgets, protected tail and
+    sinks (compressor.VLCacheCompression.run with no radix prefix)."""
     layers = sorted(observed)
     out = []
     for r, (m, v0) in enumerate(zip(layout.prompt_len, layout.voter_start)):
         obs = [observed[l][r] for l in layers]
-        tail = m - v0
+        tail, head = m - v0, rules.sink_tokens
         if selection == TAIL:
             counts = [tail] * len(obs)
         elif selection == "uniform":
-            counts = kept_counts(uniform_budgets(len(layers), alpha), m, tail)
+            counts = kept_counts(uniform_budgets(len(layers), alpha, max_budget=rules.max_budget), m, tail + head)
         else:
-            counts = kept_counts(vlcache_budgets([o.sparsity for o in obs], alpha), m, tail)
+            budgets = vlcache_budgets([o.sparsity for o in obs], alpha, max_budget=rules.max_budget)
+            counts = kept_counts(budgets, m, tail + head)
         pick: Selector = _random if selection == "random" else _top
-        out.append([pick(o.decode_mass if selection == "oracle" else o.scores, c, tail, rng)
-                    for o, c in zip(obs, counts)])
+        out.append([pick(o.decode_mass if selection == "oracle" else o.scores, c, tail, 0 if selection == TAIL else head,
+                         rng) for o, c in zip(obs, counts)])
     return out
 
 
@@ -252,7 +262,7 @@ def score_answers(logits: torch.Tensor, batch: Batch) -> tuple[np.ndarray, np.nd
 
 @torch.no_grad()
 def simulate(model_dir: str | Path, requests: int, alphas: list[float], device: str, batch_size: int = 32,
-             selections: tuple[str, ...] = SELECTIONS, seed: int = 0) -> dict:
+             selections: tuple[str, ...] = SELECTIONS, seed: int = 0, rules: Rules = Rules()) -> dict:
     task = TaskConfig.load(model_dir)
     tok = load_tokenizer(model_dir)
     pre = json.loads((Path(model_dir) / "preprocessor_config.json").read_text())
@@ -273,7 +283,7 @@ def simulate(model_dir: str | Path, requests: int, alphas: list[float], device: 
                 observed, sim.layout, "vlcache", 1.0, rng)))
             runs = [(TAIL, 0.0)] + [(selection, alpha) for alpha in alphas for selection in selections]
             for selection, alpha in runs:
-                sets = kept_sets(observed, sim.layout, selection, alpha, rng)
+                sets = kept_sets(observed, sim.layout, selection, alpha, rng, rules)
                 sim.kept = kept_masks(sets, batch.input_ids.shape[1], batch.input_ids.device)
                 exact, tokens = score_answers(answer_logits(model, batch), batch)
                 sim.kept = None
@@ -283,7 +293,8 @@ def simulate(model_dir: str | Path, requests: int, alphas: list[float], device: 
             for (s, a), v in acc.items()]
     return {"model": str(model_dir), "requests": len(samples), "image_tokens": tokens_per_image(task.spec),
             "images_per_request": len(samples[0].grids), "kind": samples[0].kind,
-            "answer_prior": accuracy.answer_prior([s.question.answer for s in samples]), "sparsity_per_layer": np.mean(gammas, axis=0).tolist(), "rows": rows}
+            "answer_prior": accuracy.answer_prior([s.question.answer for s in samples]),
+            "rules": dataclasses.asdict(rules), "sparsity_per_layer": np.mean(gammas, axis=0).tolist(), "rows": rows}
 
 
 def add(acc: dict, key: tuple[str, float], exact: np.ndarray, tokens: np.ndarray, kept: dict[str, float]) -> None:
@@ -298,7 +309,7 @@ def add(acc: dict, key: tuple[str, float], exact: np.ndarray, tokens: np.ndarray
 def table(report: dict) -> str:
     lines = [f"compression simulation, {report['requests']} {report['kind']} requests of "
              f"{report['images_per_request']} image(s) ({report['image_tokens']} tokens each); answer prior "
-             f"{report['answer_prior']:.3f}; gamma_l = " + " ".join(f"{g:.2f}" for g in report["sparsity_per_layer"]),
+             f"{report['answer_prior']:.3f}; {report['rules']}; gamma_l = " + " ".join(f"{g:.2f}" for g in report["sparsity_per_layer"]),
              "| selection | alpha | exact | tokens | decode recall | key recall | image share | first kept |",
              "|---|---|---|---|---|---|---|---|"]
     full = next(r["exact"] for r in report["rows"] if r["selection"] == "full")
@@ -317,10 +328,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True, help="checkpoint of a compression task (benchmarks/compression_task.sh)")
     p.add_argument("--requests", type=int, default=128, help="held-out requests (make_eval's stream)")
     p.add_argument("--alphas", default=",".join(map(str, ALPHAS)))
+    p.add_argument("--selections", default=",".join(SELECTIONS), help=f"any of {SELECTIONS}")
+    p.add_argument("--sink-tokens", type=int, default=0, help="as --vlcache-compress-sink-tokens")
+    p.add_argument("--max-budget", type=float, default=1.0, help="as --vlcache-compress-max-layer-ratio")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     args = p.parse_args(argv)
-    report = simulate(args.model, args.requests, [float(a) for a in args.alphas.split(",")], args.device)
+    selections = tuple(x for x in args.selections.split(",") if x)
+    if not selections or not set(selections) <= set(SELECTIONS):
+        p.error(f"--selections: choose from {SELECTIONS}, got {args.selections!r}")
+    report = simulate(args.model, args.requests, [float(a) for a in args.alphas.split(",")], args.device,
+                      selections=selections, rules=Rules(args.sink_tokens, args.max_budget))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))

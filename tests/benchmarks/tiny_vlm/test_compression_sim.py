@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks.tiny_vlm.batches import TaskConfig, answer_logits, load_tokenizer, make_batch
-from benchmarks.tiny_vlm.compression_sim import (SELECTIONS, TAIL, answer_tokens, batch_layout,
+from benchmarks.tiny_vlm.compression_sim import (SELECTIONS, TAIL, Rules, answer_tokens, batch_layout,
                                                  kept_masks, kept_sets, row_target, score_answers, sim_attention,
                                                  simulate)
 from benchmarks.tiny_vlm.make_eval import compression_samples, counts_samples, row_samples
@@ -174,3 +174,21 @@ def test_the_tail_selection_keeps_the_post_vision_queries_alone(tiny_model, batc
     sets = kept_sets(observed, sim.layout, TAIL, 0.0, np.random.default_rng(0))
     for per_layer, m, v0 in zip(sets, sim.layout.prompt_len, sim.layout.voter_start):
         assert all(k.tolist() == list(range(v0, m)) for k in per_layer)
+
+
+def test_sinks_and_the_layer_cap_follow_the_servers_rules(tiny_model, batch, spec) -> None:
+    """Sinks: the first S prompt tokens at every layer, inside the count (compressor.run's min_keep); the
+    cap: no layer keeps more than max_budget of the prompt beyond what the tail and sinks force."""
+    import math
+
+    sim, observed, _ = observe(tiny_model, batch, spec)
+    rng = np.random.default_rng(0)
+    plain = kept_sets(observed, sim.layout, "vlcache", 0.2, rng)
+    sinks = kept_sets(observed, sim.layout, "vlcache", 0.2, rng, Rules(sink_tokens=4))
+    capped = kept_sets(observed, sim.layout, "vlcache", 0.5, rng, Rules(max_budget=0.55))
+    for r, (m, v0) in enumerate(zip(sim.layout.prompt_len, sim.layout.voter_start)):
+        for a, b, c in zip(plain[r], sinks[r], capped[r]):
+            assert b[:4].tolist() == [0, 1, 2, 3] and len(b) == max(len(a), m - v0 + 4)
+            assert len(c) <= max(math.floor(0.55 * m + 1e-9), m - v0)
+    with pytest.raises(ValueError):
+        kept_sets(observed, sim.layout, "vlcache", 0.2, rng, Rules(max_budget=0.0))
