@@ -211,6 +211,8 @@ def kept_sets(observed: dict[int, list[Observed]], layout: Layout, selection: st
         tail, head = m - v0, rules.sink_tokens
         if selection == TAIL:
             counts = [tail] * len(obs)
+        elif alpha >= 1.0:  # the server plans nothing at alpha 1, whatever the cap
+            counts = [m] * len(obs)
         elif selection == "uniform":
             counts = kept_counts(uniform_budgets(len(layers), alpha, max_budget=rules.max_budget), m, tail + head)
         else:

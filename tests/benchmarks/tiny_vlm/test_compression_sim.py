@@ -192,3 +192,7 @@ def test_sinks_and_the_layer_cap_follow_the_servers_rules(tiny_model, batch, spe
             assert len(c) <= max(math.floor(0.55 * m + 1e-9), m - v0)
     with pytest.raises(ValueError):
         kept_sets(observed, sim.layout, "vlcache", 0.2, rng, Rules(max_budget=0.0))
+    # alpha 1 plans nothing on the server, cap or no cap: every selection keeps the whole prompt.
+    for selection in SELECTIONS:
+        whole = kept_sets(observed, sim.layout, selection, 1.0, rng, Rules(sink_tokens=4, max_budget=0.3))
+        assert all(len(k) == m for per, m in zip(whole, sim.layout.prompt_len) for k in per)
