@@ -257,6 +257,14 @@ def answer_prior(answers: list[str]) -> float:
     return max(normal.count(a) for a in set(normal)) / len(normal)
 
 
+PRIOR_MARGIN = 0.02  # an accuracy this close to the answer prior: the model reads nothing from the image
+
+
+def at_prior(accuracy: float, prior: float) -> bool:
+    """True when `accuracy` does not clear the answer prior by PRIOR_MARGIN (the model ignores the image)."""
+    return accuracy <= prior + PRIOR_MARGIN
+
+
 def summarise(target: Target, results: list[dict], reference: list[dict], window: dict[str, float]) -> dict:
     ref = {r["id"]: r for r in reference}
     agree = [r["error"] is None and ref[r["id"]]["error"] is None and r["answer"] == ref[r["id"]]["answer"]

@@ -106,15 +106,12 @@ def table_md(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-PRIOR_MARGIN = 0.02  # uncompressed accuracy this close to the answer prior: the model reads nothing
-
-
 def prior_line(prior: float, rows: list[dict]) -> str:
     """The answer prior, and a warning when the uncompressed accuracy does not clear it: compressing the KV
     of a model that ignores the image cannot lose anything the table could show."""
     best = max((r["accuracy"] for r in rows if r["alpha"] == 1.0 and r["accuracy"] is not None), default=None)
     line = f"Answer prior (the commonest answer's share of the records): {prior:.3f}."
-    if best is not None and best <= prior + PRIOR_MARGIN:
+    if best is not None and accuracy.at_prior(best, prior):
         line += (f" **The uncompressed accuracy ({best:.3f}) does not clear it: the model answers without reading "
                  "the image, and this table says nothing about compression.**")
     return line

@@ -23,7 +23,6 @@ MINUTES=${MINUTES:-6}
 BUDGET_S=${BUDGET_S:-560}
 IMAGES=${IMAGES:-128}
 ALPHAS=${ALPHAS:-1.0,0.5,0.2,0.1,0.05}
-ROW_IMAGES=${ROW_IMAGES:-6}
 source benchmarks/compression_task.sh
 CKPT=$TASK_CKPT
 DATA=/tmp/${TASK_VARIANT%%:*}_eval

@@ -12,7 +12,6 @@ t0=$(date +%s)
 source benchmarks/gpu_env.sh
 MINUTES=${MINUTES:-6}
 REQUESTS=${REQUESTS:-256}
-ROW_IMAGES=${ROW_IMAGES:-6}
 source benchmarks/compression_task.sh
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$OUT/progress.log"; }
 stamp "checkpoint"

@@ -6,12 +6,13 @@
 #                     "How many red, green, blue and yellow cells are there?" -> "2 0 3 1"; regime C;
 #                     prompts of 296..396 tokens (mean 352), 21 after the image: alpha 0.1 keeps ~14
 #                     beyond them, as many as an image's coloured cells               /tmp/tiny-counts
-#   rows              ROW_IMAGES (the sourcing script sets its default) images and a row question:
+#   rows              ROW_IMAGES (default 6) images and a row question:
 #                     1: layout b, "What are the colours of row r, left to right?"     /tmp/tiny-rows
 #                     K 2..6: layout mrow, K labelled images, "... of row r of image i ..."  /tmp/tiny-mrowsK
 #                     The row checkpoints trained so far never learned rows (they answer the all-white
 #                     row, right as often as a row is empty): kept to reproduce those runs.
 # One place for the flags, so a checkpoint train_tiny.sh left is the one compression_bench.sh would train.
+ROW_IMAGES=${ROW_IMAGES:-6}  # here only: every script that sources this trains and reads the same K
 case "${COMPRESS_TASK:-counts}" in
   counts)
     # COUNTS_CELLS (default 16) is the grid side; 16 is the smallest at which alpha 0.1 keeps as many
@@ -19,10 +20,10 @@ case "${COMPRESS_TASK:-counts}" in
     TASK_VARIANT="counts:--layers 8 --layouts b:1 --kinds-b counts:1 --cells ${COUNTS_CELLS:-16} --max-count 3"
     TASK_REGIME=C; TASK_EVAL_ARGS="" ;;
   rows)
-    case "${ROW_IMAGES:-}" in
+    case "$ROW_IMAGES" in
       1) TASK_VARIANT="rows:--layers 8 --layouts b:1 --kinds-b row:0.6,cell:0.2,count:0.2 --route-p-ref 0" ;;
       [2-6]) TASK_VARIANT="mrows$ROW_IMAGES:--layers 8 --layouts mrow:1 --row-images $ROW_IMAGES" ;;
-      *) echo "ROW_IMAGES must be 1..6, got '${ROW_IMAGES:-}'" >&2; return 1 2>/dev/null || exit 1 ;;
+      *) echo "ROW_IMAGES must be 1..6, got '$ROW_IMAGES'" >&2; return 1 2>/dev/null || exit 1 ;;
     esac
     TASK_REGIME=R; TASK_EVAL_ARGS="--row-images $ROW_IMAGES" ;;
   *) echo "COMPRESS_TASK must be counts or rows, got '$COMPRESS_TASK'" >&2; return 1 2>/dev/null || exit 1 ;;

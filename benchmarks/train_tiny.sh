@@ -13,7 +13,6 @@ source benchmarks/gpu_env.sh
 MINUTES=${MINUTES:-7}
 LAYOUTS=${LAYOUTS:-a:0.45,b:0.3,multi:0.25}
 VARIANTS=${VARIANTS:-"l8:--layers 8|l8s1:--layers 8 --seed 1|l4:--layers 4"}
-ROW_IMAGES=${ROW_IMAGES:-6}
 source benchmarks/compression_task.sh || exit 1
 EXTRA=${EXTRA-$TASK_VARIANT}
 CKPT=/tmp/tiny-qwen2.5-vl

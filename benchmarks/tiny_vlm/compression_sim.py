@@ -57,7 +57,6 @@ NAME = "vlcache_compression_sim"
 SELECTIONS = ("vlcache", "uniform", "oracle", "random")
 TAIL = "tail"  # simulated once per request: it does not depend on alpha
 ALPHAS = (1.0, 0.5, 0.2, 0.1, 0.05)
-PRIOR_MARGIN = 0.02  # as compression_accuracy.py's
 
 
 @dataclasses.dataclass
@@ -248,7 +247,13 @@ def recalls(observed: dict[int, list[Observed]], layout: Layout, sets: list[list
             out["key_recall"].append(len(set(keys) & kept_set) / len(keys) if keys else np.nan)
             out["image_share"].append(sum(j in layout.image_tokens[r] for j in head) / len(head) if head else np.nan)
             out["first_kept"].append(float(0 in kept_set))
-    return {k: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan") for k, v in out.items()}
+    return {k: _nanmean(v) for k, v in out.items()}
+
+
+def _nanmean(xs: list[float]) -> float:
+    """The mean of the defined values (nan where none is: e.g. no key token in any request)."""
+    defined = [x for x in xs if not np.isnan(x)]
+    return float(np.mean(defined)) if defined else float("nan")
 
 
 def score_answers(logits: torch.Tensor, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
@@ -291,7 +296,7 @@ def simulate(model_dir: str | Path, requests: int, alphas: list[float], device: 
                 sim.kept = None
                 add(acc, (selection, alpha), exact, tokens, recalls(observed, sim.layout, sets))
     rows = [{"selection": s, "alpha": a, "n": len(v["exact"]),
-             **{k: float(np.nanmean(x)) if not np.all(np.isnan(x)) else float("nan") for k, x in v.items()}}
+             **{k: _nanmean(x) for k, x in v.items()}}
             for (s, a), v in acc.items()]
     return {"model": str(model_dir), "requests": len(samples), "image_tokens": tokens_per_image(task.spec),
             "images_per_request": len(samples[0].grids), "kind": samples[0].kind,
@@ -315,7 +320,7 @@ def table(report: dict) -> str:
              "| selection | alpha | exact | tokens | decode recall | key recall | image share | first kept |",
              "|---|---|---|---|---|---|---|---|"]
     full = next(r["exact"] for r in report["rows"] if r["selection"] == "full")
-    if full <= report["answer_prior"] + PRIOR_MARGIN:
+    if accuracy.at_prior(full, report["answer_prior"]):
         lines.insert(1, f"**Uncompressed exact {full:.3f} does not clear the answer prior: the model reads nothing "
                         "from the image; no row below says anything about compression.**")
     for r in report["rows"]:

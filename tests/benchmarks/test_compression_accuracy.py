@@ -174,7 +174,8 @@ def test_the_scripts_task_variant_trains_what_make_eval_asks(compress_task, k, n
     bench = (ROOT / "benchmarks" / "compression_bench.sh").read_text()
     call = bench[bench.index("python3 -m benchmarks.tiny_vlm.make_eval"):].split("|")[0]
     assert '--regimes "$TASK_REGIME"' in call and "$TASK_EVAL_ARGS" in call
-    # The same default K in every script: REUSE_CKPT=1 after train_tiny.sh finds the checkpoint it left.
+    # One default K, set where the task is: REUSE_CKPT=1 after train_tiny.sh finds the checkpoint it left.
+    assert _task("rows").stdout.splitlines()[0].startswith("mrows6:")
     for script in ("compression_bench.sh", "train_tiny.sh", "compression_sim.sh"):
         text = (ROOT / "benchmarks" / script).read_text()
-        assert "ROW_IMAGES=${ROW_IMAGES:-6}" in text and "source benchmarks/compression_task.sh" in text
+        assert "ROW_IMAGES=" not in text and "source benchmarks/compression_task.sh" in text
