@@ -6,6 +6,10 @@
 #                     "How many red, green, blue and yellow cells are there?" -> "2 0 3 1"; regime C;
 #                     prompts of 296..396 tokens (mean 352), 21 after the image: alpha 0.1 keeps ~14
 #                     beyond them, as many as an image's coloured cells               /tmp/tiny-counts
+#   present           layout b, one 16 x 16 grid (COUNTS_CELLS), 6 colours at most twice each (at most 12
+#                     coloured cells), "Which colours are in the image?" -> "red blue purple"; regime C:
+#                     a presence is carried by any one cell (retrieval), a count by all (aggregation)
+#                                                                                     /tmp/tiny-present
 #   rows              ROW_IMAGES (default 6) images and a row question:
 #                     1: layout b, "What are the colours of row r, left to right?"     /tmp/tiny-rows
 #                     K 2..6: layout mrow, K labelled images, "... of row r of image i ..."  /tmp/tiny-mrowsK
@@ -19,6 +23,9 @@ case "${COMPRESS_TASK:-counts}" in
     # tokens beyond the tail as an image can have coloured cells (12).
     TASK_VARIANT="counts:--layers 8 --layouts b:1 --kinds-b counts:1 --cells ${COUNTS_CELLS:-16} --max-count 3"
     TASK_REGIME=C; TASK_EVAL_ARGS="" ;;
+  present)
+    TASK_VARIANT="present:--layers 8 --layouts b:1 --kinds-b present:1 --cells ${COUNTS_CELLS:-16} --colours 6 --max-count 2"
+    TASK_REGIME=C; TASK_EVAL_ARGS="" ;;
   rows)
     case "$ROW_IMAGES" in
       1) TASK_VARIANT="rows:--layers 8 --layouts b:1 --kinds-b row:0.6,cell:0.2,count:0.2 --route-p-ref 0" ;;
@@ -26,7 +33,7 @@ case "${COMPRESS_TASK:-counts}" in
       *) echo "ROW_IMAGES must be 1..6, got '$ROW_IMAGES'" >&2; return 1 2>/dev/null || exit 1 ;;
     esac
     TASK_REGIME=R; TASK_EVAL_ARGS="--row-images $ROW_IMAGES" ;;
-  *) echo "COMPRESS_TASK must be counts or rows, got '$COMPRESS_TASK'" >&2; return 1 2>/dev/null || exit 1 ;;
+  *) echo "COMPRESS_TASK must be counts, present or rows, got '$COMPRESS_TASK'" >&2; return 1 2>/dev/null || exit 1 ;;
 esac
 TASK_CKPT=/tmp/tiny-${TASK_VARIANT%%:*}
 

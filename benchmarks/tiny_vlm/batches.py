@@ -29,7 +29,7 @@ from benchmarks.tiny_vlm.pixels import MERGE, grid_pixel_values, grid_thw, token
 
 TASK_FILE = "tiny_vlm_task.json"  # beside the checkpoint: the task it was trained on
 LAYOUTS = ("a", "b", "multi", "mrow")
-B_KINDS = ("count", "cell", "most", "ref", "row", "counts")
+B_KINDS = ("count", "cell", "most", "ref", "row", "counts", "present")
 # Layout mrow's image count: 2 is the smallest "which image" question; at 6 (8x8 cells, prompts of
 # ~510 tokens, 25 of them after the last image) alpha 0.1 already keeps twice the post-vision window.
 ROW_IMAGES = (2, 6)

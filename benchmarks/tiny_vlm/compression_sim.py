@@ -48,7 +48,7 @@ from benchmarks.tiny_vlm import prompts
 from benchmarks.tiny_vlm.batches import Batch, Sample, TaskConfig, answer_logits, load_tokenizer, make_batch
 from benchmarks.tiny_vlm.checkpoint import load_checkpoint
 from benchmarks.tiny_vlm.grid_task import GridSpec
-from benchmarks.tiny_vlm.make_eval import accuracy, compression_samples  # accuracy: benchmarks/accuracy.py
+from benchmarks.tiny_vlm.make_eval import IMAGE_WIDE_KINDS, accuracy, compression_samples  # accuracy: benchmarks/accuracy.py
 from benchmarks.tiny_vlm.pixels import tokens_per_image
 from vlcache_sglang.compression.budget import SPARSITY_THRESHOLD, kept_counts, uniform_budgets, vlcache_budgets
 from vlcache_sglang.compression.selection import select_kept_positions
@@ -149,7 +149,7 @@ def row_target(question_text: str) -> tuple[int, int]:
 
 def answer_tokens(sample: Sample, runs: list[tuple[int, int]], spec: GridSpec) -> list[int]:
     """Positions of the image tokens the answer reads (one token per cell, raster order): the asked row's
-    cells, or every coloured cell of the image for counts."""
+    cells, or every coloured cell of the image for counts and present."""
     if spec.cell_px != 28:
         raise ValueError(f"one image token per cell needs cell_px 28, got {spec.cell_px}")
     kind = sample.question.kind
@@ -157,9 +157,9 @@ def answer_tokens(sample: Sample, runs: list[tuple[int, int]], spec: GridSpec) -
         row, image = row_target(sample.question.text)
         start = runs[image - 1][0] + (row - 1) * spec.cells
         return list(range(start, start + spec.cells))
-    if kind == "counts":
+    if kind in IMAGE_WIDE_KINDS:
         return [runs[0][0] + int(i) for i in np.flatnonzero(sample.grid.ravel() != 0)]
-    raise ValueError(f"compression_sim reads row and counts questions, got {kind!r}")
+    raise ValueError(f"compression_sim reads row, counts and present questions, got {kind!r}")
 
 
 def batch_layout(batch: Batch, spec: GridSpec) -> Layout:

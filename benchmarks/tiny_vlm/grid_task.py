@@ -21,7 +21,7 @@ RGB: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 210, 40), "purple": (140, 50, 170), "orange": (245, 130, 20), "black": (20, 20, 20),
 }
 BACKGROUND = "white"
-KINDS = ("count", "cell", "most", "row", "counts")  # random_question's kinds; `ref` and `total` need more context
+KINDS = ("count", "cell", "most", "row", "counts", "present")  # random_question's kinds; `ref` and `total` need more context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +134,16 @@ def counts_question(grid: np.ndarray, spec: GridSpec) -> Question:
     return Question("counts", f"How many {names} cells are there?", " ".join(map(str, counts)))
 
 
+def present_question(grid: np.ndarray, spec: GridSpec) -> Question:
+    """The object colours the image holds, in palette order ("red blue purple"; "none" for an empty
+    grid): several answer tokens, each the presence of a colour anywhere in the image. Where counts
+    aggregate over every cell (dropping background tokens changes what an averaging head reads), a
+    presence is carried by any one of a colour's cells: the retrieval-like reading VL-Cache's
+    selection is built for. Issue 13's second compression task."""
+    present = [c for c in spec.colours if (grid == spec.palette.index(c)).any()]
+    return Question("present", "Which colours are in the image?", " ".join(present) or "none")
+
+
 def most_question(grid: np.ndarray, spec: GridSpec) -> Question | None:
     """None when the most common object colour is tied (the answer would be ambiguous)."""
     counts = np.bincount(grid.ravel(), minlength=len(spec.palette))[1:]
@@ -163,6 +173,8 @@ def random_question(grid: np.ndarray, spec: GridSpec, rng: np.random.Generator,
         return row_question(grid, spec, int(rng.integers(1, spec.cells + 1)))
     if kind == "counts":
         return counts_question(grid, spec)
+    if kind == "present":
+        return present_question(grid, spec)
     row, col = random_coloured_cell(grid, rng)
     return cell_question(grid, spec, row, col)
 

@@ -18,9 +18,11 @@ Regimes (batches.LAYOUTS):
   the context and asks "What are the colours of row r of image i, left to right?" after all of them,
   so image tokens dominate the prompt as in VL-Cache's setting. `--images` requests either way.
   (The row checkpoints trained so far never learned rows: they answer the all-background row.)
-- C: counts for KV compression (issue 13): layout b, one image per request, "How many red, green, blue
-  and yellow cells are there?" after it; the answer is one count per colour ("2 0 3 1"), read from the
-  image's few coloured cells (a 16 x 16 grid: 256 image tokens, at most 12 coloured).
+- C: an image-wide question for KV compression (issue 13), the one the checkpoint was trained on
+  (IMAGE_WIDE_KINDS): layout b, one image per request, the question after it. counts: "How many red,
+  green, blue and yellow cells are there?" -> one count per colour ("2 0 3 1"); present: "Which colours
+  are in the image?" -> the colours it holds ("red blue purple"). Both read the image's few coloured
+  cells (a 16 x 16 grid: 256 image tokens, at most 12 coloured).
 - multi: 2-4 images per request, question (a total count over all images) before them; requests come
   in rounds, round 0 all new images, later rounds some images of round 0, some new, in shuffled order
   (errors add up over the reused images).
@@ -57,7 +59,8 @@ EVAL_SEED = 30_000  # apart from training (< 10_000 + held-out) and reuse_sim (2
 CALIB_SEED = 40_000  # calibration images: the training distribution, neither eval nor held-out images
 MULTI_SEED_OFFSET = 7
 ROW_SEED_OFFSET = 11
-COUNTS_SEED_OFFSET = 13
+IMAGE_WIDE_SEED_OFFSET = 13
+IMAGE_WIDE_KINDS = ("counts", "present")  # regime C's questions: about the whole image, several answer tokens
 
 
 def distinct_questions(grid: np.ndarray, task: TaskConfig, n: int, rng: np.random.Generator) -> list[Question]:
@@ -193,32 +196,45 @@ def row_records(task: TaskConfig, images: int, seed: int = EVAL_SEED + ROW_SEED_
             for i, s in enumerate(row_samples(task, images, seed, row_images))]
 
 
-def counts_samples(task: TaskConfig, images: int, seed: int = EVAL_SEED + COUNTS_SEED_OFFSET) -> list[Sample]:
+def image_wide_kind(task: TaskConfig) -> str | None:
+    """The IMAGE_WIDE_KINDS question the checkpoint was trained on in layout b (the first, if several)."""
+    if task.layout_share("b") <= 0:
+        return None
+    weights = dict(task.b_weights)
+    return next((k for k in IMAGE_WIDE_KINDS if weights.get(k, 0) > 0), None)
+
+
+def image_wide_samples(task: TaskConfig, images: int, seed: int = EVAL_SEED + IMAGE_WIDE_SEED_OFFSET,
+                   kind: str = "counts") -> list[Sample]:
     """Regime C's samples: `images` requests of one held-out image each, layout b's context before it and
-    the counts question ("How many red, green, blue and yellow cells are there?") after it."""
+    the `kind` question (IMAGE_WIDE_KINDS: counts or present) after it."""
     if images < 1:
         raise ValueError(f"images must be >= 1, got {images}")
+    if kind not in IMAGE_WIDE_KINDS:
+        raise ValueError(f"regime C asks one of {IMAGE_WIDE_KINDS}, got {kind!r}")
     rng = np.random.default_rng(seed)
-    return [layout_b_sample(g, task, rng, kind="counts") for g in random_grids(task.spec, images, rng)]
+    return [layout_b_sample(g, task, rng, kind=kind) for g in random_grids(task.spec, images, rng)]
 
 
-def counts_records(task: TaskConfig, images: int, seed: int = EVAL_SEED + COUNTS_SEED_OFFSET) -> list[dict]:
+def image_wide_records(task: TaskConfig, images: int, seed: int = EVAL_SEED + IMAGE_WIDE_SEED_OFFSET,
+                   kind: str = "counts") -> list[dict]:
     return [record(f"c{i:04d}", s, [data_url(g, task) for g in s.grids])
-            for i, s in enumerate(counts_samples(task, images, seed))]
+            for i, s in enumerate(image_wide_samples(task, images, seed, kind))]
 
 
 def compression_samples(task: TaskConfig, images: int) -> list[Sample]:
-    """The held-out samples of the compression task the checkpoint was trained on: regime C (counts)
-    before regime R (rows of several images, then of one); what compression_sim.py and the server
-    benchmark's eval set share."""
-    if task.layout_share("b") > 0 and dict(task.b_weights).get("counts", 0) > 0:
-        return counts_samples(task, images)
+    """The held-out samples of the compression task the checkpoint was trained on: regime C (counts or
+    present) before regime R (rows of several images, then of one); what compression_sim.py and the
+    server benchmark's eval set share."""
+    kind = image_wide_kind(task)
+    if kind:
+        return image_wide_samples(task, images, kind=kind)
     if task.layout_share("mrow") > 0:
         return row_samples(task, images, row_images=task.row_images)
     if task.layout_share("b") > 0 and dict(task.b_weights).get("row", 0) > 0:
         return row_samples(task, images)
     raise SystemExit(f"the checkpoint was trained on no compression task (layouts {task.layouts}, b kinds "
-                     f"{task.b_weights}): train with --layouts b:1 --kinds-b counts:1 (or a row task)")
+                     f"{task.b_weights}): train with --layouts b:1 --kinds-b counts:1 (or present:1, or a row task)")
 
 
 def calibration_requests(task: TaskConfig, images: int, repeats: int, seed: int = CALIB_SEED) -> list[dict]:
@@ -266,10 +282,11 @@ def regime_records(task: TaskConfig, regime: str, args: argparse.Namespace) -> l
         return row_records(task, args.images, args.seed + ROW_SEED_OFFSET, k)
     if regime == "C":
         need("b")
-        if dict(task.b_weights).get("counts", 0) <= 0:
-            raise SystemExit("regime C needs counts questions in layout b, which the checkpoint was not trained "
-                             "on; train with --kinds-b counts:1")
-        return counts_records(task, args.images, args.seed + COUNTS_SEED_OFFSET)
+        kind = image_wide_kind(task)
+        if kind is None:
+            raise SystemExit(f"regime C needs counts or present questions in layout b, which the checkpoint was "
+                             f"not trained on; train with --kinds-b counts:1 (or present:1)")
+        return image_wide_records(task, args.images, args.seed + IMAGE_WIDE_SEED_OFFSET, kind)
     raise SystemExit(f"unknown regime {regime!r}; choose from A, B, mix:S (0 <= S <= 1), multi, R, C")
 
 

@@ -9,7 +9,7 @@ from benchmarks.tiny_vlm.batches import TaskConfig, answer_logits, load_tokenize
 from benchmarks.tiny_vlm.compression_sim import (SELECTIONS, TAIL, Rules, answer_tokens, batch_layout,
                                                  kept_masks, kept_sets, row_target, score_answers, sim_attention,
                                                  simulate)
-from benchmarks.tiny_vlm.make_eval import compression_samples, counts_samples, row_samples
+from benchmarks.tiny_vlm.make_eval import compression_samples, image_wide_samples, row_samples
 from benchmarks.tiny_vlm.prompts import VISION_END, image_runs
 
 
@@ -39,10 +39,13 @@ def test_row_target_reads_row_questions_only() -> None:
         row_target("How many red cells are there?")
 
 
-def test_counts_read_the_coloured_cells(tiny_dir, spec) -> None:
-    task = TaskConfig(spec=spec, max_filler_words=8, layouts=(("b", 1.0),), b_weights=(("counts", 1.0),))
-    samples = counts_samples(task, 6, seed=1)
-    assert [s.question.answer for s in compression_samples(task, 6)] == [s.question.answer for s in counts_samples(task, 6)]
+@pytest.mark.parametrize("kind", ["counts", "present"])
+def test_image_wide_questions_read_the_coloured_cells(tiny_dir, spec, kind) -> None:
+    task = TaskConfig(spec=spec, max_filler_words=8, layouts=(("b", 1.0),), b_weights=((kind, 1.0),))
+    samples = image_wide_samples(task, 6, seed=1, kind=kind)
+    assert {s.question.kind for s in samples} == {kind}
+    assert ([s.question.answer for s in compression_samples(task, 6)]
+            == [s.question.answer for s in image_wide_samples(task, 6, kind=kind)])
     tok = load_tokenizer(tiny_dir)
     b = make_batch(samples, tok, spec, [0.5] * 3, [0.25] * 3, "cpu")
     layout = batch_layout(b, spec)
@@ -51,10 +54,13 @@ def test_counts_read_the_coloured_cells(tiny_dir, spec) -> None:
         keys = layout.key_tokens[r]
         assert keys == answer_tokens(s, runs, spec) and len(keys) == int((s.grid != 0).sum())
         assert all(runs[0][0] <= k < runs[0][1] for k in keys)
-        # The answer is the counts in palette order, and the key tokens hold exactly those cells.
-        flat = s.grid.ravel()
-        assert s.question.answer == " ".join(str(int((flat[[k - runs[0][0] for k in keys]] == i + 1).sum()))
-                                             for i in range(len(spec.colours)))
+        # The answer is read from exactly those cells: the counts (or the colours present) in palette order.
+        held = s.grid.ravel()[[k - runs[0][0] for k in keys]]
+        counts = [int((held == i + 1).sum()) for i in range(len(spec.colours))]
+        if kind == "counts":
+            assert s.question.answer == " ".join(map(str, counts))
+        else:
+            assert s.question.answer == (" ".join(c for c, n in zip(spec.colours, counts) if n) or "none")
 
 
 def test_layout_names_the_asked_row_and_the_post_vision_voters(batch, spec) -> None:

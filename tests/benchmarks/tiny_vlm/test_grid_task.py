@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from benchmarks.tiny_vlm.grid_task import (BACKGROUND, RGB, GridSpec, cell_question, count_question, random_coloured_cell,
-                                           most_question, png_bytes, random_grids, random_question, render,
-                                           row_question)
+                                           most_question, png_bytes, present_question, random_grids,
+                                           random_question, render, row_question)
 
 
 def _cell_colours(img: Image.Image, spec: GridSpec) -> list[list[str]]:
@@ -33,6 +33,7 @@ def test_answers_match_the_rendered_image():
         assert q.answer == seen[r - 1][c - 1] and f"row {r}, column {c}" in q.text
         row = row_question(grid, spec, int(r))
         assert row.answer.split(" ") == seen[r - 1] and f"row {r}," in row.text
+        assert present_question(grid, spec).answer == (" ".join(c for c in spec.colours if c in flat) or "none")
         most = most_question(grid, spec)
         counts = {k: flat.count(k) for k in spec.colours}
         top = [k for k, v in counts.items() if v == max(counts.values())]
@@ -109,3 +110,13 @@ def test_a_row_answer_is_one_token_per_cell_and_row_questions_cover_every_row(ti
     a, b = np.random.default_rng(5), np.random.default_rng(5)
     assert [random_question(g, spec, a, {"count": 0.7, "cell": 0.3}).text for g in grids[:30]] == \
         [random_question(g, spec, b, {"count": 0.7, "cell": 0.3, "row": 0.0}).text for g in grids[:30]]
+
+
+def test_present_names_the_colours_in_palette_order_and_none_for_an_empty_grid():
+    spec = GridSpec(cells=4, colours=("red", "green", "blue"), max_count=2)
+    grid = np.zeros((4, 4), dtype=np.int64)
+    assert present_question(grid, spec).answer == "none"
+    grid[3, 0], grid[0, 2] = 3, 1  # blue bottom left, red top right: palette order, not raster order
+    assert present_question(grid, spec).answer == "red blue"
+    answers = {present_question(g, spec).answer for g in random_grids(spec, 300, np.random.default_rng(0))}
+    assert {"none", "red green blue", "green"} <= answers

@@ -171,7 +171,7 @@ def test_regimes_need_the_layouts_the_checkpoint_was_trained_on(tmp_path):
         regime_records(TASK, "B", args)
     with pytest.raises(SystemExit, match="unknown regime"):
         regime_records(MIXED, "Z", args)
-    with pytest.raises(SystemExit, match="regime C needs counts questions"):
+    with pytest.raises(SystemExit, match="regime C needs counts or present questions"):
         regime_records(MIXED, "C", args)
     assert {r["layout"] for r in regime_records(MIXED, "mix:0.5", args)} <= {"a", "b"}
 
@@ -271,3 +271,16 @@ def test_regime_r_with_one_image_is_unchanged():
     rows = TaskConfig(spec=TASK.spec, max_filler_words=12, layouts=(("b", 1.0),), b_weights=(("row", 1.0),))
     assert row_records(rows, 5, seed=2) == row_records(rows, 5, seed=2, row_images=1)
     assert [len(r["images"]) for r in row_records(rows, 5, seed=2)] == [1] * 5
+
+
+def test_regime_c_asks_the_image_wide_question_the_checkpoint_was_trained_on():
+    import argparse
+
+    from benchmarks.tiny_vlm.make_eval import regime_records
+
+    present = TaskConfig(spec=TASK.spec, max_filler_words=12, layouts=(("b", 1.0),), b_weights=(("present", 1.0),))
+    records = regime_records(present, "C", argparse.Namespace(images=5, seed=3))
+    assert {r["kind"] for r in records} == {"b.present"} and len(records) == 5
+    for r in records:
+        assert r["prompt"].endswith("Which colours are in the image?\nAnswer:")
+        assert r["answer"] == "none" or set(r["answer"].split()) <= set(TASK.spec.colours)
