@@ -170,7 +170,7 @@ def test_the_scripts_task_variant_trains_what_make_eval_asks(compress_task, k, n
     assert [len(r["images"]) for r in records] == [row_images] * 2
     assert {r["kind"] for r in records} == {s.kind for s in compression_samples(task, 2)}
     assert _task("rows", "7").returncode != 0 and "ROW_IMAGES must be 1..6" in _task("rows", "7").stderr
-    assert _task("nope").returncode != 0 and "COMPRESS_TASK must be counts or rows" in _task("nope").stderr
+    assert _task("nope").returncode != 0 and "COMPRESS_TASK must be counts, present or rows" in _task("nope").stderr
     bench = (ROOT / "benchmarks" / "compression_bench.sh").read_text()
     call = bench[bench.index("python3 -m benchmarks.tiny_vlm.make_eval"):].split("|")[0]
     assert '--regimes "$TASK_REGIME"' in call and "$TASK_EVAL_ARGS" in call
