@@ -422,6 +422,14 @@ def flush_cache(url: str, tries: int = 20, wait_s: float = 0.25) -> None:
     raise RuntimeError(f"POST {url}/flush_cache answered {status} {tries} times: {body[:200]!r}")
 
 
+NOT_SENT = "not sent: "  # the error of a request a cut-short pass never sent (no answer to score)
+
+
+def was_sent(result: dict) -> bool:
+    """False for a request run_pass never sent: it scores nothing, right or wrong."""
+    return not (result.get("error") or "").startswith(NOT_SENT)
+
+
 def _not_sent(target: Target, rec: Record, why: str) -> dict:
     return {"id": rec.id, "server": target.label, "text": "", "answer": "", "correct": False, "repeat": rec.repeat,
             "latency_s": 0.0, "error": why, "top": None, "n_reused": rec.n_reused, "kind": rec.kind,
@@ -456,7 +464,7 @@ def run_pass(target: Target, waves: list[list[Record]], max_tokens: int, concurr
         if not abort.is_set() and stop_at is not None and time.time() > stop_at:
             abort.set()
         if abort.is_set():
-            return _not_sent(target, rec, "not sent: the pass was cut short (a request hit --timeout-s, "
+            return _not_sent(target, rec, NOT_SENT + "the pass was cut short (a request hit --timeout-s, "
                                           "or past the deadline)")
         out = ask(target, rec, max_tokens, override, top_logprobs, timeout_s)
         if out["error"] and "timed out" in out["error"]:

@@ -63,10 +63,12 @@ def summarise(label: str, alpha: float, results: list[dict], reference: Optional
     """One row: accuracy, cell accuracy, agreement with `reference` (the server's alpha 1.0 pass), the
     kept share measured over the pass (`window`: run_alpha's gauge deltas)."""
     answers = {r.id: r.answer for r in records}
-    ok = [r for r in results if r["error"] is None]
+    # A pass cut at the deadline leaves requests unsent: they are no answers, not wrong ones.
+    sent = [r for r in results if accuracy.was_sent(r)]
+    ok = [r for r in sent if r["error"] is None]
     row = {"server": label, "alpha": alpha, "kept_measured": kept_measured(window or {}),
-           "n": len(results), "errors": len(results) - len(ok),
-           "accuracy": accuracy.mean_or_none([r["correct"] for r in results]),
+           "n": len(sent), "not_sent": len(results) - len(sent), "errors": len(sent) - len(ok),
+           "accuracy": accuracy.mean_or_none([r["correct"] for r in sent]),
            "cell_accuracy": accuracy.mean_or_none([cell_accuracy(r["text"], answers[r["id"]]) for r in ok]),
            # Ended by the model (EOS / a stop token), not by max_tokens: compressed answers that are right
            # and then run on show here, not in the cells.
@@ -91,6 +93,12 @@ def run_alpha(target: accuracy.Target, records: list[accuracy.Record], alpha: Op
                              timeout_s=timeout_s, stop_at=stop_at)
 
 
+def errors_cell(row: dict) -> str:
+    """Errors among the sent requests, and how many a cut-short pass never sent (accuracy is over `n`)."""
+    cut = row.get("not_sent", 0)
+    return f"{row['errors']} (n {row['n']}, {cut} not sent)" if cut else str(row["errors"])
+
+
 def table_md(rows: list[dict]) -> str:
     def f(v: Optional[float], spec: str = ".3f") -> str:
         return accuracy_report.fmt(v, spec)
@@ -102,7 +110,7 @@ def table_md(rows: list[dict]) -> str:
         lines.append(f"| {r['server']} | {r['alpha']:g} | {f(r.get('kept_measured'))} | {f(r['accuracy'])} | "
                      f"{f(r['cell_accuracy'])} | "
                      f"{f(r.get('stopped'))} | {f(r.get('agree_uncompressed'))} / "
-                     f"{f(r.get('token_agree_uncompressed'))} | {stock} | {r['errors']} | {f(r['latency_s'], '.3f')} |")
+                     f"{f(r.get('token_agree_uncompressed'))} | {stock} | {errors_cell(r)} | {f(r['latency_s'], '.3f')} |")
     return "\n".join(lines)
 
 

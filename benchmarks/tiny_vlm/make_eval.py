@@ -204,8 +204,8 @@ def image_wide_kind(task: TaskConfig) -> str | None:
     return next((k for k in IMAGE_WIDE_KINDS if weights.get(k, 0) > 0), None)
 
 
-def image_wide_samples(task: TaskConfig, images: int, seed: int = EVAL_SEED + IMAGE_WIDE_SEED_OFFSET,
-                   kind: str = "counts") -> list[Sample]:
+def image_wide_samples(task: TaskConfig, kind: str, images: int,
+                       seed: int = EVAL_SEED + IMAGE_WIDE_SEED_OFFSET) -> list[Sample]:
     """Regime C's samples: `images` requests of one held-out image each, layout b's context before it and
     the `kind` question (IMAGE_WIDE_KINDS: counts or present) after it."""
     if images < 1:
@@ -216,10 +216,10 @@ def image_wide_samples(task: TaskConfig, images: int, seed: int = EVAL_SEED + IM
     return [layout_b_sample(g, task, rng, kind=kind) for g in random_grids(task.spec, images, rng)]
 
 
-def image_wide_records(task: TaskConfig, images: int, seed: int = EVAL_SEED + IMAGE_WIDE_SEED_OFFSET,
-                   kind: str = "counts") -> list[dict]:
+def image_wide_records(task: TaskConfig, kind: str, images: int,
+                       seed: int = EVAL_SEED + IMAGE_WIDE_SEED_OFFSET) -> list[dict]:
     return [record(f"c{i:04d}", s, [data_url(g, task) for g in s.grids])
-            for i, s in enumerate(image_wide_samples(task, images, seed, kind))]
+            for i, s in enumerate(image_wide_samples(task, kind, images, seed))]
 
 
 def compression_samples(task: TaskConfig, images: int) -> list[Sample]:
@@ -228,7 +228,7 @@ def compression_samples(task: TaskConfig, images: int) -> list[Sample]:
     server benchmark's eval set share."""
     kind = image_wide_kind(task)
     if kind:
-        return image_wide_samples(task, images, kind=kind)
+        return image_wide_samples(task, kind, images)
     if task.layout_share("mrow") > 0:
         return row_samples(task, images, row_images=task.row_images)
     if task.layout_share("b") > 0 and dict(task.b_weights).get("row", 0) > 0:
@@ -284,9 +284,9 @@ def regime_records(task: TaskConfig, regime: str, args: argparse.Namespace) -> l
         need("b")
         kind = image_wide_kind(task)
         if kind is None:
-            raise SystemExit(f"regime C needs counts or present questions in layout b, which the checkpoint was "
-                             f"not trained on; train with --kinds-b counts:1 (or present:1)")
-        return image_wide_records(task, args.images, args.seed + IMAGE_WIDE_SEED_OFFSET, kind)
+            raise SystemExit("regime C needs counts or present questions in layout b, which the checkpoint was "
+                             "not trained on; train with --kinds-b counts:1 (or present:1)")
+        return image_wide_records(task, kind, args.images, args.seed + IMAGE_WIDE_SEED_OFFSET)
     raise SystemExit(f"unknown regime {regime!r}; choose from A, B, mix:S (0 <= S <= 1), multi, R, C")
 
 

@@ -179,3 +179,20 @@ def test_the_scripts_task_variant_trains_what_make_eval_asks(compress_task, k, n
     for script in ("compression_bench.sh", "train_tiny.sh", "compression_sim.sh"):
         text = (ROOT / "benchmarks" / script).read_text()
         assert "ROW_IMAGES=" not in text and "source benchmarks/compression_task.sh" in text
+
+
+def test_requests_a_cut_pass_never_sent_are_no_answers_not_wrong_ones():
+    records = [accuracy.Record(id=f"r{i}", prompt="p", images=[], answer="red") for i in range(4)]
+    target = accuracy.Target("vlcache", "http://x")
+
+    def answered(i: int, correct: bool, error: str | None = None) -> dict:
+        return {"id": f"r{i}", "text": "red" if correct else "blue", "correct": correct, "error": error,
+                "latency_s": 0.1, "finish_reason": "stop"}
+
+    results = [answered(0, True), answered(1, False), answered(2, False, "HTTP 500"),
+               accuracy._not_sent(target, records[3], accuracy.NOT_SENT + "past the deadline")]
+    row = ca.summarise("vlcache", 0.1, results, results, records)
+    # A server error stays a wrong answer; the unsent request leaves the denominator.
+    assert (row["n"], row["not_sent"], row["errors"], row["accuracy"]) == (3, 1, 1, pytest.approx(1 / 3))
+    assert "| 1 (n 3, 1 not sent) |" in ca.table_md([row])
+    assert accuracy.was_sent(results[2]) and not accuracy.was_sent(results[3])

@@ -42,10 +42,10 @@ def test_row_target_reads_row_questions_only() -> None:
 @pytest.mark.parametrize("kind", ["counts", "present"])
 def test_image_wide_questions_read_the_coloured_cells(tiny_dir, spec, kind) -> None:
     task = TaskConfig(spec=spec, max_filler_words=8, layouts=(("b", 1.0),), b_weights=((kind, 1.0),))
-    samples = image_wide_samples(task, 6, seed=1, kind=kind)
+    samples = image_wide_samples(task, kind, 6, seed=1)
     assert {s.question.kind for s in samples} == {kind}
     assert ([s.question.answer for s in compression_samples(task, 6)]
-            == [s.question.answer for s in image_wide_samples(task, 6, kind=kind)])
+            == [s.question.answer for s in image_wide_samples(task, kind, 6)])
     tok = load_tokenizer(tiny_dir)
     b = make_batch(samples, tok, spec, [0.5] * 3, [0.25] * 3, "cpu")
     layout = batch_layout(b, spec)
