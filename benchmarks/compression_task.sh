@@ -10,6 +10,10 @@
 #                     coloured cells), "Which colours are in the image?" -> "red blue purple"; regime C:
 #                     a presence is carried by any one cell (retrieval), a count by all (aggregation)
 #                                                                                     /tmp/tiny-present
+#   present2x         present at twice the resolution: 56-px cells, each 2 x 2 image tokens (1024 per
+#                     image, prompts of ~1100): a real image's redundancy (one object spans many
+#                     patches), where alpha 0.1 keeps ~110 tokens, ~90 beyond the tail, for at most 12
+#                     coloured cells; present's 1-token cells leave ~14              /tmp/tiny-present2x
 #   rows              ROW_IMAGES (default 6) images and a row question:
 #                     1: layout b, "What are the colours of row r, left to right?"     /tmp/tiny-rows
 #                     K 2..6: layout mrow, K labelled images, "... of row r of image i ..."  /tmp/tiny-mrowsK
@@ -26,6 +30,9 @@ case "${COMPRESS_TASK:-counts}" in
   present)
     TASK_VARIANT="present:--layers 8 --layouts b:1 --kinds-b present:1 --cells ${COUNTS_CELLS:-16} --colours 6 --max-count 2"
     TASK_REGIME=C; TASK_EVAL_ARGS="" ;;
+  present2x)
+    TASK_VARIANT="present2x:--layers 8 --layouts b:1 --kinds-b present:1 --cells ${COUNTS_CELLS:-16} --cell-px 56 --colours 6 --max-count 2"
+    TASK_REGIME=C; TASK_EVAL_ARGS="" ;;
   rows)
     case "$ROW_IMAGES" in
       1) TASK_VARIANT="rows:--layers 8 --layouts b:1 --kinds-b row:0.6,cell:0.2,count:0.2 --route-p-ref 0" ;;
@@ -33,7 +40,7 @@ case "${COMPRESS_TASK:-counts}" in
       *) echo "ROW_IMAGES must be 1..6, got '$ROW_IMAGES'" >&2; return 1 2>/dev/null || exit 1 ;;
     esac
     TASK_REGIME=R; TASK_EVAL_ARGS="--row-images $ROW_IMAGES" ;;
-  *) echo "COMPRESS_TASK must be counts, present or rows, got '$COMPRESS_TASK'" >&2; return 1 2>/dev/null || exit 1 ;;
+  *) echo "COMPRESS_TASK must be counts, present, present2x or rows, got '$COMPRESS_TASK'" >&2; return 1 2>/dev/null || exit 1 ;;
 esac
 TASK_CKPT=/tmp/tiny-${TASK_VARIANT%%:*}
 

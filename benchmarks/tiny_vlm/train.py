@@ -116,7 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--minutes", type=float, default=4.0, help="training wall-clock budget")
     # 8 cells: 224 px, 64 image tokens, windows of 4x4 tokens that batch evenly (vision_attention.py).
-    p.add_argument("--cells", type=int, default=8, help="grid side in cells (28 px, one image token each)")
+    p.add_argument("--cells", type=int, default=8, help="grid side in cells")
+    # 56 px: each cell 2x2 image tokens, the same grid at twice the resolution (the redundancy of a
+    # real image, where one object spans many patches: what KV compression relies on).
+    p.add_argument("--cell-px", type=int, default=28, help="cell side in px, a multiple of 28 (one image token)")
     p.add_argument("--colours", type=int, default=4, help="number of object colours")
     p.add_argument("--max-count", type=int, default=5, help="most cells of one colour")
     p.add_argument("--max-filler-words", type=int, default=32)
@@ -176,7 +179,8 @@ def _weights(flag: str, text: str, names: tuple[str, ...]) -> tuple[tuple[str, f
 def task_from_args(args: argparse.Namespace) -> TaskConfig:
     if not 1 <= args.colours <= len(ALL_COLOURS):
         raise ValueError(f"--colours must be 1..{len(ALL_COLOURS)}, got {args.colours}")
-    spec = GridSpec(cells=args.cells, colours=ALL_COLOURS[:args.colours], max_count=args.max_count)
+    spec = GridSpec(cells=args.cells, colours=ALL_COLOURS[:args.colours], max_count=args.max_count,
+                    cell_px=args.cell_px)
     try:
         lo, hi = (int(x) for x in args.multi_images.split(","))
     except ValueError:

@@ -154,7 +154,8 @@ def _task(compress_task: str, row_images: str = "") -> subprocess.CompletedProce
 
 
 @pytest.mark.parametrize("compress_task, k, name, layout, regime", [
-    ("counts", "", "counts", "b", "C"), ("rows", "1", "rows", "b", "R"), ("rows", "4", "mrows4", "mrow", "R")])
+    ("counts", "", "counts", "b", "C"), ("present", "", "present", "b", "C"), ("present2x", "", "present2x", "b", "C"),
+    ("rows", "1", "rows", "b", "R"), ("rows", "4", "mrows4", "mrow", "R")])
 def test_the_scripts_task_variant_trains_what_make_eval_asks(compress_task, k, name, layout, regime):
     """compression_bench.sh, compression_sim.sh and train_tiny.sh train COMPRESS_TASK's variant
     (compression_task.sh) and make_eval's regime with the script's flags accepts that checkpoint's task."""
@@ -165,12 +166,13 @@ def test_the_scripts_task_variant_trains_what_make_eval_asks(compress_task, k, n
     assert variant.split(":")[0] == name and ckpt == f"/tmp/tiny-{name}" and got_regime == regime
     task = task_from_args(parse_args(["--out", "x", *variant.split(":", 1)[1].split()]))
     assert task.layouts == ((layout, 1.0),) and (k in ("", "1") or task.row_images == int(k))
+    assert task.spec.cell_px == (56 if name == "present2x" else 28)
     row_images = int(eval_args.split()[-1]) if eval_args else 1
     records = regime_records(task, regime, argparse.Namespace(images=2, seed=0, row_images=row_images))
     assert [len(r["images"]) for r in records] == [row_images] * 2
     assert {r["kind"] for r in records} == {s.kind for s in compression_samples(task, 2)}
     assert _task("rows", "7").returncode != 0 and "ROW_IMAGES must be 1..6" in _task("rows", "7").stderr
-    assert _task("nope").returncode != 0 and "COMPRESS_TASK must be counts, present or rows" in _task("nope").stderr
+    assert _task("nope").returncode != 0 and "COMPRESS_TASK must be counts, present, present2x or rows" in _task("nope").stderr
     bench = (ROOT / "benchmarks" / "compression_bench.sh").read_text()
     call = bench[bench.index("python3 -m benchmarks.tiny_vlm.make_eval"):].split("|")[0]
     assert '--regimes "$TASK_REGIME"' in call and "$TASK_EVAL_ARGS" in call

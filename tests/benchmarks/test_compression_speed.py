@@ -46,14 +46,19 @@ def test_stock_as_users_run_it_keeps_sglangs_decode_backend_and_overlap():
     assert "--disable-overlap-schedule" not in flags and "--decode-log-interval" in flags
 
 
-def test_the_default_decode_stock_server_runs_between_stock_and_ours(tmp_path, monkeypatch):
+def test_ours_runs_first_then_stock_then_the_default_decode_stock(tmp_path, monkeypatch):
     import time
     _no_gpu_no_plot(monkeypatch)
     out_dir = cs.main(["--out-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
-                       "--deadline-unix", str(time.time() + 60), "--capacity-requests", "0", "--stock-default-decode"])
+                       "--deadline-unix", str(time.time() + 60), "--capacity-requests", "0", "--stock-default-decode",
+                       "--server-flags=--triton-attention-num-kv-splits 64", "--server-flags=--cuda-graph-max-bs=16"])
     data = json.loads((out_dir / "compression_speed.json").read_text())
-    assert data["meta"]["skipped"] == ["server stock", f"server {cs.STOCK_DEFAULT}", "server vlcache-compress-0.1"]
+    assert data["meta"]["skipped"] == ["server vlcache-compress-0.1", "server stock", f"server {cs.STOCK_DEFAULT}"]
+    extra = ["--triton-attention-num-kv-splits", "64", "--cuda-graph-max-bs=16"]
     assert data["meta"]["servers"][cs.STOCK_DEFAULT]["flags"] == cs.LOG_FLAGS
+    assert data["meta"]["extra_server_flags"] == extra
+    assert "Every server also: `--triton-attention-num-kv-splits 64 --cuda-graph-max-bs=16`" in \
+        (out_dir / "compression_speed.md").read_text()
 
 
 def test_bench_command_carries_the_override(tmp_path):

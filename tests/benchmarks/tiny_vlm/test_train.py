@@ -24,6 +24,15 @@ def test_a_few_steps_write_a_reloadable_checkpoint(tiny_dir, tmp_path):
     assert model.config.text_config.num_hidden_layers == 1
 
 
+def test_cell_px_sets_the_image_size_of_task_and_processor(tiny_dir, tmp_path):
+    out = tmp_path / "ckpt"
+    train(_tiny_args(tiny_dir, out, "--eval-every-s", "0", "--cell-px", "56", "--max-steps", "1"))
+    spec = TaskConfig.load(out).spec
+    assert (spec.cells, spec.cell_px, spec.image_px) == (4, 56, 224)
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    assert pre["max_pixels"] == 224 * 224
+
+
 def test_route_mask_hides_the_user_text_from_tokens_after_the_image(tiny_dir, spec):
     tok = load_tokenizer(tiny_dir)
     samples = random_samples(TaskConfig(spec=spec, max_filler_words=6), 2, np.random.default_rng(0))
