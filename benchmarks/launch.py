@@ -44,9 +44,11 @@ def base_flags(model_path: str, dummy: bool = True) -> list[str]:
                     "--cuda-graph-max-bs", "8"]
 
 
-# What compression's start-up checks ask for (setup_checks.check_compression). Servers compared with
-# a compressing one run them too: the same decode kernel and schedule.
-COMPRESSION_DECODE_FLAGS = ["--decode-attention-backend", "triton", "--disable-overlap-schedule"]
+# What compression's start-up checks ask for (setup_checks.check_compression) and the split count
+# they advise (compression_decode_advice). Servers compared with a compressing one run them too: the
+# same decode kernel and schedule.
+COMPRESSION_DECODE_FLAGS = ["--decode-attention-backend", "triton", "--disable-overlap-schedule",
+                            "--triton-attention-num-kv-splits", "64"]
 
 
 def vlcache_flags(spec: str) -> list[str]:

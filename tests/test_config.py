@@ -27,12 +27,13 @@ def test_each_flag_reaches_its_field_and_absent_flags_keep_the_defaults():
             "--vlcache-mm-store-tokens", "900",
             "--vlcache-encoder-cache-mb", "5", "--vlcache-processed-cache-mb", "6", "--vlcache-compress-ratio", "0.1",
             "--vlcache-compress-budget", "uniform", "--vlcache-compress-recent-window", "3",
-            "--vlcache-compress-sink-tokens", "4", "--vlcache-compress-max-layer-ratio", "0.5"]
+            "--vlcache-compress-sink-tokens", "4", "--vlcache-compress-max-layer-ratio", "0.5",
+            "--vlcache-compress-uniform-share", "0.25"]
     config = VLCacheConfig.from_cli_namespace(_parser().parse_args(argv))
     assert config == VLCacheConfig(
         enabled=True, policy="cacheblend", recompute_ratio=0.2, first_k=7, profile="p.json", check_layer=2,
         blend_score="v", error_bound=0.3, check_sample=0.2, mm_store_tokens=900, encoder_cache_mb=5, processed_cache_mb=6,
         compress_ratio=0.1, compress_budget="uniform", compress_recent_window=3, compress_sink_tokens=4,
-        compress_max_layer_ratio=0.5)
+        compress_max_layer_ratio=0.5, compress_uniform_share=0.25)
     assert VLCacheConfig.from_cli_namespace(_parser().parse_args([])) == VLCacheConfig()
     assert VLCacheConfig.from_cli_namespace(argparse.Namespace()) == VLCacheConfig(), "a namespace without our flags"

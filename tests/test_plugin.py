@@ -27,7 +27,7 @@ from vlcache_sglang.setup_checks import VLCacheSetupError  # noqa: E402
 FLAGS = ["--enable-vlcache", "--vlcache-policy", "--vlcache-recompute-ratio", "--vlcache-first-k",
          "--vlcache-mm-store-tokens", "--vlcache-encoder-cache-mb", "--vlcache-processed-cache-mb",
          "--vlcache-compress-ratio", "--vlcache-compress-budget", "--vlcache-compress-recent-window",
-         "--vlcache-compress-sink-tokens"]
+         "--vlcache-compress-sink-tokens", "--vlcache-compress-max-layer-ratio", "--vlcache-compress-uniform-share"]
 
 
 def _argv(model_dir, *extra):
@@ -150,6 +150,23 @@ def test_compression_flags_reach_the_config_and_need_the_vlcache_flag(qwen_model
     assert not off.vlcache.compression.enabled  # off by default
     with pytest.raises(VLCacheSetupError, match="pass --enable-vlcache"):
         prepare_server_args(_argv(qwen_model_dir, "--attention-backend", "triton", "--vlcache-compress-ratio", "0.1"))
+
+
+def test_a_compressing_server_with_sglangs_default_decode_splits_is_warned(qwen_model_dir, monkeypatch):
+    """8 splits (SGLang's default) serve correctly but slowly at small batches of long prompts: a warning
+    naming the flag, not a refusal; none at 64, none without compression."""
+    import vlcache_sglang.plugin as plugin
+
+    warned = []
+    monkeypatch.setattr(plugin.logger, "warning", lambda msg, *a: warned.append(msg % a if a else msg))
+    base = ["--enable-vlcache", "--attention-backend", "flashinfer", "--decode-attention-backend", "triton",
+            "--disable-overlap-schedule"]
+    prepare_server_args(_argv(qwen_model_dir, *base, "--vlcache-compress-ratio", "0.1"))
+    assert len(warned) == 1 and "Pass --triton-attention-num-kv-splits 64" in warned[0]
+    prepare_server_args(_argv(qwen_model_dir, *base, "--vlcache-compress-ratio", "0.1",
+                              "--triton-attention-num-kv-splits", "64"))
+    prepare_server_args(_argv(qwen_model_dir, *base))
+    assert len(warned) == 1
 
 
 def test_other_architecture_is_refused(qwen_model_dir, tmp_path):

@@ -25,7 +25,7 @@ RADIX_CACHE_BACKEND_NAME = "vlcache"
 # CompressionConfig's field -> the VLCacheConfig field (and so the --vlcache-<field> flag) that sets it.
 _COMPRESSION_FIELDS = {"compress_ratio": "compress_ratio", "budget": "compress_budget",
                        "recent_window": "compress_recent_window", "sink_tokens": "compress_sink_tokens",
-                       "max_budget": "compress_max_layer_ratio"}
+                       "max_budget": "compress_max_layer_ratio", "uniform_share": "compress_uniform_share"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class VLCacheConfig:
     compress_recent_window: int = 0
     compress_sink_tokens: int = 0
     compress_max_layer_ratio: float = 1.0  # beta_max: no layer keeps more (1.0: the paper's budget)
+    compress_uniform_share: float = 0.0  # s: the uniform part of every layer's budget (0: the paper's)
     # Accept --tp-size / --dp-size > 1: built for them (README "Tensor parallelism"), never run on GPUs.
     experimental_parallel: bool = False
 
@@ -202,7 +203,7 @@ class VLCacheConfig:
             help="VL-Cache KV compression after prefill: keep this share (0..1] of each request's prompt KV "
             "for decode (per-layer budgets from the post-vision attention). Off by default; 1.0 keeps "
             "everything. Needs --attention-backend triton (or --decode-attention-backend triton) and "
-            "--disable-overlap-schedule.",
+            "--disable-overlap-schedule; --triton-attention-num-kv-splits 64 advised.",
         )
         group.add_argument(
             "--vlcache-compress-budget",
@@ -232,6 +233,15 @@ class VLCacheConfig:
             help="Compression: no layer keeps more than this share of a request's prompt KV (the excess goes "
             "to the other layers), so at least 1 - BETA_MAX of it returns to the pool; 1.0 (the default) "
             "is VL-Cache's own budget, where one dense layer can keep everything and free nothing.",
+        )
+        group.add_argument(
+            "--vlcache-compress-uniform-share",
+            type=float,
+            default=VLCacheConfig.compress_uniform_share,
+            metavar="S",
+            help="Compression (budget vlcache): every layer keeps S x ALPHA whatever its sparsity, and the rest "
+            "of the mean ALPHA follows the sparsity-aware budgets; 0 (the default) is VL-Cache's own budget, 1 "
+            "is uniform. Sparse layers starved by the paper's budget lost answers on the tiny present tasks.",
         )
         group.add_argument(
             "--vlcache-experimental-parallel",

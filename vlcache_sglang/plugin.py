@@ -19,7 +19,7 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from vlcache_sglang.config import RADIX_CACHE_BACKEND_NAME, VLCacheConfig
 from vlcache_sglang.setup_checks import (VLCacheSetupError, check_compression, check_encoder_cache_env,
-                                         check_server_args)
+                                         check_server_args, compression_decode_advice)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ def apply_config(server_args: Any, config: VLCacheConfig) -> None:
     """
     check_server_args(server_args, config.experimental_parallel)
     check_compression(server_args, config.compress_ratio)
+    advice = compression_decode_advice(server_args, config.compress_ratio)
+    if advice:
+        logger.warning(advice)
     _check_policy(server_args, config)
     server_args.radix_cache_backend = RADIX_CACHE_BACKEND_NAME
     server_args.vlcache = config

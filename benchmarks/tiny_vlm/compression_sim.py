@@ -50,7 +50,7 @@ from benchmarks.tiny_vlm.checkpoint import load_checkpoint
 from benchmarks.tiny_vlm.grid_task import GridSpec
 from benchmarks.tiny_vlm.make_eval import IMAGE_WIDE_KINDS, accuracy, compression_samples  # accuracy: benchmarks/accuracy.py
 from benchmarks.tiny_vlm.pixels import tokens_per_image
-from vlcache_sglang.compression.budget import SPARSITY_THRESHOLD, kept_counts, uniform_budgets, vlcache_budgets
+from vlcache_sglang.compression.budget import SPARSITY_THRESHOLD, kept_counts, layer_budgets
 from vlcache_sglang.compression.selection import select_kept_positions
 
 NAME = "vlcache_compression_sim"
@@ -183,9 +183,11 @@ def batch_layout(batch: Batch, spec: GridSpec) -> Layout:
 @dataclasses.dataclass(frozen=True)
 class Rules:
     """The server's compression options the simulation follows (CompressionConfig's names): the first
-    sink_tokens prompt tokens kept at every layer, every beta_l capped at max_budget (water-filled)."""
+    sink_tokens prompt tokens kept at every layer, every beta_l capped at max_budget (water-filled),
+    uniform_share of VL-Cache's budgets uniform."""
     sink_tokens: int = 0
     max_budget: float = 1.0
+    uniform_share: float = 0.0
 
 
 Selector = Callable[[torch.Tensor, int, int, int, np.random.Generator], torch.Tensor]
@@ -212,10 +214,9 @@ def kept_sets(observed: dict[int, list[Observed]], layout: Layout, selection: st
             counts = [tail] * len(obs)
         elif alpha >= 1.0:  # the server plans nothing at alpha 1, whatever the cap
             counts = [m] * len(obs)
-        elif selection == "uniform":
-            counts = kept_counts(uniform_budgets(len(layers), alpha, max_budget=rules.max_budget), m, tail + head)
-        else:
-            budgets = vlcache_budgets([o.sparsity for o in obs], alpha, max_budget=rules.max_budget)
+        else:  # oracle and random take vlcache's counts
+            method = "uniform" if selection == "uniform" else "vlcache"
+            budgets = layer_budgets(method, [o.sparsity for o in obs], alpha, rules.max_budget, rules.uniform_share)
             counts = kept_counts(budgets, m, tail + head)
         pick: Selector = _random if selection == "random" else _top
         out.append([pick(o.decode_mass if selection == "oracle" else o.scores, c, tail, 0 if selection == TAIL else head,
@@ -338,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--selections", default=",".join(SELECTIONS), help=f"any of {SELECTIONS}")
     p.add_argument("--sink-tokens", type=int, default=0, help="as --vlcache-compress-sink-tokens")
     p.add_argument("--max-budget", type=float, default=1.0, help="as --vlcache-compress-max-layer-ratio")
+    p.add_argument("--uniform-share", type=float, default=0.0, help="as --vlcache-compress-uniform-share")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     args = p.parse_args(argv)
@@ -345,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     if not selections or not set(selections) <= set(SELECTIONS):
         p.error(f"--selections: choose from {SELECTIONS}, got {args.selections!r}")
     report = simulate(args.model, args.requests, [float(a) for a in args.alphas.split(",")], args.device,
-                      selections=selections, rules=Rules(args.sink_tokens, args.max_budget))
+                      selections=selections, rules=Rules(args.sink_tokens, args.max_budget, args.uniform_share))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))

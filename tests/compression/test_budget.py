@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vlcache_sglang.compression.budget import (MIN_BUDGET, kept_counts, layer_sparsity, uniform_budgets,
-                                               vlcache_budgets)
+from vlcache_sglang.compression.budget import (MIN_BUDGET, kept_counts, layer_budgets, layer_sparsity,
+                                               uniform_budgets, vlcache_budgets)
 
 gammas = st.lists(st.floats(0.0, 0.999), min_size=1, max_size=40)
 alphas = st.floats(0.01, 1.0)
@@ -68,6 +68,44 @@ def test_the_cap_on_a_worked_example():
     assert uniform_budgets(3, 0.5, max_budget=0.4).tolist() == [0.4, 0.4, 0.4]
     with pytest.raises(ValueError, match="max_budget"):
         vlcache_budgets([0.5], 0.1, max_budget=0.0)
+
+
+@given(gamma=gammas, alpha=st.floats(0.02, 0.5), share=st.floats(0.0, 1.0))
+@settings(max_examples=200, deadline=None)
+def test_a_uniform_share_floors_every_layer_and_keeps_the_mean(gamma, alpha, share):
+    """uniform_share s (ours): beta_l = s * alpha + (1 - s) * VL-Cache's beta_l where nothing clips, so
+    every layer keeps at least s * alpha, the mean stays alpha, and the order by density is kept."""
+    beta = vlcache_budgets(gamma, alpha, uniform_share=share)
+    paper = vlcache_budgets(gamma, alpha)
+    assert bool((beta >= min(share * alpha, 1.0) - 1e-12).all())
+    order = sorted(range(len(gamma)), key=lambda l: gamma[l])
+    assert all(beta[a] >= beta[b] - 1e-12 for a, b in zip(order, order[1:]))
+    raw = share * alpha + (1 - share) * alpha * len(gamma) * (1 - torch.tensor(gamma, dtype=torch.float64)) / \
+        (1 - torch.tensor(gamma, dtype=torch.float64)).sum()
+    if bool(((raw >= MIN_BUDGET) & (raw <= 1.0)).all()):
+        torch.testing.assert_close(beta, raw)
+        assert math.isclose(float(beta.mean()), alpha, rel_tol=1e-9)
+    if share == 0.0:
+        torch.testing.assert_close(beta, paper)
+
+
+def test_the_uniform_share_on_a_worked_example():
+    # densities 0.5, 0.25, 0.25 at alpha 0.1: the paper's 0.15, 0.075, 0.075; half uniform:
+    # 0.05 + 0.5 * (0.15, 0.075, 0.075) = 0.125, 0.0875, 0.0875 (mean 0.1); all uniform: 0.1 each
+    got = vlcache_budgets([0.5, 0.75, 0.75], alpha=0.1, uniform_share=0.5)
+    torch.testing.assert_close(got, torch.tensor([0.125, 0.0875, 0.0875], dtype=torch.float64))
+    torch.testing.assert_close(vlcache_budgets([0.5, 0.75, 0.75], 0.1, uniform_share=1.0), uniform_budgets(3, 0.1))
+    with pytest.raises(ValueError, match="uniform_share"):
+        vlcache_budgets([0.5], 0.1, uniform_share=1.5)
+
+
+def test_layer_budgets_names_the_servers_methods():
+    gamma = [0.5, 0.75, 0.75]
+    torch.testing.assert_close(layer_budgets("vlcache", gamma, 0.1, uniform_share=0.5),
+                               vlcache_budgets(gamma, 0.1, uniform_share=0.5))
+    torch.testing.assert_close(layer_budgets("uniform", gamma, 0.1, max_budget=0.05), uniform_budgets(3, 0.1, max_budget=0.05))
+    with pytest.raises(ValueError, match="unknown"):
+        layer_budgets("h2o", gamma, 0.1)
 
 
 def test_alpha_one_keeps_everything_at_every_layer():

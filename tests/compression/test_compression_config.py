@@ -23,7 +23,9 @@ def test_ratio_out_of_range_is_refused(bad):
                                                ("sparsity_threshold", 1.0, "sparsity_threshold"),
                                                ("fallback_queries", 0, "fallback_queries"),
                                                ("max_queries", 0, "max_queries"),
-                                               ("max_budget", 0.0, "max_budget"), ("max_budget", 1.5, "max_budget")])
+                                               ("max_budget", 0.0, "max_budget"), ("max_budget", 1.5, "max_budget"),
+                                               ("uniform_share", -0.1, "uniform_share"),
+                                               ("uniform_share", 1.5, "uniform_share")])
 def test_other_fields_are_validated(field, bad, match):
     with pytest.raises(ValueError, match=match):
         CompressionConfig(**{field: bad})
@@ -43,14 +45,15 @@ def test_server_flags_enter_through_the_plugin_config_and_name_the_flag():
     from vlcache_sglang.config import VLCacheConfig
 
     config = VLCacheConfig(enabled=True, compress_ratio=0.2, compress_budget="uniform", compress_recent_window=8,
-                           compress_max_layer_ratio=0.3, compress_sink_tokens=4)
+                           compress_max_layer_ratio=0.3, compress_sink_tokens=4, compress_uniform_share=0.5)
     assert config.compression == CompressionConfig(compress_ratio=0.2, budget="uniform", recent_window=8,
-                                                   max_budget=0.3, sink_tokens=4)
+                                                   max_budget=0.3, sink_tokens=4, uniform_share=0.5)
     assert not VLCacheConfig(enabled=True).compression.enabled  # off by default
     for field, bad, flag in (("compress_ratio", 1.5, "--vlcache-compress-ratio"),
                              ("compress_budget", "h2o", "--vlcache-compress-budget"),
                              ("compress_recent_window", -1, "--vlcache-compress-recent-window"),
                              ("compress_sink_tokens", -1, "--vlcache-compress-sink-tokens"),
-                             ("compress_max_layer_ratio", 2.0, "--vlcache-compress-max-layer-ratio")):
+                             ("compress_max_layer_ratio", 2.0, "--vlcache-compress-max-layer-ratio"),
+                             ("compress_uniform_share", 2.0, "--vlcache-compress-uniform-share")):
         with pytest.raises(ValueError, match=flag):
             VLCacheConfig(enabled=True, **{field: bad})

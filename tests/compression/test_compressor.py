@@ -143,6 +143,16 @@ def test_a_layer_cap_bounds_every_layers_kept_tokens_and_frees_the_rest():
     assert plan.free_slots.numel() == M - max(plan.kept_lengths) > uncapped.free_slots.numel()
 
 
+def test_the_uniform_share_reaches_the_steps_budgets():
+    """--vlcache-compress-uniform-share: the step's budgets are the mix (1: uniform's, 0: the paper's)."""
+    info = {s: _step(compress_ratio=0.3, uniform_share=s).run(_view(_step(compress_ratio=0.3))).info
+            for s in (0.0, 0.5, 1.0)}
+    paper = torch.tensor(info[0.0]["budgets"], dtype=torch.float64)
+    assert float(paper.max() - paper.min()) > 0.01, "the example needs layers of different sparsity"
+    assert info[1.0]["budgets"] == pytest.approx([0.3] * len(paper))
+    assert info[0.5]["budgets"] == pytest.approx((0.5 * 0.3 + 0.5 * paper).tolist())
+
+
 def test_kernel_and_reference_scorers_pick_the_same_tokens(device):
     # The Triton scorer runs where Triton does: the GPU, or the CPU under TRITON_INTERPRET=1 (conftest).
     kernel_step = VLCacheCompression(CompressionConfig(compress_ratio=0.3))

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from vlcache_sglang.compression.budget import kept_counts, uniform_budgets, vlcache_budgets
+from vlcache_sglang.compression.budget import kept_counts, layer_budgets
 from vlcache_sglang.compression.config import CompressionConfig
 from vlcache_sglang.compression.scores import Scorer, post_vision_positions, score_request
 from vlcache_sglang.compression.selection import apply_compaction, plan_compaction, select_layers
@@ -45,10 +45,7 @@ class VLCacheCompression(PostPrefillStep):
         layers = score_request(view.queries, view.k_buffers, view.req_to_token, view.req_pool_idx,
                                view.query_positions, m, view.sm_scale, cfg.sparsity_threshold, self._scorer)
         sparsity = [layer.sparsity for layer in layers]
-        if cfg.budget == "vlcache":
-            budgets = vlcache_budgets(sparsity, alpha, max_budget=cfg.max_budget)
-        else:
-            budgets = uniform_budgets(len(layers), alpha, max_budget=cfg.max_budget)
+        budgets = layer_budgets(cfg.budget, sparsity, alpha, cfg.max_budget, cfg.uniform_share)
         # Only the request's own tokens [p, m) are compressed: the radix prefix stays whole at every
         # layer (tree slots cannot be freed, and a whole prefix keeps each layer's table contiguous).
         # The voting queries are the last prompt tokens: they and the recent window always stay, and so

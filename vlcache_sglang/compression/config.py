@@ -30,6 +30,9 @@ class CompressionConfig:
     # beta_max: no layer keeps more than this share of the request's own prompt tokens (budget.py), so
     # that at least 1 - beta_max of them go back to the pool; 1.0 is the paper's budget.
     max_budget: float = 1.0
+    # s: every layer's budget is s * alpha uniform plus (1 - s) of VL-Cache's sparsity-aware share
+    # (budget "vlcache" only; 0 is the paper's budget, 1 is uniform).
+    uniform_share: float = 0.0
     sparsity_threshold: float = 0.01  # an entry is sparse below this share of its row's maximum
     fallback_queries: int = 32  # queries that vote when no text follows the last image
     max_queries: Optional[int] = None  # cap on the voting queries (scoring costs tau x m per layer)
@@ -44,6 +47,9 @@ class CompressionConfig:
             raise ValueError(f"budget {self.budget!r} is unknown; choose one of {BUDGET_METHODS}")
         if not 0.01 <= self.max_budget <= 1:
             raise ValueError(f"max_budget must lie in [0.01, 1] (1.0: uncapped, the paper's), got {self.max_budget}")
+        if not 0 <= self.uniform_share <= 1:
+            raise ValueError(f"uniform_share must lie in [0, 1] (0: the paper's budget, 1: uniform), got "
+                             f"{self.uniform_share}")
         if self.recent_window < 0:
             raise ValueError(f"recent_window must be >= 0, got {self.recent_window}")
         if self.sink_tokens < 0:

@@ -198,6 +198,10 @@ def test_sinks_and_the_layer_cap_follow_the_servers_rules(tiny_model, batch, spe
             assert len(c) <= max(math.floor(0.55 * m + 1e-9), m - v0)
     with pytest.raises(ValueError):
         kept_sets(observed, sim.layout, "vlcache", 0.2, rng, Rules(max_budget=0.0))
+    # A uniform share of 1 makes vlcache's counts uniform's (the server's layer_budgets, one function).
+    shared = kept_sets(observed, sim.layout, "vlcache", 0.2, rng, Rules(uniform_share=1.0))
+    uniform = kept_sets(observed, sim.layout, "uniform", 0.2, rng)
+    assert [[len(k) for k in per] for per in shared] == [[len(k) for k in per] for per in uniform]
     # alpha 1 plans nothing on the server, cap or no cap: every selection keeps the whole prompt.
     for selection in SELECTIONS:
         whole = kept_sets(observed, sim.layout, selection, 1.0, rng, Rules(sink_tokens=4, max_budget=0.3))
