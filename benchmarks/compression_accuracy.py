@@ -125,15 +125,24 @@ def prior_line(prior: float, rows: list[dict]) -> str:
     return line
 
 
+# The options a budget label may add to its method (METHOD+sinkN+shareS), and their server flags.
+_BUDGET_OPTIONS = {"sink": ("--vlcache-compress-sink-tokens", str.isdigit),
+                   "share": ("--vlcache-compress-uniform-share", lambda v: v.replace(".", "", 1).isdigit())}
+
+
 def compression_server_flags(budget: str) -> list[str]:
     """A compressing vlcache server: nothing trimmed unless a request asks (alpha 1.0 by default) and
-    its budget method; `METHOD+sinkN` also keeps the first N prompt tokens at every layer."""
-    method, _, sinks = budget.partition("+sink")
+    its budget method; `+sinkN` also keeps the first N prompt tokens at every layer, `+shareS` gives
+    every layer S x alpha uniform (vlcache+share0.5)."""
+    method, *options = budget.split("+")
     flags = ["--vlcache-compress-ratio", "1.0", "--vlcache-compress-budget", method]
-    if sinks:
-        if not sinks.isdigit():
-            raise ValueError(f"budget {budget!r}: expected METHOD or METHOD+sinkN (e.g. vlcache+sink4)")
-        flags += ["--vlcache-compress-sink-tokens", sinks]
+    for option in options:
+        name = option.rstrip("0123456789.")
+        flag, valid = _BUDGET_OPTIONS.get(name, (None, None))
+        if flag is None or not valid(option[len(name):]):
+            raise ValueError(f"budget {budget!r}: expected METHOD[+sinkN][+shareS] (e.g. vlcache+sink4, "
+                             f"vlcache+share0.5)")
+        flags += [flag, option[len(name):]]
     return launch.vlcache_flags("full") + flags
 
 
@@ -158,7 +167,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="launch the servers on this checkpoint (with --log-dir)")
     p.add_argument("--log-dir", default=None, help="server logs (keep them out of $OUT)")
     p.add_argument("--budgets", default="vlcache,uniform,vlcache+sink4",
-                   help="with --model: one compressing server each (METHOD or METHOD+sinkN: N sink tokens kept)")
+                   help="with --model: one compressing server each (METHOD[+sinkN][+shareS]: N sink tokens kept, "
+                        "S x alpha of every layer's budget uniform)")
     p.add_argument("--base-port", type=int, default=30300)
     p.add_argument("--stock", default=None, help="URL of stock SGLang: alpha 1.0 is compared with it")
     p.add_argument("--alphas", default=",".join(map(str, ALPHAS)))

@@ -11,7 +11,8 @@
 # 2. make_eval's regime (IMAGES requests, held-out images)
 # 3. benchmarks/compression_accuracy.py: stock + a compressing server per budget method (BUDGETS, default
 #    vlcache,uniform: the H2O-like baseline; vlcache+sink4 keeps the first 4 prompt tokens too, which
-#    gained nothing on the one-image task), every alpha by per-request override, policy full; alpha 1.0
+#    gained nothing on the one-image task; vlcache+share0.5 gives every layer half of alpha uniformly,
+#    --vlcache-compress-uniform-share), every alpha by per-request override, policy full; alpha 1.0
 #    against stock; the answer-prior line says how often the eval set's commonest answer is right (a
 #    model no better than it reads nothing from the image). The servers start cold in ~3 min on a fresh
 #    machine: give REUSE_CKPT=1 runs BUDGET_S >= 420.

@@ -132,8 +132,12 @@ def test_launched_servers_compress_only_on_request_and_the_script_passes_known_o
     assert sink[sink.index("--vlcache-compress-budget") + 1] == "vlcache"
     assert sink[sink.index("--vlcache-compress-sink-tokens") + 1] == "4"
     assert "--vlcache-compress-sink-tokens" not in flags
-    with pytest.raises(ValueError, match="METHOD"):
-        ca.compression_server_flags("vlcache+sinkfour")
+    both = ca.compression_server_flags("vlcache+sink4+share0.5")
+    assert both[both.index("--vlcache-compress-sink-tokens") + 1] == "4"
+    assert both[both.index("--vlcache-compress-uniform-share") + 1] == "0.5"
+    for bad in ("vlcache+sinkfour", "vlcache+share", "vlcache+share0.5.1", "vlcache+cap0.3"):
+        with pytest.raises(ValueError, match="METHOD"):
+            ca.compression_server_flags(bad)
     servers = ca.build_servers("/ckpt", ["vlcache", "uniform"], "/tmp/logs", 31000)
     assert [(s.label, s.port) for s in servers] == [("stock", 31000), ("vlcache", 31001), ("uniform", 31002)]
     assert "--enable-vlcache" not in servers[0].flags and "--enable-vlcache" in servers[2].flags
