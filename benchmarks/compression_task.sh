@@ -12,8 +12,8 @@
 #                                                                                     /tmp/tiny-present
 #   present2x         present at twice the resolution: 56-px cells, each 2 x 2 image tokens (1024 per
 #                     image, prompts of ~1100): a real image's redundancy (one object spans many
-#                     patches), where alpha 0.1 keeps ~110 tokens, ~90 beyond the tail, for at most 12
-#                     coloured cells; present's 1-token cells leave ~14              /tmp/tiny-present2x
+#                     patches), where alpha 0.1 keeps ~110 tokens, ~95 beyond the 15 after the image,
+#                     for at most 12 coloured cells; present's prompts (~340) leave ~19 /tmp/tiny-present2x
 #   rows              ROW_IMAGES (default 6) images and a row question:
 #                     1: layout b, "What are the colours of row r, left to right?"     /tmp/tiny-rows
 #                     K 2..6: layout mrow, K labelled images, "... of row r of image i ..."  /tmp/tiny-mrowsK
