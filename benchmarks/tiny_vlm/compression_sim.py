@@ -38,7 +38,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -147,19 +147,30 @@ def row_target(question_text: str) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2) or 1)
 
 
+def cell_tokens(cells: Sequence[int], spec: GridSpec) -> list[int]:
+    """Offsets in the image's token run of the cells (raster index row * cells + col), sorted: a cell is
+    k x k merged tokens (k = cell_px / 28), and merged tokens run in raster order over the image."""
+    k = spec.cell_px // 28
+    side = spec.cells * k
+    out = []
+    for cell in cells:
+        r, c = divmod(int(cell), spec.cells)
+        out += [(r * k + dy) * side + c * k + dx for dy in range(k) for dx in range(k)]
+    return sorted(out)
+
+
 def answer_tokens(sample: Sample, runs: list[tuple[int, int]], spec: GridSpec) -> list[int]:
-    """Positions of the image tokens the answer reads (one token per cell, raster order): the asked row's
-    cells, or every coloured cell of the image for counts and present."""
-    if spec.cell_px != 28:
-        raise ValueError(f"one image token per cell needs cell_px 28, got {spec.cell_px}")
+    """Positions of the image tokens the answer reads: those of the asked row's cells, or of every
+    coloured cell of the image for counts and present."""
     kind = sample.question.kind
     if kind == "row":
         row, image = row_target(sample.question.text)
-        start = runs[image - 1][0] + (row - 1) * spec.cells
-        return list(range(start, start + spec.cells))
-    if kind in IMAGE_WIDE_KINDS:
-        return [runs[0][0] + int(i) for i in np.flatnonzero(sample.grid.ravel() != 0)]
-    raise ValueError(f"compression_sim reads row, counts and present questions, got {kind!r}")
+        cells = range((row - 1) * spec.cells, row * spec.cells)
+    elif kind in IMAGE_WIDE_KINDS:
+        image, cells = 1, np.flatnonzero(sample.grid.ravel() != 0)
+    else:
+        raise ValueError(f"compression_sim reads row, counts and present questions, got {kind!r}")
+    return [runs[image - 1][0] + t for t in cell_tokens(cells, spec)]
 
 
 def batch_layout(batch: Batch, spec: GridSpec) -> Layout:

@@ -63,6 +63,35 @@ def test_image_wide_questions_read_the_coloured_cells(tiny_dir, spec, kind) -> N
             assert s.question.answer == (" ".join(c for c, n in zip(spec.colours, counts) if n) or "none")
 
 
+def test_cells_of_several_tokens_are_read_from_their_pixels(tiny_dir) -> None:
+    """56-px cells (present2x): each cell is 2 x 2 merged tokens, and the key tokens are exactly the ones
+    whose four patches (the vision tower's pixel_values, 2 x 2 merge order) show a coloured cell."""
+    import json
+
+    from benchmarks.tiny_vlm.compression_sim import cell_tokens
+    from benchmarks.tiny_vlm.grid_task import BACKGROUND, RGB, GridSpec
+    from benchmarks.tiny_vlm.pixels import MERGE, tokens_per_image
+
+    spec = GridSpec(cells=4, colours=("red", "green", "blue"), max_count=3, cell_px=56)
+    assert cell_tokens([0, 5], spec) == [0, 1, 8, 9, 18, 19, 26, 27]  # 8 tokens a row; cell 5 = (1, 1)
+    task = TaskConfig(spec=spec, max_filler_words=8, layouts=(("b", 1.0),), b_weights=(("present", 1.0),))
+    samples = image_wide_samples(task, "present", 4, seed=2)
+    pre = json.loads((tiny_dir / "preprocessor_config.json").read_text())
+    b = make_batch(samples, load_tokenizer(tiny_dir), spec, pre["image_mean"], pre["image_std"], "cpu")
+    n = tokens_per_image(spec)
+    patches = b.pixel_values.reshape(len(samples), n, MERGE * MERGE, 3, -1)  # [B, token, patch, rgb, px]
+    mean, std = torch.tensor(pre["image_mean"]) * 255, torch.tensor(pre["image_std"]) * 255
+    background = (torch.tensor(RGB[BACKGROUND], dtype=torch.float32) - mean) / std
+    for r, s in enumerate(samples):
+        runs = image_runs(b.input_ids[r].tolist())
+        assert runs[0][1] - runs[0][0] == n == 64
+        keys = [k - runs[0][0] for k in answer_tokens(s, runs, spec)]
+        assert len(keys) == 4 * int((s.grid != 0).sum()) > 0
+        shown = patches[r].mean(dim=(1, 3))  # [token, rgb]: the mean colour of its four patches
+        coloured = [t for t in range(n) if not torch.allclose(shown[t], background, atol=1e-4)]
+        assert keys == coloured
+
+
 def test_layout_names_the_asked_row_and_the_post_vision_voters(batch, spec) -> None:
     layout = batch_layout(batch, spec)
     for r, sample in enumerate(batch.samples):
