@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from ports import free_port_block
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "benchmarks"))
@@ -202,7 +203,7 @@ def test_whole_run_with_a_fake_pool(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(serving, "gpu_name", lambda: "NVIDIA H200 (fake)")
     monkeypatch.setattr(serving, "gpu_memory_used_mib", lambda: 0)
     monkeypatch.setattr(cs.plot, "try_plot", lambda kind, run_dir: None)
-    port = _free_port()
+    port = free_port_block(3)  # one server a run at --port + i
     out_dir = cs.main(["--out-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--port", str(port),
                        "--capacity-requests", "6", "--capacity-settle-s", "0.6", "--capacity-timeout-s", "8"])
     data = json.loads((out_dir / "compression_speed.json").read_text())
@@ -238,11 +239,6 @@ def test_deadline_skips_phases_and_says_so(tmp_path, monkeypatch):
         (out_dir / "compression_speed.md").read_text()
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_flags_added_to_stock_are_sglang_server_args():

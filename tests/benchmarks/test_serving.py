@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from ports import free_port_block
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import launch  # noqa: E402
@@ -198,7 +199,7 @@ def test_whole_run_with_fake_servers(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(serving, "gpu_name", lambda: "NVIDIA H200 (fake)")
     monkeypatch.setattr(serving.plot, "try_plot", lambda kind, run_dir: None)
     monkeypatch.setattr(serving, "gpu_memory_used_mib", lambda: 100_000)  # a leftover server holds the GPU
-    port = _free_port_block()
+    port = free_port_block(3)  # stock, first_k, full at --port + i
     run_dir = serving.main(["--quick", "--policies", "first_k", "full", "--results-dir", str(tmp_path / "res"),
                             "--work-dir", str(tmp_path / "work"), "--port", str(port), "--num-prompts", "3"])
     assert run_dir.name.endswith("-nvidia-h200-fake")
@@ -231,15 +232,6 @@ def test_busy_gpu_warning_only_above_the_threshold():
     assert "another process shares the GPU" in serving.busy_gpu_warning(serving.BUSY_GPU_MIB + 1)
 
 
-def _free_port_block() -> int:
-    import socket
-    for _ in range(20):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base < 65000:
-            return base
-    raise RuntimeError("no port")
 
 
 def _run_json(tmp_path, name, gpu, preset, rows):
