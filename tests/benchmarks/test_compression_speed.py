@@ -239,8 +239,6 @@ def test_deadline_skips_phases_and_says_so(tmp_path, monkeypatch):
         (out_dir / "compression_speed.md").read_text()
 
 
-
-
 def test_flags_added_to_stock_are_sglang_server_args():
     import importlib.util
     spec = importlib.util.find_spec("sglang")  # top level only: importing sglang takes seconds

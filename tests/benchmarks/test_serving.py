@@ -232,8 +232,6 @@ def test_busy_gpu_warning_only_above_the_threshold():
     assert "another process shares the GPU" in serving.busy_gpu_warning(serving.BUSY_GPU_MIB + 1)
 
 
-
-
 def _run_json(tmp_path, name, gpu, preset, rows):
     meta = {"date": "2026-01-02", "gpu": gpu, "model_path": "/m", "load_format": "dummy", "sglang_version": "0.5.16",
             "mem_fraction": 0.7, "output_tokens": [8], "prompts": {preset: {"1": 4}}, "elapsed_s": 100,

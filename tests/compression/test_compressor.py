@@ -145,8 +145,8 @@ def test_a_layer_cap_bounds_every_layers_kept_tokens_and_frees_the_rest():
 
 def test_the_uniform_share_reaches_the_steps_budgets():
     """--vlcache-compress-uniform-share: the step's budgets are the mix (1: uniform's, 0: the paper's)."""
-    info = {s: _step(compress_ratio=0.3, uniform_share=s).run(_view(_step(compress_ratio=0.3))).info
-            for s in (0.0, 0.5, 1.0)}
+    steps = {s: _step(compress_ratio=0.3, uniform_share=s) for s in (0.0, 0.5, 1.0)}
+    info = {s: step.run(_view(step)).info for s, step in steps.items()}
     paper = torch.tensor(info[0.0]["budgets"], dtype=torch.float64)
     assert float(paper.max() - paper.min()) > 0.01, "the example needs layers of different sparsity"
     assert info[1.0]["budgets"] == pytest.approx([0.3] * len(paper))

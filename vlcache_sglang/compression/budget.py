@@ -96,7 +96,7 @@ def vlcache_budgets(sparsity: Floats, alpha: float, min_budget: float = MIN_BUDG
     if total <= 0.0:
         # Impossible from real counts (a row's maximum is never below t x itself); fall back to uniform.
         return uniform_budgets(gamma.numel(), alpha, min_budget, max_budget)
-    # Proportional to a weight that is the layer's density, its uniform share mixed in at the mean density.
+    # Weights: each layer's density with the uniform share mixed in at the mean density (the sum, total, is unchanged).
     density = uniform_share * total / gamma.numel() + (1.0 - uniform_share) * density
     if max_budget >= 1.0:
         return (alpha * gamma.numel() * density / total).clamp(min_budget, 1.0)
